@@ -1,0 +1,1 @@
+"""Cluster configuration, Ray placement and launch."""

@@ -1,0 +1,1 @@
+"""The coordinator: partitioning, scheduling, the engine loop, tokenizer and command line."""

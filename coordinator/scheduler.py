@@ -1,0 +1,203 @@
+"""Continuous batching into microbatches: decode steps and prefill chunks under a token budget and the free KV blocks.
+
+Plain Python, no torch. A sequence whose sampling chunk is in flight sits out until its token
+comes back; a long prompt's non-sampling chunks may follow each other down the pipe. When blocks
+run out, the youngest sequence that has nothing in flight is preempted: its blocks are freed and
+it is recomputed from prompt + tokens so far when blocks are free again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from stagecoach.coordinator.block_manager import BlockManager
+from stagecoach.coordinator.sequence import Sequence, SequenceStatus
+from stagecoach.errors import ConfigError, RequestError
+from stagecoach.stage.batch import MicroBatch, SampleResult, SamplingParams, SeqChunk
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    num_blocks: int  # KV blocks per stage (every stage holds the same layout)
+    block_size: int = 16  # tokens per KV block
+    max_num_batched_tokens: int = 512  # token budget of one microbatch (chunked prefill splits longer prompts)
+    max_num_seqs: int = 64  # sequences in one microbatch at most
+    max_model_len: int = 32768  # prompt + generated tokens of one sequence at most
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"scheduler: {name} must be at least 1, got {getattr(self, name)}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.sequences: dict[int, Sequence] = {}
+        self.num_preemptions = 0
+        self._finished_since_last_batch: list[int] = []
+        self._pending_free: list[Sequence] = []  # finished while a chunk was in flight
+        self._batch_ids = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise RequestError("the prompt is empty: give at least one token")
+        if num_prompt >= self.config.max_model_len:
+            raise RequestError(
+                f"the prompt has {num_prompt} tokens; the model's limit is {self.config.max_model_len} "
+                f"(max_position_embeddings) including at least one generated token"
+            )
+        capacity = self.config.num_blocks * self.config.block_size
+        if min(num_prompt + sampling.max_tokens, self.config.max_model_len) > capacity:
+            raise RequestError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({sampling.max_tokens}) exceeds the KV cache's "
+                f"{capacity} token slots; lower max_tokens or give the cache more blocks"
+            )
+        seq = Sequence(next(self._seq_ids), list(prompt_token_ids), sampling)
+        self.sequences[seq.seq_id] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        seq = self.sequences.get(seq_id)
+        if seq is not None and not seq.is_finished:
+            self._finish(seq, "abort")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one microbatch -------------------------------------------------------------------
+    def schedule(self) -> MicroBatch | None:
+        """The next microbatch, or None when nothing can run now (everything is waiting on the pipe)."""
+        budget = self.config.max_num_batched_tokens
+        chunks: list[SeqChunk] = []
+        scheduled: set[int] = set()
+
+        for seq in list(self.running):
+            if budget == 0 or len(chunks) >= self.config.max_num_seqs:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.is_awaiting_sample:
+                continue
+            n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
+            if n == 0:
+                continue
+            if not self._make_room(seq, seq.num_scheduled_tokens + n, scheduled):
+                continue
+            chunks.append(self._chunk(seq, n))
+            scheduled.add(seq.seq_id)
+            budget -= n
+
+        while self.waiting and budget > 0 and len(chunks) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens, budget)
+            if not self.block_manager.can_grow(seq, n):
+                break  # admission never preempts: the running sequences go first
+            self.waiting.popleft()
+            self.block_manager.grow(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(self._chunk(seq, n))
+            scheduled.add(seq.seq_id)
+            budget -= n
+
+        if not chunks:
+            return None
+        finished, self._finished_since_last_batch = self._finished_since_last_batch, []
+        return MicroBatch(
+            batch_id=next(self._batch_ids),
+            seqs=chunks,
+            token_ids=[t for c in chunks for t in self.sequences[c.seq_id].token_ids[c.start_pos : c.start_pos + c.num_tokens]],
+            finished_seq_ids=finished,
+        )
+
+    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
+        """Grows seq's block table to num_tokens, preempting the youngest idle sequences if needed."""
+        while not self.block_manager.can_grow(seq, num_tokens):
+            victims = [
+                s for s in self.running if s is not seq and s.seq_id not in scheduled and not s.is_in_flight
+            ]
+            if not victims:
+                return False  # blocks come back when in-flight work finishes
+            self._preempt(max(victims, key=lambda s: s.seq_id))
+        self.block_manager.grow(seq, num_tokens)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_scheduled_tokens = seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Back to the front, in arrival order, so it is recomputed before newer requests.
+        index = next((i for i, w in enumerate(self.waiting) if w.seq_id > seq.seq_id), len(self.waiting))
+        self.waiting.insert(index, seq)
+
+    def _chunk(self, seq: Sequence, n: int) -> SeqChunk:
+        start = seq.num_scheduled_tokens
+        do_sample = start + n == seq.num_tokens
+        chunk = SeqChunk(
+            seq_id=seq.seq_id,
+            start_pos=start,
+            num_tokens=n,
+            slot_mapping=self.block_manager.slots(seq, start, n),
+            block_table=list(seq.block_table),
+            do_sample=do_sample,
+            sampling=seq.sampling if do_sample else None,
+            token_history=seq.token_ids if start == 0 else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+        )
+        seq.num_scheduled_tokens += n
+        seq.is_awaiting_sample = do_sample
+        return chunk
+
+    # -- results --------------------------------------------------------------------------
+    def process_results(self, batch: MicroBatch, samples: list[SampleResult]) -> list[Sequence]:
+        """Applies a returned microbatch; returns the sequences that received a token."""
+        for chunk in batch.seqs:
+            seq = self.sequences[chunk.seq_id]
+            seq.num_computed_tokens += chunk.num_tokens
+            if chunk.do_sample:
+                seq.is_awaiting_sample = False
+        for seq in [s for s in self._pending_free if not s.is_in_flight]:
+            self._pending_free.remove(seq)
+            self.block_manager.free(seq)
+        updated = []
+        for sample in samples:
+            seq = self.sequences[sample.seq_id]
+            if seq.is_finished:  # aborted while its token was in flight
+                continue
+            seq.output_token_ids.append(sample.token_id)
+            seq.output_logprobs.append(sample.logprob)
+            seq.output_top_logprobs.append(sample.top_logprobs)
+            updated.append(seq)
+            params = seq.sampling
+            if not params.ignore_eos and sample.token_id in params.stop_token_ids:
+                self._finish(seq, "stop")
+            elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                self._finish(seq, "length")
+        return updated
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.is_in_flight:
+            # Its blocks are still being written by a microbatch in flight: the pipeline hands
+            # them back when that microbatch returns (see process_results).
+            self._pending_free.append(seq)
+        else:
+            self.block_manager.free(seq)
+        self._finished_since_last_batch.append(seq.seq_id)

@@ -1,0 +1,1 @@
+"""Wire schema of the stage and coordinator services."""

@@ -1,0 +1,1 @@
+"""One pipeline stage: its decoder layers, weights, KV cache and sampler."""

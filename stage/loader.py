@@ -1,0 +1,220 @@
+"""Loads one stage's weights from a Hugging Face safetensors checkpoint, reading only the tensors it owns.
+
+The safetensors format is an 8-byte header length, a JSON header of `{name: {dtype, shape,
+data_offsets}}`, then raw little-endian data. Reading each owned tensor straight into its own
+buffer (no memory map) keeps resident memory near the stage's weight bytes, and shards that hold
+none of the stage's tensors are never opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stagecoach.errors import CheckpointError
+from stagecoach.stage.model import ModelConfig, RotaryEmbedding, StageModel
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(slots=True, frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parses a safetensors header; offsets are made absolute."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    base = 8 + header_len
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        infos[name] = TensorInfo(SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), base + begin, base + end)
+    return infos
+
+
+def read_tensor(f, info: TensorInfo) -> torch.Tensor:
+    """Reads one tensor's bytes from an open file straight into a new CPU tensor."""
+    tensor = torch.empty(info.shape, dtype=info.dtype)
+    nbytes = info.end - info.begin
+    if tensor.numel() * tensor.element_size() != nbytes:
+        raise CheckpointError(f"{f.name}: tensor at byte {info.begin} has {nbytes} bytes for shape {info.shape}")
+    if nbytes == 0:
+        return tensor
+    view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+    f.seek(info.begin)
+    done = 0
+    while done < nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{f.name} is truncated: a tensor needs bytes up to {info.end}")
+        done += n
+    return tensor
+
+
+def checkpoint_weight_map(model_dir: Path) -> dict[str, str]:
+    """Tensor name → shard file name, from the index file or the single file's header."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index} has no valid weight_map: {e}") from None
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return {name: SINGLE_FILE for name in read_header(single)}
+    raise CheckpointError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def stage_tensor_specs(config: ModelConfig, layer_start: int, layer_end: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor a stage owns, by its HF name, with its shape."""
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    specs: dict[str, tuple[int, ...]] = {}
+    if layer_start == 0:
+        specs["model.embed_tokens.weight"] = (config.vocab_size, h)
+    for n in range(layer_start, layer_end):
+        p = f"model.layers.{n}."
+        specs |= {
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    if layer_end == config.num_hidden_layers:
+        specs["model.norm.weight"] = (h,)
+        specs["lm_head.weight"] = (config.vocab_size, h)
+    return specs
+
+
+def stage_weight_bytes(config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype) -> int:
+    """Bytes of the stage's weights once loaded in dtype (a tied lm_head shared with embed_tokens counts once)."""
+    specs = stage_tensor_specs(config, layer_start, layer_end)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in specs:
+        specs.pop("lm_head.weight", None)
+    return sum(_numel(shape) for shape in specs.values()) * dtype.itemsize
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def load_stage_weights(
+    model_dir: str | Path,
+    config: ModelConfig,
+    layer_start: int,
+    layer_end: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Reads the stage's tensors, shard by shard, converting to dtype and moving to device."""
+    model_dir = Path(model_dir)
+    weight_map = checkpoint_weight_map(model_dir)
+    specs = stage_tensor_specs(config, layer_start, layer_end)
+    source = {name: name for name in specs}
+    if "lm_head.weight" in specs and config.tie_word_embeddings and "lm_head.weight" not in weight_map:
+        source["lm_head.weight"] = "model.embed_tokens.weight"
+    missing = sorted(name for name in specs if source[name] not in weight_map)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s) this stage needs: {shown}")
+
+    by_shard: dict[str, list[str]] = {}
+    for src in sorted(set(source.values())):
+        by_shard.setdefault(weight_map[src], []).append(src)
+    loaded: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for shard, names in by_shard.items():
+        path = model_dir / shard
+        if not path.is_file():
+            raise CheckpointError(f"shard {path} (listed in {INDEX_FILE}) does not exist")
+        header = read_header(path)
+        with open(path, "rb", buffering=0) as f:
+            for src in names:
+                info = header.get(src)
+                if info is None:
+                    problems.append(f"{src} is listed for {shard} but not in it")
+                    continue
+                want = specs[src] if src in specs else specs["lm_head.weight"]
+                if info.shape != want:
+                    problems.append(f"{src} has shape {list(info.shape)}, expected {list(want)}")
+                    continue
+                loaded[src] = read_tensor(f, info).to(device=device, dtype=dtype)
+    if problems:
+        raise CheckpointError(f"checkpoint {model_dir}: " + "; ".join(problems))
+    return {name: loaded[src] for name, src in source.items()}
+
+
+def load_stage_model(
+    model_dir: str | Path,
+    layer_start: int,
+    layer_end: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    config: ModelConfig | None = None,
+) -> StageModel:
+    """Builds the stage on the meta device and assigns the loaded tensors: weights are allocated once."""
+    config = config or ModelConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = StageModel(config, layer_start, layer_end)
+    state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    # The rotary buffer is derived, not stored: build it for real on the target device.
+    with torch.device(device):
+        model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+    return model.eval().requires_grad_(False)
+
+
+def checkpoint_fingerprint(model_dir: str | Path) -> str:
+    """A short hash of config.json and the safetensors headers: equal checkpoints give equal fingerprints."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for shard in sorted(set(checkpoint_weight_map(model_dir).values())):
+        with open(model_dir / shard, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            digest.update(f.read(header_len))
+    return digest.hexdigest()[:16]

@@ -1,0 +1,372 @@
+"""The Qwen2 decoder split into stages: one stage owns a contiguous range of layers over a paged KV cache.
+
+Read top to bottom: config → RMSNorm → rotary embedding → MLP → attention → decoder layer →
+stage model. Parameter names are Hugging Face's (`model.layers.N.self_attn.q_proj.weight`, …),
+so a checkpoint's tensors load without renaming. The maths follows HF `modeling_qwen2.py`
+(RMSNorm in float32, rotate-half RoPE, q/k/v biases, SwiGLU), so outputs equal HF's.
+
+A forward pass takes one flat batch of tokens from many sequences at once (prefill chunks and
+decode tokens mixed). Each sequence brings its own positions; K/V are written into the cache at
+the slots the caller chose and read back through the sequence's block table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stagecoach.errors import ConfigError
+from stagecoach.stage.kv_cache import KVCache
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The fields of a Hugging Face `Qwen2Config` that the stage model needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "float32"  # the checkpoint's own dtype
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim in config.json"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads} (grouped-query attention)"
+            )
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> ModelConfig:
+        """Maps an HF `config.json` (transformers 4.x or 5.x layout) onto this dataclass."""
+        model_type = hf.get("model_type", "qwen2")
+        if model_type != "qwen2":
+            raise ConfigError(f"config.json: model_type is {model_type!r}; Stagecoach runs 'qwen2' models")
+        if hf.get("use_sliding_window"):
+            raise ConfigError("config.json: use_sliding_window is true; sliding-window attention is not supported")
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", (hf.get("rope_scaling") or {}).get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"config.json: rope type {rope_type!r} is not supported (only the default RoPE)")
+        missing = [
+            k
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            if k not in hf
+        ]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)}")
+        return cls(
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            vocab_size=hf["vocab_size"],
+            head_dim=hf.get("head_dim") or 0,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: --model must name a Hugging Face checkpoint folder")
+        return cls.from_hf_dict(json.loads(path.read_text()))
+
+    def layer_num_params(self) -> int:
+        """Parameters of one decoder layer (weights and biases)."""
+        h, q, kv, i = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim, self.intermediate_size
+        attention = h * q + q + 2 * (h * kv + kv) + q * h
+        return attention + 3 * h * i + 2 * h
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Computed in float32 and cast back before the weight, exactly as HF does.
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half (NeoX) RoPE; cos/sin are computed in float32 for arbitrary per-token positions."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq.float()  # [num_tokens, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [num_tokens, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, head_dim] broadcast over heads.
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's tokens sit in the flat batch and in the paged cache; shared by all layers.
+
+    Decode tokens (one query each) are attended in one padded call; prefill chunks one by one.
+    """
+
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) per token
+    # Decode group: sequences with exactly one query token.
+    decode_token_index: torch.Tensor | None = None  # [num_decode] rows of the flat batch
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] padded with block 0
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] bool: True = attend
+    # Prefill chunks: (first row, num_tokens, block ids [n_blocks], causal mask [n, context_len]).
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        seqs: list[tuple[int, int, list[int]]],
+        block_size: int,
+        device: torch.device,
+        slot_mapping: list[int] | None = None,
+    ) -> AttentionMetadata:
+        """seqs: per sequence, in batch order, (first position, num_tokens, block table)."""
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills = []
+        row = 0
+        for start, num_tokens, block_table in seqs:
+            context_len = start + num_tokens
+            positions.extend(range(start, context_len))
+            if slot_mapping is None:
+                slots.extend(block_table[p // block_size] * block_size + p % block_size for p in range(start, context_len))
+            num_blocks = -(-context_len // block_size)
+            if num_tokens == 1:
+                decode_rows.append(row)
+                decode_tables.append(block_table[:num_blocks])
+                decode_lens.append(context_len)
+            else:
+                blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device)
+                query_pos = torch.arange(start, context_len, device=device)
+                # Query at position p sees keys 0..p: the causal mask offset by the cached prefix.
+                mask = torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
+                prefills.append((row, num_tokens, blocks, mask))
+            row += num_tokens
+        meta = cls(
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slot_mapping if slot_mapping is not None else slots, dtype=torch.long, device=device),
+            prefills=prefills,
+        )
+        if decode_rows:
+            max_blocks = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+            meta.decode_token_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
+            lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
+            key_pos = torch.arange(max_blocks * block_size, device=device)
+            meta.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]
+        return meta
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        num_tokens = hidden_states.shape[0]
+        q = self.q_proj(hidden_states).view(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
+        k = self.k_proj(hidden_states).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        v = self.v_proj(hidden_states).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+
+        # k_cache: [num_blocks, block_size, kv_heads, head_dim]; a slot indexes the flattened first two dims.
+        block_size = k_cache.shape[1]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
+
+        out = torch.empty_like(q)
+        if meta.decode_token_index is not None:
+            num_decode, max_blocks = meta.decode_block_tables.shape
+            context = max_blocks * block_size
+            q_d = q[meta.decode_token_index].unsqueeze(2)  # [B, heads, 1, head_dim]
+            k_d = k_cache[meta.decode_block_tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
+            v_d = v_cache[meta.decode_block_tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
+            o_d = F.scaled_dot_product_attention(
+                q_d,
+                k_d.transpose(1, 2).to(q.dtype),  # [B, kv_heads, context, head_dim]
+                v_d.transpose(1, 2).to(q.dtype),
+                attn_mask=meta.decode_mask,
+                scale=self.scaling,
+                enable_gqa=True,
+            )
+            out[meta.decode_token_index] = o_d.squeeze(2)
+        for row, n, blocks, mask in meta.prefills:
+            context_len = mask.shape[1]
+            k_p = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]  # [ctx, kv_heads, head_dim]
+            v_p = v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]
+            o_p = F.scaled_dot_product_attention(
+                q[row : row + n].transpose(0, 1),  # [heads, n, head_dim]
+                k_p.transpose(0, 1).to(q.dtype),  # [kv_heads, ctx, head_dim]
+                v_p.transpose(0, 1).to(q.dtype),
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=True,
+            )
+            out[row : row + n] = o_p.transpose(0, 1)
+        return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), cos_sin, meta, k_cache, v_cache)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class Qwen2StageBody(nn.Module):
+    """HF's `model.` prefix: embed_tokens (first stage), the owned layers, norm (last stage)."""
+
+    def __init__(self, config: ModelConfig, layer_start: int, layer_end: int, is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
+        # Keys are the global layer numbers, so parameter names equal the checkpoint's.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(layer_start, layer_end)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
+
+
+class StageModel(nn.Module):
+    """Layers [layer_start, layer_end) of a Qwen2ForCausalLM, plus the ends it owns.
+
+    The first stage takes token ids, any other the previous stage's hidden states
+    [num_tokens, hidden]; the last stage returns logits for the requested rows only.
+    """
+
+    def __init__(self, config: ModelConfig, layer_start: int, layer_end: int) -> None:
+        super().__init__()
+        if not 0 <= layer_start < layer_end <= config.num_hidden_layers:
+            raise ConfigError(
+                f"layer range [{layer_start}, {layer_end}) is not inside the model's "
+                f"{config.num_hidden_layers} layers"
+            )
+        self.config = config
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.is_first = layer_start == 0
+        self.is_last = layer_end == config.num_hidden_layers
+        self.model = Qwen2StageBody(config, layer_start, layer_end, self.is_first, self.is_last)
+        # With tied embeddings the last stage still owns an lm_head: the loader fills it from
+        # model.embed_tokens.weight (sharing the tensor when the stage is also the first).
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs: token ids [num_tokens] (first stage) or hidden states [num_tokens, hidden].
+
+        Returns hidden states [num_tokens, hidden], or on the last stage the logits
+        [len(logits_rows), vocab] (all rows when logits_rows is None).
+        """
+        hidden_states = self.model.embed_tokens(inputs) if self.is_first else inputs
+        cos_sin = self.rotary_emb(meta.positions, hidden_states.dtype)
+        for local_index, layer in enumerate(self.model.layers.values()):
+            k_cache, v_cache = kv_cache.layer(local_index)
+            hidden_states = layer(hidden_states, cos_sin, meta, k_cache, v_cache)
+        if not self.is_last:
+            return hidden_states
+        if logits_rows is not None:
+            hidden_states = hidden_states[logits_rows]
+        return self.lm_head(self.model.norm(hidden_states))

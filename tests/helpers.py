@@ -1,0 +1,58 @@
+"""Test helpers: random Qwen2 checkpoints saved by transformers (the numerical reference), shared-data paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stagecoach.coordinator.random_checkpoint import write_tokenizer_files
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+QWEN_DIR = SHARED / "data" / "qwen1.5-32b-chat"
+GOLDEN_DIR = SHARED / "data" / "tokenizer-golden"
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
+    """HF initialises biases to 0 and norms to 1; randomise every tensor so each path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_(1 + noise if name.endswith("layernorm.weight") or name == "model.norm.weight" else noise)
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, max_shard_size=None, std: float = 0.1, **config_kwargs):
+    """A random transformers Qwen2ForCausalLM saved with save_pretrained, plus a trained byte-level BPE tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    special = write_tokenizer_files(path)
+    defaults = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1024,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        bos_token_id=special["<|endoftext|>"],
+        eos_token_id=special["<|im_end|>"],
+        attn_implementation="eager",
+    )
+    config = Qwen2Config(**(defaults | config_kwargs))
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    randomize(model, seed, std)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+def require_shared(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/data is not checked out beside the project)")

@@ -1,0 +1,126 @@
+"""Scheduler and block manager: plain Python, tested without torch, Ray or gRPC."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
+from stagecoach.errors import RequestError
+from stagecoach.stage.batch import SampleResult, SamplingParams
+
+
+def params(max_tokens=4, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def run_batch(sched, batch, token=7):
+    """Plays the pipeline: every sampling chunk gets `token` back."""
+    return sched.process_results(batch, [SampleResult(c.seq_id, token) for c in batch.seqs if c.do_sample])
+
+
+def test_core_modules_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "import stagecoach.coordinator.scheduler, stagecoach.coordinator.block_manager, stagecoach.coordinator.partition\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_slots_follow_block_tables():
+    sched = Scheduler(SchedulerConfig(num_blocks=8, block_size=4))
+    sched.add_request(list(range(10)), params())
+    batch = sched.schedule()
+    chunk = batch.seqs[0]
+    assert chunk.start_pos == 0 and chunk.num_tokens == 10 and chunk.do_sample
+    assert len(chunk.block_table) == 3
+    assert chunk.slot_mapping == [chunk.block_table[p // 4] * 4 + p % 4 for p in range(10)]
+    assert chunk.token_history == list(range(10)) and batch.token_ids == list(range(10))
+
+
+def test_continuous_batching_mixes_decode_and_prefill():
+    sched = Scheduler(SchedulerConfig(num_blocks=32, block_size=4, max_num_batched_tokens=16))
+    a = sched.add_request([1, 2, 3], params(max_tokens=3))
+    run_batch(sched, sched.schedule())
+    b = sched.add_request(list(range(20)), params(max_tokens=2))  # joins while a decodes
+    batch = sched.schedule()
+    assert [(c.seq_id, c.num_tokens) for c in batch.seqs] == [(a.seq_id, 1), (b.seq_id, 15)]
+    assert not batch.seqs[1].do_sample  # chunked: the prompt continues in the next microbatch
+    run_batch(sched, batch)
+    batch = sched.schedule()
+    assert [(c.seq_id, c.num_tokens, c.start_pos) for c in batch.seqs] == [(a.seq_id, 1, 4), (b.seq_id, 5, 15)]
+    assert batch.seqs[1].token_history is None  # history travels with the first chunk only
+    run_batch(sched, batch)
+    assert a.is_finished and a.finish_reason == "length" and a.output_token_ids == [7, 7, 7]
+    assert batch.finished_seq_ids == [] and sched.schedule().finished_seq_ids == [a.seq_id]
+
+
+def test_sequence_in_flight_waits_for_its_token():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4))
+    sched.add_request([1, 2, 3], params())
+    first = sched.schedule()
+    assert sched.schedule() is None  # its only chunk samples: nothing to send until the token is back
+    run_batch(sched, first)
+    assert sched.schedule() is not None
+
+
+def test_long_prompt_chunks_may_pipeline():
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_num_batched_tokens=8))
+    sched.add_request(list(range(20)), params())
+    b1, b2, b3 = sched.schedule(), sched.schedule(), sched.schedule()
+    assert [c.start_pos for b in (b1, b2, b3) for c in b.seqs] == [0, 8, 16]
+    assert b3.seqs[0].do_sample and sched.schedule() is None
+
+
+def test_stop_token_and_freeing_blocks():
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4))
+    seq = sched.add_request([1, 2], params(max_tokens=10, stop_token_ids=[99]))
+    run_batch(sched, sched.schedule(), token=5)
+    assert sched.block_manager.num_free_blocks == 3
+    run_batch(sched, sched.schedule(), token=99)
+    assert seq.finish_reason == "stop" and seq.output_token_ids == [5, 99]
+    assert sched.block_manager.num_free_blocks == 4 and not sched.has_unfinished
+
+
+def test_preemption_frees_youngest_and_recomputes():
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=2))
+    old = sched.add_request([1, 2, 3], params(max_tokens=4))  # 2 blocks
+    young = sched.add_request([4, 5, 6], params(max_tokens=4))  # 2 blocks: the pool is full
+    run_batch(sched, sched.schedule())  # both prefill (positions 0-2) and sample one token
+    run_batch(sched, sched.schedule())  # both decode position 3: 2 blocks each, the pool is full
+    batch = sched.schedule()  # old needs a third block for position 4: the young one goes
+    assert sched.num_preemptions == 1 and young.num_preemptions == 1
+    assert [c.seq_id for c in batch.seqs] == [old.seq_id]
+    run_batch(sched, batch)
+    while sched.has_unfinished:
+        batch = sched.schedule()
+        for c in batch.seqs:
+            if c.seq_id == young.seq_id and c.start_pos == 0:
+                # The re-prefill resends prompt + the token sampled before the preemption.
+                assert c.token_history == [4, 5, 6, 7, 7] and c.num_prompt_tokens == 3
+        run_batch(sched, batch)
+    assert old.output_token_ids == young.output_token_ids == [7, 7, 7, 7]
+    assert sched.block_manager.num_free_blocks == 4
+
+
+def test_abort_while_in_flight_frees_blocks_on_return():
+    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4))
+    seq = sched.add_request([1, 2, 3], params())
+    batch = sched.schedule()
+    sched.abort(seq.seq_id)
+    assert sched.block_manager.num_free_blocks == 3  # still being written by the batch in flight
+    assert run_batch(sched, batch) == []
+    assert sched.block_manager.num_free_blocks == 4 and seq.finish_reason == "abort"
+
+
+def test_requests_that_can_never_fit_are_refused():
+    sched = Scheduler(SchedulerConfig(num_blocks=2, block_size=4, max_model_len=100))
+    with pytest.raises(RequestError, match="exceeds the KV cache's 8 token slots"):
+        sched.add_request([1] * 6, params(max_tokens=4))
+    with pytest.raises(RequestError, match="limit is 100"):
+        sched.add_request([1] * 100, params())
+    with pytest.raises(RequestError, match="empty"):
+        sched.add_request([], params())
