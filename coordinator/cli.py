@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from one or more prompts")
-    gen.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    gen.add_argument("--config", default=None, help="a cluster YAML (configs/*.yaml); flags override it")
+    gen.add_argument("--model", default=None, help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)")
     split = gen.add_mutually_exclusive_group()
     split.add_argument("--stages", type=int, default=None, help="number of pipeline stages (default 1)")
     split.add_argument("--layers", type=_int_list, default=None, help="explicit layer counts per stage, e.g. 3,1,1")
@@ -38,13 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the checkpoint's stop tokens")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    gen.add_argument("--device", default="cpu", help="cpu or cuda")
-    gen.add_argument("--backend", choices=["local"], default="local", help="local: all stages in this process")
-    gen.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    gen.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per stage (default: enough for the prompts)")
-    gen.add_argument("--max-batch-tokens", type=int, default=512, help="token budget of one microbatch (chunked prefill)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default float32 (or the config's)")
+    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where stages run (default auto)")
+    gen.add_argument("--backend", choices=["ray", "local"], default="ray", help="ray: stages as Ray actors over gRPC; local: all in this process")
+    gen.add_argument("--ray-address", default=None, help="'local' starts a new Ray, 'auto' or host:port joins one (default: a running one, else a new local one)")
+    gen.add_argument("--placement", choices=["auto", "strict_spread", "spread", "pack"], default=None)
+    gen.add_argument("--gpus-per-stage", type=float, default=None, help="default 1 when the Ray cluster has GPUs, else 0")
+    gen.add_argument("--max-inflight", type=int, default=None, help="microbatches in flight (default: the number of stages)")
+    gen.add_argument("--host", default=None, help="address the stage and coordinator gRPC servers bind (default: the node's)")
+    gen.add_argument("--block-size", type=int, default=None, help="tokens per KV cache block")
+    gen.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per stage on CPU (default: from cache.max_tokens)")
+    gen.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one microbatch (chunked prefill)")
+    gen.add_argument("--memory-limit-mb", type=int, default=None, help="per-stage memory budget (default: the device's)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt (a list for several)")
 
     rnd = sub.add_parser("make-random-model", help="write a small random Qwen2 checkpoint folder (for trying things out)")
     rnd.add_argument("--dir", required=True)
@@ -54,9 +62,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from stagecoach.coordinator.engine import Engine, LocalPipeline, sampling_defaults
+def config_from_args(args: argparse.Namespace):
+    """The YAML config (if any) with every given flag laid over it."""
+    from stagecoach.cluster.config import ClusterConfig
+
+    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    overrides = [
+        (config.model, "path", args.model),
+        (config.model, "dtype", args.dtype),
+        (config.pipeline, "num_stages", args.stages),
+        (config.pipeline, "layers", args.layers),
+        (config.pipeline, "device", args.device),
+        (config.pipeline, "placement", args.placement),
+        (config.pipeline, "gpus_per_stage", args.gpus_per_stage),
+        (config.pipeline, "max_inflight", args.max_inflight),
+        (config.pipeline, "max_batch_tokens", args.max_batch_tokens),
+        (config.pipeline, "memory_limit_mb", args.memory_limit_mb),
+        (config.cache, "block_size", args.block_size),
+        (config.cache, "num_blocks", args.kv_blocks),
+        (config.transport, "host", args.host),
+    ]
+    for section, name, value in overrides:
+        if value is not None:
+            setattr(section, name, value)
+    if args.stages is not None:
+        config.pipeline.layers = None
+    for section in (config.model, config.pipeline, config.cache):
+        section.__post_init__()  # re-validate with the flags applied
+    if not config.model.path:
+        raise ConfigError("no model: give --model DIR or model.path in --config")
+    return config
+
+
+def build_pipeline(config, backend: str, ray_address: str | None = None):
+    """Partitions the layers and starts the stages: in this process, or as Ray actors."""
     from stagecoach.coordinator.partition import partition_layers
+    from stagecoach.stage.model import ModelConfig
+
+    model = ModelConfig.from_pretrained(config.model.path)
+    lm_head_cost = model.vocab_size * model.hidden_size / model.layer_num_params()
+    p, c = config.pipeline, config.cache
+    ranges = partition_layers(model.num_hidden_layers, p.num_stages, last_stage_extra=lm_head_cost, layer_counts=p.layers)
+    if backend == "local":
+        from stagecoach.coordinator.pipeline import LocalPipeline
+
+        device = "cpu" if p.device == "auto" else p.device
+        num_blocks = c.num_blocks or -(-c.max_tokens // c.block_size)
+        return LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks, c.block_size), model
+    from stagecoach.cluster.launch import RayPipeline, connect_ray
+
+    # A new local Ray gets enough logical CPUs for one share per stage, even on a small machine.
+    connect_ray(ray_address, num_cpus=max(os.cpu_count() or 1, int(p.num_stages * p.cpus_per_stage)), host=config.transport.host)
+    return RayPipeline(config, ranges), model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stagecoach.coordinator.engine import Engine, sampling_defaults
     from stagecoach.coordinator.scheduler import SchedulerConfig
     from stagecoach.coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
     from stagecoach.stage.batch import SamplingParams
@@ -66,23 +127,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
     if args.chat and args.prompt_ids:
         raise ConfigError("--chat applies to --prompt text, not to --prompt-ids")
-    model_dir = Path(args.model)
-    config = ModelConfig.from_pretrained(model_dir)
+    config = config_from_args(args)
+    model_dir = Path(config.model.path)
+    model = ModelConfig.from_pretrained(model_dir)
     tokenizer = Tokenizer(model_dir)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p) for p in args.prompt]
     prompts += args.prompt_ids
-
-    num_stages = len(args.layers) if args.layers else (args.stages or 1)
-    lm_head_cost = config.vocab_size * config.hidden_size / config.layer_num_params()
-    ranges = partition_layers(config.num_hidden_layers, num_stages, last_stage_extra=lm_head_cost, layer_counts=args.layers)
-
+    for i, p in enumerate(prompts):
+        if len(p) >= model.max_position_embeddings:
+            raise RequestError(f"prompt {i} has {len(p)} tokens; the model's max_position_embeddings is {model.max_position_embeddings}")
+        bad = [t for t in p if not 0 <= t < model.vocab_size]
+        if bad:
+            raise RequestError(f"prompt {i}: token id {bad[0]} is outside the vocabulary of {model.vocab_size}")
     defaults = sampling_defaults(model_dir)
-    overrides = {
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "repetition_penalty": args.repetition_penalty,
-    }
+    overrides = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
     params = defaults | {k: v for k, v in overrides.items() if v is not None}
     sampling = [
         SamplingParams(
@@ -95,26 +153,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         for _ in prompts
     ]
-    for i, p in enumerate(prompts):
-        if len(p) >= config.max_position_embeddings:
-            raise RequestError(
-                f"prompt {i} has {len(p)} tokens; the model's max_position_embeddings is {config.max_position_embeddings}"
-            )
-        bad = [t for t in p if not 0 <= t < config.vocab_size]
-        if bad:
-            raise RequestError(f"prompt {i}: token id {bad[0]} is outside the vocabulary of {config.vocab_size}")
-    max_len = config.max_position_embeddings
-    needed = sum(-(-min(len(p) + args.max_new_tokens, max_len) // args.block_size) for p in prompts)
-    num_blocks = args.kv_blocks or needed
-    pipeline = LocalPipeline.load(model_dir, ranges, args.dtype, args.device, num_blocks, args.block_size)
-    engine = Engine(
-        pipeline,
-        SchedulerConfig(num_blocks=num_blocks, block_size=args.block_size, max_num_batched_tokens=args.max_batch_tokens, max_model_len=max_len),
-        tokenizer.stop_token_ids,
-    )
-    seqs = engine.generate(prompts, sampling)
 
-    stages = [{"index": s.index, "layers": list(s.layers)} for s in pipeline.stages]
+    pipeline, model = build_pipeline(config, args.backend, args.ray_address)
+    try:
+        p = config.pipeline
+        engine = Engine(
+            pipeline,
+            SchedulerConfig(
+                num_blocks=pipeline.num_blocks,
+                block_size=pipeline.block_size,
+                max_num_batched_tokens=p.max_batch_tokens,
+                max_num_seqs=p.max_num_seqs,
+                max_model_len=model.max_position_embeddings,
+            ),
+            tokenizer.stop_token_ids,
+            max_inflight=1 if args.backend == "local" else (p.max_inflight or len(pipeline.stages)),
+        )
+        seqs = engine.generate(prompts, sampling)
+    finally:
+        pipeline.shutdown()
+
+    stages = [s.as_json() for s in pipeline.stages]
     results = []
     for seq in seqs:
         detok = IncrementalDetokenizer(tokenizer)
@@ -133,10 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(r["text"])
-        print(
-            "stages: " + ", ".join(f"{s['index']}: layers [{s['layers'][0]}, {s['layers'][1]})" for s in stages),
-            file=sys.stderr,
-        )
+        print("stages: " + ", ".join(f"{s['index']}: layers [{s['layers'][0]}, {s['layers'][1]})" for s in stages), file=sys.stderr)
     return 0
 
 

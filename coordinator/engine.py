@@ -1,75 +1,15 @@
-"""The engine loop: schedule a microbatch, run it through the stages, apply the sampled tokens, repeat."""
+"""The engine loop: keep up to max_inflight microbatches in the pipe, apply sampled tokens as they return."""
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from stagecoach.coordinator.partition import LayerRange
+from stagecoach.coordinator.pipeline import Pipeline, PipelineError
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Sequence
-from stagecoach.stage.batch import MicroBatch, SampleResult, SamplingParams
-
-
-@dataclass(slots=True)
-class StageInfo:
-    index: int
-    layers: LayerRange
-
-
-class Pipeline(Protocol):
-    """Runs a microbatch through every stage and returns the last stage's samples."""
-
-    stages: list[StageInfo]
-    num_blocks: int
-    block_size: int
-
-    def execute(self, batch: MicroBatch) -> list[SampleResult]: ...
-
-
-class LocalPipeline:
-    """All stages in this process, run one after another: the reference for the distributed pipeline."""
-
-    def __init__(self, runners: list, ranges: list[LayerRange]) -> None:
-        self.runners = runners
-        self.stages = [StageInfo(i, r) for i, r in enumerate(ranges)]
-        self.num_blocks = runners[0].kv_cache.num_blocks
-        self.block_size = runners[0].kv_cache.block_size
-        self.last_logits = None  # the last stage's full logits when a batch asked for them
-
-    @classmethod
-    def load(
-        cls,
-        model_dir: str | Path,
-        ranges: list[LayerRange],
-        dtype: str = "float32",
-        device: str = "cpu",
-        num_blocks: int = 256,
-        block_size: int = 16,
-    ) -> LocalPipeline:
-        from stagecoach.stage.kv_cache import KVCache
-        from stagecoach.stage.loader import DTYPES, load_stage_model
-        from stagecoach.stage.model import ModelConfig
-        from stagecoach.stage.runner import StageRunner
-
-        config = ModelConfig.from_pretrained(model_dir)
-        runners = []
-        for start, end in ranges:
-            model = load_stage_model(model_dir, start, end, DTYPES[dtype], device, config)
-            cache = KVCache(end - start, num_blocks, block_size, config.num_key_value_heads, config.head_dim, DTYPES[dtype], device)
-            runners.append(StageRunner(model, cache))
-        return cls(runners, ranges)
-
-    def execute(self, batch: MicroBatch) -> list[SampleResult]:
-        hidden = None
-        for runner in self.runners:
-            out = runner.execute(batch, hidden)
-            hidden = out.hidden_states
-        self.last_logits = out.logits
-        return out.samples
+from stagecoach.stage.batch import MicroBatch, SamplingParams
 
 
 def sampling_defaults(model_dir: str | Path) -> dict:
@@ -83,12 +23,28 @@ def sampling_defaults(model_dir: str | Path) -> dict:
 
 
 class Engine:
-    """Continuous batching over a pipeline: requests join and leave between microbatches."""
+    """Continuous batching over a pipeline: requests join and leave between microbatches.
 
-    def __init__(self, pipeline: Pipeline, scheduler_config: SchedulerConfig, stop_token_ids: list[int] | None = None) -> None:
+    Up to `max_inflight` microbatches travel at once (one per stage keeps every stage busy);
+    each holds about 1/max_inflight of the running sequences, so their sizes stay even.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        scheduler_config: SchedulerConfig,
+        stop_token_ids: list[int] | None = None,
+        max_inflight: int = 1,
+        result_timeout_s: float = 300.0,
+    ) -> None:
         self.pipeline = pipeline
         self.scheduler = Scheduler(scheduler_config)
         self.stop_token_ids = list(stop_token_ids or [])
+        self.max_inflight = max_inflight
+        self.result_timeout_s = result_timeout_s
+        self.inflight: dict[int, MicroBatch] = {}
+        self.peak_inflight = 0
+        self.num_batches = 0
 
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
         if sampling.seed is None:
@@ -99,13 +55,28 @@ class Engine:
             sampling.stop_token_ids = list(self.stop_token_ids)
         return self.scheduler.add_request(prompt_token_ids, sampling)
 
+    def _fill(self) -> None:
+        while len(self.inflight) < self.max_inflight:
+            unfinished = len(self.scheduler.running) + len(self.scheduler.waiting)
+            batch = self.scheduler.schedule(max_seqs=max(1, -(-unfinished // self.max_inflight)))
+            if batch is None:
+                return
+            self.pipeline.submit(batch)
+            self.inflight[batch.batch_id] = batch
+            self.num_batches += 1
+            self.peak_inflight = max(self.peak_inflight, len(self.inflight))
+
     def step(self) -> list[Sequence]:
-        """One microbatch through the pipeline; returns the sequences that got a token."""
-        batch = self.scheduler.schedule()
-        if batch is None:
+        """Tops up the pipe, then applies the next microbatch that comes back."""
+        self._fill()
+        if not self.inflight:
+            assert not self.scheduler.has_unfinished, "unfinished sequences but nothing schedulable or in flight"
             return []
-        samples = self.pipeline.execute(batch)
-        return self.scheduler.process_results(batch, samples)
+        done = self.pipeline.wait(timeout=self.result_timeout_s)
+        batch = self.inflight.pop(done.batch_id)
+        if done.error:
+            raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
+        return self.scheduler.process_results(batch, done.samples)
 
     def run(self) -> None:
         while self.scheduler.has_unfinished:

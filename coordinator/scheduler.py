@@ -76,14 +76,18 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- one microbatch -------------------------------------------------------------------
-    def schedule(self) -> MicroBatch | None:
-        """The next microbatch, or None when nothing can run now (everything is waiting on the pipe)."""
+    def schedule(self, max_seqs: int | None = None) -> MicroBatch | None:
+        """The next microbatch, or None when nothing can run now (everything is waiting on the pipe).
+
+        max_seqs caps this microbatch below config.max_num_seqs, to spread sequences over several.
+        """
         budget = self.config.max_num_batched_tokens
+        max_seqs = min(max_seqs or self.config.max_num_seqs, self.config.max_num_seqs)
         chunks: list[SeqChunk] = []
         scheduled: set[int] = set()
 
         for seq in list(self.running):
-            if budget == 0 or len(chunks) >= self.config.max_num_seqs:
+            if budget == 0 or len(chunks) >= max_seqs:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.is_awaiting_sample:
                 continue
@@ -96,7 +100,7 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
 
-        while self.waiting and budget > 0 and len(chunks) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(chunks) < max_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens, budget)
             if not self.block_manager.can_grow(seq, n):

@@ -25,3 +25,26 @@ def hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One multi-node Ray cluster for the whole session, every node on 127.0.0.1 with one logical GPU.
+
+    Started on first use (about 15 s), shut down at the end; nothing else is stopped.
+    """
+    import os
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # seen to make Ray honour 127.0.0.1
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node = dict(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1", object_store_memory=80 * 2**20)
+    cluster = Cluster(initialize_head=True, head_node_args=node | {"dashboard_host": "127.0.0.1", "include_dashboard": True})
+    for _ in range(3):
+        cluster.add_node(**node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -53,6 +53,22 @@ def make_hf_checkpoint(path: Path, seed: int = 0, max_shard_size=None, std: floa
     return model
 
 
+def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """HF with its own KV cache: greedy ids and the logits of every prompt position and decode step."""
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        rows = [out.logits[0]]
+        past, ids = out.past_key_values, []
+        for _ in range(steps):
+            ids.append(int(rows[-1][-1].argmax()))
+            if len(ids) == steps:
+                break
+            out = model(torch.tensor([[ids[-1]]]), cache=past, use_cache=True)
+            past = out.past_key_values
+            rows.append(out.logits[0])
+    return ids, torch.cat(rows)
+
+
 def require_shared(path: Path) -> None:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data is not checked out beside the project)")

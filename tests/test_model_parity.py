@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stagecoach.coordinator.engine import Engine, LocalPipeline
+from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.pipeline import Delivered, LocalPipeline
 from stagecoach.coordinator.partition import ranges_from_counts
 from stagecoach.coordinator.scheduler import SchedulerConfig
 from stagecoach.stage.batch import SamplingParams
+
+from helpers import hf_greedy
 
 NEW_TOKENS = 32
 ATOL = 1e-4
@@ -22,31 +25,18 @@ class RecordingPipeline:
         self.stages, self.num_blocks, self.block_size = inner.stages, inner.num_blocks, inner.block_size
         self.logits: dict[int, list[torch.Tensor]] = {}  # seq id → logits rows in position order
 
-    def execute(self, batch):
+    def submit(self, batch):
         batch.want_all_logits = True
         samples = self.inner.execute(batch)
+        self.done = Delivered(batch.batch_id, samples)
         row = 0
         for chunk in batch.seqs:
             rows = self.inner.last_logits[row : row + chunk.num_tokens]
             self.logits.setdefault(chunk.seq_id, []).extend(rows)
             row += chunk.num_tokens
-        return samples
 
-
-def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """HF with its own KV cache: greedy ids and the logits of every prompt position and decode step."""
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        rows = [out.logits[0]]
-        past, ids = out.past_key_values, []
-        for _ in range(steps):
-            ids.append(int(rows[-1][-1].argmax()))
-            if len(ids) == steps:
-                break
-            out = model(torch.tensor([[ids[-1]]]), cache=past, use_cache=True)
-            past = out.past_key_values
-            rows.append(out.logits[0])
-    return ids, torch.cat(rows)
+    def wait(self, timeout=None):
+        return self.done
 
 
 def top2_gap(logits: torch.Tensor) -> float:

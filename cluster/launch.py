@@ -1,0 +1,211 @@
+"""Ray placement and launch: one placement-group bundle and one actor per stage, wired over gRPC.
+
+Ray decides where stages live and keeps their processes; activations never pass through Ray:
+each actor runs a StageWorker whose gRPC server talks to its neighbours directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from stagecoach.cluster.config import ClusterConfig
+from stagecoach.coordinator.partition import LayerRange
+from stagecoach.coordinator.pipeline import GrpcPipeline
+from stagecoach.errors import ConfigError, StagecoachError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = {"strict_spread": "STRICT_SPREAD", "spread": "SPREAD", "pack": "PACK"}
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None, host: str | None = None) -> None:
+    """Joins a Ray cluster: None (an existing one if running, else a new local one), 'local', 'auto' or an address."""
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address in (None, "local"):
+        kwargs |= {"include_dashboard": False}
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        if host:
+            kwargs["_node_ip_address"] = host
+        if address == "local":
+            kwargs["address"] = "local"
+    else:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"cannot connect to Ray at {address!r}: {e}") from None
+
+
+def cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0.0)
+
+
+def resolve_strategy(placement: str, gpus_per_stage: float) -> str:
+    if placement == "auto":
+        # One GPU node per stage when stages need GPUs; a CPU dev box packs them together.
+        return "STRICT_SPREAD" if gpus_per_stage >= 1 else "PACK"
+    return STRATEGIES[placement]
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    bundle = {"CPU": cpus}
+    if gpus > 0:
+        bundle["GPU"] = gpus
+    return bundle
+
+
+def check_resources(num_stages: int, cpus: float, gpus: float, strategy: str) -> None:
+    """Fails fast, with the numbers, when the cluster cannot hold the stages at all."""
+    total_gpus = cluster_gpus()
+    if gpus * num_stages > total_gpus:
+        raise ConfigError(
+            f"{num_stages} stages with {gpus:g} GPU each need {gpus * num_stages:g} GPUs, but the Ray cluster has "
+            f"{total_gpus:g}; use at most {int(total_gpus // gpus) if gpus else 0} stages or add GPU nodes"
+        )
+    if strategy == "STRICT_SPREAD":
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        fit = [
+            n for n in nodes
+            if n["Resources"].get("GPU", 0) >= gpus and n["Resources"].get("CPU", 0) >= cpus
+        ]
+        if len(fit) < num_stages:
+            raise ConfigError(
+                f"STRICT_SPREAD puts each of {num_stages} stages on its own node, but only {len(fit)} of the "
+                f"cluster's {len(nodes)} nodes have {gpus:g} GPU and {cpus:g} CPU free; "
+                f"use fewer stages or --placement spread/pack"
+            )
+
+
+@ray.remote
+class StageActor:
+    """Hosts one StageWorker inside a Ray worker process."""
+
+    def __init__(self, plan: dict) -> None:
+        from stagecoach.stage.worker import StagePlan
+
+        self.plan = StagePlan(**plan)
+        self.worker = None
+
+    def load(self) -> dict:
+        from stagecoach.stage.worker import StageWorker
+
+        node_id = ray.get_runtime_context().get_node_id()
+        self.worker = StageWorker(self.plan, node_id=node_id)
+        return self.worker.load() | {"node_id": node_id, "pid": os.getpid()}
+
+    def start(self, num_blocks: int) -> str:
+        return self.worker.start(num_blocks)
+
+    def connect(self, next_address: str | None, coordinator_address: str) -> None:
+        self.worker.connect(next_address, coordinator_address)
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+
+def _unwrap(error: Exception) -> Exception:
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
+
+
+class RayPipeline(GrpcPipeline):
+    """Stages as Ray actors pinned to placement-group bundles; the coordinator runs in this process."""
+
+    def __init__(self, config: ClusterConfig, ranges: list[LayerRange]) -> None:
+        p, t = config.pipeline, config.transport
+        num_stages = len(ranges)
+        gpus = p.gpus_per_stage if p.gpus_per_stage is not None else (1.0 if cluster_gpus() > 0 else 0.0)
+        self.strategy = resolve_strategy(p.placement, gpus)
+        check_resources(num_stages, p.cpus_per_stage, gpus, self.strategy)
+        host = t.host or ray.util.get_node_ip_address()
+        super().__init__(host, 0, t.max_message_mb * 2**20)
+        self.actors: list = []
+        self.pg = None
+        try:
+            self._launch(config, ranges, gpus, host)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _launch(self, config: ClusterConfig, ranges: list[LayerRange], gpus: float, host: str) -> None:
+        p, c, t = config.pipeline, config.cache, config.transport
+        timeout = p.ready_timeout_s
+        self.pg = placement_group([_bundle(p.cpus_per_stage, gpus) for _ in ranges], strategy=self.strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
+        if not ready:
+            raise ConfigError(
+                f"the placement group for {len(ranges)} stages ({self.strategy}, {gpus:g} GPU + {p.cpus_per_stage:g} CPU each) "
+                f"was not placed within {timeout:g} s; the cluster has {cluster_gpus():g} GPUs on {len(ray.nodes())} nodes"
+            )
+        for i, (start, end) in enumerate(ranges):
+            plan = dict(
+                index=i,
+                model_dir=str(config.model.path),
+                layer_start=start,
+                layer_end=end,
+                dtype=config.model.dtype,
+                device=p.device,
+                block_size=c.block_size,
+                num_blocks=c.num_blocks,
+                max_tokens=c.max_tokens,
+                gpu_memory_fraction=c.gpu_memory_fraction,
+                memory_limit_bytes=p.memory_limit_mb * 2**20 if p.memory_limit_mb is not None else None,
+                max_batch_tokens=p.max_batch_tokens,
+                host=t.host,
+                port=t.port + i if t.port else 0,
+                max_message_bytes=t.max_message_mb * 2**20,
+            )
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+            actor = StageActor.options(num_cpus=p.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy, name=None)
+            self.actors.append(actor.remote(plan))
+        loads = self._gather([a.load.remote() for a in self.actors], "load", timeout)
+        capacity = min(r["kv_blocks"] for r in loads)
+        if capacity < 1:
+            raise ConfigError("a stage has no memory left for the KV cache after its weights; use more stages or a smaller dtype")
+        log.warning(
+            "KV cache: %d blocks of %d tokens on every stage (stage %d holds the fewest) = %d tokens in flight at most",
+            capacity, c.block_size, min(range(len(loads)), key=lambda i: loads[i]["kv_blocks"]), capacity * c.block_size,
+        )
+        addresses = self._gather([a.start.remote(capacity) for a in self.actors], "start its server", timeout)
+        wiring = [a.connect.remote(addresses[i + 1] if i + 1 < len(addresses) else None, self.address) for i, a in enumerate(self.actors)]
+        self._gather(wiring, "connect", timeout)
+        self.attach(addresses)
+
+    def _gather(self, refs: list, what: str, timeout: float) -> list:
+        """ray.get with per-stage errors: names the stage that failed or did not answer in time."""
+        deadline = time.monotonic() + timeout
+        results = []
+        for i, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except ray.exceptions.GetTimeoutError:
+                raise ConfigError(f"stage {i} did not {what} within {timeout:g} s") from None
+            except ray.exceptions.RayError as e:
+                cause = _unwrap(e)
+                if isinstance(cause, StagecoachError):
+                    raise type(cause)(str(cause)) from None
+                raise ConfigError(f"stage {i} failed to {what}: {cause}") from None
+        return results
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.get(actor.stop.remote(), timeout=10)
+            except ray.exceptions.RayError:
+                pass  # already gone: nothing of it left to stop
+            ray.kill(actor)
+        self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+        super().shutdown()

@@ -1,0 +1,233 @@
+"""Ways to run microbatches through the stages: in this process, or over gRPC to stage servers.
+
+A pipeline takes microbatches with `submit` and hands back finished ones with `wait`, in the
+order they complete. The engine keeps several in flight; the pipeline never reorders stages.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from stagecoach.coordinator.partition import LayerRange
+from stagecoach.errors import StagecoachError
+from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
+from stagecoach.stage.batch import MicroBatch, SampleResult
+
+
+class PipelineError(StagecoachError):
+    """A stage failed a microbatch or cannot be reached."""
+
+
+@dataclass(slots=True)
+class StageInfo:
+    index: int
+    layers: LayerRange
+    node_id: str = ""
+    address: str = ""
+    pid: int = 0
+    device: str = "cpu"
+    num_kv_blocks: int = 0
+    weight_bytes: int = 0
+
+    def as_json(self) -> dict:
+        out = {"index": self.index, "layers": list(self.layers)}
+        if self.address:
+            out |= {"node_id": self.node_id, "address": self.address, "pid": self.pid, "device": self.device}
+        return out
+
+
+@dataclass(slots=True)
+class Delivered:
+    batch_id: int
+    samples: list[SampleResult]
+    timings: list = field(default_factory=list)  # pb.StageTiming per stage
+    error: str = ""
+    received_ns: int = 0
+
+
+class Pipeline(Protocol):
+    stages: list[StageInfo]
+    num_blocks: int
+    block_size: int
+
+    def submit(self, batch: MicroBatch) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> Delivered: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalPipeline:
+    """All stages in this process, run one after another when submitted: the reference backend."""
+
+    def __init__(self, runners: list, ranges: list[LayerRange]) -> None:
+        self.runners = runners
+        self.stages = [StageInfo(i, r) for i, r in enumerate(ranges)]
+        self.num_blocks = runners[0].kv_cache.num_blocks
+        self.block_size = runners[0].kv_cache.block_size
+        self.last_logits = None  # the last stage's full logits when a batch asked for them
+        self._done: deque[Delivered] = deque()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        ranges: list[LayerRange],
+        dtype: str = "float32",
+        device: str = "cpu",
+        num_blocks: int = 256,
+        block_size: int = 16,
+    ) -> LocalPipeline:
+        from stagecoach.stage.kv_cache import KVCache
+        from stagecoach.stage.loader import DTYPES, load_stage_model
+        from stagecoach.stage.model import ModelConfig
+        from stagecoach.stage.runner import StageRunner
+
+        config = ModelConfig.from_pretrained(model_dir)
+        runners = []
+        for start, end in ranges:
+            model = load_stage_model(model_dir, start, end, DTYPES[dtype], device, config)
+            cache = KVCache(end - start, num_blocks, block_size, config.num_key_value_heads, config.head_dim, DTYPES[dtype], device)
+            runners.append(StageRunner(model, cache))
+        return cls(runners, ranges)
+
+    def execute(self, batch: MicroBatch) -> list[SampleResult]:
+        hidden = None
+        for runner in self.runners:
+            out = runner.execute(batch, hidden)
+            hidden = out.hidden_states
+        self.last_logits = out.logits
+        return out.samples
+
+    def submit(self, batch: MicroBatch) -> None:
+        self._done.append(Delivered(batch.batch_id, self.execute(batch)))
+
+    def wait(self, timeout: float | None = None) -> Delivered:
+        return self._done.popleft()
+
+    def shutdown(self) -> None:
+        self.runners.clear()
+
+
+class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, inbox: queue.Queue) -> None:
+        self.inbox = inbox
+
+    def Deliver(self, request: pb.Delivery, context: grpc.ServicerContext) -> pb.DeliverReply:
+        from stagecoach.stage.codec import decode_samples
+
+        self.inbox.put(
+            Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error, time.time_ns())
+        )
+        return pb.DeliverReply()
+
+
+class GrpcPipeline:
+    """Stage servers somewhere on the network: microbatches go to stage 0, tokens come back by Deliver.
+
+    Owns the coordinator's gRPC server. Whoever started the stages (threads, Ray actors) wires
+    them with `connect_stages`, passing this pipeline's `address` to the last one.
+    """
+
+    def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30) -> None:
+        from stagecoach.stage.server import channel_options, start_server
+
+        self._inbox: queue.Queue[Delivered] = queue.Queue()
+        self.server, self.address = start_server(_CoordinatorServicer(self._inbox), host, port, max_message_bytes)
+        self.max_message_bytes = max_message_bytes
+        self._channel_options = channel_options(max_message_bytes)
+        self.stages: list[StageInfo] = []
+        self.num_blocks = 0
+        self.block_size = 0
+        self._channels: list[grpc.Channel] = []
+        self._first: pb_grpc.StageStub | None = None
+        self.stubs: list[pb_grpc.StageStub] = []
+
+    def attach(self, addresses: list[str]) -> list[pb.StageInfo]:
+        """Opens channels to the stages and reads their Info; refuses stages that disagree."""
+        from stagecoach.stage.codec import SCHEMA_VERSION
+
+        for ch in self._channels:
+            ch.close()
+        self._channels = [grpc.insecure_channel(a, options=self._channel_options) for a in addresses]
+        self.stubs = [pb_grpc.StageStub(ch) for ch in self._channels]
+        infos = [stub.Info(pb.InfoRequest(), timeout=30) for stub in self.stubs]
+        for info in infos:
+            if info.schema_version != SCHEMA_VERSION:
+                raise PipelineError(f"stage {info.index} at {info.address} speaks wire schema {info.schema_version}; this coordinator speaks {SCHEMA_VERSION}")
+        fingerprints = {info.checkpoint_fingerprint for info in infos}
+        if len(fingerprints) > 1:
+            listing = ", ".join(f"stage {i.index}: {i.checkpoint_fingerprint}" for i in infos)
+            raise PipelineError(f"the stages loaded different checkpoints ({listing}); give every stage the same model")
+        blocks = {(i.num_kv_blocks, i.block_size) for i in infos}
+        if len(blocks) > 1:
+            raise PipelineError(f"the stages' KV caches differ: {sorted(blocks)}")
+        self.num_blocks, self.block_size = next(iter(blocks))
+        self.stages = [
+            StageInfo(i.index, (i.layer_start, i.layer_end), i.node_id, i.address, i.pid, i.device, i.num_kv_blocks, i.weight_bytes)
+            for i in infos
+        ]
+        self._first = self.stubs[0]
+        return infos
+
+    def submit(self, batch: MicroBatch) -> None:
+        from stagecoach.stage.codec import encode_microbatch
+
+        msg = encode_microbatch(batch, None, sent_ns=time.time_ns())
+        try:
+            self._first.Forward(msg, timeout=60)
+        except grpc.RpcError as e:
+            raise PipelineError(f"stage 0 refused microbatch {batch.batch_id}: {e.code().name}: {e.details()}") from None
+
+    def wait(self, timeout: float | None = None) -> Delivered:
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise PipelineError(f"no microbatch came back within {timeout} s") from None
+
+    def shutdown(self) -> None:
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+        self.server.stop(grace=1).wait()
+
+
+def connect_stages(workers, coordinator_address: str) -> None:
+    """Wires stage i to stage i+1 and the last stage (and every stage, for errors) to the coordinator.
+
+    workers: objects with `address` and `connect(next_address, coordinator_address)`.
+    """
+    for i, w in enumerate(workers):
+        w.connect(workers[i + 1].address if i + 1 < len(workers) else None, coordinator_address)
+
+
+class ThreadPipeline(GrpcPipeline):
+    """Every stage in this process, each behind its own gRPC server on host: transport without Ray."""
+
+    def __init__(self, model_dir: str | Path, ranges: list[LayerRange], host: str = "127.0.0.1", **plan_kwargs) -> None:
+        from stagecoach.stage.worker import StagePlan, StageWorker
+
+        super().__init__(host)
+        self.workers = [StageWorker(StagePlan(i, str(model_dir), s, e, host=host, **plan_kwargs)) for i, (s, e) in enumerate(ranges)]
+        try:
+            capacity = min(w.load()["kv_blocks"] for w in self.workers)
+            for w in self.workers:
+                w.start(capacity)
+            connect_stages(self.workers, self.address)
+            self.attach([w.address for w in self.workers])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            w.stop()
+        super().shutdown()

@@ -1,0 +1,176 @@
+"""Conversions between tensors / microbatches and their wire messages, with every size checked."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from stagecoach.errors import RequestError
+from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.stage.batch import MicroBatch, SampleResult, SamplingParams, SeqChunk
+
+SCHEMA_VERSION = pb.SCHEMA_VERSION_CURRENT
+
+_TO_WIRE = {
+    torch.float32: pb.FLOAT32,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.float16: pb.FLOAT16,
+    torch.int64: pb.INT64,
+    torch.int32: pb.INT32,
+}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+
+# Decoded tensors are read-only views of the message's bytes (no copy); the stage never writes
+# into its input, so torch's warning about non-writable buffers says nothing useful here.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class WireError(RequestError):
+    """A message is malformed: unknown dtype, a shape that disagrees with its bytes, a bad field."""
+
+
+def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
+    """One copy: the tensor's bytes into the message (bfloat16 as its 2-byte payload)."""
+    if tensor.dtype not in _TO_WIRE:
+        raise WireError(f"tensor dtype {tensor.dtype} cannot travel; use one of {sorted(str(d) for d in _TO_WIRE)}")
+    flat = tensor.detach().contiguous().view(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return pb.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=flat.view(torch.uint8).numpy().tobytes())
+
+
+def tensor_from_proto(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """A read-only CPU view of the message's bytes: no copy."""
+    dtype = _FROM_WIRE.get(msg.dtype)
+    if dtype is None:
+        raise WireError(f"{field}.dtype {msg.dtype} is not a known dtype")
+    if any(d < 0 for d in msg.shape):
+        raise WireError(f"{field}.shape {list(msg.shape)} has a negative dimension")
+    numel = 1
+    for d in msg.shape:
+        numel *= d
+    if numel * dtype.itemsize != len(msg.data):
+        raise WireError(f"{field}: shape {list(msg.shape)} of {dtype} needs {numel * dtype.itemsize} bytes, got {len(msg.data)}")
+    if numel == 0:
+        return torch.empty(tuple(msg.shape), dtype=dtype)
+    return torch.frombuffer(msg.data, dtype=dtype).view(tuple(msg.shape))
+
+
+def _sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        seed=p.seed or 0,
+    )
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def _sampling_from_proto(msg: pb.SamplingParams, field: str) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            top_k=msg.top_k,
+            repetition_penalty=msg.repetition_penalty,
+            presence_penalty=msg.presence_penalty,
+            frequency_penalty=msg.frequency_penalty,
+            seed=msg.seed,
+            logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        )
+    except RequestError as e:
+        raise WireError(f"{field}: {e}") from None
+
+
+def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=(), sent_ns: int = 0) -> pb.MicroBatch:
+    """tensor: hidden states; None means stage 0's input, the batch's token ids."""
+    if tensor is None:
+        tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
+    seqs = []
+    for c in batch.seqs:
+        chunk = pb.SequenceChunk(
+            seq_id=c.seq_id,
+            start_pos=c.start_pos,
+            num_tokens=c.num_tokens,
+            slot_mapping=c.slot_mapping,
+            block_table=c.block_table,
+            do_sample=c.do_sample,
+            has_history=c.token_history is not None,
+            token_history=c.token_history or (),
+            num_prompt_tokens=c.num_prompt_tokens,
+        )
+        if c.sampling is not None:
+            chunk.sampling.CopyFrom(_sampling_to_proto(c.sampling))
+        seqs.append(chunk)
+    return pb.MicroBatch(
+        batch_id=batch.batch_id,
+        seqs=seqs,
+        tensor=tensor_to_proto(tensor),
+        finished_seq_ids=batch.finished_seq_ids,
+        timings=timings,
+        sent_ns=sent_ns,
+        schema_version=SCHEMA_VERSION,
+    )
+
+
+def decode_microbatch(msg: pb.MicroBatch, expect_token_ids: bool) -> tuple[MicroBatch, torch.Tensor | None]:
+    """The microbatch and, for stages after the first, its hidden states."""
+    if msg.schema_version != SCHEMA_VERSION:
+        raise WireError(f"schema_version {msg.schema_version}: this stage speaks {SCHEMA_VERSION}")
+    seqs = []
+    for i, c in enumerate(msg.seqs):
+        if c.do_sample and not c.HasField("sampling"):
+            raise WireError(f"seqs[{i}].sampling is missing although do_sample is set")
+        seqs.append(
+            SeqChunk(
+                seq_id=c.seq_id,
+                start_pos=c.start_pos,
+                num_tokens=c.num_tokens,
+                slot_mapping=list(c.slot_mapping),
+                block_table=list(c.block_table),
+                do_sample=c.do_sample,
+                sampling=_sampling_from_proto(c.sampling, f"seqs[{i}].sampling") if c.do_sample else None,
+                token_history=list(c.token_history) if c.has_history else None,
+                num_prompt_tokens=c.num_prompt_tokens,
+            )
+        )
+    tensor = tensor_from_proto(msg.tensor)
+    batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], finished_seq_ids=list(msg.finished_seq_ids))
+    if expect_token_ids:
+        if tensor.dtype != torch.int64 or tensor.dim() != 1:
+            raise WireError(f"tensor: stage 0 takes token ids as INT64 [num_tokens], got {tensor.dtype} {list(tensor.shape)}")
+        batch.token_ids = tensor.tolist()
+        return batch, None
+    if tensor.dim() != 2:
+        raise WireError(f"tensor: hidden states must be [num_tokens, hidden], got shape {list(tensor.shape)}")
+    return batch, tensor
+
+
+def encode_samples(samples: list[SampleResult]) -> list[pb.Sample]:
+    out = []
+    for s in samples:
+        msg = pb.Sample(seq_id=s.seq_id, token_id=s.token_id)
+        if s.logprob is not None:
+            msg.logprob = s.logprob
+        if s.top_logprobs:
+            msg.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs)
+        out.append(msg)
+    return out
+
+
+def decode_samples(msgs) -> list[SampleResult]:
+    return [
+        SampleResult(
+            seq_id=m.seq_id,
+            token_id=m.token_id,
+            logprob=m.logprob if m.HasField("logprob") else None,
+            top_logprobs=[(t.token_id, t.logprob) for t in m.top_logprobs] or None,
+        )
+        for m in msgs
+    ]

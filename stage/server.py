@@ -1,0 +1,198 @@
+"""A stage's transport: the gRPC servicer (decode, validate, enqueue) and the threads that compute and push onward.
+
+Forward replies as soon as the microbatch is validated and queued; a compute thread runs the
+queue in arrival order, and a send thread pushes each output to the next stage (or, from the
+last stage, delivers sampled tokens to the coordinator), so the forward of microbatch k+1
+overlaps the send of microbatch k.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from stagecoach.errors import StagecoachError
+from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
+from stagecoach.stage import codec
+from stagecoach.stage.batch import MicroBatch
+from stagecoach.stage.kv_cache import KVCacheError
+from stagecoach.stage.runner import StageRunner
+
+log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 60.0
+
+
+def grpc_status_for(error: Exception) -> grpc.StatusCode:
+    """The one place where Stagecoach errors become gRPC status codes."""
+    if isinstance(error, (codec.WireError, KVCacheError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, StagecoachError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+@dataclass
+class _Work:
+    batch: MicroBatch
+    inputs: torch.Tensor | None
+    timings: list
+    timing: pb.StageTiming = field(default_factory=pb.StageTiming)
+
+
+class StageService:
+    """Runs queued microbatches through the runner and sends the results downstream."""
+
+    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int) -> None:
+        self.runner = runner
+        self.index = index
+        self.max_message_bytes = max_message_bytes
+        self.batches_done = 0
+        self._inbox: queue.Queue[_Work | None] = queue.Queue()
+        self._outbox: queue.Queue[tuple[_Work, object] | None] = queue.Queue()
+        self._next: pb_grpc.StageStub | None = None
+        self._coordinator: pb_grpc.CoordinatorStub | None = None
+        self._channels: list[grpc.Channel] = []
+        self._wired = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._compute_loop, name=f"stage{index}-compute", daemon=True),
+            threading.Thread(target=self._send_loop, name=f"stage{index}-send", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- wiring -----------------------------------------------------------------------------
+    def connect(self, next_address: str | None, coordinator_address: str) -> None:
+        """Points this stage at the next one (None on the last stage) and at the coordinator."""
+        for ch in self._channels:
+            ch.close()
+        opts = channel_options(self.max_message_bytes)
+        coord = grpc.insecure_channel(coordinator_address, options=opts)
+        self._channels = [coord]
+        self._coordinator = pb_grpc.CoordinatorStub(coord)
+        self._next = None
+        if next_address is not None:
+            nxt = grpc.insecure_channel(next_address, options=opts)
+            self._channels.append(nxt)
+            self._next = pb_grpc.StageStub(nxt)
+        self._wired.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._inbox.qsize()
+
+    def submit(self, batch: MicroBatch, inputs: torch.Tensor | None, timings, received_ns: int) -> None:
+        work = _Work(batch, inputs, list(timings))
+        work.timing.stage_index = self.index
+        work.timing.received_ns = received_ns
+        self._inbox.put(work)
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+        for ch in self._channels:
+            ch.close()
+
+    # -- threads ----------------------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        while (work := self._inbox.get()) is not None:
+            work.timing.compute_start_ns = time.time_ns()
+            try:
+                out = self.runner.execute(work.batch, work.inputs)
+            except Exception as e:  # reported to the coordinator, which owns the requests
+                log.exception("stage %d: microbatch %d failed", self.index, work.batch.batch_id)
+                out = e
+            work.timing.compute_end_ns = time.time_ns()
+            self._outbox.put((work, out))
+        self._outbox.put(None)
+
+    def _send_loop(self) -> None:
+        self._wired.wait()
+        while (item := self._outbox.get()) is not None:
+            work, out = item
+            try:
+                self._send(work, out)
+            except Exception as e:
+                log.error("stage %d: could not pass on microbatch %d: %s", self.index, work.batch.batch_id, e)
+                self._report(work, f"stage {self.index} could not pass microbatch {work.batch.batch_id} on: {e}")
+            self.batches_done += 1
+
+    def _send(self, work: _Work, out) -> None:
+        if isinstance(out, Exception):
+            self._report(work, f"stage {self.index}: {type(out).__name__}: {out}")
+            return
+        work.timing.sent_ns = time.time_ns()
+        timings = work.timings + [work.timing]
+        if self._next is not None:
+            msg = codec.encode_microbatch(work.batch, out.hidden_states, timings)
+            self._next.Forward(msg, timeout=SEND_TIMEOUT_S)
+        else:
+            delivery = pb.Delivery(batch_id=work.batch.batch_id, samples=codec.encode_samples(out.samples), timings=timings)
+            self._coordinator.Deliver(delivery, timeout=SEND_TIMEOUT_S)
+
+    def _report(self, work: _Work, error: str) -> None:
+        try:
+            self._coordinator.Deliver(
+                pb.Delivery(batch_id=work.batch.batch_id, error=error, error_stage=self.index, timings=work.timings),
+                timeout=SEND_TIMEOUT_S,
+            )
+        except grpc.RpcError as e:
+            log.error("stage %d: the coordinator is unreachable too: %s", self.index, e.details())
+
+
+class StageServicer(pb_grpc.StageServicer):
+    """Transport only: decode and validate, hand over to the StageService, encode replies."""
+
+    def __init__(self, service: StageService, info: pb.StageInfo) -> None:
+        self.service = service
+        self.info = info
+
+    def Forward(self, request: pb.MicroBatch, context: grpc.ServicerContext) -> pb.ForwardReply:
+        received = time.time_ns()
+        try:
+            batch, inputs = codec.decode_microbatch(request, expect_token_ids=self.service.runner.is_first)
+            self.service.runner.check(batch, inputs)
+        except StagecoachError as e:
+            context.abort(grpc_status_for(e), f"stage {self.service.index}: {e}")
+        self.service.submit(batch, inputs, request.timings, received)
+        return pb.ForwardReply()
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.StageInfo:
+        info = pb.StageInfo()
+        info.CopyFrom(self.info)
+        info.pid = os.getpid()
+        return info
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        return pb.HealthReply(serving=True, batches_done=self.service.batches_done, queue_depth=self.service.queue_depth)
+
+
+def start_server(servicer: pb_grpc.StageServicer | pb_grpc.CoordinatorServicer, host: str, port: int, max_message_bytes: int, max_workers: int = 8) -> tuple[grpc.Server, str]:
+    """Starts a gRPC server for a Stage or Coordinator servicer on host:port (0: any free port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options(max_message_bytes))
+    if isinstance(servicer, pb_grpc.StageServicer):
+        pb_grpc.add_StageServicer_to_server(servicer, server)
+    else:
+        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, f"{host}:{bound}"

@@ -1,0 +1,185 @@
+"""One stage's life: check that its plan fits, load its weights, size its KV cache, serve, stop."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+
+import torch
+
+from stagecoach.errors import ConfigError
+from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.stage.codec import SCHEMA_VERSION
+from stagecoach.stage.kv_cache import KVCache
+from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
+from stagecoach.stage.model import AttentionMetadata, ModelConfig
+from stagecoach.stage.runner import StageRunner
+from stagecoach.stage.server import StageServicer, StageService, start_server
+
+MIB = 2**20
+
+
+@dataclass(slots=True)
+class StagePlan:
+    """Everything a stage is told by the coordinator before it loads."""
+
+    index: int
+    model_dir: str
+    layer_start: int
+    layer_end: int
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda
+    block_size: int = 16
+    num_blocks: int | None = None  # CPU: fixed count (else from max_tokens)
+    max_tokens: int = 8192  # CPU: KV capacity in tokens when num_blocks is unset
+    gpu_memory_fraction: float = 0.9  # GPU: share of device memory for weights + activations + KV
+    memory_limit_bytes: int | None = None  # overrides the device's budget (tests, shared machines)
+    max_batch_tokens: int = 512  # the largest microbatch: sizes activation profiling and the minimal cache
+    host: str | None = None  # bind address; None: this node's address
+    port: int = 0  # 0: any free port
+    max_message_bytes: int = 1 << 30
+
+
+def node_address() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class StageWorker:
+    def __init__(self, plan: StagePlan, node_id: str = "") -> None:
+        self.plan = plan
+        self.node_id = node_id
+        self.config = ModelConfig.from_pretrained(plan.model_dir)
+        if plan.dtype not in DTYPES:
+            raise ConfigError(f"dtype {plan.dtype!r}: use one of {', '.join(DTYPES)}")
+        self.dtype = DTYPES[plan.dtype]
+        device = plan.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"stage {plan.index}: device {device} asked for, but this node has no usable CUDA device")
+        self.device = torch.device(device)
+        self.model = None
+        self.runner: StageRunner | None = None
+        self.service: StageService | None = None
+        self.server = None
+        self.address = ""
+        self.weight_bytes = stage_weight_bytes(self.config, plan.layer_start, plan.layer_end, self.dtype)
+        self.fingerprint = checkpoint_fingerprint(plan.model_dir)
+
+    # -- sizing -----------------------------------------------------------------------------
+    @property
+    def bytes_per_block(self) -> int:
+        c = self.config
+        return KVCache.bytes_per_block(self.plan.layer_end - self.plan.layer_start, self.plan.block_size, c.num_key_value_heads, c.head_dim, self.dtype)
+
+    def memory_budget(self) -> int:
+        if self.plan.memory_limit_bytes is not None:
+            return self.plan.memory_limit_bytes
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory * self.plan.gpu_memory_fraction)
+        return _available_ram()
+
+    def check_fits(self) -> None:
+        """Refuses, with the numbers, a stage whose weights and a minimal KV cache exceed its budget."""
+        min_blocks = -(-self.plan.max_batch_tokens // self.plan.block_size)
+        need = self.weight_bytes + min_blocks * self.bytes_per_block
+        budget = self.memory_budget()
+        if need > budget:
+            raise ConfigError(
+                f"stage {self.plan.index} (layers [{self.plan.layer_start}, {self.plan.layer_end}), {self.plan.dtype}) needs "
+                f"{self.weight_bytes / MIB:.1f} MiB of weights + {min_blocks * self.bytes_per_block / MIB:.1f} MiB for a minimal "
+                f"KV cache = {need / MIB:.1f} MiB, but its memory budget on {self.device.type} is {budget / MIB:.1f} MiB; "
+                f"use more stages, a smaller dtype, or a larger budget"
+            )
+
+    def load(self) -> dict:
+        """Checks the plan fits, loads the weights, and returns how many KV blocks this stage can hold."""
+        self.check_fits()
+        p = self.plan
+        self.model = load_stage_model(p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config)
+        return {"weight_bytes": self.weight_bytes, "kv_blocks": self.kv_capacity(), "device": str(self.device)}
+
+    def kv_capacity(self) -> int:
+        p = self.plan
+        if self.device.type != "cuda":
+            return p.num_blocks or -(-p.max_tokens // p.block_size)
+        # Measured, not guessed: run the largest microbatch once and see what weights and activations take.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        blocks = -(-p.max_batch_tokens // p.block_size)
+        probe = KVCache(p.layer_end - p.layer_start, blocks, p.block_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype, self.device)
+        meta = AttentionMetadata.build([(0, p.max_batch_tokens, list(range(blocks)))], p.block_size, self.device)
+        with torch.inference_mode():
+            if self.model.is_first:
+                x = torch.zeros(p.max_batch_tokens, dtype=torch.long, device=self.device)
+            else:
+                x = torch.zeros(p.max_batch_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device)
+            self.model(x, meta, probe, logits_rows=torch.tensor([p.max_batch_tokens - 1], device=self.device))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - blocks * self.bytes_per_block
+        del probe
+        torch.cuda.empty_cache()
+        free = self.memory_budget() - peak
+        return max(0, free // self.bytes_per_block)
+
+    # -- serving ----------------------------------------------------------------------------
+    def start(self, num_blocks: int) -> str:
+        """Allocates the KV cache and starts the gRPC server; returns host:port."""
+        p, c = self.plan, self.config
+        cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        self.runner = StageRunner(self.model, cache)
+        self.service = StageService(self.runner, p.index, p.max_message_bytes)
+        host = p.host or node_address()
+        servicer = StageServicer(self.service, self.info_message(num_blocks))
+        self.server, self.address = start_server(servicer, host, p.port, p.max_message_bytes)
+        servicer.info.address = self.address
+        return self.address
+
+    def connect(self, next_address: str | None, coordinator_address: str) -> None:
+        self.service.connect(next_address, coordinator_address)
+
+    def info_message(self, num_blocks: int) -> pb.StageInfo:
+        mem_total = self.memory_budget()
+        mem_used = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.weight_bytes + num_blocks * self.bytes_per_block
+        return pb.StageInfo(
+            index=self.plan.index,
+            layer_start=self.plan.layer_start,
+            layer_end=self.plan.layer_end,
+            device=str(self.device),
+            weight_bytes=self.weight_bytes,
+            memory_total_bytes=mem_total,
+            memory_used_bytes=mem_used,
+            num_kv_blocks=num_blocks,
+            block_size=self.plan.block_size,
+            address=self.address,
+            pid=os.getpid(),
+            schema_version=SCHEMA_VERSION,
+            checkpoint_fingerprint=self.fingerprint,
+            node_id=self.node_id,
+            dtype=self.plan.dtype,
+        )
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=1).wait()
+        if self.service is not None:
+            self.service.stop()
+
+    def describe(self) -> dict:
+        return {"plan": asdict(self.plan), "address": self.address, "pid": os.getpid(), "node_id": self.node_id}

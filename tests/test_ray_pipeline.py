@@ -1,0 +1,179 @@
+"""The distributed pipeline: stages as Ray actors on separate nodes, microbatches over gRPC, several in flight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import hf_greedy
+from stagecoach.cluster.config import CacheSection, ClusterConfig, ModelSection, PipelineSection, TransportSection
+from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.partition import partition_layers, ranges_from_counts
+from stagecoach.coordinator.pipeline import LocalPipeline
+from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.errors import ConfigError
+from stagecoach.stage.batch import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+MODEL = dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)
+NEW_TOKENS = 16
+PROMPT = [5, 77, 123, 9, 301, 42, 42, 7, 250, 11, 3, 199, 64]
+
+
+def greedy(n=NEW_TOKENS):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def make_config(model_dir, counts, placement="auto", gpus=1.0, max_inflight=None, num_blocks=128, max_batch_tokens=512, memory_limit_mb=None):
+    return ClusterConfig(
+        model=ModelSection(path=str(model_dir)),
+        pipeline=PipelineSection(
+            layers=counts, gpus_per_stage=gpus, placement=placement, max_inflight=max_inflight,
+            max_batch_tokens=max_batch_tokens, memory_limit_mb=memory_limit_mb, ready_timeout_s=120,
+        ),
+        cache=CacheSection(block_size=8, num_blocks=num_blocks),
+        transport=TransportSection(host="127.0.0.1"),
+    )
+
+
+def run_engine(pipeline, prompts, max_inflight, max_batch_tokens=512, n=NEW_TOKENS):
+    engine = Engine(
+        pipeline,
+        SchedulerConfig(num_blocks=pipeline.num_blocks, block_size=pipeline.block_size, max_num_batched_tokens=max_batch_tokens),
+        max_inflight=max_inflight,
+    )
+    seqs = engine.generate(prompts, [greedy(n) for _ in prompts])
+    return [s.output_token_ids for s in seqs], engine
+
+
+def ray_pipeline(config):
+    from stagecoach.cluster.launch import RayPipeline
+
+    return RayPipeline(config, ranges_from_counts(config.pipeline.layers, sum(config.pipeline.layers)))
+
+
+def alive_stage_actors():
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "StageActor"), ("state", "=", "ALIVE")])
+
+
+def live_placement_groups():
+    import ray
+
+    return [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return hf_checkpoint("ray_gqa2", **MODEL)
+
+
+@pytest.mark.parametrize("counts", [[5], [3, 2], [3, 1, 1], [2, 1, 1, 1]], ids=["1", "2", "3-uneven", "4"])
+def test_greedy_equals_local_and_hf(ray_cluster, model, counts):
+    model_dir, hf_model = model
+    prompts = [PROMPT, [9, 8, 7]]
+    pipeline = ray_pipeline(make_config(model_dir, counts))
+    try:
+        assert [s.layers for s in pipeline.stages] == ranges_from_counts(counts, 5)
+        got, _ = run_engine(pipeline, prompts, max_inflight=len(counts))
+    finally:
+        pipeline.shutdown()
+    local, _ = run_engine(LocalPipeline.load(model_dir, ranges_from_counts(counts, 5), num_blocks=128, block_size=8), prompts, 1)
+    assert got == local
+    assert got == [hf_greedy(hf_model, p, NEW_TOKENS)[0] for p in prompts]
+
+
+def test_strict_spread_puts_each_stage_on_its_own_node(ray_cluster, model):
+    model_dir, _ = model
+    pipeline = ray_pipeline(make_config(model_dir, [2, 1, 1, 1], placement="strict_spread"))
+    try:
+        node_ids = [s.node_id for s in pipeline.stages]
+        assert len(set(node_ids)) == 4
+        # Ray's own view agrees: the four StageActor processes live on those four nodes.
+        actors = alive_stage_actors()
+        assert sorted(a.node_id for a in actors) == sorted(node_ids)
+        assert sorted(a.pid for a in actors) == sorted(s.pid for s in pipeline.stages)
+        assert all(s.address.startswith("127.0.0.1:") for s in pipeline.stages)
+    finally:
+        pipeline.shutdown()
+    assert alive_stage_actors() == [] and live_placement_groups() == []
+
+
+def test_cli_json_reports_nodes(ray_cluster, model):
+    model_dir, _ = model
+    cmd = [
+        str(Path(sys.executable).parent / "stagecoach"), "generate", "--model", str(model_dir), "--stages", "4",
+        "--gpus-per-stage", "1", "--placement", "strict_spread", "--ray-address", ray_cluster.address, "--host", "127.0.0.1",
+        "--prompt-ids", "1,2,3", "--prompt-ids", "4,5", "--temperature", "0", "--max-new-tokens", "4", "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert isinstance(out, list) and len(out) == 2
+    stages = out[0]["stages"]
+    assert [s["index"] for s in stages] == [0, 1, 2, 3]
+    assert len({s["node_id"] for s in stages}) == 4
+    assert all(s["address"].startswith("127.0.0.1:") and s["pid"] > 0 for s in stages)
+
+
+def test_sixteen_concurrent_requests_with_microbatches_in_flight(ray_cluster, model):
+    model_dir, _ = model
+    prompts = [[(7 * i + j) % 400 + 3 for j in range(1 + (5 * i) % 23)] for i in range(16)]
+    pipeline = ray_pipeline(make_config(model_dir, [2, 1, 1, 1], max_inflight=4, num_blocks=256))
+    try:
+        together, engine = run_engine(pipeline, prompts, max_inflight=4)
+    finally:
+        pipeline.shutdown()
+    assert engine.peak_inflight == 4
+    local = LocalPipeline.load(model_dir, ranges_from_counts([2, 1, 1, 1], 5), num_blocks=256, block_size=8)
+    alone = [run_engine(local, [p], 1)[0][0] for p in prompts]
+    assert together == alone
+
+
+def test_long_prompt_is_chunked_and_matches_hf(ray_cluster, model):
+    model_dir, hf_model = model
+    prompt = list(range(3, 93))  # 90 tokens, budget 16 per microbatch: 6 chunks
+    pipeline = ray_pipeline(make_config(model_dir, [3, 2], max_batch_tokens=16))
+    try:
+        got, engine = run_engine(pipeline, [prompt], max_inflight=2, max_batch_tokens=16)
+    finally:
+        pipeline.shutdown()
+    assert engine.num_batches >= 6 + NEW_TOKENS - 1
+    assert got[0] == hf_greedy(hf_model, prompt, NEW_TOKENS)[0]
+
+
+def test_small_kv_pool_preempts_and_still_matches(ray_cluster, model):
+    model_dir, _ = model
+    prompts = [PROMPT, [9, 8, 7, 6, 5, 4, 3], list(range(40, 60)), [300, 301]]
+    pipeline = ray_pipeline(make_config(model_dir, [3, 2], num_blocks=12))  # 96 slots; the four need 116
+    try:
+        got, engine = run_engine(pipeline, prompts, max_inflight=2)
+    finally:
+        pipeline.shutdown()
+    assert engine.scheduler.num_preemptions > 0
+    local = LocalPipeline.load(model_dir, ranges_from_counts([3, 2], 5), num_blocks=64, block_size=8)
+    assert got == [run_engine(local, [p], 1)[0][0] for p in prompts]
+
+
+def test_more_stages_than_gpus_fails_fast_and_leaves_nothing(ray_cluster, model):
+    model_dir, _ = model
+    config = make_config(model_dir, [1, 1, 1, 1, 1])
+    with pytest.raises(ConfigError, match=r"5 stages .* need 5 GPUs, but the Ray cluster has 4"):
+        ray_pipeline(config)
+    assert alive_stage_actors() == [] and live_placement_groups() == []
+
+
+def test_stage_over_its_memory_budget_is_refused_before_loading(ray_cluster, model):
+    model_dir, _ = model
+    config = make_config(model_dir, [3, 2], memory_limit_mb=0)
+    with pytest.raises(ConfigError, match=r"stage 0 .* needs .* MiB of weights .* memory budget on cpu is 0.0 MiB"):
+        ray_pipeline(config)
+    assert alive_stage_actors() == [] and live_placement_groups() == []
+
+

@@ -1,0 +1,139 @@
+"""Wire schema and gRPC transport without Ray: codec, large messages, bad input, generated code."""
+
+from __future__ import annotations
+
+import filecmp
+
+import grpc
+import pytest
+import torch
+
+from helpers import make_hf_checkpoint
+from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.partition import ranges_from_counts
+from stagecoach.coordinator.pipeline import LocalPipeline, ThreadPipeline
+from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.proto import generate
+from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
+from stagecoach.stage import codec
+from stagecoach.stage.batch import MicroBatch, SamplingParams, SeqChunk
+
+
+def test_generated_code_is_current(tmp_path):
+    for path in generate.generate(tmp_path):
+        assert filecmp.cmp(path, generate.PROTO_DIR / path.name, shallow=False), f"{path.name} is stale: run python -m stagecoach.proto.generate"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32])
+def test_tensor_round_trip_is_bit_exact(dtype):
+    t = (torch.randn(7, 33) * 100).to(dtype)
+    msg = codec.tensor_to_proto(t)
+    assert len(msg.data) == t.numel() * t.element_size()  # bfloat16 as its 2-byte payload
+    back = codec.tensor_from_proto(pb.Tensor.FromString(msg.SerializeToString()))
+    assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_microbatch_round_trip():
+    batch = MicroBatch(
+        batch_id=9,
+        seqs=[
+            SeqChunk(1, 0, 3, [8, 9, 10], [1], True, SamplingParams(temperature=0.5, top_k=4, seed=3, logprobs=2), [5, 6, 7], 3),
+            SeqChunk(2, 4, 1, [20], [2, 2], False),
+        ],
+        token_ids=[5, 6, 7, 11],
+        finished_seq_ids=[0],
+    )
+    back, inputs = codec.decode_microbatch(pb.MicroBatch.FromString(codec.encode_microbatch(batch, None).SerializeToString()), True)
+    assert inputs is None and back.token_ids == batch.token_ids and back.finished_seq_ids == [0]
+    assert back.seqs[0].sampling.top_k == 4 and back.seqs[0].sampling.logprobs == 2 and back.seqs[0].token_history == [5, 6, 7]
+    assert back.seqs[1].token_history is None and back.seqs[1].sampling is None and back.seqs[1].block_table == [2, 2]
+
+
+def test_malformed_tensor_is_named():
+    msg = pb.Tensor(dtype=pb.FLOAT32, shape=[4, 4], data=b"\0" * 12)
+    with pytest.raises(codec.WireError, match=r"tensor: shape \[4, 4\] of torch.float32 needs 64 bytes, got 12"):
+        codec.tensor_from_proto(msg)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wide")
+    make_hf_checkpoint(path, hidden_size=512, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
+                       num_key_value_heads=2, max_position_embeddings=4096, std=0.05)
+    return path
+
+
+def generate_ids(pipeline, prompts, max_batch_tokens, max_inflight, n=4):
+    engine = Engine(pipeline, SchedulerConfig(num_blocks=pipeline.num_blocks, block_size=pipeline.block_size,
+                                              max_num_batched_tokens=max_batch_tokens), max_inflight=max_inflight)
+    return [s.output_token_ids for s in engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts])]
+
+
+def test_prefill_above_grpc_default_limit_crosses(wide_model):
+    """A 2,600-token prefill of hidden 512 in float32 is 5.1 MiB between stages, above gRPC's 4 MiB default."""
+    prompt = [(i * 37) % 500 + 3 for i in range(2600)]
+    ranges = ranges_from_counts([2, 1], 3)
+    pipeline = ThreadPipeline(wide_model, ranges, num_blocks=400, block_size=8, max_batch_tokens=4096)
+    try:
+        got = generate_ids(pipeline, [prompt], 4096, 2)
+    finally:
+        pipeline.shutdown()
+    local = LocalPipeline.load(wide_model, ranges, num_blocks=400, block_size=8)
+    assert got == generate_ids(local, [prompt], 4096, 1)
+
+
+def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model):
+    ranges = ranges_from_counts([2, 1], 3)
+    pipeline = ThreadPipeline(wide_model, ranges, num_blocks=16, block_size=8)
+    try:
+        stub = pipeline.stubs[1]
+        good = MicroBatch(0, [SeqChunk(0, 0, 2, [0, 1], [0], False)], [])
+        cases = {
+            "hidden_states has shape [2, 7], expected [2, 512]": codec.encode_microbatch(good, torch.zeros(2, 7)),
+            "slot 999 is outside the cache's 128 slots": codec.encode_microbatch(
+                MicroBatch(0, [SeqChunk(0, 0, 2, [0, 999], [0], False)], []), torch.zeros(2, 512)),
+            "block 77 is outside the cache's 16 blocks": codec.encode_microbatch(
+                MicroBatch(0, [SeqChunk(0, 0, 2, [0, 1], [77], False)], []), torch.zeros(2, 512)),
+        }
+        for message, msg in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Forward(msg, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in info.value.details()
+        bad_version = codec.encode_microbatch(good, torch.zeros(2, 512))
+        bad_version.schema_version = 0
+        with pytest.raises(grpc.RpcError, match="schema_version 0"):
+            stub.Forward(bad_version, timeout=10)
+        bad_token = codec.encode_microbatch(MicroBatch(0, [SeqChunk(0, 0, 1, [0], [0], False)], [10**6]), None)
+        with pytest.raises(grpc.RpcError, match="token id 1000000 is outside the vocabulary"):
+            pipeline.stubs[0].Forward(bad_token, timeout=10)
+        # Still serving, and nothing was queued by the refused calls.
+        assert stub.Health(pb.HealthRequest(), timeout=10).serving
+        assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1)
+        info = stub.Info(pb.InfoRequest(), timeout=10)
+        assert (info.layer_start, info.layer_end, info.num_kv_blocks, info.schema_version) == (2, 3, 16, pb.SCHEMA_VERSION_CURRENT)
+        assert len(info.checkpoint_fingerprint) == 16 and info.address.startswith("127.0.0.1:")
+    finally:
+        pipeline.shutdown()
+
+
+def test_stages_of_different_checkpoints_are_refused(tmp_path):
+    from stagecoach.coordinator.pipeline import GrpcPipeline, PipelineError
+    from stagecoach.stage.worker import StagePlan, StageWorker
+
+    make_hf_checkpoint(tmp_path / "a", num_hidden_layers=2, seed=1)
+    make_hf_checkpoint(tmp_path / "b", num_hidden_layers=2, seed=2, intermediate_size=96)
+    workers = [StageWorker(StagePlan(0, str(tmp_path / "a"), 0, 1, host="127.0.0.1", num_blocks=4)),
+               StageWorker(StagePlan(1, str(tmp_path / "b"), 1, 2, host="127.0.0.1", num_blocks=4))]
+    pipeline = GrpcPipeline("127.0.0.1")
+    try:
+        for w in workers:
+            w.load()
+            w.start(4)
+        with pytest.raises(PipelineError, match="the stages loaded different checkpoints"):
+            pipeline.attach([w.address for w in workers])
+    finally:
+        for w in workers:
+            w.stop()
+        pipeline.shutdown()
