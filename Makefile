@@ -22,7 +22,7 @@ test: install
 
 demo: install
 	test -f $(DEMO_MODEL)/config.json || $(VENV)/bin/stagecoach make-random-model --dir $(DEMO_MODEL)
-	$(VENV)/bin/stagecoach generate --backend local --model $(DEMO_MODEL) --stages 2 --chat \
+	$(VENV)/bin/stagecoach generate --config configs/demo.yaml --ray-address local --chat \
 		--prompt "Give me a short introduction to large language models." --max-new-tokens 24 --seed 0
 
 clean:

@@ -124,6 +124,9 @@ def _check_type(value, hint, where: str):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return value
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            return _check_type(value, others[0], where)
         for arg in args:
             if arg is type(None):
                 continue

@@ -35,6 +35,10 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, host: s
             kwargs["num_cpus"] = num_cpus
         if host:
             kwargs["_node_ip_address"] = host
+            if host.startswith("127.") or host == "localhost":
+                # Without this Ray's servers listen on every interface even for a loopback node
+                # address; with it they bind the address given (checked with `ss -tlnp`).
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if address == "local":
             kwargs["address"] = "local"
     else:

@@ -1,0 +1,155 @@
+"""Steady-state utilisation of each pipeline stage against the ideal, with synthetic stages of fixed compute time.
+
+Every stage is its own process running the real stage transport (StageServicer, StageService,
+gRPC on 127.0.0.1); only the runner is replaced by one that holds the stage for a fixed time
+(a GPU kernel's wall time, without using a core) and returns a hidden-state tensor of the real
+model's width. The coordinator is the real Engine + Scheduler + GrpcPipeline. Utilisation of a
+stage is its busy time over the measured window, from the per-stage timing records that travel
+with every microbatch; the ideal with S stages and M microbatches in flight is min(1, M / S).
+
+    python bench/pipeline_utilisation.py [--stages 4] [--compute-ms 10 3] [--inflight 1 2 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HIDDEN = 5120  # Qwen1.5-32B's residual stream
+
+
+class SyntheticRunner:
+    """Stands in for StageRunner: fixed compute time, real-sized outputs, no model."""
+
+    def __init__(self, compute_s: float, is_first: bool, is_last: bool) -> None:
+        self.compute_s, self.is_first, self.is_last = compute_s, is_first, is_last
+
+    def check(self, batch, inputs) -> None:
+        pass
+
+    def execute(self, batch, inputs=None):
+        import torch
+
+        from stagecoach.stage.batch import SampleResult
+        from stagecoach.stage.runner import StageOutput
+
+        time.sleep(self.compute_s)
+        if self.is_last:
+            return StageOutput(samples=[SampleResult(c.seq_id, 7) for c in batch.seqs if c.do_sample])
+        return StageOutput(hidden_states=torch.zeros(batch.num_tokens, HIDDEN, dtype=torch.bfloat16))
+
+
+def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # as Ray does for a 1-CPU actor; idle OpenMP threads would spin on shared cores
+    from stagecoach.proto import stagecoach_pb2 as pb
+    from stagecoach.stage.server import StageService, StageServicer, start_server
+
+    runner = SyntheticRunner(compute_s, index == 0, index == num_stages - 1)
+    service = StageService(runner, index, 1 << 30)
+    server, address = start_server(StageServicer(service, pb.StageInfo(index=index, num_kv_blocks=100000, block_size=16, schema_version=pb.SCHEMA_VERSION_CURRENT)), "127.0.0.1", 0, 1 << 30)
+    conn.send(address)
+    next_address, coordinator_address = conn.recv()
+    service.connect(next_address, coordinator_address)
+    conn.recv()  # stop
+    server.stop(grace=0.5).wait()
+    service.stop()
+
+
+def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new_tokens: int) -> dict:
+    from stagecoach.coordinator.engine import Engine
+    from stagecoach.coordinator.pipeline import GrpcPipeline
+    from stagecoach.coordinator.scheduler import SchedulerConfig
+    from stagecoach.stage.batch import SamplingParams
+
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for i in range(num_stages):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=stage_process, args=(i, num_stages, compute_s, child), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    addresses = [p.recv() for p in pipes]
+    pipeline = GrpcPipeline("127.0.0.1")
+    for i, p in enumerate(pipes):
+        p.send((addresses[i + 1] if i + 1 < num_stages else None, pipeline.address))
+    pipeline.attach(addresses)
+
+    deliveries = []
+    real_wait = pipeline.wait
+
+    def recording_wait(timeout=None):
+        d = real_wait(timeout)
+        deliveries.append(d)
+        return d
+
+    pipeline.wait = recording_wait
+    engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256), max_inflight=inflight)
+    prompts = [[3 + i % 50] * 8 for i in range(num_seqs)]
+    start = time.perf_counter()
+    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True) for _ in prompts])
+    elapsed = time.perf_counter() - start
+    for p in pipes:
+        p.send("stop")
+    for proc in procs:
+        proc.join(timeout=10)
+    pipeline.shutdown()
+
+    # Steady state: drop the first and last fifth of microbatches (pipe filling and draining).
+    n = len(deliveries)
+    window = deliveries[n // 5 : n - n // 5]
+    per_stage = []
+    for s in range(num_stages):
+        spans = [(t.compute_start_ns, t.compute_end_ns) for d in window for t in d.timings if t.stage_index == s]
+        t0, t1 = min(a for a, _ in spans), max(b for _, b in spans)
+        per_stage.append(sum(b - a for a, b in spans) / (t1 - t0))
+    hops = [
+        (d.timings[i + 1].received_ns - d.timings[i].compute_end_ns) / 1e6
+        for d in window for i in range(len(d.timings) - 1)
+    ]
+    ideal = min(1.0, inflight / num_stages)
+    return {
+        "stages": num_stages,
+        "compute_ms": compute_s * 1e3,
+        "inflight": inflight,
+        "microbatches": n,
+        "peak_inflight": engine.peak_inflight,
+        "utilisation": [round(u, 3) for u in per_stage],
+        "ideal": ideal,
+        "min_ratio_to_ideal": round(min(per_stage) / ideal, 3),
+        "hop_ms_median": round(statistics.median(hops), 3) if hops else None,
+        "tokens_per_s": round(num_seqs * new_tokens / elapsed, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--compute-ms", type=float, nargs="+", default=[10.0, 3.0])
+    parser.add_argument("--inflight", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--seqs", type=int, default=32, help="concurrent sequences")
+    parser.add_argument("--new-tokens", type=int, default=40)
+    parser.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = []
+    print(f"{'stages':>6} {'compute':>8} {'inflight':>8} {'per-stage utilisation':>30} {'ideal':>6} {'min/ideal':>9} {'hop ms':>7} {'tok/s':>8}")
+    for compute_ms in args.compute_ms:
+        for inflight in args.inflight:
+            r = measure(args.stages, compute_ms / 1e3, inflight, args.seqs, args.new_tokens)
+            rows.append(r)
+            util = " ".join(f"{u:.3f}" for u in r["utilisation"])
+            print(f"{r['stages']:>6} {compute_ms:>6.1f}ms {inflight:>8} {util:>30} {r['ideal']:>6.2f} {r['min_ratio_to_ideal']:>9.3f} {r['hop_ms_median']:>7.3f} {r['tokens_per_s']:>8.1f}", flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
