@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_MODEL ?= .cache/demo-random-model
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo serve clean
 
 install: $(STAMP)
 
@@ -20,10 +19,15 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The demo model is downloaded (hash-pinned) and converted once, into ~/.cache/stagecoach.
 demo: install
-	test -f $(DEMO_MODEL)/config.json || $(VENV)/bin/stagecoach make-random-model --dir $(DEMO_MODEL)
-	$(VENV)/bin/stagecoach generate --config configs/demo.yaml --ray-address local --chat \
-		--prompt "Give me a short introduction to large language models." --max-new-tokens 24 --seed 0
+	$(VENV)/bin/stagecoach generate --config configs/demo.yaml --model "$$($(VENV)/bin/stagecoach fetch-demo-model)" \
+		--ray-address local --chat --prompt "What is the capital of France? Answer in one word." \
+		--temperature 0 --max-new-tokens 32
+
+serve: install
+	@echo "make serve: the OpenAI-compatible server (stagecoach serve) is not built yet; try make demo"
+	@exit 2
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,9 +110,8 @@ class ClusterConfig:
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         config = cls.from_dict(data)
-        if config.model.path and not Path(config.model.path).is_absolute():
-            # A relative model path is relative to the working directory, as on the command line.
-            config.model.path = str(Path(config.model.path))
+        # `~` and $VARS expand; a relative path is taken from the working directory, as on the command line.
+        config.model.path = os.path.expanduser(os.path.expandvars(config.model.path))
         return config
 
     def to_dict(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one microbatch (chunked prefill)")
     gen.add_argument("--memory-limit-mb", type=int, default=None, help="per-stage memory budget (default: the device's)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt (a list for several)")
+
+    fetch = sub.add_parser("fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct")
+    fetch.add_argument("--dir", default=None, help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)")
+    fetch.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
     rnd = sub.add_parser("make-random-model", help="write a small random Qwen2 checkpoint folder (for trying things out)")
     rnd.add_argument("--dir", required=True)
@@ -174,6 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipeline.shutdown()
 
     stages = [s.as_json() for s in pipeline.stages]
+    timing_rows = engine.timings.rows()
     results = []
     for seq in seqs:
         detok = IncrementalDetokenizer(tokenizer)
@@ -185,6 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "text": text,
                 "finish_reason": seq.finish_reason,
                 "stages": stages,
+                "timings": timing_rows,
             }
         )
     if args.json:
@@ -192,7 +199,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         for r in results:
             print(r["text"])
-        print("stages: " + ", ".join(f"{s['index']}: layers [{s['layers'][0]}, {s['layers'][1]})" for s in stages), file=sys.stderr)
+        print_stage_table(stages, timing_rows)
+    return 0
+
+
+def print_stage_table(stages: list[dict], timing_rows: list[dict]) -> None:
+    """Per stage: where it ran, its layers, and its compute, queueing and onward-hop latency."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="per-stage latency, ms (mean over this run's microbatches)")
+    for col in ("stage", "layers", "address", "batches", "compute", "p50", "queued", "hop"):
+        table.add_column(col, justify="right", no_wrap=True)
+    by_stage = {row["stage"]: row for row in timing_rows}
+    for s in stages:
+        row = by_stage.get(s["index"], {})
+
+        def ms(key):
+            return "-" if row.get(key) is None else f"{row[key]:.2f}"
+
+        table.add_row(
+            str(s["index"]), f"[{s['layers'][0]}, {s['layers'][1]})", s.get("address", "in-process"),
+            str(row.get("microbatches", 0)), ms("compute_ms_mean"), ms("compute_ms_p50"), ms("queue_ms_mean"), ms("hop_ms_mean"),
+        )
+    Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
+
+
+def cmd_fetch_demo_model(args: argparse.Namespace) -> int:
+    from stagecoach.coordinator.demo_model import fetch_demo_model
+
+    path = fetch_demo_model(args.dir, dtype=args.dtype, log=lambda msg: print(msg, file=sys.stderr))
+    print(path)
     return 0
 
 
@@ -206,7 +243,7 @@ def cmd_make_random_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "make-random-model": cmd_make_random_model}
+    handlers = {"generate": cmd_generate, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
     try:
         return handlers[args.command](args)
     except StagecoachError as e:

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+from stagecoach.coordinator.metrics import TimingStats
 from stagecoach.coordinator.pipeline import Pipeline, PipelineError
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Sequence
@@ -45,6 +46,7 @@ class Engine:
         self.inflight: dict[int, MicroBatch] = {}
         self.peak_inflight = 0
         self.num_batches = 0
+        self.timings = TimingStats()
 
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
         if sampling.seed is None:
@@ -76,6 +78,7 @@ class Engine:
         batch = self.inflight.pop(done.batch_id)
         if done.error:
             raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
+        self.timings.add(done.timings, done.received_ns)
         return self.scheduler.process_results(batch, done.samples)
 
     def run(self) -> None:

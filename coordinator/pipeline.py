@@ -99,16 +99,22 @@ class LocalPipeline:
             runners.append(StageRunner(model, cache))
         return cls(runners, ranges)
 
-    def execute(self, batch: MicroBatch) -> list[SampleResult]:
+    def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:
         hidden = None
-        for runner in self.runners:
+        for index, runner in enumerate(self.runners):
+            start = time.time_ns()
             out = runner.execute(batch, hidden)
             hidden = out.hidden_states
+            if timings is not None:
+                end = time.time_ns()
+                timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=end, sent_ns=end))
         self.last_logits = out.logits
         return out.samples
 
     def submit(self, batch: MicroBatch) -> None:
-        self._done.append(Delivered(batch.batch_id, self.execute(batch)))
+        timings: list = []
+        samples = self.execute(batch, timings)
+        self._done.append(Delivered(batch.batch_id, samples, timings, received_ns=time.time_ns()))
 
     def wait(self, timeout: float | None = None) -> Delivered:
         return self._done.popleft()

@@ -24,7 +24,6 @@ from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.stage import codec
 from stagecoach.stage.batch import MicroBatch
-from stagecoach.stage.kv_cache import KVCacheError
 from stagecoach.stage.runner import StageRunner
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,12 @@ SEND_TIMEOUT_S = 60.0
 
 
 def grpc_status_for(error: Exception) -> grpc.StatusCode:
-    """The one place where Stagecoach errors become gRPC status codes."""
-    if isinstance(error, (codec.WireError, KVCacheError)):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, StagecoachError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
+    """The one place where Stagecoach errors become gRPC status codes.
+
+    Every StagecoachError a stage raises on a request (WireError, KVCacheError, RequestError)
+    is the caller's to fix; anything else is ours.
+    """
+    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(error, StagecoachError) else grpc.StatusCode.INTERNAL
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
