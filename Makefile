@@ -25,9 +25,10 @@ demo: install
 		--ray-address local --chat --prompt "What is the capital of France? Answer in one word." \
 		--temperature 0 --max-new-tokens 32
 
+# The demo model behind the OpenAI-compatible API on http://127.0.0.1:8000 (Ctrl-C drains and stops).
 serve: install
-	@echo "make serve: the OpenAI-compatible server (stagecoach serve) is not built yet; try make demo"
-	@exit 2
+	$(VENV)/bin/stagecoach serve --config configs/demo.yaml --model "$$($(VENV)/bin/stagecoach fetch-demo-model)" \
+		--ray-address local --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -25,26 +25,28 @@ STRATEGIES = {"strict_spread": "STRICT_SPREAD", "spread": "SPREAD", "pack": "PAC
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None, host: str | None = None) -> None:
-    """Joins a Ray cluster: None (an existing one if running, else a new local one), 'local', 'auto' or an address."""
+    """Joins a Ray cluster: None (the one in RAY_ADDRESS or running here, else a new local one), 'local', 'auto' or an address."""
     if ray.is_initialized():
         return
-    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if address in (None, "local"):
-        kwargs |= {"include_dashboard": False}
-        if num_cpus is not None:
-            kwargs["num_cpus"] = num_cpus
-        if host:
-            kwargs["_node_ip_address"] = host
-            if host.startswith("127.") or host == "localhost":
-                # Without this Ray's servers listen on every interface even for a loopback node
-                # address; with it they bind the address given (checked with `ss -tlnp`).
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        if address == "local":
-            kwargs["address"] = "local"
-    else:
-        kwargs["address"] = address
+    quiet = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address is None:
+        try:  # an existing cluster: a Ray job's own, or one started with `ray start` on this machine
+            ray.init(address="auto", **quiet)
+            return
+        except ConnectionError:
+            address = "local"
     try:
-        ray.init(**kwargs)
+        if address == "local":
+            kwargs = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus}
+            if host:
+                kwargs["_node_ip_address"] = host
+                if host.startswith("127.") or host == "localhost":
+                    # Without this Ray's servers listen on every interface even for a loopback node
+                    # address; with it they bind the address given (checked with `ss -tlnp`).
+                    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(**kwargs, **quiet)
+        else:
+            ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(f"cannot connect to Ray at {address!r}: {e}") from None
 

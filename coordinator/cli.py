@@ -24,11 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from one or more prompts")
-    gen.add_argument("--config", default=None, help="a cluster YAML (configs/*.yaml); flags override it")
-    gen.add_argument("--model", default=None, help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)")
-    split = gen.add_mutually_exclusive_group()
-    split.add_argument("--stages", type=int, default=None, help="number of pipeline stages (default 1)")
-    split.add_argument("--layers", type=_int_list, default=None, help="explicit layer counts per stage, e.g. 3,1,1")
+    add_cluster_flags(gen)
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts)")
     gen.add_argument("--prompt-ids", action="append", type=_int_list, default=[], help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--chat", action="store_true", help="wrap each --prompt as a user message in the chat template")
@@ -41,19 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the checkpoint's stop tokens")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default float32 (or the config's)")
-    gen.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where stages run (default auto)")
-    gen.add_argument("--backend", choices=["ray", "local"], default="ray", help="ray: stages as Ray actors over gRPC; local: all in this process")
-    gen.add_argument("--ray-address", default=None, help="'local' starts a new Ray, 'auto' or host:port joins one (default: a running one, else a new local one)")
-    gen.add_argument("--placement", choices=["auto", "strict_spread", "spread", "pack"], default=None)
-    gen.add_argument("--gpus-per-stage", type=float, default=None, help="default 1 when the Ray cluster has GPUs, else 0")
-    gen.add_argument("--max-inflight", type=int, default=None, help="microbatches in flight (default: the number of stages)")
-    gen.add_argument("--host", default=None, help="address the stage and coordinator gRPC servers bind (default: the node's)")
-    gen.add_argument("--block-size", type=int, default=None, help="tokens per KV cache block")
-    gen.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per stage on CPU (default: from cache.max_tokens)")
-    gen.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one microbatch (chunked prefill)")
-    gen.add_argument("--memory-limit-mb", type=int, default=None, help="per-stage memory budget (default: the device's)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt (a list for several)")
+
+    srv = sub.add_parser("serve", help="serve the model behind an OpenAI-compatible HTTP API")
+    add_cluster_flags(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key-env", default=None, help="environment variable holding the API key; when set, requests need 'Authorization: Bearer <key>'")
+    srv.add_argument("--max-running", type=int, default=None, help="sequences admitted at once (default: as many as the KV cache holds)")
+    srv.add_argument("--max-queue", type=int, default=None, help="requests waiting beyond --max-running before 429 (default: unlimited)")
+    srv.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens at most (default: the model's, capped by the KV cache)")
+    srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's name)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
 
     fetch = sub.add_parser("fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct")
     fetch.add_argument("--dir", default=None, help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)")
@@ -65,6 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--hidden-size", type=int, default=64)
     rnd.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by generate and serve: what to load, how to split it, where stages run."""
+    parser.add_argument("--config", default=None, help="a cluster YAML (configs/*.yaml); flags override it")
+    parser.add_argument("--model", default=None, help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--stages", type=int, default=None, help="number of pipeline stages (default 1)")
+    split.add_argument("--layers", type=_int_list, default=None, help="explicit layer counts per stage, e.g. 3,1,1")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default float32 (or the config's)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where stages run (default auto)")
+    parser.add_argument("--backend", choices=["ray", "local"], default="ray", help="ray: stages as Ray actors over gRPC; local: all in this process")
+    parser.add_argument("--ray-address", default=None, help="'local' starts a new Ray, 'auto' or host:port joins one (default: a running one, else a new local one)")
+    parser.add_argument("--placement", choices=["auto", "strict_spread", "spread", "pack"], default=None)
+    parser.add_argument("--gpus-per-stage", type=float, default=None, help="default 1 when the Ray cluster has GPUs, else 0")
+    parser.add_argument("--max-inflight", type=int, default=None, help="microbatches in flight (default: the number of stages)")
+    parser.add_argument("--grpc-host", default=None, help="address the stage and coordinator gRPC servers bind (default: the node's)")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV cache block")
+    parser.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per stage on CPU (default: from cache.max_tokens)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one microbatch (chunked prefill)")
+    parser.add_argument("--memory-limit-mb", type=int, default=None, help="per-stage memory budget (default: the device's)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -85,7 +101,7 @@ def config_from_args(args: argparse.Namespace):
         (config.pipeline, "memory_limit_mb", args.memory_limit_mb),
         (config.cache, "block_size", args.block_size),
         (config.cache, "num_blocks", args.kv_blocks),
-        (config.transport, "host", args.host),
+        (config.transport, "host", args.grpc_host),
     ]
     for section, name, value in overrides:
         if value is not None:
@@ -225,6 +241,22 @@ def print_stage_table(stages: list[dict], timing_rows: list[dict]) -> None:
     Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from stagecoach.coordinator.serve import ServeOptions, serve
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    options = ServeOptions(
+        host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address, api_key_env=args.api_key_env,
+        max_running=args.max_running, max_queue=args.max_queue, max_model_len=args.max_model_len,
+        served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout,
+    )
+    return asyncio.run(serve(config, options))
+
+
 def cmd_fetch_demo_model(args: argparse.Namespace) -> int:
     from stagecoach.coordinator.demo_model import fetch_demo_model
 
@@ -243,7 +275,7 @@ def cmd_make_random_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
+    handlers = {"generate": cmd_generate, "serve": cmd_serve, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
     try:
         return handlers[args.command](args)
     except StagecoachError as e:

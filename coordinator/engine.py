@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 from stagecoach.coordinator.metrics import TimingStats
-from stagecoach.coordinator.pipeline import Pipeline, PipelineError
+from stagecoach.coordinator.pipeline import Delivered, Pipeline, PipelineError
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Sequence
 from stagecoach.stage.batch import MicroBatch, SamplingParams
@@ -43,7 +44,7 @@ class Engine:
         self.stop_token_ids = list(stop_token_ids or [])
         self.max_inflight = max_inflight
         self.result_timeout_s = result_timeout_s
-        self.inflight: dict[int, MicroBatch] = {}
+        self.inflight: dict[int, tuple[MicroBatch, float]] = {}  # batch id → (batch, monotonic send time)
         self.peak_inflight = 0
         self.num_batches = 0
         self.timings = TimingStats()
@@ -57,29 +58,46 @@ class Engine:
             sampling.stop_token_ids = list(self.stop_token_ids)
         return self.scheduler.add_request(prompt_token_ids, sampling)
 
-    def _fill(self) -> None:
+    def fill(self) -> None:
+        """Submits microbatches until max_inflight are in the pipe or nothing more can run."""
         while len(self.inflight) < self.max_inflight:
             unfinished = len(self.scheduler.running) + len(self.scheduler.waiting)
             batch = self.scheduler.schedule(max_seqs=max(1, -(-unfinished // self.max_inflight)))
             if batch is None:
                 return
             self.pipeline.submit(batch)
-            self.inflight[batch.batch_id] = batch
+            self.inflight[batch.batch_id] = (batch, time.monotonic())
             self.num_batches += 1
             self.peak_inflight = max(self.peak_inflight, len(self.inflight))
 
-    def step(self) -> list[Sequence]:
-        """Tops up the pipe, then applies the next microbatch that comes back."""
-        self._fill()
+    def step(self, timeout: float | None = None) -> list[Sequence]:
+        """Tops up the pipe, then applies the next microbatch that comes back within timeout seconds.
+
+        Returns the sequences that got a token (none on a timeout or a wake-up).
+        """
+        self.fill()
         if not self.inflight:
             assert not self.scheduler.has_unfinished, "unfinished sequences but nothing schedulable or in flight"
             return []
-        done = self.pipeline.wait(timeout=self.result_timeout_s)
-        batch = self.inflight.pop(done.batch_id)
+        done = self.pipeline.wait(timeout=self.result_timeout_s if timeout is None else timeout)
+        if done is None:
+            self.check_stall()
+            return []
+        return self.apply(done)
+
+    def apply(self, done: Delivered) -> list[Sequence]:
+        """Applies a returned microbatch: appends tokens, finishes sequences, frees their blocks."""
+        batch, _ = self.inflight.pop(done.batch_id)
         if done.error:
             raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
         self.timings.add(done.timings, done.received_ns)
         return self.scheduler.process_results(batch, done.samples)
+
+    def check_stall(self) -> None:
+        if self.inflight:
+            oldest = min(sent for _, sent in self.inflight.values())
+            if time.monotonic() - oldest > self.result_timeout_s:
+                raise PipelineError(f"a microbatch has not come back within {self.result_timeout_s:g} s")
 
     def run(self) -> None:
         while self.scheduler.has_unfinished:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -60,21 +59,44 @@ class Pipeline(Protocol):
 
     def submit(self, batch: MicroBatch) -> None: ...
 
-    def wait(self, timeout: float | None = None) -> Delivered: ...
+    def wait(self, timeout: float | None = None) -> Delivered | None: ...
+
+    def wake(self) -> None: ...
 
     def shutdown(self) -> None: ...
 
 
-class LocalPipeline:
+_WAKE = object()
+
+
+class _Inbox:
+    """Finished microbatches in the order they come back; `wake` interrupts a waiting engine."""
+
+    def __init__(self) -> None:
+        self._inbox: queue.Queue = queue.Queue()
+
+    def wait(self, timeout: float | None = None) -> Delivered | None:
+        """The next finished microbatch; None after timeout seconds or when woken."""
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return None if item is _WAKE else item
+
+    def wake(self) -> None:
+        self._inbox.put(_WAKE)
+
+
+class LocalPipeline(_Inbox):
     """All stages in this process, run one after another when submitted: the reference backend."""
 
     def __init__(self, runners: list, ranges: list[LayerRange]) -> None:
+        super().__init__()
         self.runners = runners
         self.stages = [StageInfo(i, r) for i, r in enumerate(ranges)]
         self.num_blocks = runners[0].kv_cache.num_blocks
         self.block_size = runners[0].kv_cache.block_size
         self.last_logits = None  # the last stage's full logits when a batch asked for them
-        self._done: deque[Delivered] = deque()
 
     @classmethod
     def load(
@@ -114,10 +136,7 @@ class LocalPipeline:
     def submit(self, batch: MicroBatch) -> None:
         timings: list = []
         samples = self.execute(batch, timings)
-        self._done.append(Delivered(batch.batch_id, samples, timings, received_ns=time.time_ns()))
-
-    def wait(self, timeout: float | None = None) -> Delivered:
-        return self._done.popleft()
+        self._inbox.put(Delivered(batch.batch_id, samples, timings, received_ns=time.time_ns()))
 
     def shutdown(self) -> None:
         self.runners.clear()
@@ -136,7 +155,7 @@ class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.DeliverReply()
 
 
-class GrpcPipeline:
+class GrpcPipeline(_Inbox):
     """Stage servers somewhere on the network: microbatches go to stage 0, tokens come back by Deliver.
 
     Owns the coordinator's gRPC server. Whoever started the stages (threads, Ray actors) wires
@@ -146,7 +165,7 @@ class GrpcPipeline:
     def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30) -> None:
         from stagecoach.stage.server import channel_options, start_server
 
-        self._inbox: queue.Queue[Delivered] = queue.Queue()
+        super().__init__()
         self.server, self.address = start_server(_CoordinatorServicer(self._inbox), host, port, max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self._channel_options = channel_options(max_message_bytes)
@@ -192,12 +211,6 @@ class GrpcPipeline:
             self._first.Forward(msg, timeout=60)
         except grpc.RpcError as e:
             raise PipelineError(f"stage 0 refused microbatch {batch.batch_id}: {e.code().name}: {e.details()}") from None
-
-    def wait(self, timeout: float | None = None) -> Delivered:
-        try:
-            return self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise PipelineError(f"no microbatch came back within {timeout} s") from None
 
     def shutdown(self) -> None:
         for ch in self._channels:

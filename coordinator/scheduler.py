@@ -25,10 +25,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # token budget of one microbatch (chunked prefill splits longer prompts)
     max_num_seqs: int = 64  # sequences in one microbatch at most
     max_model_len: int = 32768  # prompt + generated tokens of one sequence at most
+    max_running: int | None = None  # sequences admitted (holding KV blocks) at once; None: as many as fit
 
     def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len"):
-            if getattr(self, name) < 1:
+        for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_running"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"scheduler: {name} must be at least 1, got {getattr(self, name)}")
 
 
@@ -100,7 +101,8 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
 
-        while self.waiting and budget > 0 and len(chunks) < max_seqs:
+        max_running = self.config.max_running or self.config.num_blocks
+        while self.waiting and budget > 0 and len(chunks) < max_seqs and len(self.running) < max_running:
             seq = self.waiting[0]
             n = min(seq.num_tokens, budget)
             if not self.block_manager.can_grow(seq, n):
@@ -172,9 +174,6 @@ class Scheduler:
             seq.num_computed_tokens += chunk.num_tokens
             if chunk.do_sample:
                 seq.is_awaiting_sample = False
-        for seq in [s for s in self._pending_free if not s.is_in_flight]:
-            self._pending_free.remove(seq)
-            self.block_manager.free(seq)
         updated = []
         for sample in samples:
             seq = self.sequences[sample.seq_id]
@@ -189,6 +188,9 @@ class Scheduler:
                 self._finish(seq, "stop")
             elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
                 self._finish(seq, "length")
+        for seq in [s for s in self._pending_free if not s.is_in_flight]:
+            self._pending_free.remove(seq)
+            self._release(seq)
         return updated
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -203,5 +205,9 @@ class Scheduler:
             # them back when that microbatch returns (see process_results).
             self._pending_free.append(seq)
         else:
-            self.block_manager.free(seq)
+            self._release(seq)
         self._finished_since_last_batch.append(seq.seq_id)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        del self.sequences[seq.seq_id]

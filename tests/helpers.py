@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,25 @@ def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Te
             past = out.past_key_values
             rows.append(out.logits[0])
     return ids, torch.cat(rows)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(port: int, path: str, body: dict | None = None, key: str | None = "test-key-123", timeout: float = 60) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of one request; errors come back as their status, not raised."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {}))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}"), dict(resp.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
 
 
 def require_shared(path: Path) -> None:

@@ -109,7 +109,7 @@ def test_cli_json_reports_nodes(ray_cluster, model):
     model_dir, _ = model
     cmd = [
         str(Path(sys.executable).parent / "stagecoach"), "generate", "--model", str(model_dir), "--stages", "4",
-        "--gpus-per-stage", "1", "--placement", "strict_spread", "--ray-address", ray_cluster.address, "--host", "127.0.0.1",
+        "--gpus-per-stage", "1", "--placement", "strict_spread", "--ray-address", ray_cluster.address, "--grpc-host", "127.0.0.1",
         "--prompt-ids", "1,2,3", "--prompt-ids", "4,5", "--temperature", "0", "--max-new-tokens", "4", "--json",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
