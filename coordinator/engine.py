@@ -24,6 +24,9 @@ def sampling_defaults(model_dir: str | Path) -> dict:
     return defaults
 
 
+HEALTH_CHECK_AFTER_S = 2.0  # a microbatch this late makes the engine ask every stage whether it is alive
+
+
 class Engine:
     """Continuous batching over a pipeline: requests join and leave between microbatches.
 
@@ -48,6 +51,7 @@ class Engine:
         self.peak_inflight = 0
         self.num_batches = 0
         self.timings = TimingStats()
+        self._last_health_check = 0.0
 
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
         if sampling.seed is None:
@@ -94,10 +98,16 @@ class Engine:
         return self.scheduler.process_results(batch, done.samples)
 
     def check_stall(self) -> None:
-        if self.inflight:
-            oldest = min(sent for _, sent in self.inflight.values())
-            if time.monotonic() - oldest > self.result_timeout_s:
-                raise PipelineError(f"a microbatch has not come back within {self.result_timeout_s:g} s")
+        """Raises PipelineError when a microbatch is overdue or, once one is late, a stage stops answering."""
+        if not self.inflight:
+            return
+        now = time.monotonic()
+        waited = now - min(sent for _, sent in self.inflight.values())
+        if waited > self.result_timeout_s:
+            raise PipelineError(f"a microbatch has not come back within {self.result_timeout_s:g} s")
+        if waited > HEALTH_CHECK_AFTER_S and now - self._last_health_check > HEALTH_CHECK_AFTER_S:
+            self._last_health_check = now
+            self.pipeline.check_health()
 
     def run(self) -> None:
         while self.scheduler.has_unfinished:

@@ -21,6 +21,9 @@ from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.stage.batch import MicroBatch, SampleResult
 
 
+HEALTH_TIMEOUT_S = 2.0
+
+
 class PipelineError(StagecoachError):
     """A stage failed a microbatch or cannot be reached."""
 
@@ -63,6 +66,8 @@ class Pipeline(Protocol):
 
     def wake(self) -> None: ...
 
+    def check_health(self) -> None: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -85,6 +90,9 @@ class _Inbox:
 
     def wake(self) -> None:
         self._inbox.put(_WAKE)
+
+    def check_health(self) -> None:
+        """Raises PipelineError if a stage is gone; in-process stages cannot be."""
 
 
 class LocalPipeline(_Inbox):
@@ -211,6 +219,13 @@ class GrpcPipeline(_Inbox):
             self._first.Forward(msg, timeout=60)
         except grpc.RpcError as e:
             raise PipelineError(f"stage 0 refused microbatch {batch.batch_id}: {e.code().name}: {e.details()}") from None
+
+    def check_health(self) -> None:
+        for stage, stub in zip(self.stages, self.stubs):
+            try:
+                stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+            except grpc.RpcError as e:
+                raise PipelineError(f"stage {stage.index} at {stage.address} does not answer: {e.code().name}") from None
 
     def shutdown(self) -> None:
         for ch in self._channels:
