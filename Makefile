@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo serve clean
+.PHONY: install tools test demo serve clean
 
 install: $(STAMP)
 
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-test: install
+test: install tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# tmux drives the terminal-UI test; installed from Debian's packages where apt-get is at hand.
+tools:
+	@command -v tmux >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq tmux >/dev/null; } \
+		|| echo "tmux is not installed: the terminal-UI test will be skipped"
 
 # The demo model is downloaded (hash-pinned) and converted once, into ~/.cache/stagecoach.
 demo: install

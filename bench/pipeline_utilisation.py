@@ -110,10 +110,7 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
         spans = [(t.compute_start_ns, t.compute_end_ns) for d in window for t in d.timings if t.stage_index == s]
         t0, t1 = min(a for a, _ in spans), max(b for _, b in spans)
         per_stage.append(sum(b - a for a, b in spans) / (t1 - t0))
-    hops = [
-        (d.timings[i + 1].received_ns - d.timings[i].compute_end_ns) / 1e6
-        for d in window for i in range(len(d.timings) - 1)
-    ]
+    hops = [t.prev_send_ns / 1e6 for d in window for t in d.timings if t.prev_send_ns]  # each timed by its sender
     ideal = min(1.0, inflight / num_stages)
     return {
         "stages": num_stages,

@@ -41,6 +41,7 @@ class PipelineSection:
     max_num_seqs: int = 64  # sequences in one microbatch at most
     memory_limit_mb: int | None = None  # per-stage memory budget; None: the device's (GPU × fraction, or free RAM)
     ready_timeout_s: float = 300.0  # how long stages may take to be placed and loaded
+    stage_delay_ms: list[float] | None = None  # testing only: extra time added to each stage's every forward
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -55,6 +56,8 @@ class PipelineSection:
             raise ConfigError(f"pipeline.gpus_per_stage must be >= 0, got {self.gpus_per_stage}")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError(f"pipeline.max_inflight must be at least 1, got {self.max_inflight}")
+        if self.stage_delay_ms is not None and (len(self.stage_delay_ms) != self.num_stages or min(self.stage_delay_ms) < 0):
+            raise ConfigError(f"pipeline.stage_delay_ms needs one non-negative value per stage ({self.num_stages}), got {self.stage_delay_ms}")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ConfigError("pipeline.max_batch_tokens and pipeline.max_num_seqs must be at least 1")
 

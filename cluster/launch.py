@@ -91,7 +91,7 @@ def check_resources(num_stages: int, cpus: float, gpus: float, strategy: str) ->
             )
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # load_progress() answers while load() runs
 class StageActor:
     """Hosts one StageWorker inside a Ray worker process."""
 
@@ -99,14 +99,17 @@ class StageActor:
         from stagecoach.stage.worker import StagePlan
 
         self.plan = StagePlan(**plan)
-        self.worker = None
+        self.worker = None  # made in load(), so that its errors come back as that call's
 
     def load(self) -> dict:
         from stagecoach.stage.worker import StageWorker
 
-        node_id = ray.get_runtime_context().get_node_id()
-        self.worker = StageWorker(self.plan, node_id=node_id)
-        return self.worker.load() | {"node_id": node_id, "pid": os.getpid()}
+        self.worker = StageWorker(self.plan, node_id=ray.get_runtime_context().get_node_id())
+        return self.worker.load() | {"node_id": self.worker.node_id, "pid": os.getpid()}
+
+    def load_progress(self) -> tuple[int, int]:
+        worker = self.worker
+        return (worker.loaded_bytes, worker.weight_bytes) if worker is not None else (0, 0)
 
     def start(self, num_blocks: int) -> str:
         return self.worker.start(num_blocks)
@@ -170,11 +173,12 @@ class RayPipeline(GrpcPipeline):
                 host=t.host,
                 port=t.port + i if t.port else 0,
                 max_message_bytes=t.max_message_mb * 2**20,
+                delay_ms=p.stage_delay_ms[i] if p.stage_delay_ms else 0.0,
             )
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
             actor = StageActor.options(num_cpus=p.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy, name=None)
             self.actors.append(actor.remote(plan))
-        loads = self._gather([a.load.remote() for a in self.actors], "load", timeout)
+        loads = self._load_with_progress(timeout)
         capacity = min(r["kv_blocks"] for r in loads)
         if capacity < 1:
             raise ConfigError("a stage has no memory left for the KV cache after its weights; use more stages or a smaller dtype")
@@ -186,6 +190,31 @@ class RayPipeline(GrpcPipeline):
         wiring = [a.connect.remote(addresses[i + 1] if i + 1 < len(addresses) else None, self.address) for i, a in enumerate(self.actors)]
         self._gather(wiring, "connect", timeout)
         self.attach(addresses)
+
+    def _load_with_progress(self, timeout: float) -> list[dict]:
+        """Loads every stage, showing each stage's bytes loaded (a 32B stage takes minutes)."""
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        refs = [a.load.remote() for a in self.actors]
+        console = Console(stderr=True)
+        columns = (TextColumn("stage {task.fields[stage]} weights"), BarColumn(), DownloadColumn(binary_units=True), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+            tasks = [bar.add_task("", stage=i, total=None) for i in range(len(refs))]
+            pending = list(refs)
+            deadline = time.monotonic() + timeout
+            while pending and time.monotonic() < deadline:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                for task, actor in zip(tasks, self.actors):
+                    try:
+                        done, total = ray.get(actor.load_progress.remote(), timeout=5)
+                    except ray.exceptions.RayError:
+                        continue  # the load itself reports what went wrong
+                    bar.update(task, completed=done, total=total or None)
+        results = self._gather(refs, "load", max(1.0, deadline - time.monotonic()))
+        for i, r in enumerate(results):
+            log.warning("stage %d loaded %.2f GB of weights on %s", i, r["weight_bytes"] / 1e9, r["device"])
+        return results
 
     def _gather(self, refs: list, what: str, timeout: float) -> list:
         """ray.get with per-stage errors: names the stage that failed or did not answer in time."""

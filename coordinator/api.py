@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from stagecoach.coordinator.async_engine import AsyncEngine
+from stagecoach.coordinator.metrics import WINDOW, Rate, percentiles
 from stagecoach.coordinator.protocol import ApiError, GenerationRequest, parse_common, parse_messages, parse_prompt
 from stagecoach.coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
 from stagecoach.errors import RequestError, StagecoachError
@@ -36,6 +38,18 @@ class Metrics:
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("stagecoach_time_to_first_token_seconds", "Time from request to its first token", buckets=latency, registry=r)
         self.itl = Histogram("stagecoach_inter_token_latency_seconds", "Time between consecutive tokens of a sequence", buckets=latency, registry=r)
+        fine = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+        self.stage_compute = Histogram("stagecoach_stage_compute_seconds", "A stage's compute time per microbatch", ["stage"], buckets=fine, registry=r)
+        self.stage_queue = Histogram("stagecoach_stage_queue_seconds", "Time a microbatch waited in a stage's queue", ["stage"], buckets=fine, registry=r)
+        self.hop = Histogram("stagecoach_hop_seconds", "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
+                             ["sender"], buckets=fine, registry=r)
+        self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
+        # Rolling views for /v1/stats and the terminal UI.
+        self.ttft_window: deque = deque(maxlen=WINDOW)
+        self.itl_window: deque = deque(maxlen=WINDOW)
+        self.input_tokens = Rate()
+        self.output_tokens = Rate()
+        self.requests_rate = Rate()
 
         def stat(key):
             return lambda: state.engine.stats()[key] if state.engine else 0
@@ -48,6 +62,15 @@ class Metrics:
             ("stagecoach_microbatches_inflight", "inflight", "Microbatches in the pipeline now"),
         ):
             Gauge(name, doc, registry=r).set_function(stat(key))
+
+    def observe_timing(self, kind: str, label: str, seconds: float) -> None:
+        """TimingStats' observer: every stage record lands in the labelled histograms."""
+        if kind == "compute":
+            self.stage_compute.labels(label).observe(seconds)
+        elif kind == "queue":
+            self.stage_queue.labels(label).observe(seconds)
+        else:
+            self.hop.labels(label).observe(seconds)
 
 
 @dataclass
@@ -64,6 +87,8 @@ class ServerState:
     active: int = 0
     startup_error: str | None = None
     metrics: Metrics | None = None
+    stage_states: list[str] = field(default_factory=list)  # per stage: ready | failed (recovering comes with recovery)
+    started_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self)
@@ -164,11 +189,14 @@ class _SequenceStream:
         if update.token_ids:
             if self.last_token_at is None:
                 metrics.ttft.observe(now - self.started)
+                metrics.ttft_window.append((now - self.started) * 1e3)
             else:
                 gap = (now - self.last_token_at) / len(update.token_ids)
                 for _ in update.token_ids:
                     metrics.itl.observe(gap)
+                    metrics.itl_window.append(gap * 1e3)
             self.last_token_at = now
+            metrics.output_tokens.add(len(update.token_ids), now)
         stopped = False
         new_tokens = 0
         for i, token in enumerate(update.token_ids):
@@ -258,6 +286,8 @@ async def _generate(request: web.Request, state: ServerState, req: GenerationReq
                 choices.append(choice)
                 streams.append(_SequenceStream(state, engine, choice, req, updates, started))
         state.metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts) * req.n)
+        state.metrics.input_tokens.add(sum(len(p) for p in req.prompts) * req.n)
+        state.metrics.requests_rate.add()
         if req.stream:
             return await _stream(request, state, req, chat, streams, choices)
         while any(c.finish_reason is None for c in choices):
@@ -359,6 +389,56 @@ async def _stream(request: web.Request, state: ServerState, req: GenerationReque
     return resp
 
 
+def stats_document(state: ServerState) -> dict:
+    """The /v1/stats document (schema in docs/stats.md; the terminal UI reads it)."""
+    m = state.metrics
+    engine_stats = state.engine.stats() if state.engine else {}
+    timings = {row["stage"]: row for row in engine_stats.pop("timings", [])}
+    coordinator_hop = engine_stats.pop("coordinator_hop_ms", None)
+    stages = []
+    for i, s in enumerate(state.stages):
+        t = timings.get(s.index, {})
+        stages.append({
+            "index": s.index,
+            "state": state.stage_states[i] if i < len(state.stage_states) else "ready",
+            "layers": list(s.layers),
+            "node_id": s.node_id,
+            "address": s.address,
+            "pid": s.pid,
+            "device": s.device,
+            "weight_bytes": s.weight_bytes,
+            "memory_used_bytes": s.memory_used_bytes,
+            "memory_total_bytes": s.memory_total_bytes,
+            "kv_blocks_total": s.num_kv_blocks,
+            "kv_blocks_used": engine_stats.get("kv_blocks_used", 0),
+            "microbatches": t.get("microbatches", 0),
+            "microbatches_per_s": t.get("microbatches_per_s", 0.0),
+            "utilisation": t.get("utilisation", 0.0),
+            "compute_seconds_total": t.get("compute_seconds_total", 0.0),
+            "compute_ms": t.get("compute_ms"),
+            "queue_ms": t.get("queue_ms"),
+            "hop_ms": t.get("hop_ms"),
+            "errors": s.errors,
+        })
+    busy = [s["utilisation"] for s in stages]
+    return {
+        "model": state.model_name,
+        "ready": state.engine is not None and not state.engine.fatal_error,
+        "draining": state.draining,
+        "uptime_s": round(time.monotonic() - state.started_at, 3),
+        "active_requests": state.active,
+        "throughput": {
+            "input_tokens_per_s": round(m.input_tokens.per_second(), 3),
+            "output_tokens_per_s": round(m.output_tokens.per_second(), 3),
+            "requests_per_s": round(m.requests_rate.per_second(), 3),
+        },
+        "latency": {"ttft_ms": percentiles(m.ttft_window), "itl_ms": percentiles(m.itl_window), "coordinator_hop_ms": coordinator_hop},
+        "pipeline_utilisation": round(sum(busy) / len(busy), 3) if busy else 0.0,
+        "engine": engine_stats,
+        "stages": stages,
+    }
+
+
 def build_app(state: ServerState) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 2**20)
     routes = web.RouteTableDef()
@@ -407,15 +487,7 @@ def build_app(state: ServerState) -> web.Application:
     @routes.get("/v1/stats")
     async def stats(request: web.Request):
         _check_auth(request, state)
-        engine_stats = state.engine.stats() if state.engine else {}
-        timings = {row["stage"]: row for row in engine_stats.pop("timings", [])}
-        rows = []
-        for s in state.stages:
-            row = s.as_json() | {"num_kv_blocks": s.num_kv_blocks, "weight_bytes": s.weight_bytes}
-            row |= {k: v for k, v in timings.get(s.index, {}).items() if k != "stage"}
-            rows.append(row)
-        return web.json_response({"model": state.model_name, "ready": state.engine is not None, "draining": state.draining,
-                                  "active_requests": state.active, "engine": engine_stats, "stages": rows})
+        return web.json_response(stats_document(state))
 
     app.add_routes(routes)
     return app

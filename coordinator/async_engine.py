@@ -77,6 +77,7 @@ class AsyncEngine:
                 "microbatches": self.engine.num_batches,
                 "preemptions": s.num_preemptions,
                 "timings": self.engine.timings.rows(),
+                "coordinator_hop_ms": self.engine.timings.coordinator_hop(),
             }
 
     def stop(self) -> None:

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's name)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
 
+    top = sub.add_parser("top", help="a live terminal view of a serving pipeline (per-stage and per-hop latency)")
+    top.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit (for scripts)")
+    top.add_argument("--api-key-env", default=None, help="environment variable holding the server's API key")
+
     fetch = sub.add_parser("fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct")
     fetch.add_argument("--dir", default=None, help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)")
     fetch.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -224,19 +230,20 @@ def print_stage_table(stages: list[dict], timing_rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="per-stage latency, ms (mean over this run's microbatches)")
-    for col in ("stage", "layers", "address", "batches", "compute", "p50", "queued", "hop"):
+    table = Table(title="per-stage latency, ms (p50 / p99 over this run's microbatches)")
+    for col in ("stage", "layers", "address", "batches", "compute", "queued", "hop onward"):
         table.add_column(col, justify="right", no_wrap=True)
     by_stage = {row["stage"]: row for row in timing_rows}
     for s in stages:
         row = by_stage.get(s["index"], {})
 
         def ms(key):
-            return "-" if row.get(key) is None else f"{row[key]:.2f}"
+            p = row.get(key)
+            return "-" if not p else f"{p['p50']:.2f} / {p['p99']:.2f}"
 
         table.add_row(
             str(s["index"]), f"[{s['layers'][0]}, {s['layers'][1]})", s.get("address", "in-process"),
-            str(row.get("microbatches", 0)), ms("compute_ms_mean"), ms("compute_ms_p50"), ms("queue_ms_mean"), ms("hop_ms_mean"),
+            str(row.get("microbatches", 0)), ms("compute_ms"), ms("queue_ms"), ms("hop_ms"),
         )
     Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
 
@@ -257,6 +264,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config, options))
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from stagecoach.cluster.top import run_top
+
+    if args.interval <= 0:
+        raise ConfigError(f"--interval must be positive, got {args.interval}")
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    return run_top(args.url, args.interval, args.once, key)
+
+
 def cmd_fetch_demo_model(args: argparse.Namespace) -> int:
     from stagecoach.coordinator.demo_model import fetch_demo_model
 
@@ -275,7 +291,7 @@ def cmd_make_random_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "serve": cmd_serve, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
+    handlers = {"generate": cmd_generate, "serve": cmd_serve, "top": cmd_top, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
     try:
         return handlers[args.command](args)
     except StagecoachError as e:

@@ -94,7 +94,7 @@ class Engine:
         batch, _ = self.inflight.pop(done.batch_id)
         if done.error:
             raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
-        self.timings.add(done.timings, done.received_ns)
+        self.timings.add(done)
         return self.scheduler.process_results(batch, done.samples)
 
     def check_stall(self) -> None:

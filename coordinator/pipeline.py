@@ -38,6 +38,9 @@ class StageInfo:
     device: str = "cpu"
     num_kv_blocks: int = 0
     weight_bytes: int = 0
+    memory_used_bytes: int = 0
+    memory_total_bytes: int = 0
+    errors: int = 0  # from its latest health check
 
     def as_json(self) -> dict:
         out = {"index": self.index, "layers": list(self.layers)}
@@ -50,9 +53,9 @@ class StageInfo:
 class Delivered:
     batch_id: int
     samples: list[SampleResult]
-    timings: list = field(default_factory=list)  # pb.StageTiming per stage
+    timings: list = field(default_factory=list)  # pb.StageTiming per stage, each on its stage's own clock
     error: str = ""
-    received_ns: int = 0
+    submit_ns: int = 0  # the coordinator's Forward to stage 0, until stage 0 acknowledged it
 
 
 class Pipeline(Protocol):
@@ -132,34 +135,36 @@ class LocalPipeline(_Inbox):
     def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:
         hidden = None
         for index, runner in enumerate(self.runners):
-            start = time.time_ns()
+            start = time.monotonic_ns()
             out = runner.execute(batch, hidden)
             hidden = out.hidden_states
             if timings is not None:
-                end = time.time_ns()
-                timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=end, sent_ns=end))
+                timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=time.monotonic_ns()))
         self.last_logits = out.logits
         return out.samples
 
     def submit(self, batch: MicroBatch) -> None:
         timings: list = []
         samples = self.execute(batch, timings)
-        self._inbox.put(Delivered(batch.batch_id, samples, timings, received_ns=time.time_ns()))
+        self._inbox.put(Delivered(batch.batch_id, samples, timings))
+
+    def health(self) -> list:
+        return [pb.HealthReply(serving=True) for _ in self.runners]
 
     def shutdown(self) -> None:
         self.runners.clear()
 
 
 class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, inbox: queue.Queue) -> None:
+    def __init__(self, inbox: queue.Queue, submit_times: dict[int, int]) -> None:
         self.inbox = inbox
+        self.submit_times = submit_times
 
     def Deliver(self, request: pb.Delivery, context: grpc.ServicerContext) -> pb.DeliverReply:
         from stagecoach.stage.codec import decode_samples
 
-        self.inbox.put(
-            Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error, time.time_ns())
-        )
+        submit_ns = self.submit_times.pop(request.batch_id, 0)
+        self.inbox.put(Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error, submit_ns))
         return pb.DeliverReply()
 
 
@@ -174,7 +179,8 @@ class GrpcPipeline(_Inbox):
         from stagecoach.stage.server import channel_options, start_server
 
         super().__init__()
-        self.server, self.address = start_server(_CoordinatorServicer(self._inbox), host, port, max_message_bytes)
+        self._submit_times: dict[int, int] = {}  # batch id → ns its Forward to stage 0 took
+        self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self._channel_options = channel_options(max_message_bytes)
         self.stages: list[StageInfo] = []
@@ -205,7 +211,8 @@ class GrpcPipeline(_Inbox):
             raise PipelineError(f"the stages' KV caches differ: {sorted(blocks)}")
         self.num_blocks, self.block_size = next(iter(blocks))
         self.stages = [
-            StageInfo(i.index, (i.layer_start, i.layer_end), i.node_id, i.address, i.pid, i.device, i.num_kv_blocks, i.weight_bytes)
+            StageInfo(i.index, (i.layer_start, i.layer_end), i.node_id, i.address, i.pid, i.device, i.num_kv_blocks, i.weight_bytes,
+                      i.memory_used_bytes, i.memory_total_bytes)
             for i in infos
         ]
         self._first = self.stubs[0]
@@ -214,18 +221,30 @@ class GrpcPipeline(_Inbox):
     def submit(self, batch: MicroBatch) -> None:
         from stagecoach.stage.codec import encode_microbatch
 
-        msg = encode_microbatch(batch, None, sent_ns=time.time_ns())
+        msg = encode_microbatch(batch, None)
+        start = time.monotonic_ns()
         try:
             self._first.Forward(msg, timeout=60)
         except grpc.RpcError as e:
             raise PipelineError(f"stage 0 refused microbatch {batch.batch_id}: {e.code().name}: {e.details()}") from None
+        self._submit_times[batch.batch_id] = time.monotonic_ns() - start
 
     def check_health(self) -> None:
+        for stage, reply in zip(self.stages, self.health()):
+            if isinstance(reply, Exception):
+                raise PipelineError(f"stage {stage.index} at {stage.address} does not answer: {reply}")
+
+    def health(self) -> list:
+        """Each stage's HealthReply, or the error that came instead; updates each StageInfo's error count."""
+        replies: list = []
         for stage, stub in zip(self.stages, self.stubs):
             try:
-                stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+                reply = stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+                stage.errors = reply.errors
+                replies.append(reply)
             except grpc.RpcError as e:
-                raise PipelineError(f"stage {stage.index} at {stage.address} does not answer: {e.code().name}") from None
+                replies.append(PipelineError(e.code().name))
+        return replies
 
     def shutdown(self) -> None:
         for ch in self._channels:

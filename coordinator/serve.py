@@ -60,9 +60,22 @@ async def _start_pipeline(config, options: ServeOptions, state: ServerState, tok
     )
     state.max_model_len = max_model_len
     state.stages = pipeline.stages
+    state.stage_states = ["ready"] * len(pipeline.stages)
+    engine.timings.observer = state.metrics.observe_timing
     state.engine = AsyncEngine(engine)
     log.warning("ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name)
     return pipeline
+
+
+async def _poll_health(pipeline, state: ServerState, interval_s: float = 2.0) -> None:
+    """Keeps each stage's state (ready / failed) and error count fresh for /v1/stats and /metrics."""
+    loop = asyncio.get_running_loop()
+    while True:
+        replies = await loop.run_in_executor(None, pipeline.health)
+        state.stage_states = ["failed" if isinstance(r, Exception) else "ready" for r in replies]
+        for stage, s in zip(pipeline.stages, state.stage_states):
+            state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
+        await asyncio.sleep(interval_s)
 
 
 async def serve(config, options: ServeOptions) -> int:
@@ -102,15 +115,19 @@ async def serve(config, options: ServeOptions) -> int:
     exit_code = 0
     waiter = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({starter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    poller = None
     if starter in done:
         try:
             pipeline = starter.result()
+            poller = asyncio.ensure_future(_poll_health(pipeline, state))
         except Exception as e:
             state.startup_error = str(e)
             log.error("the pipeline did not start: %s", e)
             exit_code = 2
             stop.set()
         await stop.wait()
+    if poller is not None:
+        poller.cancel()
     # Drain: refuse new work (503), let running requests finish, then release the stages.
     state.draining = True
     log.warning("draining: %d requests in flight, up to %.0f s", state.active, options.drain_timeout_s)

@@ -84,36 +84,36 @@ class SequenceChunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., do_sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., has_history: _Optional[bool] = ..., token_history: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage_index", "received_ns", "compute_start_ns", "compute_end_ns", "sent_ns")
+    __slots__ = ("stage_index", "received_ns", "compute_start_ns", "compute_end_ns", "prev_send_batch_id", "prev_send_ns")
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_START_NS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_END_NS_FIELD_NUMBER: _ClassVar[int]
-    SENT_NS_FIELD_NUMBER: _ClassVar[int]
+    PREV_SEND_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    PREV_SEND_NS_FIELD_NUMBER: _ClassVar[int]
     stage_index: int
     received_ns: int
     compute_start_ns: int
     compute_end_ns: int
-    sent_ns: int
-    def __init__(self, stage_index: _Optional[int] = ..., received_ns: _Optional[int] = ..., compute_start_ns: _Optional[int] = ..., compute_end_ns: _Optional[int] = ..., sent_ns: _Optional[int] = ...) -> None: ...
+    prev_send_batch_id: int
+    prev_send_ns: int
+    def __init__(self, stage_index: _Optional[int] = ..., received_ns: _Optional[int] = ..., compute_start_ns: _Optional[int] = ..., compute_end_ns: _Optional[int] = ..., prev_send_batch_id: _Optional[int] = ..., prev_send_ns: _Optional[int] = ...) -> None: ...
 
 class MicroBatch(_message.Message):
-    __slots__ = ("batch_id", "seqs", "tensor", "finished_seq_ids", "timings", "sent_ns", "schema_version")
+    __slots__ = ("batch_id", "seqs", "tensor", "finished_seq_ids", "timings", "schema_version")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FINISHED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
-    SENT_NS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     seqs: _containers.RepeatedCompositeFieldContainer[SequenceChunk]
     tensor: Tensor
     finished_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
-    sent_ns: int
     schema_version: SchemaVersion
-    def __init__(self, batch_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., sent_ns: _Optional[int] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ...) -> None: ...
+    def __init__(self, batch_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ()
@@ -200,11 +200,15 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("serving", "batches_done", "queue_depth")
+    __slots__ = ("serving", "batches_done", "queue_depth", "compute_ns_total", "errors")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     BATCHES_DONE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     batches_done: int
     queue_depth: int
-    def __init__(self, serving: _Optional[bool] = ..., batches_done: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+    compute_ns_total: int
+    errors: int
+    def __init__(self, serving: _Optional[bool] = ..., batches_done: _Optional[int] = ..., queue_depth: _Optional[int] = ..., compute_ns_total: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...

@@ -88,7 +88,7 @@ def _sampling_from_proto(msg: pb.SamplingParams, field: str) -> SamplingParams:
         raise WireError(f"{field}: {e}") from None
 
 
-def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=(), sent_ns: int = 0) -> pb.MicroBatch:
+def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=()) -> pb.MicroBatch:
     """tensor: hidden states; None means stage 0's input, the batch's token ids."""
     if tensor is None:
         tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
@@ -114,7 +114,6 @@ def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=()
         tensor=tensor_to_proto(tensor),
         finished_seq_ids=batch.finished_seq_ids,
         timings=timings,
-        sent_ns=sent_ns,
         schema_version=SCHEMA_VERSION,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,8 +151,12 @@ def load_stage_weights(
     layer_end: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Reads the stage's tensors, shard by shard, converting to dtype and moving to device."""
+    """Reads the stage's tensors, shard by shard, converting to dtype and moving to device.
+
+    progress, if given, is called with the bytes of each tensor once it is loaded.
+    """
     model_dir = Path(model_dir)
     weight_map = checkpoint_weight_map(model_dir)
     specs = stage_tensor_specs(config, layer_start, layer_end)
@@ -184,6 +189,8 @@ def load_stage_weights(
                     problems.append(f"{src} has shape {list(info.shape)}, expected {list(want)}")
                     continue
                 loaded[src] = read_tensor(f, info).to(device=device, dtype=dtype)
+                if progress is not None:
+                    progress(loaded[src].numel() * loaded[src].element_size())
     if problems:
         raise CheckpointError(f"checkpoint {model_dir}: " + "; ".join(problems))
     return {name: loaded[src] for name, src in source.items()}
@@ -196,12 +203,13 @@ def load_stage_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     config: ModelConfig | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> StageModel:
     """Builds the stage on the meta device and assigns the loaded tensors: weights are allocated once."""
     config = config or ModelConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = StageModel(config, layer_start, layer_end)
-    state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device)
+    state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress)
     model.load_state_dict(state, strict=True, assign=True)
     # The rotary buffer is derived, not stored: build it for real on the target device.
     with torch.device(device):

@@ -58,11 +58,15 @@ class _Work:
 class StageService:
     """Runs queued microbatches through the runner and sends the results downstream."""
 
-    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int) -> None:
+    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int, delay_s: float = 0.0) -> None:
         self.runner = runner
         self.index = index
         self.max_message_bytes = max_message_bytes
+        self.delay_s = delay_s  # testing only: extra time added to every forward, to make a slow stage
         self.batches_done = 0
+        self.compute_ns_total = 0
+        self.errors = 0
+        self._last_send: tuple[int, int] = (0, 0)  # (batch id, duration ns) of the latest onward send
         self._inbox: queue.Queue[_Work | None] = queue.Queue()
         self._outbox: queue.Queue[tuple[_Work, object] | None] = queue.Queue()
         self._next: pb_grpc.StageStub | None = None
@@ -112,13 +116,16 @@ class StageService:
     # -- threads ----------------------------------------------------------------------------
     def _compute_loop(self) -> None:
         while (work := self._inbox.get()) is not None:
-            work.timing.compute_start_ns = time.time_ns()
+            work.timing.compute_start_ns = time.monotonic_ns()
             try:
                 out = self.runner.execute(work.batch, work.inputs)
+                if self.delay_s:
+                    time.sleep(self.delay_s)
             except Exception as e:  # reported to the coordinator, which owns the requests
                 log.exception("stage %d: microbatch %d failed", self.index, work.batch.batch_id)
                 out = e
-            work.timing.compute_end_ns = time.time_ns()
+            work.timing.compute_end_ns = time.monotonic_ns()
+            self.compute_ns_total += work.timing.compute_end_ns - work.timing.compute_start_ns
             self._outbox.put((work, out))
         self._outbox.put(None)
 
@@ -126,18 +133,22 @@ class StageService:
         self._wired.wait()
         while (item := self._outbox.get()) is not None:
             work, out = item
+            start = time.monotonic_ns()
             try:
                 self._send(work, out)
+                self._last_send = (work.batch.batch_id, time.monotonic_ns() - start)
             except Exception as e:
+                self.errors += 1
                 log.error("stage %d: could not pass on microbatch %d: %s", self.index, work.batch.batch_id, e)
                 self._report(work, f"stage {self.index} could not pass microbatch {work.batch.batch_id} on: {e}")
             self.batches_done += 1
 
     def _send(self, work: _Work, out) -> None:
         if isinstance(out, Exception):
+            self.errors += 1
             self._report(work, f"stage {self.index}: {type(out).__name__}: {out}")
             return
-        work.timing.sent_ns = time.time_ns()
+        work.timing.prev_send_batch_id, work.timing.prev_send_ns = self._last_send
         timings = work.timings + [work.timing]
         if self._next is not None:
             msg = codec.encode_microbatch(work.batch, out.hidden_states, timings)
@@ -164,7 +175,7 @@ class StageServicer(pb_grpc.StageServicer):
         self.info = info
 
     def Forward(self, request: pb.MicroBatch, context: grpc.ServicerContext) -> pb.ForwardReply:
-        received = time.time_ns()
+        received = time.monotonic_ns()
         try:
             batch, inputs = codec.decode_microbatch(request, expect_token_ids=self.service.runner.is_first)
             self.service.runner.check(batch, inputs)
@@ -180,7 +191,8 @@ class StageServicer(pb_grpc.StageServicer):
         return info
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
-        return pb.HealthReply(serving=True, batches_done=self.service.batches_done, queue_depth=self.service.queue_depth)
+        s = self.service
+        return pb.HealthReply(serving=True, batches_done=s.batches_done, queue_depth=s.queue_depth, compute_ns_total=s.compute_ns_total, errors=s.errors)
 
 
 def start_server(servicer: pb_grpc.StageServicer | pb_grpc.CoordinatorServicer, host: str, port: int, max_message_bytes: int, max_workers: int = 8) -> tuple[grpc.Server, str]:

@@ -39,6 +39,7 @@ class StagePlan:
     host: str | None = None  # bind address; None: this node's address
     port: int = 0  # 0: any free port
     max_message_bytes: int = 1 << 30
+    delay_ms: float = 0.0  # testing only: extra time added to every forward (a deliberately slow stage)
 
 
 def node_address() -> str:
@@ -80,6 +81,7 @@ class StageWorker:
         self.server = None
         self.address = ""
         self.weight_bytes = stage_weight_bytes(self.config, plan.layer_start, plan.layer_end, self.dtype)
+        self.loaded_bytes = 0  # grows while load() reads the weights
         self.fingerprint = checkpoint_fingerprint(plan.model_dir)
 
     # -- sizing -----------------------------------------------------------------------------
@@ -112,8 +114,11 @@ class StageWorker:
         """Checks the plan fits, loads the weights, and returns how many KV blocks this stage can hold."""
         self.check_fits()
         p = self.plan
-        self.model = load_stage_model(p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config)
+        self.model = load_stage_model(p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config, progress=self._loaded)
         return {"weight_bytes": self.weight_bytes, "kv_blocks": self.kv_capacity(), "device": str(self.device)}
+
+    def _loaded(self, nbytes: int) -> None:
+        self.loaded_bytes += nbytes
 
     def kv_capacity(self) -> int:
         p = self.plan
@@ -144,7 +149,7 @@ class StageWorker:
         p, c = self.plan, self.config
         cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.runner = StageRunner(self.model, cache)
-        self.service = StageService(self.runner, p.index, p.max_message_bytes)
+        self.service = StageService(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3)
         host = p.host or node_address()
         servicer = StageServicer(self.service, self.info_message(num_blocks))
         self.server, self.address = start_server(servicer, host, p.port, p.max_message_bytes)
