@@ -21,6 +21,7 @@ from stagecoach.errors import ConfigError, StagecoachError
 
 log = logging.getLogger(__name__)
 
+LOAD_LOG_EVERY_S = 5.0
 STRATEGIES = {"strict_spread": "STRICT_SPREAD", "spread": "SPREAD", "pack": "PACK"}
 
 
@@ -203,14 +204,21 @@ class RayPipeline(GrpcPipeline):
             tasks = [bar.add_task("", stage=i, total=None) for i in range(len(refs))]
             pending = list(refs)
             deadline = time.monotonic() + timeout
+            next_line = time.monotonic() + LOAD_LOG_EVERY_S
             while pending and time.monotonic() < deadline:
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                progress = []
                 for task, actor in zip(tasks, self.actors):
                     try:
                         done, total = ray.get(actor.load_progress.remote(), timeout=5)
                     except ray.exceptions.RayError:
                         continue  # the load itself reports what went wrong
                     bar.update(task, completed=done, total=total or None)
+                    progress.append(f"stage {len(progress)}: {done / 1e9:.2f}/{total / 1e9:.2f} GB")
+                if not console.is_terminal and pending and time.monotonic() >= next_line:
+                    # A log file gets a line now and then instead of a redrawn bar.
+                    log.warning("loading weights: %s", ", ".join(progress))
+                    next_line = time.monotonic() + LOAD_LOG_EVERY_S
         results = self._gather(refs, "load", max(1.0, deadline - time.monotonic()))
         for i, r in enumerate(results):
             log.warning("stage %d loaded %.2f GB of weights on %s", i, r["weight_bytes"] / 1e9, r["device"])
