@@ -81,6 +81,10 @@ class TransportSection:
     host: str | None = None  # address stage and coordinator servers bind; None: the node's address
     port: int = 0  # 0: any free port; else stage i listens on port + i
     max_message_mb: int = 1024  # largest gRPC message (a 4k-token float32 prefill of Qwen1.5-32B is 80 MiB)
+    token_env: str | None = None  # environment variable holding the stage-link token; None: a fresh random one per pipeline
+    tls_cert: str | None = None  # mutual TLS between stages and coordinator: this party's certificate (PEM) …
+    tls_key: str | None = None  # … its private key …
+    tls_ca: str | None = None  # … and the CA that signed every party's certificate (covering their addresses)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 
 import ray
@@ -18,6 +19,7 @@ from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.partition import LayerRange
 from stagecoach.coordinator.pipeline import GrpcPipeline
 from stagecoach.errors import ConfigError, StagecoachError
+from stagecoach.stage.security import LinkSecurity
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,11 @@ class RayPipeline(GrpcPipeline):
         self.strategy = resolve_strategy(p.placement, gpus)
         check_resources(num_stages, p.cpus_per_stage, gpus, self.strategy)
         host = t.host or ray.util.get_node_ip_address()
-        super().__init__(host, 0, t.max_message_mb * 2**20)
+        if t.token_env and not os.environ.get(t.token_env):
+            raise ConfigError(f"transport.token_env names {t.token_env}, but that environment variable is empty or unset")
+        # The token reaches the stages as an actor argument, over Ray's own (authenticated) control plane.
+        self.security = LinkSecurity(os.environ[t.token_env] if t.token_env else secrets.token_hex(32), t.tls_cert, t.tls_key, t.tls_ca)
+        super().__init__(host, 0, t.max_message_mb * 2**20, self.security)
         self.actors: list = []
         self.pg = None
         try:
@@ -175,6 +181,10 @@ class RayPipeline(GrpcPipeline):
                 port=t.port + i if t.port else 0,
                 max_message_bytes=t.max_message_mb * 2**20,
                 delay_ms=p.stage_delay_ms[i] if p.stage_delay_ms else 0.0,
+                link_token=self.security.token,
+                tls_cert=t.tls_cert,
+                tls_key=t.tls_key,
+                tls_ca=t.tls_ca,
             )
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
             actor = StageActor.options(num_cpus=p.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy, name=None)

@@ -130,7 +130,12 @@ def _check_ready(state: ServerState) -> AsyncEngine:
     return state.engine
 
 
+MAX_BODY_BYTES = 8 * 2**20  # larger requests get 413
+
+
 async def _read_json(request: web.Request) -> dict:
+    if request.content_type != "application/json":
+        raise ApiError(415, f"send the body as application/json, not {request.content_type or 'no content type'}", code="unsupported_media_type")
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -440,7 +445,7 @@ def stats_document(state: ServerState) -> dict:
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     routes = web.RouteTableDef()
 
     @routes.post("/v1/chat/completions")

@@ -175,12 +175,13 @@ class GrpcPipeline(_Inbox):
     them with `connect_stages`, passing this pipeline's `address` to the last one.
     """
 
-    def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30) -> None:
+    def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30, security=None) -> None:
         from stagecoach.stage.server import channel_options, start_server
 
         super().__init__()
+        self.security = security  # LinkSecurity shared with the stages (None: an unauthenticated test rig)
         self._submit_times: dict[int, int] = {}  # batch id → ns its Forward to stage 0 took
-        self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes)
+        self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security)
         self.max_message_bytes = max_message_bytes
         self._channel_options = channel_options(max_message_bytes)
         self.stages: list[StageInfo] = []
@@ -196,7 +197,9 @@ class GrpcPipeline(_Inbox):
 
         for ch in self._channels:
             ch.close()
-        self._channels = [grpc.insecure_channel(a, options=self._channel_options) for a in addresses]
+        from stagecoach.stage.security import open_channel
+
+        self._channels = [open_channel(a, self._channel_options, self.security) for a in addresses]
         self.stubs = [pb_grpc.StageStub(ch) for ch in self._channels]
         infos = [stub.Info(pb.InfoRequest(), timeout=30) for stub in self.stubs]
         for info in infos:
@@ -266,9 +269,14 @@ class ThreadPipeline(GrpcPipeline):
     """Every stage in this process, each behind its own gRPC server on host: transport without Ray."""
 
     def __init__(self, model_dir: str | Path, ranges: list[LayerRange], host: str = "127.0.0.1", **plan_kwargs) -> None:
+        import secrets
+
+        from stagecoach.stage.security import LinkSecurity
         from stagecoach.stage.worker import StagePlan, StageWorker
 
-        super().__init__(host)
+        plan_kwargs.setdefault("link_token", secrets.token_hex(32))
+        tls = {k: plan_kwargs.get(k) for k in ("tls_cert", "tls_key", "tls_ca")}
+        super().__init__(host, security=LinkSecurity(plan_kwargs["link_token"], **tls))
         self.workers = [StageWorker(StagePlan(i, str(model_dir), s, e, host=host, **plan_kwargs)) for i, (s, e) in enumerate(ranges)]
         try:
             capacity = min(w.load()["kv_blocks"] for w in self.workers)

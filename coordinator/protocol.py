@@ -32,6 +32,14 @@ UNSUPPORTED = {
 }
 
 
+_COMMON = {
+    "model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "stop", "seed", "n", "logprobs", "stream", "stream_options", "ignore_eos", "user",
+}
+KNOWN_CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | set(UNSUPPORTED)
+KNOWN_COMPLETION = _COMMON | {"prompt", "echo"} | set(UNSUPPORTED)
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     prompts: list[list[int]]  # one entry per prompt (completions may batch several)
@@ -73,6 +81,11 @@ def parse_common(body: dict, defaults: dict, chat: bool) -> GenerationRequest:
     """Everything but the prompt: sampling, n, stream, stop, logprobs."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - (KNOWN_CHAT if chat else KNOWN_COMPLETION))
+    if unknown:
+        raise bad(unknown[0], f"unrecognized request argument '{unknown[0]}'")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("user", "'user' must be a string")
     for name, what in UNSUPPORTED.items():
         if body.get(name) not in (None, [], {}, 1 if name == "best_of" else None):
             raise bad(name, f"'{name}' is not supported: this server does not do {what}")

@@ -39,29 +39,53 @@ class StageRunner:
         return self.model.is_last
 
     def check(self, batch: MicroBatch, inputs: torch.Tensor | None) -> None:
-        """Raises a typed error for anything in the microbatch this stage cannot run."""
+        """Raises RequestError naming the field of anything in the microbatch this stage cannot run.
+
+        Every size and index is checked against this stage's configuration before any of it is used.
+        """
         config = self.model.config
-        for chunk in batch.seqs:
-            if chunk.num_tokens < 1 or len(chunk.slot_mapping) != chunk.num_tokens:
-                raise RequestError(f"sequence {chunk.seq_id}: slot_mapping has {len(chunk.slot_mapping)} entries for {chunk.num_tokens} tokens")
-            if chunk.start_pos < 0 or chunk.start_pos + chunk.num_tokens > config.max_position_embeddings:
-                raise RequestError(
-                    f"sequence {chunk.seq_id}: positions up to {chunk.start_pos + chunk.num_tokens} exceed "
-                    f"max_position_embeddings {config.max_position_embeddings}"
-                )
-            needed_blocks = -(-(chunk.start_pos + chunk.num_tokens) // self.kv_cache.block_size)
-            if len(chunk.block_table) < needed_blocks:
-                raise RequestError(f"sequence {chunk.seq_id}: block_table has {len(chunk.block_table)} blocks, needs {needed_blocks}")
-        self.kv_cache.check((s for c in batch.seqs for s in c.slot_mapping), (c.block_table for c in batch.seqs))
+        block_size = self.kv_cache.block_size
+        max_blocks = -(-config.max_position_embeddings // block_size)
+        if not batch.seqs:
+            raise RequestError("seqs is empty: a microbatch needs at least one sequence")
+        seen: set[int] = set()
+        for i, chunk in enumerate(batch.seqs):
+            where = f"seqs[{i}]"
+            if chunk.seq_id in seen:
+                raise RequestError(f"{where}.seq_id {chunk.seq_id} appears twice in one microbatch")
+            seen.add(chunk.seq_id)
+            if chunk.num_tokens < 1:
+                raise RequestError(f"{where}.num_tokens must be at least 1, got {chunk.num_tokens}")
+            if len(chunk.slot_mapping) != chunk.num_tokens:
+                raise RequestError(f"{where}.slot_mapping has {len(chunk.slot_mapping)} entries for {chunk.num_tokens} tokens")
+            end = chunk.start_pos + chunk.num_tokens
+            if chunk.start_pos < 0 or end > config.max_position_embeddings:
+                raise RequestError(f"{where}.start_pos: positions up to {end} exceed max_position_embeddings {config.max_position_embeddings}")
+            needed_blocks = -(-end // block_size)
+            if not needed_blocks <= len(chunk.block_table) <= max_blocks:
+                raise RequestError(f"{where}.block_table has {len(chunk.block_table)} blocks; positions up to {end} need {needed_blocks} (at most {max_blocks})")
+            self.kv_cache.check(chunk.slot_mapping, (chunk.block_table,))
+            for j, (pos, slot) in enumerate(zip(range(chunk.start_pos, end), chunk.slot_mapping)):
+                if slot != chunk.block_table[pos // block_size] * block_size + pos % block_size:
+                    raise RequestError(f"{where}.slot_mapping[{j}] = {slot} is not position {pos}'s slot in its block_table")
+            if chunk.token_history is not None and self.is_last:
+                bad = next((t for t in chunk.token_history if not 0 <= t < config.vocab_size), None)
+                if bad is not None:
+                    raise RequestError(f"{where}.token_history holds token id {bad}, outside the vocabulary of {config.vocab_size}")
+                if not 0 <= chunk.num_prompt_tokens <= len(chunk.token_history):
+                    raise RequestError(f"{where}.num_prompt_tokens {chunk.num_prompt_tokens} exceeds its token_history")
         if self.is_first:
             if len(batch.token_ids) != batch.num_tokens:
-                raise RequestError(f"token_ids has {len(batch.token_ids)} entries for {batch.num_tokens} tokens")
+                raise RequestError(f"tensor has {len(batch.token_ids)} token ids for {batch.num_tokens} tokens")
             bad = next((t for t in batch.token_ids if not 0 <= t < config.vocab_size), None)
             if bad is not None:
-                raise RequestError(f"token id {bad} is outside the vocabulary of {config.vocab_size}")
-        elif inputs is None or tuple(inputs.shape) != (batch.num_tokens, config.hidden_size):
-            shape = None if inputs is None else list(inputs.shape)
-            raise RequestError(f"hidden_states has shape {shape}, expected [{batch.num_tokens}, {config.hidden_size}]")
+                raise RequestError(f"tensor: token id {bad} is outside the vocabulary of {config.vocab_size}")
+        elif inputs is None:
+            raise RequestError("tensor: hidden states are missing")
+        elif tuple(inputs.shape) != (batch.num_tokens, config.hidden_size):
+            raise RequestError(f"tensor: hidden_states has shape {list(inputs.shape)}, expected [{batch.num_tokens}, {config.hidden_size}]")
+        elif inputs.dtype != self.dtype:
+            raise RequestError(f"tensor.dtype: hidden states are {inputs.dtype}, this stage runs {self.dtype}")
 
     @torch.inference_mode()
     def execute(self, batch: MicroBatch, inputs: torch.Tensor | None = None) -> StageOutput:

@@ -25,6 +25,7 @@ from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.stage import codec
 from stagecoach.stage.batch import MicroBatch
 from stagecoach.stage.runner import StageRunner
+from stagecoach.stage.security import LinkSecurity, TokenCheck, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ class _Work:
 class StageService:
     """Runs queued microbatches through the runner and sends the results downstream."""
 
-    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int, delay_s: float = 0.0) -> None:
+    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int, delay_s: float = 0.0, security: LinkSecurity | None = None) -> None:
         self.runner = runner
+        self.security = security
         self.index = index
         self.max_message_bytes = max_message_bytes
         self.delay_s = delay_s  # testing only: extra time added to every forward, to make a slow stage
@@ -86,12 +88,12 @@ class StageService:
         for ch in self._channels:
             ch.close()
         opts = channel_options(self.max_message_bytes)
-        coord = grpc.insecure_channel(coordinator_address, options=opts)
+        coord = open_channel(coordinator_address, opts, self.security)
         self._channels = [coord]
         self._coordinator = pb_grpc.CoordinatorStub(coord)
         self._next = None
         if next_address is not None:
-            nxt = grpc.insecure_channel(next_address, options=opts)
+            nxt = open_channel(next_address, opts, self.security)
             self._channels.append(nxt)
             self._next = pb_grpc.StageStub(nxt)
         self._wired.set()
@@ -195,14 +197,28 @@ class StageServicer(pb_grpc.StageServicer):
         return pb.HealthReply(serving=True, batches_done=s.batches_done, queue_depth=s.queue_depth, compute_ns_total=s.compute_ns_total, errors=s.errors)
 
 
-def start_server(servicer: pb_grpc.StageServicer | pb_grpc.CoordinatorServicer, host: str, port: int, max_message_bytes: int, max_workers: int = 8) -> tuple[grpc.Server, str]:
-    """Starts a gRPC server for a Stage or Coordinator servicer on host:port (0: any free port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options(max_message_bytes))
+def start_server(
+    servicer: pb_grpc.StageServicer | pb_grpc.CoordinatorServicer,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    security: LinkSecurity | None = None,
+    max_workers: int = 8,
+) -> tuple[grpc.Server, str]:
+    """Starts a gRPC server for a Stage or Coordinator servicer on host:port (0: any free port).
+
+    With security, every call must carry the link token (else UNAUTHENTICATED), over mutual TLS if configured.
+    """
+    interceptors = [TokenCheck(security.token)] if security is not None else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options(max_message_bytes), interceptors=interceptors)
     if isinstance(servicer, pb_grpc.StageServicer):
         pb_grpc.add_StageServicer_to_server(servicer, server)
     else:
         pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if security is not None and security.tls:
+        bound = server.add_secure_port(f"{host}:{port}", security.server_credentials())
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()

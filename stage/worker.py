@@ -15,6 +15,7 @@ from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
 from stagecoach.stage.model import AttentionMetadata, ModelConfig
 from stagecoach.stage.runner import StageRunner
+from stagecoach.stage.security import LinkSecurity
 from stagecoach.stage.server import StageServicer, StageService, start_server
 
 MIB = 2**20
@@ -40,6 +41,15 @@ class StagePlan:
     port: int = 0  # 0: any free port
     max_message_bytes: int = 1 << 30
     delay_ms: float = 0.0  # testing only: extra time added to every forward (a deliberately slow stage)
+    link_token: str = ""  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+    def security(self) -> LinkSecurity | None:
+        if not self.link_token:
+            return None
+        return LinkSecurity(self.link_token, self.tls_cert, self.tls_key, self.tls_ca)
 
 
 def node_address() -> str:
@@ -149,10 +159,11 @@ class StageWorker:
         p, c = self.plan, self.config
         cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.runner = StageRunner(self.model, cache)
-        self.service = StageService(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3)
+        security = p.security()
+        self.service = StageService(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security)
         host = p.host or node_address()
         servicer = StageServicer(self.service, self.info_message(num_blocks))
-        self.server, self.address = start_server(servicer, host, p.port, p.max_message_bytes)
+        self.server, self.address = start_server(servicer, host, p.port, p.max_message_bytes, security)
         servicer.info.address = self.address
         return self.address
 

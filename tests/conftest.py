@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, make_hf_checkpoint, require_shared  # noqa: F401  (re-exported)
+from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, free_port, make_hf_checkpoint, require_shared  # noqa: F401  (re-exported)
 
 # Parity needs the same kernels on both sides: one thread, so reductions run in one order.
 torch.set_num_threads(1)
@@ -40,9 +40,12 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     node = dict(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1", object_store_memory=80 * 2**20)
-    cluster = Cluster(initialize_head=True, head_node_args=node | {"dashboard_host": "127.0.0.1", "include_dashboard": True})
+    # Free ports instead of Ray's fixed defaults, so a Ray already running here (or a second test run) does not clash.
+    head = node | {"dashboard_host": "127.0.0.1", "include_dashboard": True, "dashboard_port": free_port(),
+                   "ray_client_server_port": free_port(), "dashboard_agent_listen_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     for _ in range(3):
-        cluster.add_node(**node)
+        cluster.add_node(**node, dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     yield cluster

