@@ -143,9 +143,26 @@ def build_pipeline(config, backend: str, ray_address: str | None = None):
     return RayPipeline(config, ranges), model
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from stagecoach.coordinator.engine import Engine, sampling_defaults
+def build_engine(pipeline, config, backend: str, stop_token_ids: list[int], max_model_len: int, max_running: int | None = None):
+    """The engine over a started pipeline, sized from the config: one microbatch in flight per stage by default."""
+    from stagecoach.coordinator.engine import Engine
     from stagecoach.coordinator.scheduler import SchedulerConfig
+
+    p = config.pipeline
+    scheduler = SchedulerConfig(
+        num_blocks=pipeline.num_blocks,
+        block_size=pipeline.block_size,
+        max_num_batched_tokens=p.max_batch_tokens,
+        max_num_seqs=p.max_num_seqs,
+        max_model_len=max_model_len,
+        max_running=max_running,
+    )
+    # In-process stages run one after another: a second microbatch in flight would only wait.
+    return Engine(pipeline, scheduler, stop_token_ids, max_inflight=1 if backend == "local" else (p.max_inflight or len(pipeline.stages)))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stagecoach.coordinator.engine import sampling_defaults
     from stagecoach.coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
     from stagecoach.stage.batch import SamplingParams
     from stagecoach.stage.model import ModelConfig
@@ -183,19 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipeline, model = build_pipeline(config, args.backend, args.ray_address)
     try:
-        p = config.pipeline
-        engine = Engine(
-            pipeline,
-            SchedulerConfig(
-                num_blocks=pipeline.num_blocks,
-                block_size=pipeline.block_size,
-                max_num_batched_tokens=p.max_batch_tokens,
-                max_num_seqs=p.max_num_seqs,
-                max_model_len=model.max_position_embeddings,
-            ),
-            tokenizer.stop_token_ids,
-            max_inflight=1 if args.backend == "local" else (p.max_inflight or len(pipeline.stages)),
-        )
+        engine = build_engine(pipeline, config, args.backend, tokenizer.stop_token_ids, model.max_position_embeddings)
         seqs = engine.generate(prompts, sampling)
     finally:
         pipeline.shutdown()

@@ -13,8 +13,7 @@ from aiohttp import web
 
 from stagecoach.coordinator.api import ServerState, build_app
 from stagecoach.coordinator.async_engine import AsyncEngine
-from stagecoach.coordinator.engine import Engine, sampling_defaults
-from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.coordinator.engine import sampling_defaults
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ConfigError
 
@@ -36,28 +35,15 @@ class ServeOptions:
 
 
 async def _start_pipeline(config, options: ServeOptions, state: ServerState, tokenizer: Tokenizer) -> tuple:
-    from stagecoach.coordinator.cli import build_pipeline
+    from stagecoach.coordinator.cli import build_engine, build_pipeline
 
     loop = asyncio.get_running_loop()
     pipeline, model = await loop.run_in_executor(None, build_pipeline, config, options.backend, options.ray_address)
-    p = config.pipeline
     capacity = pipeline.num_blocks * pipeline.block_size
     max_model_len = min(model.max_position_embeddings, options.max_model_len or model.max_position_embeddings, capacity)
     if options.max_model_len and options.max_model_len > max_model_len:
         log.warning("--max-model-len %d lowered to %d: the KV cache holds %d tokens", options.max_model_len, max_model_len, capacity)
-    engine = Engine(
-        pipeline,
-        SchedulerConfig(
-            num_blocks=pipeline.num_blocks,
-            block_size=pipeline.block_size,
-            max_num_batched_tokens=p.max_batch_tokens,
-            max_num_seqs=p.max_num_seqs,
-            max_model_len=max_model_len,
-            max_running=options.max_running,
-        ),
-        tokenizer.stop_token_ids,
-        max_inflight=1 if options.backend == "local" else (p.max_inflight or len(pipeline.stages)),
-    )
+    engine = build_engine(pipeline, config, options.backend, tokenizer.stop_token_ids, max_model_len, options.max_running)
     state.max_model_len = max_model_len
     state.stages = pipeline.stages
     state.stage_states = ["ready"] * len(pipeline.stages)
