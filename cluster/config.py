@@ -41,6 +41,9 @@ class PipelineSection:
     max_num_seqs: int = 64  # sequences in one microbatch at most
     memory_limit_mb: int | None = None  # per-stage memory budget; None: the device's (GPU × fraction, or free RAM)
     ready_timeout_s: float = 300.0  # how long stages may take to be placed and loaded
+    recovery_timeout_s: float = 60.0  # a failed stage must be back within this, or its requests end with 503
+    heartbeat_interval_s: float = 2.0  # how often stages are asked whether they are alive (also: how late a microbatch may be before they are)
+    heartbeat_timeout_s: float = 2.0  # a stage that does not answer within this has failed
     stage_delay_ms: list[float] | None = None  # testing only: extra time added to each stage's every forward
 
     def __post_init__(self) -> None:
@@ -58,6 +61,8 @@ class PipelineSection:
             raise ConfigError(f"pipeline.max_inflight must be at least 1, got {self.max_inflight}")
         if self.stage_delay_ms is not None and (len(self.stage_delay_ms) != self.num_stages or min(self.stage_delay_ms) < 0):
             raise ConfigError(f"pipeline.stage_delay_ms needs one non-negative value per stage ({self.num_stages}), got {self.stage_delay_ms}")
+        if self.heartbeat_interval_s <= 0 or self.heartbeat_timeout_s <= 0 or self.recovery_timeout_s <= 0:
+            raise ConfigError("pipeline.heartbeat_interval_s, heartbeat_timeout_s and recovery_timeout_s must be positive")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ConfigError("pipeline.max_batch_tokens and pipeline.max_num_seqs must be at least 1")
 

@@ -110,6 +110,9 @@ class StageActor:
         self.worker = StageWorker(self.plan, node_id=ray.get_runtime_context().get_node_id())
         return self.worker.load() | {"node_id": self.worker.node_id, "pid": os.getpid()}
 
+    def reset(self, min_batch_id: int) -> None:
+        self.worker.reset(min_batch_id)
+
     def load_progress(self) -> tuple[int, int]:
         worker = self.worker
         return (worker.loaded_bytes, worker.weight_bytes) if worker is not None else (0, 0)
@@ -145,6 +148,7 @@ class RayPipeline(GrpcPipeline):
         # The token reaches the stages as an actor argument, over Ray's own (authenticated) control plane.
         self.security = LinkSecurity(os.environ[t.token_env] if t.token_env else secrets.token_hex(32), t.tls_cert, t.tls_key, t.tls_ca)
         super().__init__(host, 0, t.max_message_mb * 2**20, self.security)
+        self.heartbeat_timeout_s = p.heartbeat_timeout_s
         self.actors: list = []
         self.pg = None
         try:
@@ -155,7 +159,8 @@ class RayPipeline(GrpcPipeline):
 
     def _launch(self, config: ClusterConfig, ranges: list[LayerRange], gpus: float, host: str) -> None:
         p, c, t = config.pipeline, config.cache, config.transport
-        timeout = p.ready_timeout_s
+        timeout = self.ready_timeout_s = p.ready_timeout_s
+        self._cpus, self._gpus = p.cpus_per_stage, gpus
         self.pg = placement_group([_bundle(p.cpus_per_stage, gpus) for _ in ranges], strategy=self.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
         if not ready:
@@ -163,6 +168,7 @@ class RayPipeline(GrpcPipeline):
                 f"the placement group for {len(ranges)} stages ({self.strategy}, {gpus:g} GPU + {p.cpus_per_stage:g} CPU each) "
                 f"was not placed within {timeout:g} s; the cluster has {cluster_gpus():g} GPUs on {len(ray.nodes())} nodes"
             )
+        self._plans = []
         for i, (start, end) in enumerate(ranges):
             plan = dict(
                 index=i,
@@ -186,9 +192,8 @@ class RayPipeline(GrpcPipeline):
                 tls_key=t.tls_key,
                 tls_ca=t.tls_ca,
             )
-            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
-            actor = StageActor.options(num_cpus=p.cpus_per_stage, num_gpus=gpus, scheduling_strategy=strategy, name=None)
-            self.actors.append(actor.remote(plan))
+            self._plans.append(plan)
+            self.actors.append(self._new_actor(i))
         loads = self._load_with_progress(timeout)
         capacity = min(r["kv_blocks"] for r in loads)
         if capacity < 1:
@@ -198,9 +203,37 @@ class RayPipeline(GrpcPipeline):
             capacity, c.block_size, min(range(len(loads)), key=lambda i: loads[i]["kv_blocks"]), capacity * c.block_size,
         )
         addresses = self._gather([a.start.remote(capacity) for a in self.actors], "start its server", timeout)
+        self._wire(addresses, timeout)
+
+    def _new_actor(self, index: int):
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
+        return StageActor.options(num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy=strategy).remote(self._plans[index])
+
+    def _wire(self, addresses: list[str], timeout: float) -> None:
         wiring = [a.connect.remote(addresses[i + 1] if i + 1 < len(addresses) else None, self.address) for i, a in enumerate(self.actors)]
         self._gather(wiring, "connect", timeout)
         self.attach(addresses)
+
+    def recover(self, min_batch_id: int) -> None:
+        """Replaces every stage that does not answer with a new actor on its own bundle (Ray moves the
+        bundle to another node if that node is gone), then fences off old microbatches and rewires."""
+        timeout = self.ready_timeout_s
+        dead = [i for i, reply in enumerate(self.health()) if isinstance(reply, Exception)]
+        for i in dead:
+            ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self._new_actor(i)
+        if dead:
+            log.warning("recovering: restarting stage(s) %s", ", ".join(map(str, dead)))
+            loads = self._gather([self.actors[i].load.remote() for i in dead], "load again", timeout)
+            short = [(i, r["kv_blocks"]) for i, r in zip(dead, loads) if r["kv_blocks"] < self.num_blocks]
+            if short:
+                raise ConfigError(f"restarted stage {short[0][0]} holds {short[0][1]} KV blocks, fewer than the pipeline's {self.num_blocks}")
+            restarted = self._gather([self.actors[i].start.remote(self.num_blocks) for i in dead], "start its server again", timeout)
+        addresses = [s.address for s in self.stages]
+        for i, address in zip(dead, restarted if dead else []):
+            addresses[i] = address
+        self._gather([a.reset.remote(min_batch_id) for a in self.actors], "reset", timeout)
+        self._wire(addresses, timeout)
 
     def _load_with_progress(self, timeout: float) -> list[dict]:
         """Loads every stage, showing each stage's bytes loaded (a 32B stage takes minutes)."""

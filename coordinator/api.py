@@ -44,6 +44,8 @@ class Metrics:
         self.hop = Histogram("stagecoach_hop_seconds", "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
                              ["sender"], buckets=fine, registry=r)
         self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
+        self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
+        self.recovery_seconds = Histogram("stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
         # Rolling views for /v1/stats and the terminal UI.
         self.ttft_window: deque = deque(maxlen=WINDOW)
         self.itl_window: deque = deque(maxlen=WINDOW)
@@ -126,7 +128,7 @@ def _check_ready(state: ServerState) -> AsyncEngine:
         raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
     if state.engine is None or state.engine.fatal_error:
         reason = state.startup_error or (state.engine.fatal_error if state.engine else "the pipeline's stages are still starting")
-        raise ApiError(503, f"not ready: {reason}", "server_error", code="not_ready")
+        raise ApiError(503, f"not ready: {reason}", "server_error", code="not_ready", headers={"Retry-After": "5"})
     return state.engine
 
 
@@ -405,7 +407,7 @@ def stats_document(state: ServerState) -> dict:
         t = timings.get(s.index, {})
         stages.append({
             "index": s.index,
-            "state": state.stage_states[i] if i < len(state.stage_states) else "ready",
+            "state": "recovering" if engine_stats.get("recovering") else (state.stage_states[i] if i < len(state.stage_states) else "ready"),
             "layers": list(s.layers),
             "node_id": s.node_id,
             "address": s.address,

@@ -11,16 +11,19 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.pipeline import PipelineError
 from stagecoach.coordinator.sequence import Sequence
 from stagecoach.stage.batch import SamplingParams
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how long the engine thread waits on an idle pipe before re-checking its queue
+RETRY_S = 2.0  # between recovery attempts
 
 
 @dataclass(slots=True)
@@ -36,8 +39,12 @@ class TokenUpdate:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, recovery_timeout_s: float = 60.0, on_recovery=None) -> None:
         self.engine = engine
+        self.recovery_timeout_s = recovery_timeout_s  # requests waiting longer than this for a recovery get 503
+        self.on_recovery = on_recovery  # called with the seconds each successful recovery took
+        self.recovering = False
+        self._last_stats: dict = {}
         self._control: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}  # seq id → (loop, queue, tokens sent)
         self._lock = threading.Lock()  # held while the engine thread mutates state that stats() reads
@@ -49,8 +56,6 @@ class AsyncEngine:
     # -- called from asyncio ------------------------------------------------------------------
     async def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> tuple[Sequence, asyncio.Queue]:
         """Queues a request; raises the scheduler's RequestError if it can never run."""
-        if self.fatal_error:
-            raise RuntimeError(self.fatal_error)
         future: Future = Future()
         updates: asyncio.Queue = asyncio.Queue()
         self._control.put(("add", prompt_token_ids, sampling, asyncio.get_running_loop(), updates, future))
@@ -58,14 +63,23 @@ class AsyncEngine:
         seq = await asyncio.wrap_future(future)
         return seq, updates
 
+    def report_failure(self, reason: str) -> None:
+        """A missed heartbeat while the pipe may be idle: have the engine thread recover."""
+        if not self.recovering:
+            self._control.put(("fail", reason))
+            self.engine.pipeline.wake()
+
     def abort(self, seq_id: int) -> None:
         self._control.put(("abort", seq_id))
         self.engine.pipeline.wake()
 
     def stats(self) -> dict:
-        with self._lock:
+        """A snapshot for /v1/stats and /metrics; during a recovery (which holds the lock) the last one."""
+        if not self._lock.acquire(timeout=0.05):
+            return self._last_stats | {"recovering": self.recovering}
+        try:
             s = self.engine.scheduler
-            return {
+            self._last_stats = {
                 "running": len(s.running),
                 "waiting": len(s.waiting),
                 "kv_blocks_total": s.block_manager.num_blocks,
@@ -76,9 +90,15 @@ class AsyncEngine:
                 "max_inflight": self.engine.max_inflight,
                 "microbatches": self.engine.num_batches,
                 "preemptions": s.num_preemptions,
+                "recoveries": len(self.engine.recoveries),
+                "recovery_seconds": [round(t, 3) for t in self.engine.recoveries],
+                "recovering": self.recovering,
                 "timings": self.engine.timings.rows(),
                 "coordinator_hop_ms": self.engine.timings.coordinator_hop(),
             }
+            return dict(self._last_stats)
+        finally:
+            self._lock.release()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -101,6 +121,8 @@ class AsyncEngine:
                     continue
                 self._streams[seq.seq_id] = (loop, updates, 0)
                 future.set_result(seq)
+            elif item[0] == "fail":
+                raise PipelineError(item[1])
             else:
                 seq = self.engine.scheduler.sequences.get(item[1])
                 if seq is not None and not seq.is_finished:
@@ -124,10 +146,37 @@ class AsyncEngine:
         loop.call_soon_threadsafe(updates.put_nowait, update)
 
     def _fail_all(self, message: str) -> None:
-        self.fatal_error = message
-        for loop, updates, _ in self._streams.values():
+        """Ends every open request with the error (their sequences are aborted and freed)."""
+        for seq_id, (loop, updates, _) in self._streams.items():
             loop.call_soon_threadsafe(updates.put_nowait, TokenUpdate([], [], [], True, None, message))
+            self.engine.scheduler.abort(seq_id)
         self._streams.clear()
+
+    def _recover(self, cause: Exception) -> None:
+        """Brings the pipeline back; past the deadline, open requests end with 503 and new ones get 503
+        until it is whole again. Streams that survive see a pause, not an error."""
+        log.warning("the pipeline failed (%s): recovering", cause)
+        self.recovering = True
+        self.fatal_error = f"the pipeline is recovering from: {cause}"
+        deadline = time.monotonic() + self.recovery_timeout_s
+        failed_open_requests = False
+        while not self._stopping.is_set():
+            try:
+                with self._lock:
+                    took = self.engine.recover()
+                log.warning("recovered in %.2f s; re-prefilling %d sequences", took, len(self.engine.scheduler.waiting))
+                if self.on_recovery is not None:
+                    self.on_recovery(took)
+                self.recovering = False
+                self.fatal_error = None
+                return
+            except Exception as e:
+                log.warning("recovery attempt failed: %s", e)
+                if time.monotonic() > deadline and not failed_open_requests:
+                    with self._lock:
+                        self._fail_all(f"stage failure: the pipeline did not recover within {self.recovery_timeout_s:g} s ({e})")
+                    failed_open_requests = True
+                self._stopping.wait(RETRY_S)
 
     def _run(self) -> None:
         pipeline = self.engine.pipeline
@@ -148,8 +197,11 @@ class AsyncEngine:
                         continue
                     for seq in self.engine.apply(done):
                         self._publish(seq)
-            except Exception as e:  # the pipeline broke: every open request gets the error
+            except PipelineError as e:  # a stage failed: recover, and carry on
+                self._recover(e)
+            except Exception as e:  # a bug: every open request gets the error, and the engine stops
                 log.exception("engine loop failed")
+                self.fatal_error = f"the engine failed: {e}"
                 with self._lock:
-                    self._fail_all(f"the pipeline failed: {e}")
+                    self._fail_all(self.fatal_error)
                 return

@@ -158,7 +158,11 @@ def build_engine(pipeline, config, backend: str, stop_token_ids: list[int], max_
         max_running=max_running,
     )
     # In-process stages run one after another: a second microbatch in flight would only wait.
-    return Engine(pipeline, scheduler, stop_token_ids, max_inflight=1 if backend == "local" else (p.max_inflight or len(pipeline.stages)))
+    return Engine(
+        pipeline, scheduler, stop_token_ids,
+        max_inflight=1 if backend == "local" else (p.max_inflight or len(pipeline.stages)),
+        heartbeat_interval_s=p.heartbeat_interval_s,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

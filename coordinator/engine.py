@@ -24,9 +24,6 @@ def sampling_defaults(model_dir: str | Path) -> dict:
     return defaults
 
 
-HEALTH_CHECK_AFTER_S = 2.0  # a microbatch this late makes the engine ask every stage whether it is alive
-
-
 class Engine:
     """Continuous batching over a pipeline: requests join and leave between microbatches.
 
@@ -41,17 +38,20 @@ class Engine:
         stop_token_ids: list[int] | None = None,
         max_inflight: int = 1,
         result_timeout_s: float = 300.0,
+        heartbeat_interval_s: float = 2.0,
     ) -> None:
         self.pipeline = pipeline
         self.scheduler = Scheduler(scheduler_config)
         self.stop_token_ids = list(stop_token_ids or [])
         self.max_inflight = max_inflight
         self.result_timeout_s = result_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s  # a microbatch this late makes the engine ask every stage whether it is alive
         self.inflight: dict[int, tuple[MicroBatch, float]] = {}  # batch id → (batch, monotonic send time)
         self.peak_inflight = 0
         self.num_batches = 0
         self.timings = TimingStats()
         self._last_health_check = 0.0
+        self.recoveries: list[float] = []  # seconds each recovery took
 
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
         if sampling.seed is None:
@@ -91,11 +91,24 @@ class Engine:
 
     def apply(self, done: Delivered) -> list[Sequence]:
         """Applies a returned microbatch: appends tokens, finishes sequences, frees their blocks."""
+        if done.batch_id not in self.inflight:
+            return []  # from before a recovery: its sequences have been re-prefilled since
         batch, _ = self.inflight.pop(done.batch_id)
         if done.error:
             raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
         self.timings.add(done)
         return self.scheduler.process_results(batch, done.samples)
+
+    def recover(self) -> float:
+        """After a stage failure: restart what died, rewire, and re-prefill every running sequence from
+        its prompt plus the tokens it already has. Returns the seconds it took."""
+        start = time.monotonic()
+        self.inflight.clear()
+        self.scheduler.recompute_all()
+        self.pipeline.recover(self.scheduler.next_batch_id)
+        took = time.monotonic() - start
+        self.recoveries.append(took)
+        return took
 
     def check_stall(self) -> None:
         """Raises PipelineError when a microbatch is overdue or, once one is late, a stage stops answering."""
@@ -105,7 +118,7 @@ class Engine:
         waited = now - min(sent for _, sent in self.inflight.values())
         if waited > self.result_timeout_s:
             raise PipelineError(f"a microbatch has not come back within {self.result_timeout_s:g} s")
-        if waited > HEALTH_CHECK_AFTER_S and now - self._last_health_check > HEALTH_CHECK_AFTER_S:
+        if waited > self.heartbeat_interval_s and now - self._last_health_check > self.heartbeat_interval_s:
             self._last_health_check = now
             self.pipeline.check_health()
 

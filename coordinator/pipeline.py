@@ -21,9 +21,6 @@ from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.stage.batch import MicroBatch, SampleResult
 
 
-HEALTH_TIMEOUT_S = 2.0
-
-
 class PipelineError(StagecoachError):
     """A stage failed a microbatch or cannot be reached."""
 
@@ -70,6 +67,8 @@ class Pipeline(Protocol):
     def wake(self) -> None: ...
 
     def check_health(self) -> None: ...
+
+    def recover(self, min_batch_id: int) -> None: ...
 
     def shutdown(self) -> None: ...
 
@@ -151,6 +150,11 @@ class LocalPipeline(_Inbox):
     def health(self) -> list:
         return [pb.HealthReply(serving=True) for _ in self.runners]
 
+    def recover(self, min_batch_id: int) -> None:
+        for runner in self.runners:
+            if runner.sampler is not None:
+                runner.sampler.reset()
+
     def shutdown(self) -> None:
         self.runners.clear()
 
@@ -180,6 +184,7 @@ class GrpcPipeline(_Inbox):
 
         super().__init__()
         self.security = security  # LinkSecurity shared with the stages (None: an unauthenticated test rig)
+        self.heartbeat_timeout_s = 2.0  # a stage that does not answer Health within this has failed
         self._submit_times: dict[int, int] = {}  # batch id → ns its Forward to stage 0 took
         self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security)
         self.max_message_bytes = max_message_bytes
@@ -242,12 +247,15 @@ class GrpcPipeline(_Inbox):
         replies: list = []
         for stage, stub in zip(self.stages, self.stubs):
             try:
-                reply = stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+                reply = stub.Health(pb.HealthRequest(), timeout=self.heartbeat_timeout_s)
                 stage.errors = reply.errors
                 replies.append(reply)
             except grpc.RpcError as e:
                 replies.append(PipelineError(e.code().name))
         return replies
+
+    def recover(self, min_batch_id: int) -> None:
+        raise PipelineError("this pipeline cannot restart stages it did not start")
 
     def shutdown(self) -> None:
         for ch in self._channels:
@@ -287,6 +295,12 @@ class ThreadPipeline(GrpcPipeline):
         except BaseException:
             self.shutdown()
             raise
+
+    def recover(self, min_batch_id: int) -> None:
+        """In-process stages do not die; a recovery fences off old microbatches and rewires."""
+        for w in self.workers:
+            w.reset(min_batch_id)
+        connect_stages(self.workers, self.address)
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -43,7 +43,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_since_last_batch: list[int] = []
         self._pending_free: list[Sequence] = []  # finished while a chunk was in flight
-        self._batch_ids = itertools.count()
+        self._next_batch_id = 0
         self._seq_ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------
@@ -119,11 +119,15 @@ class Scheduler:
             return None
         finished, self._finished_since_last_batch = self._finished_since_last_batch, []
         return MicroBatch(
-            batch_id=next(self._batch_ids),
+            batch_id=self._take_batch_id(),
             seqs=chunks,
             token_ids=[t for c in chunks for t in self.sequences[c.seq_id].token_ids[c.start_pos : c.start_pos + c.num_tokens]],
             finished_seq_ids=finished,
         )
+
+    def _take_batch_id(self) -> int:
+        self._next_batch_id += 1
+        return self._next_batch_id - 1
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
         """Grows seq's block table to num_tokens, preempting the youngest idle sequences if needed."""
@@ -137,13 +141,36 @@ class Scheduler:
         self.block_manager.grow(seq, num_tokens)
         return True
 
+    @property
+    def next_batch_id(self) -> int:
+        """The id the next microbatch will get (microbatch ids only grow)."""
+        return self._next_batch_id
+
+    def recompute_all(self) -> int:
+        """After a stage lost its KV cache: every running sequence goes back to waiting, to be re-prefilled
+        from prompt + tokens so far. Microbatches in flight are forgotten. Returns how many sequences."""
+        seqs = list(self.running)
+        for seq in seqs:
+            seq.num_scheduled_tokens = seq.num_computed_tokens  # nothing is in flight any more
+            seq.is_awaiting_sample = False
+            self._requeue(seq)
+        for seq in self._pending_free:
+            seq.num_scheduled_tokens = seq.num_computed_tokens
+            self._release(seq)
+        self._pending_free.clear()
+        return len(seqs)
+
     def _preempt(self, seq: Sequence) -> None:
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Frees seq's blocks and puts it back in the queue, to be recomputed from prompt + tokens so far."""
         self.block_manager.free(seq)
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_scheduled_tokens = seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
         # Back to the front, in arrival order, so it is recomputed before newer requests.
         index = next((i for i, w in enumerate(self.waiting) if w.seq_id > seq.seq_id), len(self.waiting))
         self.waiting.insert(index, seq)

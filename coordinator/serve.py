@@ -48,19 +48,28 @@ async def _start_pipeline(config, options: ServeOptions, state: ServerState, tok
     state.stages = pipeline.stages
     state.stage_states = ["ready"] * len(pipeline.stages)
     engine.timings.observer = state.metrics.observe_timing
-    state.engine = AsyncEngine(engine)
+    def recovered(seconds: float) -> None:
+        state.stages = pipeline.stages  # restarted stages have new addresses and pids
+        state.metrics.recoveries.inc()
+        state.metrics.recovery_seconds.observe(seconds)
+
+    state.engine = AsyncEngine(engine, config.pipeline.recovery_timeout_s, on_recovery=recovered)
     log.warning("ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name)
     return pipeline
 
 
-async def _poll_health(pipeline, state: ServerState, interval_s: float = 2.0) -> None:
-    """Keeps each stage's state (ready / failed) and error count fresh for /v1/stats and /metrics."""
+async def _poll_health(pipeline, state: ServerState, interval_s: float) -> None:
+    """Heartbeats: keeps each stage's state and error count fresh, and starts a recovery when one stops answering."""
     loop = asyncio.get_running_loop()
     while True:
-        replies = await loop.run_in_executor(None, pipeline.health)
-        state.stage_states = ["failed" if isinstance(r, Exception) else "ready" for r in replies]
-        for stage, s in zip(pipeline.stages, state.stage_states):
-            state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
+        if not state.engine.recovering:
+            replies = await loop.run_in_executor(None, pipeline.health)
+            state.stage_states = ["failed" if isinstance(r, Exception) else "ready" for r in replies]
+            for stage, s in zip(pipeline.stages, state.stage_states):
+                state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
+            dead = [str(stage.index) for stage, s in zip(pipeline.stages, state.stage_states) if s != "ready"]
+            if dead:
+                state.engine.report_failure(f"stage {', '.join(dead)} missed its heartbeat")
         await asyncio.sleep(interval_s)
 
 
@@ -105,7 +114,7 @@ async def serve(config, options: ServeOptions) -> int:
     if starter in done:
         try:
             pipeline = starter.result()
-            poller = asyncio.ensure_future(_poll_health(pipeline, state))
+            poller = asyncio.ensure_future(_poll_health(pipeline, state, config.pipeline.heartbeat_interval_s))
         except Exception as e:
             state.startup_error = str(e)
             log.error("the pipeline did not start: %s", e)

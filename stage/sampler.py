@@ -89,6 +89,10 @@ class Sampler:
             self._history.pop(seq_id, None)
             self._num_prompt.pop(seq_id, None)
 
+    def reset(self) -> None:
+        self._history.clear()
+        self._num_prompt.clear()
+
     @property
     def num_sequences(self) -> int:
         return len(self._history)

@@ -69,6 +69,7 @@ class StageService:
         self.compute_ns_total = 0
         self.errors = 0
         self._last_send: tuple[int, int] = (0, 0)  # (batch id, duration ns) of the latest onward send
+        self.min_batch_id = 0  # after a recovery, older microbatches are stale: never computed, never sent
         self._inbox: queue.Queue[_Work | None] = queue.Queue()
         self._outbox: queue.Queue[tuple[_Work, object] | None] = queue.Queue()
         self._next: pb_grpc.StageStub | None = None
@@ -102,6 +103,16 @@ class StageService:
     def queue_depth(self) -> int:
         return self._inbox.qsize()
 
+    def reset(self, min_batch_id: int) -> None:
+        """Fences off everything from before a recovery: queued work older than min_batch_id is dropped,
+        and the last stage forgets its sequences (their histories come again with the re-prefill)."""
+        self.min_batch_id = min_batch_id
+        if self.runner.sampler is not None:
+            self.runner.sampler.reset()
+
+    def is_stale(self, batch_id: int) -> bool:
+        return batch_id < self.min_batch_id
+
     def submit(self, batch: MicroBatch, inputs: torch.Tensor | None, timings, received_ns: int) -> None:
         work = _Work(batch, inputs, list(timings))
         work.timing.stage_index = self.index
@@ -118,6 +129,8 @@ class StageService:
     # -- threads ----------------------------------------------------------------------------
     def _compute_loop(self) -> None:
         while (work := self._inbox.get()) is not None:
+            if self.is_stale(work.batch.batch_id):
+                continue
             work.timing.compute_start_ns = time.monotonic_ns()
             try:
                 out = self.runner.execute(work.batch, work.inputs)
@@ -135,6 +148,8 @@ class StageService:
         self._wired.wait()
         while (item := self._outbox.get()) is not None:
             work, out = item
+            if self.is_stale(work.batch.batch_id):
+                continue
             start = time.monotonic_ns()
             try:
                 self._send(work, out)
@@ -178,6 +193,8 @@ class StageServicer(pb_grpc.StageServicer):
 
     def Forward(self, request: pb.MicroBatch, context: grpc.ServicerContext) -> pb.ForwardReply:
         received = time.monotonic_ns()
+        if self.service.is_stale(request.batch_id):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"stage {self.service.index}: microbatch {request.batch_id} is from before a recovery")
         try:
             batch, inputs = codec.decode_microbatch(request, expect_token_ids=self.service.runner.is_first)
             self.service.runner.check(batch, inputs)

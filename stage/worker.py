@@ -170,6 +170,9 @@ class StageWorker:
     def connect(self, next_address: str | None, coordinator_address: str) -> None:
         self.service.connect(next_address, coordinator_address)
 
+    def reset(self, min_batch_id: int) -> None:
+        self.service.reset(min_batch_id)
+
     def info_message(self, num_blocks: int) -> pb.StageInfo:
         mem_total = self.memory_budget()
         mem_used = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.weight_bytes + num_blocks * self.bytes_per_block

@@ -67,7 +67,8 @@ SCHEMA = {
     "latency": {"ttft_ms": LATENCY, "itl_ms": LATENCY, "coordinator_hop_ms": LATENCY},
     "pipeline_utilisation": float,
     "engine": {"running": int, "waiting": int, "kv_blocks_used": int, "kv_blocks_total": int, "block_size": int, "inflight": int,
-               "peak_inflight": int, "max_inflight": int, "microbatches": int, "preemptions": int},
+               "peak_inflight": int, "max_inflight": int, "microbatches": int, "preemptions": int,
+               "recoveries": int, "recovery_seconds": list, "recovering": bool},
 }
 STAGE = {
     "index": int, "state": str, "layers": list, "node_id": str, "address": str, "pid": int, "device": str, "weight_bytes": int,

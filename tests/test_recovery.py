@@ -1,0 +1,135 @@
+"""A stage can die without losing a request: chaos tests on a 3-node Ray cluster, and a stage that never comes back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from http.client import HTTPConnection
+
+import pytest
+import yaml
+
+from helpers import http, make_hf_checkpoint
+from test_serve import Server
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[(11 * i + j) % 390 + 3 for j in range(3 + i)] for i in range(8)]
+NEW_TOKENS = 200
+
+
+def stream_text(port: int, body: dict, progress: list, index: int, out: dict) -> None:
+    """Reads one SSE stream to its end; progress[index] counts the chunks seen so far."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", "/v1/completions", json.dumps(body | {"stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    text, events = [], []
+    while line := resp.readline():
+        if line.startswith(b"data: "):
+            data = line[6:].decode().strip()
+            events.append(data)
+            if data != "[DONE]":
+                payload = json.loads(data)
+                if "error" in payload:
+                    continue
+                text.append(payload["choices"][0]["text"])
+                progress[index] += 1
+    out[index] = ("".join(text), events)
+
+
+def config_file(tmp, model, **pipeline) -> str:
+    path = tmp / f"cluster-{len(list(tmp.glob('cluster-*')))}.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"path": str(model)},
+        # A few milliseconds per stage stretch generation out, so that a kill lands mid-stream.
+        "pipeline": {"num_stages": 3, "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 16,
+                     "stage_delay_ms": [3.0, 3.0, 3.0], **pipeline},
+        "cache": {"block_size": 8, "num_blocks": 512},
+        "transport": {"host": "127.0.0.1"},
+    }))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recovery") / "model"
+    make_hf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=1024)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model, ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recovery_server")
+    s = Server(["--config", config_file(tmp, model), "--ray-address", ray_cluster.address], tmp / "server.log")
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """Fault-free greedy outputs, one request at a time."""
+    return [http(server.port, "/v1/completions", {"prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}, key=None)[1]["choices"][0]["text"]
+            for p in PROMPTS]
+
+
+def stage_pid(port: int, index: int) -> int:
+    return http(port, "/v1/stats", key=None)[1]["stages"][index]["pid"]
+
+
+def run_with_kill(server, prompts, kill_stage: int, after_batches: int) -> tuple[dict, float]:
+    progress, out = [0] * len(prompts), {}
+    body = {"max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    threads = [threading.Thread(target=stream_text, args=(server.port, body | {"prompt": p}, progress, i, out)) for i, p in enumerate(prompts)]
+    pid = stage_pid(server.port, kill_stage)
+    engine = http(server.port, "/v1/stats", key=None)[1]["engine"]
+    before, start_batches = engine["recoveries"], engine["microbatches"]
+    for t in threads:
+        t.start()
+    # Mid-stream: every sequence running and some decode steps done (chunks are no guide: the tiny
+    # model's tokens beyond its tokenizer's vocabulary decode to nothing).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        engine = http(server.port, "/v1/stats", key=None)[1]["engine"]
+        if engine["running"] == len(prompts) and engine["microbatches"] - start_batches >= after_batches:
+            break
+        time.sleep(0.01)
+    assert all(t.is_alive() for t in threads)
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=300)
+    engine = http(server.port, "/v1/stats", key=None)[1]["engine"]
+    assert engine["recoveries"] == before + 1, engine
+    return out, engine["recovery_seconds"][-1]
+
+
+@pytest.mark.parametrize("kill_stage", [1, 2], ids=["middle stage", "last stage"])
+def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage):
+    out, took = run_with_kill(server, PROMPTS, kill_stage, after_batches=30)
+    print(f"recovery after killing stage {kill_stage}: {took:.2f} s")
+    for i, ref in enumerate(reference):
+        text, events = out[i]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        assert text == ref, f"request {i} differs after the recovery"
+    assert http(server.port, "/health", key=None)[0] == 200
+
+
+def test_stage_killed_during_a_long_prefill(server):
+    prompt = [(7 * j) % 390 + 3 for j in range(400)]  # 25 chunks of 16 tokens
+    ref = http(server.port, "/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}, key=None)[1]["choices"][0]["text"]
+    progress, out = [0], {}
+    t = threading.Thread(target=stream_text, args=(server.port, {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}, progress, 0, out))
+    pid = stage_pid(server.port, 0)
+    t.start()
+    deadline = time.monotonic() + 10
+    while http(server.port, "/v1/stats", key=None)[1]["engine"]["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert progress[0] == 0  # still prefilling
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=300)
+    text, events = out[0]
+    assert events[-1] == "[DONE]" and text == ref
+    print(f"recovery during prefill: {http(server.port, '/v1/stats', key=None)[1]['engine']['recovery_seconds'][-1]:.2f} s")
