@@ -83,6 +83,7 @@ class ServerState:
     sampling_defaults: dict
     api_key: str | None = None
     max_active: int | None = None  # requests running + queued; beyond this: 429
+    request_timeout_s: float = 600.0  # a generation request taking longer ends with 408
     engine: AsyncEngine | None = None  # set once every stage is ready
     stages: list = field(default_factory=list)
     draining: bool = False
@@ -295,10 +296,15 @@ async def _generate(request: web.Request, state: ServerState, req: GenerationReq
         state.metrics.prompt_tokens.inc(sum(len(p) for p in req.prompts) * req.n)
         state.metrics.input_tokens.add(sum(len(p) for p in req.prompts) * req.n)
         state.metrics.requests_rate.add()
+        deadline = started + state.request_timeout_s
         if req.stream:
-            return await _stream(request, state, req, chat, streams, choices)
+            return await _stream(request, state, req, chat, streams, choices, deadline)
         while any(c.finish_reason is None for c in choices):
-            await asyncio.gather(*(s.next_delta() for s in streams if s.choice.finish_reason is None))
+            try:
+                await asyncio.wait_for(asyncio.gather(*(s.next_delta() for s in streams if s.choice.finish_reason is None)),
+                                       max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _timed_out(state) from None
         state.metrics.requests.labels("200").inc()
         return web.json_response(_full_response(state, req, chat, choices))
     except ApiError as e:
@@ -342,7 +348,11 @@ def _full_response(state: ServerState, req: GenerationRequest, chat: bool, choic
     }
 
 
-async def _stream(request: web.Request, state: ServerState, req: GenerationRequest, chat: bool, streams: list[_SequenceStream], choices: list[_Choice]):
+def _timed_out(state: ServerState) -> ApiError:
+    return ApiError(408, f"the request took longer than {state.request_timeout_s:g} s (--request-timeout)", code="request_timeout")
+
+
+async def _stream(request: web.Request, state: ServerState, req: GenerationRequest, chat: bool, streams: list[_SequenceStream], choices: list[_Choice], deadline: float):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -361,7 +371,9 @@ async def _stream(request: web.Request, state: ServerState, req: GenerationReque
     pending = {asyncio.ensure_future(s.next_delta()): s for s in streams}
     try:
         while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise _timed_out(state)
             for task in done:
                 s = pending.pop(task)
                 result = task.result()

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens at most (default: the model's, capped by the KV cache)")
     srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's name)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds a generation request may take before it ends with 408")
 
     top = sub.add_parser("top", help="a live terminal view of a serving pipeline (per-stage and per-hop latency)")
     top.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
@@ -268,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
         host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address, api_key_env=args.api_key_env,
         max_running=args.max_running, max_queue=args.max_queue, max_model_len=args.max_model_len,
-        served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout,
+        served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout, request_timeout_s=args.request_timeout,
     )
     return asyncio.run(serve(config, options))
 

@@ -32,6 +32,7 @@ class ServeOptions:
     max_model_len: int | None = None
     served_model_name: str | None = None
     drain_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0
 
 
 async def _start_pipeline(config, options: ServeOptions, state: ServerState, tokenizer: Tokenizer) -> tuple:
@@ -93,6 +94,7 @@ async def serve(config, options: ServeOptions) -> int:
         sampling_defaults=sampling_defaults(model_dir),
         api_key=api_key,
         max_active=max_active,
+        request_timeout_s=options.request_timeout_s,
     )
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
     await runner.setup()

@@ -129,3 +129,30 @@ def test_overload_gets_exactly_the_right_number_of_429s(server):
     assert sorted(statuses) == [200] * capacity + [429] * (n - capacity)
 
 
+
+
+def test_a_request_past_its_timeout_ends_with_408_streamed_or_not(tmp_path):
+    make_hf_checkpoint(tmp_path / "model", num_hidden_layers=2, max_position_embeddings=1024)
+    s = Server(["--model", str(tmp_path / "model"), "--backend", "local", "--kv-blocks", "256", "--block-size", "8", "--request-timeout", "0.3"],
+               tmp_path / "server.log")
+    try:
+        s.wait_ready()
+        body = {"prompt": [5, 6], "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+        status, payload, _ = http(s.port, "/v1/completions", body, key=None)
+        assert status == 408 and payload["error"]["code"] == "request_timeout"
+        import json
+        from http.client import HTTPConnection
+
+        conn = HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(body | {"stream": True}), {"Content-Type": "application/json"})
+        events = [line[6:].strip() for line in iter(conn.getresponse().readline, b"") if line.startswith(b"data: ")]
+        assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == 408
+        assert http(s.port, "/v1/completions", {"prompt": [5, 6], "max_tokens": 2, "temperature": 0}, key=None)[0] == 200
+        import time
+
+        deadline = time.monotonic() + 10
+        while http(s.port, "/v1/stats", key=None)[1]["engine"]["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http(s.port, "/v1/stats", key=None)[1]["engine"]["running"] == 0  # the timed-out sequences were freed
+    finally:
+        s.stop()
