@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -199,6 +199,3 @@ class StageWorker:
             self.server.stop(grace=1).wait()
         if self.service is not None:
             self.service.stop()
-
-    def describe(self) -> dict:
-        return {"plan": asdict(self.plan), "address": self.address, "pid": os.getpid(), "node_id": self.node_id}
