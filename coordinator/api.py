@@ -54,7 +54,7 @@ class Metrics:
         self.requests_rate = Rate()
 
         def stat(key):
-            return lambda: state.engine.stats()[key] if state.engine else 0
+            return lambda: state.engine.stats(with_timings=False).get(key, 0) if state.engine else 0
 
         for name, key, doc in (
             ("stagecoach_requests_running", "running", "Sequences holding KV blocks"),
@@ -462,22 +462,22 @@ def build_app(state: ServerState) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY_BYTES)
     routes = web.RouteTableDef()
 
-    @routes.post("/v1/chat/completions")
-    async def chat_completions(request: web.Request):
+    async def parse(request: web.Request, chat: bool) -> tuple[dict, GenerationRequest]:
         _check_auth(request, state)
         body = await _read_json(request)
         _check_model(body, state)
-        req = parse_common(body, state.sampling_defaults, chat=True)
+        return body, parse_common(body, state.sampling_defaults, chat=chat)
+
+    @routes.post("/v1/chat/completions")
+    async def chat_completions(request: web.Request):
+        body, req = await parse(request, chat=True)
         messages = parse_messages(body)
         req.prompts = [state.tokenizer.encode_chat(messages, add_generation_prompt=True)]
         return await _generate(request, state, req, chat=True)
 
     @routes.post("/v1/completions")
     async def completions(request: web.Request):
-        _check_auth(request, state)
-        body = await _read_json(request)
-        _check_model(body, state)
-        req = parse_common(body, state.sampling_defaults, chat=False)
+        body, req = await parse(request, chat=False)
         if not req.max_tokens_given:
             req.sampling.max_tokens = 16  # OpenAI's default for text completions
             req.max_tokens_given = True

@@ -73,8 +73,11 @@ class AsyncEngine:
         self._control.put(("abort", seq_id))
         self.engine.pipeline.wake()
 
-    def stats(self) -> dict:
-        """A snapshot for /v1/stats and /metrics; during a recovery (which holds the lock) the last one."""
+    def stats(self, with_timings: bool = True) -> dict:
+        """A snapshot for /v1/stats and /metrics; during a recovery (which holds the lock) the last one.
+
+        with_timings=False skips the per-stage percentiles (the /metrics gauges need only counters).
+        """
         if not self._lock.acquire(timeout=0.05):
             return self._last_stats | {"recovering": self.recovering}
         try:
@@ -93,9 +96,9 @@ class AsyncEngine:
                 "recoveries": len(self.engine.recoveries),
                 "recovery_seconds": [round(t, 3) for t in self.engine.recoveries],
                 "recovering": self.recovering,
-                "timings": self.engine.timings.rows(),
-                "coordinator_hop_ms": self.engine.timings.coordinator_hop(),
             }
+            if with_timings:
+                self._last_stats |= {"timings": self.engine.timings.rows(), "coordinator_hop_ms": self.engine.timings.coordinator_hop()}
             return dict(self._last_stats)
         finally:
             self._lock.release()
