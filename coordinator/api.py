@@ -499,6 +499,12 @@ def build_app(state: ServerState) -> web.Application:
             status = "failed"
         return web.json_response({"status": status, "stages": len(state.stages)}, status=200 if ready else 503)
 
+    @routes.get("/live")
+    async def live(request: web.Request):
+        # Liveness: the process answers, also while stages load or recover (minutes for a 32B
+        # stage), when /health is 503; only a hung or dead server should be restarted.
+        return web.json_response({"status": "alive"})
+
     @routes.get("/metrics")
     async def metrics(request: web.Request):
         return web.Response(body=generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

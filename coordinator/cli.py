@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one frame and exit (for scripts)")
     top.add_argument("--api-key-env", default=None, help="environment variable holding the server's API key")
 
+    submit = sub.add_parser("submit", help="run a command (usually `stagecoach serve`) as a Ray job and follow it; used by the Helm chart")
+    submit.add_argument("--address", default="http://127.0.0.1:8265", help="Ray's job API (the dashboard address)")
+    submit.add_argument("--name", default="stagecoach-serve", help="jobs of this name left unfinished by an earlier submitter are stopped first")
+    submit.add_argument("--wait", type=float, default=600.0, help="seconds to wait for Ray's job API to answer")
+    submit.add_argument("--stop-timeout", type=float, default=60.0, help="seconds a stopped job gets to end (its drain)")
+    submit.add_argument("job", nargs=argparse.REMAINDER, help="-- and the command to run")
+
     fetch = sub.add_parser("fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct")
     fetch.add_argument("--dir", default=None, help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)")
     fetch.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -283,6 +290,13 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(args.url, args.interval, args.once, key)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from stagecoach.cluster.submit import run_submitter
+
+    command = args.job[1:] if args.job[:1] == ["--"] else args.job
+    return run_submitter(args.address, args.name, command, wait_s=args.wait, stop_timeout_s=args.stop_timeout)
+
+
 def cmd_fetch_demo_model(args: argparse.Namespace) -> int:
     from stagecoach.coordinator.demo_model import fetch_demo_model
 
@@ -301,7 +315,7 @@ def cmd_make_random_model(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "serve": cmd_serve, "top": cmd_top, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
+    handlers = {"generate": cmd_generate, "serve": cmd_serve, "top": cmd_top, "submit": cmd_submit, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
     try:
         return handlers[args.command](args)
     except StagecoachError as e:

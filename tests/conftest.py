@@ -51,3 +51,12 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head_cluster(tmp_path_factory):
+    """A real `ray start --head` for the job-API tests (`ray job submit`, `stagecoach submit`): (address, env)."""
+    from helpers import ray_head
+
+    with ray_head(tmp_path_factory.mktemp("ray_head")) as head:
+        yield head

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -94,3 +101,46 @@ def http(port: int, path: str, body: dict | None = None, key: str | None = "test
 def require_shared(path: Path) -> None:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared/data is not checked out beside the project)")
+
+
+@contextlib.contextmanager
+def ray_head(log_dir: Path, num_cpus: int = 3):
+    """A real `ray start --head --block` on 127.0.0.1 with free ports and a token of its own; yields (job API address, env).
+
+    The env carries the token and this venv's PATH (a job's entrypoint sees the PATH of whoever
+    ran `ray start`). The head alone also has STAGECOACH_TEST_HEAD_ENV=head, to show what jobs
+    inherit from it. On exit only the processes this head started are ended.
+    """
+    bin_dir = Path(sys.executable).parent
+    gcs, dashboard = free_port(), free_port()
+    ports = {name: str(free_port()) for name in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                                  "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
+    env = os.environ | {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path("/tmp") / f"sc-ray-{os.getpid()}-{gcs}"  # Ray's socket paths must stay short
+    log = log_dir / "head.log"
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+         "--object-store-memory=100000000", *[f"{k}={v}" for k, v in ports.items()]],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env | {"STAGECOACH_TEST_HEAD_ENV": "head"}, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        yield address, env
+    finally:
+        # `ray start --block` tears down what it started when signalled: only our own processes end.
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

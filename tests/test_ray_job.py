@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -21,78 +18,48 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_ray_job_submit_serves_and_ray_job_stop_leaves_nothing(tmp_path):
+def test_ray_job_submit_serves_and_ray_job_stop_leaves_nothing(tmp_path, ray_head_cluster):
     model = tmp_path / "model"
     make_hf_checkpoint(model, num_hidden_layers=3, max_position_embeddings=256)
-    gcs, dashboard, http_port = free_port(), free_port(), free_port()
-    ports = {name: str(free_port()) for name in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                                  "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
-    # The job's entrypoint sees the PATH of whoever ran `ray start`: start it from this venv. Ray's
-    # token authentication is on, with a token of this test's own (the CLI and the job share it).
-    env = os.environ | {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = Path("/tmp") / f"sc-ray-{os.getpid()}"  # Ray's socket paths must stay short
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--num-cpus=3", "--num-gpus=0",
-         "--object-store-memory=100000000", *[f"{k}={v}" for k, v in ports.items()]],
-        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
+    http_port = free_port()
+    address, env = ray_head_cluster
     job_env = env | {"RAY_ADDRESS": address}
-    try:
-        deadline = time.monotonic() + 90
-        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=job_env, capture_output=True).returncode != 0:
-            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
-            time.sleep(1)
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
-             str(BIN / "stagecoach"), "serve", "--model", str(model), "--stages", "2", "--port", str(http_port), "--grpc-host", "127.0.0.1"],
-            env=job_env, capture_output=True, text=True, timeout=120,
-        )
-        assert submit.returncode == 0, submit.stderr
-        job_id = next(w for line in submit.stdout.splitlines() for w in line.replace("'", " ").split() if w.startswith("raysubmit_"))
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if http(http_port, "/health", key=None, timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env=job_env, capture_output=True, text=True).stdout
-            if time.monotonic() > deadline or "FAILED" in status or "SUCCEEDED" in status:
-                logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id], env=job_env, capture_output=True, text=True).stdout
-                pytest.fail(f"the serving job did not come up: {status[-500:]}\n{logs[-3000:]}")
-            time.sleep(1)
-        status, body, _ = http(http_port, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}, key=None)
-        assert status == 200 and body["usage"]["completion_tokens"] == 4
-
-        def state(kind: str) -> list[dict]:
-            """Ray's state API, asked from a process that holds this cluster's token."""
-            code = (f"import json; from ray.util.state import list_{kind}; "
-                    f"print(json.dumps([x.__dict__ for x in list_{kind}(address={address!r})], default=str))")
-            out = subprocess.run([sys.executable, "-c", code], env=job_env, capture_output=True, text=True, check=True)
-            return json.loads(out.stdout.strip().splitlines()[-1])
-
-        def alive_stage_actors() -> list[dict]:
-            return [a for a in state("actors") if a["class_name"] == "StageActor" and a["state"] == "ALIVE"]
-
-        assert len(alive_stage_actors()) == 2
-        subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job_id], env=job_env, capture_output=True, timeout=120, check=True)
-        deadline = time.monotonic() + 60
-        while alive_stage_actors() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert alive_stage_actors() == []
-        assert [g for g in state("placement_groups") if g["state"] != "REMOVED"] == []
-    finally:
-        # `ray start --block` tears down what it started when signalled: only our own processes end.
-        os.killpg(head.pid, signal.SIGTERM)
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
+         str(BIN / "stagecoach"), "serve", "--model", str(model), "--stages", "2", "--port", str(http_port), "--grpc-host", "127.0.0.1"],
+        env=job_env, capture_output=True, text=True, timeout=120,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job_id = next(w for line in submit.stdout.splitlines() for w in line.replace("'", " ").split() if w.startswith("raysubmit_"))
+    deadline = time.monotonic() + 180
+    while True:
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            if http(http_port, "/health", key=None, timeout=5)[0] == 200:
+                break
+        except OSError:
+            pass
+        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env=job_env, capture_output=True, text=True).stdout
+        if time.monotonic() > deadline or "FAILED" in status or "SUCCEEDED" in status:
+            logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id], env=job_env, capture_output=True, text=True).stdout
+            pytest.fail(f"the serving job did not come up: {status[-500:]}\n{logs[-3000:]}")
+        time.sleep(1)
+    status, body, _ = http(http_port, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}, key=None)
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
+
+    def state(kind: str) -> list[dict]:
+        """Ray's state API, asked from a process that holds this cluster's token."""
+        code = (f"import json; from ray.util.state import list_{kind}; "
+                f"print(json.dumps([x.__dict__ for x in list_{kind}(address={address!r})], default=str))")
+        out = subprocess.run([sys.executable, "-c", code], env=job_env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def alive_stage_actors() -> list[dict]:
+        return [a for a in state("actors") if a["class_name"] == "StageActor" and a["state"] == "ALIVE"]
+
+    assert len(alive_stage_actors()) == 2
+    subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job_id], env=job_env, capture_output=True, timeout=120, check=True)
+    deadline = time.monotonic() + 60
+    while alive_stage_actors() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert alive_stage_actors() == []
+    assert [g for g in state("placement_groups") if g["state"] != "REMOVED"] == []

@@ -34,6 +34,7 @@ class Server:
         self.proc = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--port", str(self.port), *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         self.first_health = None
+        self.live_while_starting = None  # /live's status while /health was still 503
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -45,6 +46,8 @@ class Server:
                 time.sleep(0.2)
                 continue
             self.first_health = self.first_health or status
+            if status == 503 and self.live_while_starting is None:
+                self.live_while_starting = http(self.port, "/live", key=None, timeout=5)[0]
             if status == 200:
                 return
             time.sleep(0.2)
@@ -83,8 +86,9 @@ def client(server):
     return OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY)
 
 
-def test_health_was_503_until_the_stages_were_ready(server):
-    assert server.first_health == 503
+def test_health_was_503_until_the_stages_were_ready_while_live_was_200(server):
+    assert server.first_health == 503 and server.live_while_starting == 200
+    assert http(server.port, "/live", key=None)[0] == 200
     assert http(server.port, "/health", key=None)[0] == 200
 
 
@@ -253,7 +257,7 @@ def test_queue_full_draining_and_not_ready(tiny, tmp_path):
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         status, payload, _ = http(s.port, "/v1/completions", {"prompt": [1], "max_tokens": 2}, key=None)
-        assert status == 503 and http(s.port, "/health", key=None)[0] == 503
+        assert status == 503 and http(s.port, "/health", key=None)[0] == 503 and http(s.port, "/live", key=None)[0] == 200
         t.join(timeout=60)
         assert results["long"][0] == 200 and results["long"][1]["usage"]["completion_tokens"] == 300
         assert s.proc.wait(timeout=30) == 0
