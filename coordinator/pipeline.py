@@ -52,7 +52,7 @@ class Delivered:
     samples: list[SampleResult]
     timings: list = field(default_factory=list)  # pb.StageTiming per stage, each on its stage's own clock
     error: str = ""
-    submit_ns: int = 0  # the coordinator's Forward to stage 0, until stage 0 acknowledged it
+    submit_ns: int = 0  # the coordinator's send to stage 0, until stage 0 acknowledged it
 
 
 class Pipeline(Protocol):
@@ -182,10 +182,13 @@ class GrpcPipeline(_Inbox):
     def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30, security=None) -> None:
         from stagecoach.stage.server import channel_options, start_server
 
+        from stagecoach.stage.link import keep_freed_buffers
+
         super().__init__()
+        keep_freed_buffers()  # activations' and gRPC's buffers reuse mapped pages
         self.security = security  # LinkSecurity shared with the stages (None: an unauthenticated test rig)
         self.heartbeat_timeout_s = 2.0  # a stage that does not answer Health within this has failed
-        self._submit_times: dict[int, int] = {}  # batch id → ns its Forward to stage 0 took
+        self._submit_times: dict[int, int] = {}  # batch id → ns from its send to stage 0's acknowledgement
         self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security)
         self.max_message_bytes = max_message_bytes
         self._channel_options = channel_options(max_message_bytes)
@@ -193,17 +196,17 @@ class GrpcPipeline(_Inbox):
         self.num_blocks = 0
         self.block_size = 0
         self._channels: list[grpc.Channel] = []
-        self._first: pb_grpc.StageStub | None = None
+        self._first = None  # a LinkSender to stage 0
         self.stubs: list[pb_grpc.StageStub] = []
 
     def attach(self, addresses: list[str]) -> list[pb.StageInfo]:
         """Opens channels to the stages and reads their Info; refuses stages that disagree."""
         from stagecoach.stage.codec import SCHEMA_VERSION
 
-        for ch in self._channels:
-            ch.close()
+        from stagecoach.stage.link import LinkSender
         from stagecoach.stage.security import open_channel
 
+        self._close_channels()
         self._channels = [open_channel(a, self._channel_options, self.security) for a in addresses]
         self.stubs = [pb_grpc.StageStub(ch) for ch in self._channels]
         infos = [stub.Info(pb.InfoRequest(), timeout=30) for stub in self.stubs]
@@ -223,19 +226,32 @@ class GrpcPipeline(_Inbox):
                       i.memory_used_bytes, i.memory_total_bytes)
             for i in infos
         ]
-        self._first = self.stubs[0]
+        self._first = LinkSender(self._channels[0], on_ack=self._on_submit_ack)
         return infos
 
-    def submit(self, batch: MicroBatch) -> None:
-        from stagecoach.stage.codec import encode_microbatch
+    def _on_submit_ack(self, batch_id: int, hop_ns: int, error: Exception | None) -> None:
+        """Stage 0's answer to a submitted microbatch; a refusal or a broken link fails it like a stage's error."""
+        if error is None:
+            self._submit_times[batch_id] = hop_ns
+        else:
+            self._inbox.put(Delivered(batch_id, [], [], f"stage 0 did not accept microbatch {batch_id}: {error}"))
 
-        msg = encode_microbatch(batch, None)
-        start = time.monotonic_ns()
+    def _close_channels(self) -> None:
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+
+    def submit(self, batch: MicroBatch) -> None:
+        """Queues the microbatch on the Link to stage 0; its acknowledgement (or refusal) comes back by _on_submit_ack."""
+        from stagecoach.stage.link import link_message
+
         try:
-            self._first.Forward(msg, timeout=60)
-        except grpc.RpcError as e:
-            raise PipelineError(f"stage 0 refused microbatch {batch.batch_id}: {e.code().name}: {e.details()}") from None
-        self._submit_times[batch.batch_id] = time.monotonic_ns() - start
+            self._first.send(*link_message(batch, None))
+        except (grpc.RpcError, ConnectionError, TimeoutError) as e:
+            raise PipelineError(f"stage 0 cannot take microbatch {batch.batch_id}: {e}") from None
 
     def check_health(self) -> None:
         for stage, reply in zip(self.stages, self.health()):
@@ -258,9 +274,7 @@ class GrpcPipeline(_Inbox):
         raise PipelineError("this pipeline cannot restart stages it did not start")
 
     def shutdown(self) -> None:
-        for ch in self._channels:
-            ch.close()
-        self._channels.clear()
+        self._close_channels()
         self.server.stop(grace=1).wait()
 
 

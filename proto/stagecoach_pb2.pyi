@@ -119,6 +119,26 @@ class ForwardReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LinkFrame(_message.Message):
+    __slots__ = ("batch", "chunk", "last")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    batch: MicroBatch
+    chunk: bytes
+    last: bool
+    def __init__(self, batch: _Optional[_Union[MicroBatch, _Mapping]] = ..., chunk: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class LinkAck(_message.Message):
+    __slots__ = ("batch_id", "code", "error")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    code: int
+    error: str
+    def __init__(self, batch_id: _Optional[int] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class StageStub:
                 request_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.MicroBatch.SerializeToString,
                 response_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/stagecoach.v1.Stage/Link',
+                request_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkFrame.SerializeToString,
+                response_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkAck.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/stagecoach.v1.Stage/Info',
                 request_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.InfoRequest.SerializeToString,
@@ -56,6 +61,14 @@ class StageServicer:
 
     def Forward(self, request, context):
         """Accepts a microbatch for this stage (validated before the reply); the output moves on by itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Link(self, request_iterator, context):
+        """The same, as a stream of microbatches from one sender (the previous stage, or the coordinator to
+        stage 0), each answered by a LinkAck: no call set-up per microbatch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +93,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.MicroBatch.FromString,
                     response_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.ForwardReply.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkFrame.FromString,
+                    response_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkAck.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -119,6 +137,33 @@ class Stage:
             '/stagecoach.v1.Stage/Forward',
             stagecoach_dot_proto_dot_stagecoach__pb2.MicroBatch.SerializeToString,
             stagecoach_dot_proto_dot_stagecoach__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stagecoach.v1.Stage/Link',
+            stagecoach_dot_proto_dot_stagecoach__pb2.LinkFrame.SerializeToString,
+            stagecoach_dot_proto_dot_stagecoach__pb2.LinkAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,8 +40,8 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=flat.view(torch.uint8).numpy().tobytes())
 
 
-def tensor_from_proto(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
-    """A read-only CPU view of the message's bytes: no copy."""
+def tensor_from_proto(msg: pb.Tensor, field: str = "tensor", data: bytes | bytearray | None = None) -> torch.Tensor:
+    """A CPU view of the message's bytes (or of `data`, bytes that came separately): no copy."""
     dtype = _FROM_WIRE.get(msg.dtype)
     if dtype is None:
         raise WireError(f"{field}.dtype {msg.dtype} is not a known dtype")
@@ -50,11 +50,12 @@ def tensor_from_proto(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     numel = 1
     for d in msg.shape:
         numel *= d
-    if numel * dtype.itemsize != len(msg.data):
-        raise WireError(f"{field}: shape {list(msg.shape)} of {dtype} needs {numel * dtype.itemsize} bytes, got {len(msg.data)}")
+    data = msg.data if data is None else data
+    if numel * dtype.itemsize != len(data):
+        raise WireError(f"{field}: shape {list(msg.shape)} of {dtype} needs {numel * dtype.itemsize} bytes, got {len(data)}")
     if numel == 0:
         return torch.empty(tuple(msg.shape), dtype=dtype)
-    return torch.frombuffer(msg.data, dtype=dtype).view(tuple(msg.shape))
+    return torch.frombuffer(data, dtype=dtype).view(tuple(msg.shape))
 
 
 def _sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
@@ -88,9 +89,9 @@ def _sampling_from_proto(msg: pb.SamplingParams, field: str) -> SamplingParams:
         raise WireError(f"{field}: {e}") from None
 
 
-def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=()) -> pb.MicroBatch:
-    """tensor: hidden states; None means stage 0's input, the batch's token ids."""
-    if tensor is None:
+def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=(), tensor_msg: pb.Tensor | None = None) -> pb.MicroBatch:
+    """tensor: hidden states; None means stage 0's input, the batch's token ids. tensor_msg: use this instead (a Link's data-less header)."""
+    if tensor is None and tensor_msg is None:
         tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
     seqs = []
     for c in batch.seqs:
@@ -111,15 +112,15 @@ def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=()
     return pb.MicroBatch(
         batch_id=batch.batch_id,
         seqs=seqs,
-        tensor=tensor_to_proto(tensor),
+        tensor=tensor_msg if tensor_msg is not None else tensor_to_proto(tensor),
         finished_seq_ids=batch.finished_seq_ids,
         timings=timings,
         schema_version=SCHEMA_VERSION,
     )
 
 
-def decode_microbatch(msg: pb.MicroBatch, expect_token_ids: bool) -> tuple[MicroBatch, torch.Tensor | None]:
-    """The microbatch and, for stages after the first, its hidden states."""
+def decode_microbatch(msg: pb.MicroBatch, expect_token_ids: bool, data: bytes | bytearray | None = None) -> tuple[MicroBatch, torch.Tensor | None]:
+    """The microbatch and, for stages after the first, its hidden states (data: the tensor's bytes, when they came in chunks)."""
     if msg.schema_version != SCHEMA_VERSION:
         raise WireError(f"schema_version {msg.schema_version}: this stage speaks {SCHEMA_VERSION}")
     seqs = []
@@ -139,7 +140,7 @@ def decode_microbatch(msg: pb.MicroBatch, expect_token_ids: bool) -> tuple[Micro
                 num_prompt_tokens=c.num_prompt_tokens,
             )
         )
-    tensor = tensor_from_proto(msg.tensor)
+    tensor = tensor_from_proto(msg.tensor, data=data)
     batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], finished_seq_ids=list(msg.finished_seq_ids))
     if expect_token_ids:
         if tensor.dtype != torch.int64 or tensor.dim() != 1:

@@ -53,14 +53,19 @@ class _ClientCallDetails(namedtuple("_ClientCallDetails", ("method", "timeout", 
     pass
 
 
-class _AddToken(grpc.UnaryUnaryClientInterceptor):
+class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token
 
-    def intercept_unary_unary(self, continuation, details, request):
+    def _with_token(self, details):
         metadata = list(details.metadata or []) + [(TOKEN_HEADER, self._token)]
-        details = _ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression)
-        return continuation(details, request)
+        return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
 
 
 class TokenCheck(grpc.ServerInterceptor):
@@ -73,12 +78,14 @@ class TokenCheck(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong stage-link token")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
         given = dict(details.invocation_metadata or ()).get(TOKEN_HEADER, "")
         if hmac.compare_digest(given.encode(), self._token):
             return continuation(details)
-        return self._deny
+        handler = continuation(details)
+        return self._deny_stream if handler is not None and handler.request_streaming else self._deny
 
 
 def open_channel(address: str, options: list, security: LinkSecurity | None) -> grpc.Channel:

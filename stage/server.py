@@ -1,9 +1,10 @@
 """A stage's transport: the gRPC servicer (decode, validate, enqueue) and the threads that compute and push onward.
 
-Forward replies as soon as the microbatch is validated and queued; a compute thread runs the
-queue in arrival order, and a send thread pushes each output to the next stage (or, from the
-last stage, delivers sampled tokens to the coordinator), so the forward of microbatch k+1
-overlaps the send of microbatch k.
+A microbatch arrives on the Link stream from the previous stage (or the coordinator), or by a
+unary Forward; either is acknowledged as soon as it is validated and queued. A compute thread
+runs the queue in arrival order, and a send thread pushes each output to the next stage's Link
+(or, from the last stage, delivers sampled tokens to the coordinator), so the forward of
+microbatch k+1 overlaps the send of microbatch k.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.stage import codec
 from stagecoach.stage.batch import MicroBatch
+from stagecoach.stage.link import LinkAssembler, LinkSender, keep_freed_buffers, link_message, parse_link_frame
 from stagecoach.stage.runner import StageRunner
 from stagecoach.stage.security import LinkSecurity, TokenCheck, open_channel
 
@@ -45,6 +47,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # A stream's HTTP/2 window starts at 64 KiB and grows only as gRPC probes the link, so a
+        # microbatch of a few hundred KiB would wait for window updates; start it at 8 MiB.
+        ("grpc.http2.lookahead_bytes", 8 << 20),
     ]
 
 
@@ -69,10 +74,12 @@ class StageService:
         self.compute_ns_total = 0
         self.errors = 0
         self._last_send: tuple[int, int] = (0, 0)  # (batch id, duration ns) of the latest onward send
+        self._unacked: dict[int, list] = {}  # batch id → timings of a microbatch sent on but not yet acknowledged
         self.min_batch_id = 0  # after a recovery, older microbatches are stale: never computed, never sent
+        keep_freed_buffers()  # activations' buffers reuse mapped pages instead of faulting in fresh ones
         self._inbox: queue.Queue[_Work | None] = queue.Queue()
         self._outbox: queue.Queue[tuple[_Work, object] | None] = queue.Queue()
-        self._next: pb_grpc.StageStub | None = None
+        self._next: LinkSender | None = None
         self._coordinator: pb_grpc.CoordinatorStub | None = None
         self._channels: list[grpc.Channel] = []
         self._wired = threading.Event()
@@ -86,8 +93,7 @@ class StageService:
     # -- wiring -----------------------------------------------------------------------------
     def connect(self, next_address: str | None, coordinator_address: str) -> None:
         """Points this stage at the next one (None on the last stage) and at the coordinator."""
-        for ch in self._channels:
-            ch.close()
+        self._close_links()
         opts = channel_options(self.max_message_bytes)
         coord = open_channel(coordinator_address, opts, self.security)
         self._channels = [coord]
@@ -96,8 +102,14 @@ class StageService:
         if next_address is not None:
             nxt = open_channel(next_address, opts, self.security)
             self._channels.append(nxt)
-            self._next = pb_grpc.StageStub(nxt)
+            self._next = LinkSender(nxt, on_ack=self._on_ack)
         self._wired.set()
+
+    def _close_links(self) -> None:
+        if self._next is not None:
+            self._next.close()
+        for ch in self._channels:
+            ch.close()
 
     @property
     def queue_depth(self) -> int:
@@ -123,8 +135,7 @@ class StageService:
         self._inbox.put(None)
         for t in self._threads:
             t.join(timeout=5)
-        for ch in self._channels:
-            ch.close()
+        self._close_links()
 
     # -- threads ----------------------------------------------------------------------------
     def _compute_loop(self) -> None:
@@ -150,34 +161,45 @@ class StageService:
             work, out = item
             if self.is_stale(work.batch.batch_id):
                 continue
-            start = time.monotonic_ns()
             try:
                 self._send(work, out)
-                self._last_send = (work.batch.batch_id, time.monotonic_ns() - start)
             except Exception as e:
-                self.errors += 1
-                log.error("stage %d: could not pass on microbatch %d: %s", self.index, work.batch.batch_id, e)
-                self._report(work, f"stage {self.index} could not pass microbatch {work.batch.batch_id} on: {e}")
+                self._unacked.pop(work.batch.batch_id, None)
+                self._failed(work.batch.batch_id, work.timings, f"stage {self.index} could not pass microbatch {work.batch.batch_id} on: {e}")
             self.batches_done += 1
 
     def _send(self, work: _Work, out) -> None:
         if isinstance(out, Exception):
-            self.errors += 1
-            self._report(work, f"stage {self.index}: {type(out).__name__}: {out}")
+            self._failed(work.batch.batch_id, work.timings, f"stage {self.index}: {type(out).__name__}: {out}")
             return
         work.timing.prev_send_batch_id, work.timing.prev_send_ns = self._last_send
         timings = work.timings + [work.timing]
         if self._next is not None:
-            msg = codec.encode_microbatch(work.batch, out.hidden_states, timings)
-            self._next.Forward(msg, timeout=SEND_TIMEOUT_S)
+            self._unacked[work.batch.batch_id] = work.timings
+            self._next.send(*link_message(work.batch, out.hidden_states, timings))  # acknowledged later, in _on_ack
         else:
+            start = time.monotonic_ns()
             delivery = pb.Delivery(batch_id=work.batch.batch_id, samples=codec.encode_samples(out.samples), timings=timings)
             self._coordinator.Deliver(delivery, timeout=SEND_TIMEOUT_S)
+            self._last_send = (work.batch.batch_id, time.monotonic_ns() - start)
 
-    def _report(self, work: _Work, error: str) -> None:
+    def _on_ack(self, batch_id: int, hop_ns: int, error: Exception | None) -> None:
+        """The next stage's answer to a microbatch this stage sent on (on the link's reader thread)."""
+        timings = self._unacked.pop(batch_id, [])
+        if error is None:
+            self._last_send = (batch_id, hop_ns)
+        elif not self.is_stale(batch_id):
+            self._failed(batch_id, timings, f"stage {self.index} could not pass microbatch {batch_id} on: {error}")
+
+    def _failed(self, batch_id: int, timings: list, error: str) -> None:
+        self.errors += 1
+        log.error("%s", error)
+        self._report(batch_id, timings, error)
+
+    def _report(self, batch_id: int, timings: list, error: str) -> None:
         try:
             self._coordinator.Deliver(
-                pb.Delivery(batch_id=work.batch.batch_id, error=error, error_stage=self.index, timings=work.timings),
+                pb.Delivery(batch_id=batch_id, error=error, error_stage=self.index, timings=timings),
                 timeout=SEND_TIMEOUT_S,
             )
         except grpc.RpcError as e:
@@ -191,17 +213,41 @@ class StageServicer(pb_grpc.StageServicer):
         self.service = service
         self.info = info
 
-    def Forward(self, request: pb.MicroBatch, context: grpc.ServicerContext) -> pb.ForwardReply:
-        received = time.monotonic_ns()
+    def _accept(self, request: pb.MicroBatch, received: int, data: bytearray | None = None) -> tuple[grpc.StatusCode, str] | None:
+        """Decodes, validates and queues one microbatch; the refusal's (code, message), or None."""
         if self.service.is_stale(request.batch_id):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"stage {self.service.index}: microbatch {request.batch_id} is from before a recovery")
+            return grpc.StatusCode.FAILED_PRECONDITION, f"stage {self.service.index}: microbatch {request.batch_id} is from before a recovery"
         try:
-            batch, inputs = codec.decode_microbatch(request, expect_token_ids=self.service.runner.is_first)
+            batch, inputs = codec.decode_microbatch(request, expect_token_ids=self.service.runner.is_first, data=data)
             self.service.runner.check(batch, inputs)
         except StagecoachError as e:
-            context.abort(grpc_status_for(e), f"stage {self.service.index}: {e}")
+            return grpc_status_for(e), f"stage {self.service.index}: {e}"
         self.service.submit(batch, inputs, request.timings, received)
+        return None
+
+    def Forward(self, request: pb.MicroBatch, context: grpc.ServicerContext) -> pb.ForwardReply:
+        refused = self._accept(request, time.monotonic_ns())
+        if refused is not None:
+            context.abort(*refused)
         return pb.ForwardReply()
+
+    def Link(self, request_iterator, context: grpc.ServicerContext):
+        """One sender's microbatches, each answered in order; a refused one does not end the stream."""
+        assembler = LinkAssembler(self.service.max_message_bytes)
+        for frame in request_iterator:
+            done = assembler.add(frame)
+            if done is None:
+                continue
+            msg, data, error = done
+            batch_id = msg.batch_id if msg is not None else 0
+            if error is not None:
+                refused = (grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.service.index}: {error}")
+            else:
+                refused = self._accept(msg, time.monotonic_ns(), data)
+            if refused is None:
+                yield pb.LinkAck(batch_id=batch_id)
+            else:
+                yield pb.LinkAck(batch_id=batch_id, code=refused[0].value[0], error=refused[1])
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.StageInfo:
         info = pb.StageInfo()
@@ -214,13 +260,26 @@ class StageServicer(pb_grpc.StageServicer):
         return pb.HealthReply(serving=True, batches_done=s.batches_done, queue_depth=s.queue_depth, compute_ns_total=s.compute_ns_total, errors=s.errors)
 
 
+def add_stage_servicer(servicer: pb_grpc.StageServicer, server: grpc.Server) -> None:
+    """pb_grpc.add_StageServicer_to_server, except that Link's frames are parsed by parse_link_frame (chunks without a copy)."""
+    handlers = {
+        "Forward": grpc.unary_unary_rpc_method_handler(servicer.Forward, pb.MicroBatch.FromString, pb.ForwardReply.SerializeToString),
+        "Link": grpc.stream_stream_rpc_method_handler(servicer.Link, parse_link_frame, pb.LinkAck.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(servicer.Info, pb.InfoRequest.FromString, pb.StageInfo.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(servicer.Health, pb.HealthRequest.FromString, pb.HealthReply.SerializeToString),
+    }
+    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["Stage"].methods_by_name), "a Stage method without a handler"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("stagecoach.v1.Stage", handlers),))
+    server.add_registered_method_handlers("stagecoach.v1.Stage", handlers)
+
+
 def start_server(
     servicer: pb_grpc.StageServicer | pb_grpc.CoordinatorServicer,
     host: str,
     port: int,
     max_message_bytes: int,
     security: LinkSecurity | None = None,
-    max_workers: int = 8,
+    max_workers: int = 16,  # each open Link holds one for its lifetime
 ) -> tuple[grpc.Server, str]:
     """Starts a gRPC server for a Stage or Coordinator servicer on host:port (0: any free port).
 
@@ -229,7 +288,7 @@ def start_server(
     interceptors = [TokenCheck(security.token)] if security is not None else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options(max_message_bytes), interceptors=interceptors)
     if isinstance(servicer, pb_grpc.StageServicer):
-        pb_grpc.add_StageServicer_to_server(servicer, server)
+        add_stage_servicer(servicer, server)
     else:
         pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     if security is not None and security.tls:

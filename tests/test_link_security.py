@@ -57,6 +57,13 @@ def test_calls_without_the_token_are_unauthenticated(pipeline):
     with pytest.raises(grpc.RpcError) as info:
         stub.Health(pb.HealthRequest(), timeout=10, metadata=(("x-stagecoach-token", "not-the-token"),))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    from stagecoach.stage.link import LinkSender, link_message  # the Link stream, the way stages send
+
+    acks = []
+    sender = LinkSender(grpc.insecure_channel(pipeline.stages[1].address), on_ack=lambda *a: acks.append(a))
+    sender.send(*link_message(MicroBatch(0, [SeqChunk(0, 0, 1, [0], [0])], []), torch.zeros(1, HIDDEN)))
+    assert sender.wait_idle(10) and len(acks) == 1
+    assert isinstance(acks[0][2], grpc.RpcError) and acks[0][2].code() == grpc.StatusCode.UNAUTHENTICATED
     coordinator = pb_grpc.CoordinatorStub(grpc.insecure_channel(pipeline.address))
     with pytest.raises(grpc.RpcError) as info:
         coordinator.Deliver(pb.Delivery(batch_id=1), timeout=10)

@@ -137,3 +137,69 @@ def test_stages_of_different_checkpoints_are_refused(tmp_path):
         for w in workers:
             w.stop()
         pipeline.shutdown()
+
+
+def test_link_frames_are_plain_linkframe_messages():
+    """Chunk frames are written by hand; LinkFrame's own parser must read them as it would its own."""
+    from stagecoach.stage.link import encode_frames, link_message
+
+    batch = MicroBatch(5, [SeqChunk(0, 0, 3, [0, 1, 2], [0], False)], [])
+    tensor = torch.randn(3, 1000)
+    msg, payload = link_message(batch, tensor)
+    frames = [pb.LinkFrame.FromString(f) for f in encode_frames(msg, payload, chunk_bytes=5000)]
+    assert len(frames) == 1 + 3 and frames[0].HasField("batch") and not frames[0].batch.tensor.data
+    assert [f.last for f in frames] == [False, False, False, True] and [len(f.chunk) for f in frames] == [0, 5000, 5000, 2000]
+    assert b"".join(f.chunk for f in frames) == tensor.numpy().tobytes()
+    (small,) = [pb.LinkFrame.FromString(f) for f in encode_frames(*link_message(batch, tensor[:, :10]), chunk_bytes=5000)]
+    assert small.last and small.batch.tensor.data == tensor[:, :10].contiguous().numpy().tobytes()
+
+
+def test_link_assembler_refuses_malformed_chunk_sequences():
+    from stagecoach.stage.link import LinkAssembler, encode_frames, link_message
+
+    batch = MicroBatch(5, [SeqChunk(0, 0, 2, [0, 1], [0], False)], [])
+    tensor = torch.randn(2, 100)
+    frames = [pb.LinkFrame.FromString(f) for f in encode_frames(*link_message(batch, tensor), chunk_bytes=300)]
+    asm = LinkAssembler(max_bytes=1 << 20)
+    assert [asm.add(f) for f in frames[:-1]] == [None] * (len(frames) - 1)
+    msg, data, error = asm.add(frames[-1])
+    assert error is None and codec.decode_microbatch(msg, False, data)[1].equal(tensor)
+
+    def run(seq, max_bytes=1 << 20):
+        asm = LinkAssembler(max_bytes)
+        results = [asm.add(f) for f in seq]
+        return results[-1][2]
+
+    assert "chunk bytes arrived" in run(frames[:2] + [pb.LinkFrame(chunk=b"x", last=True)])
+    assert "more chunk bytes" in run(frames[:1] + [pb.LinkFrame(chunk=b"\0" * 801, last=True)])
+    assert "before its microbatch's header" in run([pb.LinkFrame(chunk=b"abc", last=True)])
+    assert "cannot be sent in chunks" in run(frames, max_bytes=100)
+    huge = pb.LinkFrame(batch=pb.MicroBatch(batch_id=1, tensor=pb.Tensor(dtype=pb.FLOAT32, shape=[1 << 20, 1 << 20])))
+    assert "cannot be sent in chunks" in run([huge, pb.LinkFrame(last=True)])
+    assert "ended without its last chunk" in run(frames[:2] + frames)
+
+
+def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model):
+    from stagecoach.stage.link import LinkRefused, LinkSender, link_message
+
+    ranges = ranges_from_counts([2, 1], 3)
+    pipeline = ThreadPipeline(wide_model, ranges, num_blocks=16, block_size=8)
+    acks = []
+    try:
+        # A second sender into stage 1, beside stage 0's; small chunks so a 4 KiB tensor goes in pieces.
+        sender = LinkSender(pipeline._channels[1], on_ack=lambda *a: acks.append(a), chunk_bytes=1000)
+        sender.send(*link_message(MicroBatch(1000, [SeqChunk(0, 0, 2, [0, 1], [0], False)], []), torch.zeros(2, 7)))
+        sender.send(*link_message(MicroBatch(1001, [SeqChunk(0, 0, 2, [0, 999], [0], False)], []), torch.zeros(2, 512)))
+        sender.send(*link_message(MicroBatch(1002, [SeqChunk(7, 0, 2, [8, 9], [1], False)], []), torch.zeros(2, 512)))
+        assert sender.wait_idle(30)
+        assert [a[0] for a in acks] == [1000, 1001, 1002] and all(a[1] > 0 for a in acks)
+        first, second, third = (a[2] for a in acks)
+        assert isinstance(first, LinkRefused) and first.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "hidden_states has shape [2, 7], expected [2, 512]" in str(first)
+        assert isinstance(second, LinkRefused) and "slot 999 is outside" in str(second)
+        assert third is None  # the chunked one was accepted, on the same stream
+        # The stage still computes: a full generation matches.
+        assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1)
+        sender.close()
+    finally:
+        pipeline.shutdown()
