@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools test demo serve clean
+.PHONY: install tools test bench demo serve clean
 
 install: $(STAMP)
 
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml
 
 test: install tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every benchmark in one run (under 15 minutes here): a table on stdout, bench/results/*.json and bench.png.
+bench: install $(VENV)/.bench-installed
+	$(PY) bench/run.py
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+	touch $@
 
 # tmux drives the terminal-UI test; installed from Debian's packages where apt-get is at hand.
 tools:

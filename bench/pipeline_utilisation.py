@@ -62,11 +62,9 @@ def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
     service.stop()
 
 
-def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new_tokens: int) -> dict:
-    from stagecoach.coordinator.engine import Engine
+def start_stages(num_stages: int, compute_s: float):
+    """The stage processes and a GrpcPipeline wired to them; returns (pipeline, pipes, processes)."""
     from stagecoach.coordinator.pipeline import GrpcPipeline
-    from stagecoach.coordinator.scheduler import SchedulerConfig
-    from stagecoach.stage.batch import SamplingParams
 
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
@@ -81,7 +79,23 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
     for i, p in enumerate(pipes):
         p.send((addresses[i + 1] if i + 1 < num_stages else None, pipeline.address))
     pipeline.attach(addresses)
+    return pipeline, pipes, procs
 
+
+def stop_stages(pipeline, pipes, procs) -> None:
+    for p in pipes:
+        p.send("stop")
+    for proc in procs:
+        proc.join(timeout=10)
+    pipeline.shutdown()
+
+
+def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new_tokens: int) -> dict:
+    from stagecoach.coordinator.engine import Engine
+    from stagecoach.coordinator.scheduler import SchedulerConfig
+    from stagecoach.stage.batch import SamplingParams
+
+    pipeline, pipes, procs = start_stages(num_stages, compute_s)
     deliveries = []
     real_wait = pipeline.wait
 
@@ -96,11 +110,7 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
     start = time.perf_counter()
     engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True) for _ in prompts])
     elapsed = time.perf_counter() - start
-    for p in pipes:
-        p.send("stop")
-    for proc in procs:
-        proc.join(timeout=10)
-    pipeline.shutdown()
+    stop_stages(pipeline, pipes, procs)
 
     # Steady state: drop the first and last fifth of microbatches (pipe filling and draining).
     n = len(deliveries)
@@ -123,6 +133,42 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
         "min_ratio_to_ideal": round(min(per_stage) / ideal, 3),
         "hop_ms_median": round(statistics.median(hops), 3) if hops else None,
         "tokens_per_s": round(num_seqs * new_tokens / elapsed, 1),
+    }
+
+
+def measure_prefill(num_stages: int, compute_s: float, microbatches: int, prompt_tokens: int = 256) -> dict:
+    """M prompts prefilled as M microbatches (one prompt each) against GPipe's schedule.
+
+    With S stages each taking t per microbatch, GPipe finishes M microbatches in (M + S - 1) t:
+    each stage idles for the bubble fraction (S - 1) / (M + S - 1). Measured: the wall time from
+    the first submission to the last delivery, and the bubble it implies, 1 - M t / wall.
+    """
+    from stagecoach.coordinator.engine import Engine
+    from stagecoach.coordinator.scheduler import SchedulerConfig
+    from stagecoach.stage.batch import SamplingParams
+
+    pipeline, pipes, procs = start_stages(num_stages, compute_s)
+    try:
+        engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=prompt_tokens, max_num_seqs=256),
+                        max_inflight=microbatches)
+        engine.generate([[5] * 8], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])  # warm the links
+        prompts = [[3 + i] * prompt_tokens for i in range(microbatches)]
+        start = time.perf_counter()
+        engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True) for _ in prompts])
+        wall = time.perf_counter() - start
+    finally:
+        stop_stages(pipeline, pipes, procs)
+    ideal = (microbatches + num_stages - 1) * compute_s
+    return {
+        "stages": num_stages,
+        "compute_ms": compute_s * 1e3,
+        "microbatches": microbatches,
+        "prompt_tokens": prompt_tokens,
+        "wall_ms": round(wall * 1e3, 2),
+        "gpipe_wall_ms": round(ideal * 1e3, 2),
+        "gpipe_bubble": round((num_stages - 1) / (microbatches + num_stages - 1), 3),
+        "measured_bubble": round(1 - microbatches * compute_s / wall, 3),
+        "gpipe_over_measured": round(ideal / wall, 3),
     }
 
 

@@ -1,0 +1,186 @@
+"""`make bench`: every benchmark in one run, each figure a ratio against its baseline measured in the same run.
+
+Writes bench/results/{transport,pipeline,end_to_end,summary}.json and bench/results/bench.png,
+and prints a table of figures with their goals and pass/miss.
+
+    python bench/run.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "date": time.strftime("%Y-%m-%d")}
+
+
+def figure(name: str, value: float | None, goal: str, passed: bool | None, unit: str = "") -> dict:
+    return {"figure": name, "value": value, "unit": unit, "goal": goal, "status": "n/a" if passed is None else ("pass" if passed else "miss")}
+
+
+def run_transport() -> tuple[list[dict], list[dict]]:
+    import transport
+
+    print("transport: one hop, 127.0.0.1", flush=True)
+    rows = transport.measure()
+    (RESULTS / "transport.json").write_text(json.dumps(rows, indent=2) + "\n")
+    small, big = rows[0], rows[-1]
+    figs = [
+        figure("hop 10 KiB: added one-way latency vs raw TCP (Link)", small["link"]["added_one_way_us"], "<= 250 us p50",
+               small["link"]["added_one_way_us"] <= 250, "us"),
+        figure("hop 10 KiB: added one-way latency vs raw TCP (unary Forward, before)", small["unary"]["added_one_way_us"], "(reference)", None, "us"),
+        figure("hop 10 KiB: added one-way latency vs raw TCP (bare gRPC stream, floor)", small["floor"]["added_one_way_us"], "(floor)", None, "us"),
+        figure("hop 40 MiB: throughput / raw TCP (Link)", big["link"]["throughput_vs_raw"], ">= 0.5", big["link"]["throughput_vs_raw"] >= 0.5),
+        figure("hop 40 MiB: throughput / raw TCP (unary Forward, before)", big["unary"]["throughput_vs_raw"], "(reference)", None),
+        figure("hop 40 MiB: throughput / raw TCP (bare gRPC stream, floor)", big["floor"]["throughput_vs_raw"], "(floor)", None),
+        figure("hop 320 KiB: throughput / raw TCP (Link)", rows[1]["link"]["throughput_vs_raw"], "(no goal)", None),
+    ]
+    return rows, figs
+
+
+def run_pipeline(quick: bool) -> tuple[dict, list[dict]]:
+    import pipeline_utilisation as pu
+
+    print("pipeline: synthetic stages, 4 processes", flush=True)
+    steady = []
+    for compute_ms, inflight in ((10, 4), (3, 4), (10, 6)):
+        r = pu.measure(4, compute_ms / 1e3, inflight, 32, 24 if quick else 40)
+        steady.append(r)
+        print(f"  {compute_ms} ms, {inflight} in flight: utilisation {r['utilisation']} (worst/ideal {r['min_ratio_to_ideal']})", flush=True)
+    prefill = []
+    for m in (1, 4, 8, 16):
+        r = pu.measure_prefill(4, 0.02, m)
+        prefill.append(r)
+        print(f"  prefill, {m} microbatches of 20 ms: wall {r['wall_ms']} ms, GPipe {r['gpipe_wall_ms']} ms; "
+              f"bubble {r['measured_bubble']} vs GPipe's {r['gpipe_bubble']}", flush=True)
+    result = {"steady": steady, "prefill": prefill}
+    (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    figs = [figure(f"pipeline {r['compute_ms']:g} ms stages, {r['inflight']} in flight: worst stage utilisation / ideal", r["min_ratio_to_ideal"],
+                   ">= 0.9" if r["inflight"] == 4 and r["compute_ms"] == 10 else "(no goal)",
+                   r["min_ratio_to_ideal"] >= 0.9 if r["inflight"] == 4 and r["compute_ms"] == 10 else None) for r in steady]
+    figs += [figure(f"prefill {r['microbatches']} microbatches: GPipe wall / measured wall", r["gpipe_over_measured"], "(no goal; 1.0 = GPipe)", None)
+             for r in prefill]
+    return result, figs
+
+
+def run_end_to_end(quick: bool) -> tuple[dict, list[dict]]:
+    import end_to_end
+
+    print("end to end: the demo model, float32", flush=True)
+    result = end_to_end.main(["--json-out", str(RESULTS / "end_to_end.json"), "--rounds", "1" if quick else "2"])
+    ours, hf, share = result["stagecoach"], result["transformers_all_cores"], result["transformers_stage_share"]
+    figs = []
+    for c in sorted(ours, key=int):
+        ratio = round(ours[c]["tokens_per_s"] / hf[c], 3)
+        goal, ok = ((">= 1.0", ratio >= 1.0) if int(c) == 16 else ("(all cores; no goal)", None))
+        figs.append(figure(f"e2e c={c}: tokens/s / transformers ({result['cores']} threads)", ratio, goal, ok))
+        figs.append(figure(f"e2e c={c}: TTFT p50 / ITL p50 / ITL p99 (ms)", None,
+                           f"{ours[c]['ttft_ms']['p50']:.0f} / {ours[c]['itl_ms']['p50']:.1f} / {ours[c]['itl_ms']['p99']:.1f}", None))
+    ratio = round(ours[1]["tokens_per_s"] / share[1], 3)
+    figs.append(figure(f"e2e c=1: tokens/s / transformers ({share['threads']} thread: a stage's share)", ratio, ">= 0.8", ratio >= 0.8))
+    return result, figs
+
+
+def plot(transport_rows, pipeline, e2e, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    labels = [f"{r['bytes'] // 1024:,} KiB" for r in transport_rows]
+    width = 0.25
+    for i, (name, label) in enumerate((("unary", "unary Forward (before)"), ("link", "Link stream"), ("floor", "bare gRPC stream"))):
+        ax.bar([x + (i - 1) * width for x in range(len(labels))], [r[name]["throughput_vs_raw"] for r in transport_rows], width, label=label)
+    ax.axhline(0.5, color="k", ls="--", lw=0.8, label="goal at 40 MiB")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("throughput / raw TCP")
+    ax.set_title("one hop on 127.0.0.1")
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    prefill = pipeline["prefill"]
+    ms = [r["microbatches"] for r in prefill]
+    ax.plot(ms, [r["gpipe_bubble"] for r in prefill], "o--", label="GPipe bubble (S-1)/(M+S-1)")
+    ax.plot(ms, [r["measured_bubble"] for r in prefill], "o-", label="measured bubble")
+    ax.set_xlabel("microbatches M (4 stages)")
+    ax.set_ylabel("idle fraction")
+    ax.set_title("pipeline: prefill bubble")
+    ax.legend(fontsize=8)
+
+    ax = axes[2]
+    if e2e:
+        cs = sorted(e2e["stagecoach"], key=int)
+        ax.plot([int(c) for c in cs], [e2e["stagecoach"][c]["tokens_per_s"] for c in cs], "o-", label="Stagecoach (2 stages)")
+        ax.plot([int(c) for c in cs], [e2e["transformers_all_cores"][c] for c in cs], "s--", label=f"transformers ({e2e['cores']} threads)")
+        ax.plot([1], [e2e["transformers_stage_share"][1]], "^", label="transformers (1 thread)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"end to end: {e2e['model']}, float32")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--skip-e2e", action="store_true", help="leave out the end-to-end benchmark")
+    parser.add_argument("--plot-only", action="store_true", help="redraw bench.png from the JSON of the last run")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        e2e_path = RESULTS / "end_to_end.json"
+        e2e = json.loads(e2e_path.read_text()) if e2e_path.exists() else None
+        if e2e:  # JSON keys are strings; the plot indexes the 1-thread baseline by 1
+            e2e["transformers_stage_share"] = {k if k == "threads" else int(k): v for k, v in e2e["transformers_stage_share"].items()}
+        plot(json.loads((RESULTS / "transport.json").read_text()), json.loads((RESULTS / "pipeline.json").read_text()), e2e, RESULTS / "bench.png")
+        return 0
+    start = time.monotonic()
+    transport_rows, figs = run_transport()
+    pipeline, more = run_pipeline(args.quick)
+    figs += more
+    e2e = None
+    if not args.skip_e2e:
+        e2e, more = run_end_to_end(args.quick)
+        figs += more
+    gpu = figure("GPU decode step, 16 real-shape layers bf16, batch 1: time / floor", None, "<= 1.3", None)
+    gpu["status"] = "not run: needs the GPU machine"
+    figs.append(gpu)
+    summary = {"machine": machine(), "seconds": round(time.monotonic() - start, 1), "figures": figs}
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(transport_rows, pipeline, e2e, RESULTS / "bench.png")
+
+    width = max(len(f["figure"]) for f in figs)
+    print()
+    print(f"{'figure':<{width}}  {'value':>10}  {'goal':<24}  status")
+    for f in figs:
+        value = "" if f["value"] is None else f"{f['value']:g}{(' ' + f['unit']) if f['unit'] else ''}"
+        print(f"{f['figure']:<{width}}  {value:>10}  {f['goal']:<24}  {f['status']}")
+    print(f"\n{summary['seconds']:.0f} s; JSON and bench.png in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
