@@ -40,7 +40,7 @@ def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=flat.view(torch.uint8).numpy().tobytes())
 
 
-def tensor_from_proto(msg: pb.Tensor, field: str = "tensor", data: bytes | bytearray | None = None) -> torch.Tensor:
+def tensor_from_proto(msg: pb.Tensor, field: str = "tensor", data: bytes | memoryview | None = None) -> torch.Tensor:
     """A CPU view of the message's bytes (or of `data`, bytes that came separately): no copy."""
     dtype = _FROM_WIRE.get(msg.dtype)
     if dtype is None:
@@ -119,7 +119,7 @@ def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=()
     )
 
 
-def decode_microbatch(msg: pb.MicroBatch, expect_token_ids: bool, data: bytes | bytearray | None = None) -> tuple[MicroBatch, torch.Tensor | None]:
+def decode_microbatch(msg: pb.MicroBatch, expect_token_ids: bool, data: bytes | memoryview | None = None) -> tuple[MicroBatch, torch.Tensor | None]:
     """The microbatch and, for stages after the first, its hidden states (data: the tensor's bytes, when they came in chunks)."""
     if msg.schema_version != SCHEMA_VERSION:
         raise WireError(f"schema_version {msg.schema_version}: this stage speaks {SCHEMA_VERSION}")

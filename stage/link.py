@@ -146,12 +146,11 @@ class LinkAssembler:
 
     def _reset(self) -> None:
         self._msg: pb.MicroBatch | None = None
-        self._buf: bytearray | None = None
-        self._view: memoryview | None = None
+        self._buf: memoryview | None = None  # the tensor's bytes as they arrive, in memory torch allocated
         self._filled = 0
         self._error: str | None = None
 
-    def add(self, frame: pb.LinkFrame | ChunkFrame) -> tuple[pb.MicroBatch | None, bytearray | None, str | None] | None:
+    def add(self, frame: pb.LinkFrame | ChunkFrame) -> tuple[pb.MicroBatch | None, memoryview | None, str | None] | None:
         """None while frames are due; then (the MicroBatch, its chunked tensor bytes or None if inline, an error or None)."""
         from stagecoach.stage.codec import _FROM_WIRE
 
@@ -171,8 +170,8 @@ class LinkAssembler:
                 if size < 0 or t.data or size > self.max_bytes:
                     self._error = f"tensor: dtype {t.dtype} and shape {list(t.shape)} cannot be sent in chunks (at most {self.max_bytes} bytes)"
                 else:
-                    self._buf = bytearray(size)
-                    self._view = memoryview(self._buf)
+                    # torch.empty: no zero-fill, every byte is about to be written (bytearray would memset 40 MiB first)
+                    self._buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
         elif self._msg is None:
             self._error = self._error or "a chunk arrived before its microbatch's header frame"
         elif self._buf is not None:
@@ -181,7 +180,7 @@ class LinkAssembler:
             if end > len(self._buf):
                 self._error = self._error or f"tensor: more chunk bytes ({end}) than its dtype and shape call for ({len(self._buf)})"
             else:
-                self._view[self._filled:end] = chunk
+                self._buf[self._filled:end] = chunk
                 self._filled = end
         if not frame.last:
             return None

@@ -213,7 +213,7 @@ class StageServicer(pb_grpc.StageServicer):
         self.service = service
         self.info = info
 
-    def _accept(self, request: pb.MicroBatch, received: int, data: bytearray | None = None) -> tuple[grpc.StatusCode, str] | None:
+    def _accept(self, request: pb.MicroBatch, received: int, data: memoryview | None = None) -> tuple[grpc.StatusCode, str] | None:
         """Decodes, validates and queues one microbatch; the refusal's (code, message), or None."""
         if self.service.is_stale(request.batch_id):
             return grpc.StatusCode.FAILED_PRECONDITION, f"stage {self.service.index}: microbatch {request.batch_id} is from before a recovery"
