@@ -40,13 +40,12 @@ def _wait_terminal(client, job_id: str, timeout_s: float) -> str:
     return status
 
 
-def stop_previous(client, name: str, stop_timeout_s: float, log: Callable[[str], None]) -> list[str]:
-    """Stops every unfinished job an earlier submitter of this name started; returns their ids.
+def stop_previous(client, name: str, stop_timeout_s: float, log: Callable[[str], None]) -> None:
+    """Stops every unfinished job an earlier submitter of this name started.
 
     A restarted submitter container must not leave the old server running beside the new one
     (both would want the same API port and stage ports).
     """
-    stopped = []
     for job in client.list_jobs():
         if (job.metadata or {}).get(METADATA_KEY) != name or str(job.status.value) in TERMINAL:
             continue
@@ -55,8 +54,6 @@ def stop_previous(client, name: str, stop_timeout_s: float, log: Callable[[str],
         status = _wait_terminal(client, job.submission_id, stop_timeout_s)
         if status not in TERMINAL:
             raise ConfigError(f"job {job.submission_id} did not stop within {stop_timeout_s:.0f} s (status {status})")
-        stopped.append(job.submission_id)
-    return stopped
 
 
 def run_submitter(address: str, name: str, command: list[str], wait_s: float = 600.0, stop_timeout_s: float = 60.0,

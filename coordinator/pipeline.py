@@ -180,9 +180,8 @@ class GrpcPipeline(_Inbox):
     """
 
     def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30, security=None) -> None:
-        from stagecoach.stage.server import channel_options, start_server
-
         from stagecoach.stage.link import keep_freed_buffers
+        from stagecoach.stage.server import channel_options, start_server
 
         super().__init__()
         keep_freed_buffers()  # activations' and gRPC's buffers reuse mapped pages
@@ -202,7 +201,6 @@ class GrpcPipeline(_Inbox):
     def attach(self, addresses: list[str]) -> list[pb.StageInfo]:
         """Opens channels to the stages and reads their Info; refuses stages that disagree."""
         from stagecoach.stage.codec import SCHEMA_VERSION
-
         from stagecoach.stage.link import LinkSender
         from stagecoach.stage.security import open_channel
 

@@ -30,18 +30,25 @@ class WireError(RequestError):
     """A message is malformed: unknown dtype, a shape that disagrees with its bytes, a bad field."""
 
 
-def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
-    """One copy: the tensor's bytes into the message (bfloat16 as its 2-byte payload)."""
+def tensor_payload(tensor: torch.Tensor) -> tuple[pb.Tensor, memoryview]:
+    """The tensor's dtype and shape as a message without data, and its bytes as a view (no copy)."""
     if tensor.dtype not in _TO_WIRE:
         raise WireError(f"tensor dtype {tensor.dtype} cannot travel; use one of {sorted(str(d) for d in _TO_WIRE)}")
     flat = tensor.detach().contiguous().view(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    return pb.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape), data=flat.view(torch.uint8).numpy().tobytes())
+    return pb.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape)), memoryview(flat.view(torch.uint8).numpy())
 
 
-def tensor_from_proto(msg: pb.Tensor, field: str = "tensor", data: bytes | memoryview | None = None) -> torch.Tensor:
-    """A CPU view of the message's bytes (or of `data`, bytes that came separately): no copy."""
+def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
+    """One copy: the tensor's bytes into the message (bfloat16 as its 2-byte payload)."""
+    msg, payload = tensor_payload(tensor)
+    msg.data = payload.tobytes()
+    return msg
+
+
+def tensor_nbytes(msg: pb.Tensor, field: str = "tensor") -> tuple[torch.dtype, int]:
+    """The dtype a tensor message names and the bytes its shape calls for; WireError if either is bad."""
     dtype = _FROM_WIRE.get(msg.dtype)
     if dtype is None:
         raise WireError(f"{field}.dtype {msg.dtype} is not a known dtype")
@@ -50,10 +57,16 @@ def tensor_from_proto(msg: pb.Tensor, field: str = "tensor", data: bytes | memor
     numel = 1
     for d in msg.shape:
         numel *= d
+    return dtype, numel * dtype.itemsize
+
+
+def tensor_from_proto(msg: pb.Tensor, field: str = "tensor", data: bytes | memoryview | None = None) -> torch.Tensor:
+    """A CPU view of the message's bytes (or of `data`, bytes that came separately): no copy."""
+    dtype, nbytes = tensor_nbytes(msg, field)
     data = msg.data if data is None else data
-    if numel * dtype.itemsize != len(data):
-        raise WireError(f"{field}: shape {list(msg.shape)} of {dtype} needs {numel * dtype.itemsize} bytes, got {len(data)}")
-    if numel == 0:
+    if nbytes != len(data):
+        raise WireError(f"{field}: shape {list(msg.shape)} of {dtype} needs {nbytes} bytes, got {len(data)}")
+    if nbytes == 0:
         return torch.empty(tuple(msg.shape), dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).view(tuple(msg.shape))
 

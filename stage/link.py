@@ -10,6 +10,7 @@ it is validated and queued.
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import threading
 import time
@@ -38,6 +39,7 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
+@functools.cache  # once per process: the setting is process-wide
 def keep_freed_buffers() -> None:
     """Lets this process reuse freed large buffers (glibc only; elsewhere a no-op).
 
@@ -99,18 +101,6 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def tensor_payload(tensor: torch.Tensor) -> tuple[pb.Tensor, memoryview]:
-    """The tensor's dtype and shape as a message without data, and its bytes as a view (no copy)."""
-    from stagecoach.stage.codec import _TO_WIRE, WireError
-
-    if tensor.dtype not in _TO_WIRE:
-        raise WireError(f"tensor dtype {tensor.dtype} cannot travel; use one of {sorted(str(d) for d in _TO_WIRE)}")
-    flat = tensor.detach().contiguous().view(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return pb.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape)), memoryview(flat.view(torch.uint8).numpy())
-
-
 def _field(tag: bytes, body_len: int) -> bytes:
     return tag + _varint(body_len)
 
@@ -152,7 +142,7 @@ class LinkAssembler:
 
     def add(self, frame: pb.LinkFrame | ChunkFrame) -> tuple[pb.MicroBatch | None, memoryview | None, str | None] | None:
         """None while frames are due; then (the MicroBatch, its chunked tensor bytes or None if inline, an error or None)."""
-        from stagecoach.stage.codec import _FROM_WIRE
+        from stagecoach.stage.codec import WireError, tensor_nbytes
 
         if frame.HasField("batch"):
             unfinished = self._msg
@@ -162,11 +152,10 @@ class LinkAssembler:
                 self._error = f"microbatch {unfinished.batch_id} ended without its last chunk"
             elif not frame.last:  # chunks follow: room for exactly the bytes its dtype and shape call for
                 t = frame.batch.tensor
-                dtype = _FROM_WIRE.get(t.dtype)
-                numel = 1
-                for d in t.shape:
-                    numel *= d
-                size = numel * dtype.itemsize if dtype is not None and min(t.shape, default=0) >= 0 else -1
+                try:
+                    size = tensor_nbytes(t)[1]
+                except WireError:
+                    size = -1
                 if size < 0 or t.data or size > self.max_bytes:
                     self._error = f"tensor: dtype {t.dtype} and shape {list(t.shape)} cannot be sent in chunks (at most {self.max_bytes} bytes)"
                 else:
@@ -290,7 +279,7 @@ class LinkSender:
 
 def link_message(batch, tensor: torch.Tensor | None, timings=()) -> tuple[pb.MicroBatch, memoryview]:
     """A MicroBatch header for a Link and its tensor's bytes (tensor None: stage 0's token ids)."""
-    from stagecoach.stage.codec import encode_microbatch
+    from stagecoach.stage.codec import encode_microbatch, tensor_payload
 
     if tensor is None:
         tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
