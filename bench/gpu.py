@@ -60,11 +60,11 @@ def correctness(device: str, smoke: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from stagecoach.coordinator.engine import Engine
-    from stagecoach.coordinator.partition import ranges_from_counts
-    from stagecoach.coordinator.pipeline import LocalPipeline
+    from stagecoach.cluster.partition import ranges_from_counts
+    from stagecoach.cluster.pipelines import LocalPipeline
     from stagecoach.coordinator.random_checkpoint import write_random_checkpoint
     from stagecoach.coordinator.scheduler import SchedulerConfig
-    from stagecoach.stage.batch import SamplingParams
+    from stagecoach.proto.types import SamplingParams
 
     steps = 16
     result: dict = {}
@@ -99,8 +99,8 @@ def correctness(device: str, smoke: bool) -> dict:
                 return out
 
         rows: list = []
-        pipe = Recording.load(model_dir, ranges_from_counts([2, 2], 4), "bfloat16", device, 64, 16)
-        engine = Engine(pipe, SchedulerConfig(num_blocks=64, block_size=16, max_num_batched_tokens=512), max_inflight=1)
+        pipe = Recording.load(model_dir, ranges_from_counts([2, 2], 4), "bfloat16", device, num_blocks=64, block_size=16)
+        engine = Engine(pipe, SchedulerConfig(num_blocks=64, block_size=16, max_num_batched_tokens=512, max_num_seqs=64, max_model_len=len(prompt) + steps), max_inflight=1)
         (seq,) = engine.generate([prompt], [SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)])
         hf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
         ref16_ids, ref_rows = hf_greedy(hf16, prompt, steps, device)
@@ -139,7 +139,7 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
 def decode_steps(device: str, layers: int, batches: list[int], smoke: bool) -> dict:
     import torch
 
-    from stagecoach.stage.batch import MicroBatch, SeqChunk
+    from stagecoach.proto.types import MicroBatch, SeqChunk
     from stagecoach.stage.kv_cache import KVCache
     from stagecoach.stage.model import ModelConfig, StageModel
     from stagecoach.stage.runner import StageRunner

@@ -1,6 +1,6 @@
 """Steady-state utilisation of each pipeline stage against the ideal, with synthetic stages of fixed compute time.
 
-Every stage is its own process running the real stage transport (StageServicer, StageService,
+Every stage is its own process running the real stage transport (StageServicer, StageLoop,
 gRPC on 127.0.0.1); only the runner is replaced by one that holds the stage for a fixed time
 (a GPU kernel's wall time, without using a core) and returns a hidden-state tensor of the real
 model's width. The coordinator is the real Engine + Scheduler + GrpcPipeline. Utilisation of a
@@ -35,7 +35,7 @@ class SyntheticRunner:
     def execute(self, batch, inputs=None):
         import torch
 
-        from stagecoach.stage.batch import SampleResult
+        from stagecoach.proto.types import SampleResult
         from stagecoach.stage.runner import StageOutput
 
         time.sleep(self.compute_s)
@@ -49,10 +49,11 @@ def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
 
     torch.set_num_threads(1)  # as Ray does for a 1-CPU actor; idle OpenMP threads would spin on shared cores
     from stagecoach.proto import stagecoach_pb2 as pb
-    from stagecoach.stage.server import StageService, StageServicer, start_server
+    from stagecoach.proto.server import start_server
+    from stagecoach.stage.servicer import StageLoop, StageServicer
 
     runner = SyntheticRunner(compute_s, index == 0, index == num_stages - 1)
-    service = StageService(runner, index, 1 << 30)
+    service = StageLoop(runner, index, 1 << 30)
     server, address = start_server(StageServicer(service, pb.StageInfo(index=index, num_kv_blocks=100000, block_size=16, schema_version=pb.SCHEMA_VERSION_CURRENT)), "127.0.0.1", 0, 1 << 30)
     conn.send(address)
     next_address, coordinator_address = conn.recv()
@@ -64,7 +65,7 @@ def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
 
 def start_stages(num_stages: int, compute_s: float):
     """The stage processes and a GrpcPipeline wired to them; returns (pipeline, pipes, processes)."""
-    from stagecoach.coordinator.pipeline import GrpcPipeline
+    from stagecoach.cluster.pipelines import GrpcPipeline
 
     ctx = mp.get_context("spawn")
     pipes, procs = [], []
@@ -93,7 +94,7 @@ def stop_stages(pipeline, pipes, procs) -> None:
 def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new_tokens: int) -> dict:
     from stagecoach.coordinator.engine import Engine
     from stagecoach.coordinator.scheduler import SchedulerConfig
-    from stagecoach.stage.batch import SamplingParams
+    from stagecoach.proto.types import SamplingParams
 
     pipeline, pipes, procs = start_stages(num_stages, compute_s)
     deliveries = []
@@ -105,7 +106,7 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
         return d
 
     pipeline.wait = recording_wait
-    engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256), max_inflight=inflight)
+    engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256, max_model_len=32768), max_inflight=inflight)
     prompts = [[3 + i % 50] * 8 for i in range(num_seqs)]
     start = time.perf_counter()
     engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True) for _ in prompts])
@@ -145,11 +146,11 @@ def measure_prefill(num_stages: int, compute_s: float, microbatches: int, prompt
     """
     from stagecoach.coordinator.engine import Engine
     from stagecoach.coordinator.scheduler import SchedulerConfig
-    from stagecoach.stage.batch import SamplingParams
+    from stagecoach.proto.types import SamplingParams
 
     pipeline, pipes, procs = start_stages(num_stages, compute_s)
     try:
-        engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=prompt_tokens, max_num_seqs=256),
+        engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=prompt_tokens, max_num_seqs=256, max_model_len=32768),
                         max_inflight=microbatches)
         engine.generate([[5] * 8], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])  # warm the links
         prompts = [[3 + i] * prompt_tokens for i in range(microbatches)]

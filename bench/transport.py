@@ -44,7 +44,7 @@ class _SinkRunner:
 
 
 class _Sink:
-    """Stands in for StageService: notes when each microbatch was queued, and drops it."""
+    """Stands in for StageLoop: notes when each microbatch was queued, and drops it."""
 
     def __init__(self) -> None:
         self.runner, self.index, self.max_message_bytes, self.received = _SinkRunner(), 1, MAX_BYTES, []
@@ -65,10 +65,11 @@ def receiver(conn) -> None:
     import grpc
 
     from stagecoach.proto import stagecoach_pb2 as pb
-    from stagecoach.stage.link import keep_freed_buffers
-    from stagecoach.stage.server import StageServicer, channel_options, start_server
+    from stagecoach.proto.link import keep_freed_buffers
+    from stagecoach.proto.server import channel_options, start_server
+    from stagecoach.stage.servicer import StageServicer
 
-    keep_freed_buffers()  # as a StageService does
+    keep_freed_buffers()  # as a StageLoop does
     sink = _Sink()
     raw_received: list[int] = []
     server, address = start_server(StageServicer(sink, pb.StageInfo(index=1)), "127.0.0.1", 0, MAX_BYTES)
@@ -116,12 +117,12 @@ def measure(hops_for: dict | None = None) -> list[dict]:
 
     torch.set_num_threads(1)
     from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
-    from stagecoach.stage import codec
-    from stagecoach.stage.batch import MicroBatch, SeqChunk
-    from stagecoach.stage.link import LinkSender, keep_freed_buffers, link_message
-    from stagecoach.stage.server import channel_options
+    from stagecoach.proto import codec
+    from stagecoach.proto.types import MicroBatch, SeqChunk
+    from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
+    from stagecoach.proto.server import channel_options
 
-    keep_freed_buffers()  # as a StageService and the coordinator do
+    keep_freed_buffers()  # as a StageLoop and the coordinator do
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

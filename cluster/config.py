@@ -1,7 +1,14 @@
-"""Deployment configuration: slotted dataclasses that YAML maps onto one to one (unknown keys are errors)."""
+"""Deployment configuration: slotted dataclasses that YAML, the command line and the chart's ConfigMap map onto.
+
+Each setting and its default is written here once. A field's metadata may name its command-line
+flag (`setting(..., flag="--block-size")`); `add_flags` derives the CLI from these fields and
+`ClusterConfig.load` lays the given flags over the YAML, so a flag, a YAML key and the chart's
+ConfigMap key always mean the same field. Unknown YAML keys are errors that name them.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -16,51 +23,63 @@ from stagecoach.errors import ConfigError
 PLACEMENTS = ("auto", "strict_spread", "spread", "pack")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("ray", "local")
+SERVE_ONLY = "serve"  # a setting whose flag only `stagecoach serve` takes
+
+
+def setting(default, help: str, flag: str | None = None, choices: tuple | None = None, group: str | None = None, command: str | None = None):
+    """A field with its default and, when `flag` is given, its command-line flag (choices, a mutually exclusive group)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "group": group, "command": command}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _choose(where: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where} {value!r}: use one of {', '.join(choices)}")
 
 
 @dataclass(slots=True)
 class ModelSection:
-    path: str = ""  # Hugging Face checkpoint folder, readable on every stage's node
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    path: str = setting("", "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json), readable on every stage's node", "--model")
+    dtype: str = setting("float32", "weights, activations and KV cache", "--dtype", DTYPE_NAMES)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise ConfigError(f"model.dtype {self.dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+        _choose("model.dtype", self.dtype, DTYPE_NAMES)
 
 
 @dataclass(slots=True)
 class PipelineSection:
-    num_stages: int = 1
-    layers: list[int] | None = None  # explicit layer counts per stage, e.g. [17, 16, 16, 15]
-    gpus_per_stage: float | None = None  # None: 1 when the Ray cluster has GPUs, else 0
-    cpus_per_stage: float = 1.0  # the CPU share of each stage's placement bundle
-    placement: str = "auto"  # auto | strict_spread | spread | pack
-    device: str = "auto"  # auto | cpu | cuda
-    max_inflight: int | None = None  # microbatches in flight; None: the number of stages
-    max_batch_tokens: int = 512  # token budget of one microbatch (longer prompts are chunked)
-    max_num_seqs: int = 64  # sequences in one microbatch at most
-    memory_limit_mb: int | None = None  # per-stage memory budget; None: the device's (GPU × fraction, or free RAM)
-    ready_timeout_s: float = 300.0  # how long stages may take to be placed and loaded
-    recovery_timeout_s: float = 60.0  # a failed stage must be back within this, or its requests end with 503
-    heartbeat_interval_s: float = 2.0  # how often stages are asked whether they are alive (also: how late a microbatch may be before they are)
-    heartbeat_timeout_s: float = 2.0  # a stage that does not answer within this has failed
-    stage_delay_ms: list[float] | None = None  # testing only: extra time added to each stage's every forward
+    backend: str = setting("ray", "ray: stages as Ray actors over gRPC; local: every stage in this process", "--backend", BACKENDS)
+    ray_address: str | None = setting(None, "'local' starts a new Ray, 'auto' or host:port joins one; unset: a running one, else a new local one", "--ray-address")
+    num_stages: int = setting(1, "number of pipeline stages, balanced by time (the last one also runs lm_head)", "--stages", group="split")
+    layers: list[int] | None = setting(None, "explicit layer counts per stage, e.g. 17,16,16,15", "--layers", group="split")
+    gpus_per_stage: float | None = setting(None, "GPUs in each stage's placement bundle; unset: 1 when the Ray cluster has GPUs, else 0", "--gpus-per-stage")
+    cpus_per_stage: float = setting(1.0, "the CPU share of each stage's placement bundle")
+    placement: str = setting("auto", "auto: STRICT_SPREAD (a node per stage) when stages need a GPU, else PACK", "--placement", PLACEMENTS)
+    device: str = setting("auto", "where stages run", "--device", DEVICES)
+    max_inflight: int | None = setting(None, "microbatches in flight; unset: the number of stages", "--max-inflight")
+    max_batch_tokens: int = setting(512, "token budget of one microbatch (longer prompts are chunked)", "--max-batch-tokens")
+    max_num_seqs: int = setting(64, "sequences in one microbatch at most")
+    memory_limit_mb: int | None = setting(None, "per-stage memory budget in MiB; unset: the device's (GPU × fraction, or free RAM)", "--memory-limit-mb")
+    ready_timeout_s: float = setting(300.0, "seconds stages may take to be placed and loaded")
+    recovery_timeout_s: float = setting(60.0, "seconds a failed stage has to come back before its requests end with 503")
+    heartbeat_interval_s: float = setting(2.0, "seconds between health checks (also: how late a microbatch may be before the stages are asked)")
+    heartbeat_timeout_s: float = setting(2.0, "seconds a stage has to answer a health check")
 
     def __post_init__(self) -> None:
         if self.layers is not None:
             self.num_stages = len(self.layers)
         if self.num_stages < 1:
             raise ConfigError(f"pipeline.num_stages must be at least 1, got {self.num_stages}")
-        if self.placement not in PLACEMENTS:
-            raise ConfigError(f"pipeline.placement {self.placement!r}: use one of {', '.join(PLACEMENTS)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"pipeline.device {self.device!r}: use one of {', '.join(DEVICES)}")
+        _choose("pipeline.backend", self.backend, BACKENDS)
+        _choose("pipeline.placement", self.placement, PLACEMENTS)
+        _choose("pipeline.device", self.device, DEVICES)
         if self.gpus_per_stage is not None and self.gpus_per_stage < 0:
             raise ConfigError(f"pipeline.gpus_per_stage must be >= 0, got {self.gpus_per_stage}")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError(f"pipeline.max_inflight must be at least 1, got {self.max_inflight}")
-        if self.stage_delay_ms is not None and (len(self.stage_delay_ms) != self.num_stages or min(self.stage_delay_ms) < 0):
-            raise ConfigError(f"pipeline.stage_delay_ms needs one non-negative value per stage ({self.num_stages}), got {self.stage_delay_ms}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_timeout_s <= 0 or self.recovery_timeout_s <= 0:
             raise ConfigError("pipeline.heartbeat_interval_s, heartbeat_timeout_s and recovery_timeout_s must be positive")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
@@ -69,33 +88,65 @@ class PipelineSection:
 
 @dataclass(slots=True)
 class CacheSection:
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # CPU stages: blocks per stage (else from max_tokens)
-    max_tokens: int = 8192  # CPU stages: KV capacity in tokens when num_blocks is unset
-    gpu_memory_fraction: float = 0.9  # GPU stages: share of device memory for weights + activations + KV
+    block_size: int = setting(16, "tokens per KV cache block", "--block-size")
+    num_blocks: int | None = setting(None, "CPU stages: KV cache blocks per stage; unset: from cache.max_tokens", "--kv-blocks")
+    max_tokens: int = setting(8192, "CPU stages: KV capacity in tokens when num_blocks is unset")
+    gpu_memory_fraction: float = setting(0.9, "GPU stages: share of device memory for weights + activations + KV cache")
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ConfigError(f"cache.block_size must be at least 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"cache.num_blocks must be at least 1, got {self.num_blocks}")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ConfigError(f"cache.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
 
 
 @dataclass(slots=True)
 class TransportSection:
-    host: str | None = None  # address stage and coordinator servers bind; None: the node's address
-    port: int = 0  # 0: any free port; else stage i listens on port + i
-    max_message_mb: int = 1024  # largest gRPC message (a 4k-token float32 prefill of Qwen1.5-32B is 80 MiB)
-    token_env: str | None = None  # environment variable holding the stage-link token; None: a fresh random one per pipeline
-    tls_cert: str | None = None  # mutual TLS between stages and coordinator: this party's certificate (PEM) …
-    tls_key: str | None = None  # … its private key …
-    tls_ca: str | None = None  # … and the CA that signed every party's certificate (covering their addresses)
+    host: str | None = setting(None, "address the stage and coordinator gRPC servers bind; unset: each node's own", "--grpc-host")
+    port: int = setting(0, "0: any free port; else stage i listens on port + i")
+    max_message_mb: int = setting(1024, "largest gRPC message in MiB (a 4k-token float32 prefill of Qwen1.5-32B is 80 MiB)")
+    token_env: str | None = setting(None, "environment variable holding the stage-link token; unset: a fresh random one per pipeline")
+    tls_cert: str | None = setting(None, "mutual TLS between stages and coordinator: this party's certificate (PEM)")
+    tls_key: str | None = setting(None, "mutual TLS: its private key (PEM)")
+    tls_ca: str | None = setting(None, "mutual TLS: the CA that signed every party's certificate (covering their addresses)")
 
 
 @dataclass(slots=True)
 class ServerSection:
-    host: str = "127.0.0.1"  # HTTP API bind address
-    port: int = 8000
+    host: str = setting("127.0.0.1", "HTTP bind address", "--host", command=SERVE_ONLY)
+    port: int = setting(8000, "HTTP port", "--port", command=SERVE_ONLY)
+    api_key_env: str | None = setting(None, "environment variable holding the API key; when set, requests need 'Authorization: Bearer <key>'",
+                                      "--api-key-env", command=SERVE_ONLY)
+    max_running: int | None = setting(None, "sequences admitted at once; unset: as many as the KV cache holds", "--max-running", command=SERVE_ONLY)
+    max_queue: int | None = setting(None, "requests waiting beyond max_running before 429; unset: unlimited", "--max-queue", command=SERVE_ONLY)
+    max_model_len: int | None = setting(None, "prompt + completion tokens at most; unset: the model's, capped by the KV cache", "--max-model-len", command=SERVE_ONLY)
+    served_model_name: str | None = setting(None, "the model's name in the API; unset: the checkpoint folder's name", "--served-model-name", command=SERVE_ONLY)
+    drain_timeout_s: float = setting(30.0, "seconds requests in flight get to finish on SIGTERM", "--drain-timeout", command=SERVE_ONLY)
+    request_timeout_s: float = setting(600.0, "seconds a generation request may take before it ends with 408", "--request-timeout", command=SERVE_ONLY)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"server.port must be in [0, 65535], got {self.port}")
+        if self.max_running is not None and self.max_running < 1:
+            raise ConfigError(f"server.max_running must be at least 1, got {self.max_running}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ConfigError(f"server.max_queue must be >= 0, got {self.max_queue}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"server.max_model_len must be at least 2, got {self.max_model_len}")
+        if self.drain_timeout_s < 0 or self.request_timeout_s <= 0:
+            raise ConfigError("server.drain_timeout_s must be >= 0 and server.request_timeout_s positive")
+
+
+@dataclass(slots=True)
+class TestingSection:
+    """Knobs for tests and benchmarks only: each makes the system misbehave on purpose. Leave them unset in production."""
+
+    __test__ = False  # not a pytest test class
+
+    stage_delay_ms: list[float] | None = setting(None, "extra milliseconds added to each stage's every forward (one value per stage): a slow stage")
+    engine_crash_token_id: int | None = setting(None, "the engine loop raises an unexpected error when it schedules a prompt holding this token id")
 
 
 @dataclass(slots=True)
@@ -105,6 +156,14 @@ class ClusterConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     transport: TransportSection = field(default_factory=TransportSection)
     server: ServerSection = field(default_factory=ServerSection)
+    testing: TestingSection = field(default_factory=TestingSection)
+
+    def __post_init__(self) -> None:
+        delays = self.testing.stage_delay_ms
+        if delays is not None and (len(delays) != self.pipeline.num_stages or min(delays) < 0):
+            raise ConfigError(f"testing.stage_delay_ms needs one non-negative value per stage ({self.pipeline.num_stages}), got {delays}")
+        # `~` and $VARS expand; a relative path is taken from the working directory, as on the command line.
+        self.model.path = os.path.expanduser(os.path.expandvars(self.model.path))
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ClusterConfig:
@@ -112,24 +171,86 @@ class ClusterConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        config = cls.from_dict(data)
-        # `~` and $VARS expand; a relative path is taken from the working directory, as on the command line.
-        config.model.path = os.path.expanduser(os.path.expandvars(config.model.path))
-        return config
+        return cls.from_dict(read_yaml(path))
+
+    @classmethod
+    def load(cls, path: str | Path | None, args: argparse.Namespace | None = None) -> ClusterConfig:
+        """The YAML file (if any) with every flag given in args laid over it, validated once."""
+        data = read_yaml(path) if path else {}
+        if args is not None:
+            for section, f, _ in flag_fields():
+                value = getattr(args, _dest(f), None)
+                if value is not None:
+                    data.setdefault(section, {})
+                    data[section] = dict(data[section] or {}) | {f.name: value}
+                    if f.name == "num_stages":  # --stages replaces a split the file may give
+                        data[section]["layers"] = None
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data or {}
+
+
+# -- the command line, derived from the fields ------------------------------------------------
+def flag_fields(command: str | None = None) -> list[tuple[str, dataclasses.Field, object]]:
+    """(section name, field, its type) of every setting with a flag; for `command`, only the flags it takes."""
+    out = []
+    for section in dataclasses.fields(ClusterConfig):
+        hints = typing.get_type_hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            if f.metadata.get("flag") and (command is None or f.metadata["command"] in (None, command)):
+                out.append((section.name, f, hints[f.name]))
+    return out
+
+
+def _dest(f: dataclasses.Field) -> str:
+    return f.metadata["flag"].lstrip("-").replace("-", "_")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _arg_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    (hint,) = args
+    return int_list if typing.get_origin(hint) is list else hint
+
+
+def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """Adds a flag for every setting that has one (defaults stay None: only given flags override the YAML)."""
+    parser.add_argument("--config", default=None, help="a cluster YAML (configs/*.yaml); flags override it")
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for section, f, hint in flag_fields(command):
+        meta = f.metadata
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "" if default in (None, "") else f" (default: {default})"
+        target.add_argument(meta["flag"], type=_arg_type(hint), choices=meta["choices"], default=None,
+                            help=f"{meta['help']}{shown} [{section}.{f.name}]")
+
+
+# -- YAML → dataclasses -----------------------------------------------------------------------
 def _check_type(value, hint, where: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -139,9 +260,7 @@ def _check_type(value, hint, where: str):
         others = [a for a in args if a is not type(None)]
         if len(others) == 1:
             return _check_type(value, others[0], where)
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in others:
             try:
                 return _check_type(value, arg, where)
             except ConfigError:

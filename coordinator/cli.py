@@ -9,26 +9,24 @@ import shutil
 import sys
 from pathlib import Path
 
-from stagecoach.errors import ConfigError, RequestError, StagecoachError
+from stagecoach.errors import ConfigError, StagecoachError, error_kind
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+DEFAULT_NEW_TOKENS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stagecoach.cluster.config import SERVE_ONLY, add_flags, int_list
+
     parser = argparse.ArgumentParser(prog="stagecoach", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from one or more prompts")
-    add_cluster_flags(gen)
+    add_flags(gen, "generate")
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts)")
-    gen.add_argument("--prompt-ids", action="append", type=_int_list, default=[], help="prompt token ids, e.g. 1,2,3")
+    gen.add_argument("--prompt-ids", action="append", type=int_list, default=[], help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--chat", action="store_true", help="wrap each --prompt as a user message in the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate at most (default: {DEFAULT_NEW_TOKENS}, or what the context leaves)")
     gen.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: generation_config.json)")
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--top-k", type=int, default=None)
@@ -36,20 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--presence-penalty", type=float, default=0.0)
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt (seeded seed, seed + 1, …)")
+    gen.add_argument("--logprobs", type=int, default=None, help="also print each token's log-probability and the top N alternatives")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the checkpoint's stop tokens")
-    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt (a list for several)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per completion (a list for several)")
 
     srv = sub.add_parser("serve", help="serve the model behind an OpenAI-compatible HTTP API")
-    add_cluster_flags(srv)
-    srv.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key-env", default=None, help="environment variable holding the API key; when set, requests need 'Authorization: Bearer <key>'")
-    srv.add_argument("--max-running", type=int, default=None, help="sequences admitted at once (default: as many as the KV cache holds)")
-    srv.add_argument("--max-queue", type=int, default=None, help="requests waiting beyond --max-running before 429 (default: unlimited)")
-    srv.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens at most (default: the model's, capped by the KV cache)")
-    srv.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the checkpoint folder's name)")
-    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
-    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds a generation request may take before it ends with 408")
+    add_flags(srv, SERVE_ONLY)
 
     top = sub.add_parser("top", help="a live terminal view of a serving pipeline (per-stage and per-hop latency)")
     top.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
@@ -76,170 +67,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by generate and serve: what to load, how to split it, where stages run."""
-    parser.add_argument("--config", default=None, help="a cluster YAML (configs/*.yaml); flags override it")
-    parser.add_argument("--model", default=None, help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)")
-    split = parser.add_mutually_exclusive_group()
-    split.add_argument("--stages", type=int, default=None, help="number of pipeline stages (default 1)")
-    split.add_argument("--layers", type=_int_list, default=None, help="explicit layer counts per stage, e.g. 3,1,1")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default float32 (or the config's)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where stages run (default auto)")
-    parser.add_argument("--backend", choices=["ray", "local"], default="ray", help="ray: stages as Ray actors over gRPC; local: all in this process")
-    parser.add_argument("--ray-address", default=None, help="'local' starts a new Ray, 'auto' or host:port joins one (default: a running one, else a new local one)")
-    parser.add_argument("--placement", choices=["auto", "strict_spread", "spread", "pack"], default=None)
-    parser.add_argument("--gpus-per-stage", type=float, default=None, help="default 1 when the Ray cluster has GPUs, else 0")
-    parser.add_argument("--max-inflight", type=int, default=None, help="microbatches in flight (default: the number of stages)")
-    parser.add_argument("--grpc-host", default=None, help="address the stage and coordinator gRPC servers bind (default: the node's)")
-    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV cache block")
-    parser.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks per stage on CPU (default: from cache.max_tokens)")
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of one microbatch (chunked prefill)")
-    parser.add_argument("--memory-limit-mb", type=int, default=None, help="per-stage memory budget (default: the device's)")
-
-
-def config_from_args(args: argparse.Namespace):
+def load_config(args: argparse.Namespace):
     """The YAML config (if any) with every given flag laid over it."""
     from stagecoach.cluster.config import ClusterConfig
 
-    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
-    overrides = [
-        (config.model, "path", args.model),
-        (config.model, "dtype", args.dtype),
-        (config.pipeline, "num_stages", args.stages),
-        (config.pipeline, "layers", args.layers),
-        (config.pipeline, "device", args.device),
-        (config.pipeline, "placement", args.placement),
-        (config.pipeline, "gpus_per_stage", args.gpus_per_stage),
-        (config.pipeline, "max_inflight", args.max_inflight),
-        (config.pipeline, "max_batch_tokens", args.max_batch_tokens),
-        (config.pipeline, "memory_limit_mb", args.memory_limit_mb),
-        (config.cache, "block_size", args.block_size),
-        (config.cache, "num_blocks", args.kv_blocks),
-        (config.transport, "host", args.grpc_host),
-    ]
-    for section, name, value in overrides:
-        if value is not None:
-            setattr(section, name, value)
-    if args.stages is not None:
-        config.pipeline.layers = None
-    for section in (config.model, config.pipeline, config.cache):
-        section.__post_init__()  # re-validate with the flags applied
+    config = ClusterConfig.load(args.config, args)
     if not config.model.path:
         raise ConfigError("no model: give --model DIR or model.path in --config")
     return config
 
 
-def build_pipeline(config, backend: str, ray_address: str | None = None):
-    """Partitions the layers and starts the stages: in this process, or as Ray actors."""
-    from stagecoach.coordinator.partition import partition_layers
-    from stagecoach.stage.model import ModelConfig
+def _sampling(args: argparse.Namespace, model_dir: Path):
+    """The request's SamplingParams: generation_config.json's defaults, then the flags; refused values name their flag's parameter."""
+    from stagecoach.coordinator.requests import sampling_defaults
+    from stagecoach.proto.types import SamplingParams
 
-    model = ModelConfig.from_pretrained(config.model.path)
-    lm_head_cost = model.vocab_size * model.hidden_size / model.layer_num_params()
-    p, c = config.pipeline, config.cache
-    ranges = partition_layers(model.num_hidden_layers, p.num_stages, last_stage_extra=lm_head_cost, layer_counts=p.layers)
-    if backend == "local":
-        from stagecoach.coordinator.pipeline import LocalPipeline
-
-        device = "cpu" if p.device == "auto" else p.device
-        num_blocks = c.num_blocks or -(-c.max_tokens // c.block_size)
-        return LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks, c.block_size), model
-    from stagecoach.cluster.launch import RayPipeline, connect_ray
-
-    # A new local Ray gets enough logical CPUs for one share per stage, even on a small machine.
-    connect_ray(ray_address, num_cpus=max(os.cpu_count() or 1, int(p.num_stages * p.cpus_per_stage)), host=config.transport.host)
-    return RayPipeline(config, ranges), model
+    overrides = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    params = sampling_defaults(model_dir) | {k: v for k, v in overrides.items() if v is not None}
+    return SamplingParams(**params, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
+                          max_tokens=DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens, n=args.n, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
 
 
-def build_engine(pipeline, config, backend: str, stop_token_ids: list[int], max_model_len: int, max_running: int | None = None):
-    """The engine over a started pipeline, sized from the config: one microbatch in flight per stage by default."""
-    from stagecoach.coordinator.engine import Engine
-    from stagecoach.coordinator.scheduler import SchedulerConfig
-
-    p = config.pipeline
-    scheduler = SchedulerConfig(
-        num_blocks=pipeline.num_blocks,
-        block_size=pipeline.block_size,
-        max_num_batched_tokens=p.max_batch_tokens,
-        max_num_seqs=p.max_num_seqs,
-        max_model_len=max_model_len,
-        max_running=max_running,
-    )
-    # In-process stages run one after another: a second microbatch in flight would only wait.
-    return Engine(
-        pipeline, scheduler, stop_token_ids,
-        max_inflight=1 if backend == "local" else (p.max_inflight or len(pipeline.stages)),
-        heartbeat_interval_s=p.heartbeat_interval_s,
-    )
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from stagecoach.coordinator.engine import sampling_defaults
-    from stagecoach.coordinator.tokenizer import IncrementalDetokenizer, Tokenizer
-    from stagecoach.stage.batch import SamplingParams
-    from stagecoach.stage.model import ModelConfig
-
+def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
     if not args.prompt and not args.prompt_ids:
         raise ConfigError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
     if args.chat and args.prompt_ids:
         raise ConfigError("--chat applies to --prompt text, not to --prompt-ids")
-    config = config_from_args(args)
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p) for p in args.prompt]
+    return prompts + args.prompt_ids
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from stagecoach.cluster.pipelines import open_pipeline
+    from stagecoach.coordinator.compose import build_engine
+    from stagecoach.coordinator.requests import RequestLimits, check_request
+    from stagecoach.coordinator.tokenizer import Tokenizer
+    from stagecoach.proto.model_config import ModelConfig
+
+    config = load_config(args)
     model_dir = Path(config.model.path)
     model = ModelConfig.from_pretrained(model_dir)
     tokenizer = Tokenizer(model_dir)
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p) for p in args.prompt]
-    prompts += args.prompt_ids
-    for i, p in enumerate(prompts):
-        if len(p) >= model.max_position_embeddings:
-            raise RequestError(f"prompt {i} has {len(p)} tokens; the model's max_position_embeddings is {model.max_position_embeddings}")
-        bad = [t for t in p if not 0 <= t < model.vocab_size]
-        if bad:
-            raise RequestError(f"prompt {i}: token id {bad[0]} is outside the vocabulary of {model.vocab_size}")
-    defaults = sampling_defaults(model_dir)
-    overrides = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
-    params = defaults | {k: v for k, v in overrides.items() if v is not None}
-    sampling = [
-        SamplingParams(
-            **params,
-            presence_penalty=args.presence_penalty,
-            frequency_penalty=args.frequency_penalty,
-            seed=args.seed,
-            max_tokens=args.max_new_tokens,
-            ignore_eos=args.ignore_eos,
-        )
-        for _ in prompts
-    ]
+    prompts, sampling = _prompts(args, tokenizer), _sampling(args, model_dir)
+    limit = model.max_position_embeddings
+    limits = RequestLimits(limit, model.vocab_size, None, limit)
+    choices = []
+    for i, prompt in enumerate(prompts):
+        # Without --max-new-tokens a prompt gets what its context leaves, up to the default.
+        own = sampling if args.max_new_tokens is not None else replace(sampling, max_tokens=max(1, min(DEFAULT_NEW_TOKENS, limit - len(prompt))))
+        check_request(prompt, own, limits, param=f"prompt {i}")  # before any stage starts: a bad request costs nothing
+        choices += [(prompt, replace(own, seed=None if own.seed is None else (own.seed + k) % 2**63)) for k in range(own.n)]
 
-    pipeline, model = build_pipeline(config, args.backend, args.ray_address)
+    pipeline = open_pipeline(config)
     try:
-        engine = build_engine(pipeline, config, args.backend, tokenizer.stop_token_ids, model.max_position_embeddings)
-        seqs = engine.generate(prompts, sampling)
+        engine = build_engine(pipeline, config, tokenizer.stop_token_ids, model.max_position_embeddings, model.vocab_size)
+        seqs = engine.generate([p for p, _ in choices], [s for _, s in choices])
     finally:
         pipeline.shutdown()
+    _print_results(args, tokenizer, seqs, [s.as_json() for s in pipeline.stages], engine.timings.rows())
+    return 0
 
-    stages = [s.as_json() for s in pipeline.stages]
-    timing_rows = engine.timings.rows()
+
+def _print_results(args: argparse.Namespace, tokenizer, seqs: list, stages: list[dict], timing_rows: list[dict]) -> None:
+    from stagecoach.coordinator.tokenizer import IncrementalDetokenizer
+
     results = []
     for seq in seqs:
         detok = IncrementalDetokenizer(tokenizer)
         text = "".join(detok.add(t) for t in seq.output_token_ids) + detok.flush()
-        results.append(
-            {
-                "prompt_token_ids": seq.prompt_token_ids,
-                "token_ids": seq.output_token_ids,
-                "text": text,
-                "finish_reason": seq.finish_reason,
-                "stages": stages,
-                "timings": timing_rows,
-            }
-        )
+        result = {"prompt_token_ids": seq.prompt_token_ids, "token_ids": seq.output_token_ids, "text": text,
+                  "finish_reason": seq.finish_reason, "stages": stages, "timings": timing_rows}
+        if args.logprobs is not None:
+            result |= {"logprobs": seq.output_logprobs, "top_logprobs": seq.output_top_logprobs}
+        results.append(result)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
     else:
         for r in results:
             print(r["text"])
         print_stage_table(stages, timing_rows)
-    return 0
 
 
 def print_stage_table(stages: list[dict], timing_rows: list[dict]) -> None:
@@ -269,16 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from stagecoach.coordinator.serve import ServeOptions, serve
+    from stagecoach.coordinator.serve import serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    config = config_from_args(args)
-    options = ServeOptions(
-        host=args.host, port=args.port, backend=args.backend, ray_address=args.ray_address, api_key_env=args.api_key_env,
-        max_running=args.max_running, max_queue=args.max_queue, max_model_len=args.max_model_len,
-        served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout, request_timeout_s=args.request_timeout,
-    )
-    return asyncio.run(serve(config, options))
+    return asyncio.run(serve(load_config(args)))
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -320,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except StagecoachError as e:
         print(f"stagecoach: error: {e}", file=sys.stderr)
-        return 2
+        return error_kind(e).exit_code
 
 
 if __name__ == "__main__":

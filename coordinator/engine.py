@@ -1,58 +1,156 @@
-"""The engine loop: keep up to max_inflight microbatches in the pipe, apply sampled tokens as they return."""
+"""The engine: continuous batching over a pipeline, its one loop, and its API (add, abort, stats, recover, health).
+
+Up to `max_inflight` microbatches travel at once (one per stage keeps every stage busy); each
+holds about 1/max_inflight of the running sequences, so their sizes stay even. The loop runs on
+one thread, which alone touches the scheduler; other threads call `submit_request`, `abort`,
+`report_failure`, `stats` and `check_stages`, which are safe from anywhere.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
+import queue
 import random
+import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
 
 from stagecoach.coordinator.metrics import TimingStats
-from stagecoach.coordinator.pipeline import Delivered, Pipeline, PipelineError
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Sequence
-from stagecoach.stage.batch import MicroBatch, SamplingParams
+from stagecoach.errors import PipelineError, StagecoachError
+from stagecoach.proto.types import Delivered, MicroBatch, SamplingParams, StageSummary
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how long a serving loop waits on an idle pipe before it looks at its calls again
+RETRY_S = 2.0  # between recovery attempts
+RESULT_TIMEOUT_S = 300.0  # a microbatch not back within this has failed, whatever the stages say
 
 
-def sampling_defaults(model_dir: str | Path) -> dict:
-    """Sampling defaults from the checkpoint's generation_config.json (HF semantics: do_sample false → greedy)."""
-    path = Path(model_dir) / "generation_config.json"
-    gen = json.loads(path.read_text()) if path.is_file() else {}
-    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if gen.get(k) is not None}
-    if not gen.get("do_sample", False):
-        defaults["temperature"] = 0.0
-    return defaults
+class Pipeline(Protocol):
+    """What the engine needs of a pipeline; cluster.pipelines has every backend (local, threads over gRPC, Ray)."""
+
+    stages: list[StageSummary]
+    num_blocks: int
+    block_size: int
+
+    def submit(self, batch: MicroBatch) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> Delivered | None: ...
+
+    def wake(self) -> None: ...
+
+    def health(self) -> list: ...
+
+    def recover(self, min_batch_id: int) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass(slots=True)
+class TokenUpdate:
+    """New tokens of one sequence since the last update; finished=True carries its finish reason."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: StagecoachError | None = None  # the request cannot finish (mapped to a status by errors.ERROR_TABLE)
+
+
+Listener = Callable[[TokenUpdate], None]
 
 
 class Engine:
-    """Continuous batching over a pipeline: requests join and leave between microbatches.
+    """Continuous batching over a pipeline: requests join and leave between microbatches."""
 
-    Up to `max_inflight` microbatches travel at once (one per stage keeps every stage busy);
-    each holds about 1/max_inflight of the running sequences, so their sizes stay even.
-    """
-
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        scheduler_config: SchedulerConfig,
-        stop_token_ids: list[int] | None = None,
-        max_inflight: int = 1,
-        result_timeout_s: float = 300.0,
-        heartbeat_interval_s: float = 2.0,
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, scheduler_config: SchedulerConfig, stop_token_ids: list[int] | None = None,
+                 max_inflight: int = 1, heartbeat_interval_s: float | None = None, recovery_timeout_s: float | None = None,
+                 crash_token_id: int | None = None) -> None:
         self.pipeline = pipeline
         self.scheduler = Scheduler(scheduler_config)
         self.stop_token_ids = list(stop_token_ids or [])
         self.max_inflight = max_inflight
-        self.result_timeout_s = result_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s  # a microbatch this late makes the engine ask every stage whether it is alive
+        self.recovery_timeout_s = recovery_timeout_s  # requests waiting longer than this for a recovery end with 503
+        self.crash_token_id = crash_token_id  # testing.engine_crash_token_id
         self.inflight: dict[int, tuple[MicroBatch, float]] = {}  # batch id → (batch, monotonic send time)
         self.peak_inflight = 0
         self.num_batches = 0
         self.timings = TimingStats()
-        self._last_health_check = 0.0
         self.recoveries: list[float] = []  # seconds each recovery took
+        self.on_recovery: Callable[[float], None] | None = None
+        self.recovering = False
+        self.failure: str | None = None  # why the pipeline cannot serve now (recovering); None when whole
+        self._last_health_check = 0.0
+        self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # held while the loop mutates what stats() reads
+        self._last_stats: dict = {}
 
+    # -- the API, from any thread -------------------------------------------------------------
+    def submit_request(self, requests: list[tuple[list[int], SamplingParams]], listener: Callable[[int], Listener]) -> Future:
+        """Queues requests for the loop; the future gets their Sequences, or the RequestError of the first that can
+        never run (then none is added). listener(seq_id) gives the callback for that sequence's TokenUpdates."""
+        future: Future = Future()
+        self._calls.put(("add", requests, listener, future))
+        self.pipeline.wake()
+        return future
+
+    def abort(self, seq_id: int) -> None:
+        self._calls.put(("abort", seq_id))
+        self.pipeline.wake()
+
+    def report_failure(self, reason: str) -> None:
+        """A missed heartbeat while the pipe may be idle: have the loop recover."""
+        if not self.recovering:
+            self._calls.put(("fail", reason))
+            self.pipeline.wake()
+
+    def check_stages(self) -> list[str]:
+        """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery."""
+        states = ["failed" if isinstance(r, Exception) else "ready" for r in self.pipeline.health()]
+        dead = [str(stage.index) for stage, s in zip(self.pipeline.stages, states) if s != "ready"]
+        if dead:
+            self.report_failure(f"stage {', '.join(dead)} missed its heartbeat")
+        return states
+
+    def stats(self, with_timings: bool = True) -> dict:
+        """A snapshot for /v1/stats and /metrics; during a recovery (which holds the lock) the last one.
+
+        with_timings=False skips the per-stage percentiles (the /metrics gauges need only counters).
+        """
+        if not self._lock.acquire(timeout=0.05):
+            return self._last_stats | {"recovering": self.recovering}
+        try:
+            s = self.scheduler
+            self._last_stats = {
+                "running": len(s.running),
+                "waiting": len(s.waiting),
+                "kv_blocks_total": s.block_manager.num_blocks,
+                "kv_blocks_used": s.block_manager.num_blocks - s.block_manager.num_free_blocks,
+                "block_size": s.block_manager.block_size,
+                "inflight": len(self.inflight),
+                "peak_inflight": self.peak_inflight,
+                "max_inflight": self.max_inflight,
+                "microbatches": self.num_batches,
+                "preemptions": s.num_preemptions,
+                "recoveries": len(self.recoveries),
+                "recovery_seconds": [round(t, 3) for t in self.recoveries],
+                "recovering": self.recovering,
+            }
+            if with_timings:
+                self._last_stats |= {"timings": self.timings.rows(), "coordinator_hop_ms": self.timings.coordinator_hop()}
+            return dict(self._last_stats)
+        finally:
+            self._lock.release()
+
+    # -- the API, on the loop's thread (or before the loop runs) ------------------------------
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
         if sampling.seed is None:
             # Every draw is seeded from (seed, position): a request without a seed gets a random
@@ -62,42 +160,10 @@ class Engine:
             sampling.stop_token_ids = list(self.stop_token_ids)
         return self.scheduler.add_request(prompt_token_ids, sampling)
 
-    def fill(self) -> None:
-        """Submits microbatches until max_inflight are in the pipe or nothing more can run."""
-        while len(self.inflight) < self.max_inflight:
-            unfinished = len(self.scheduler.running) + len(self.scheduler.waiting)
-            batch = self.scheduler.schedule(max_seqs=max(1, -(-unfinished // self.max_inflight)))
-            if batch is None:
-                return
-            self.pipeline.submit(batch)
-            self.inflight[batch.batch_id] = (batch, time.monotonic())
-            self.num_batches += 1
-            self.peak_inflight = max(self.peak_inflight, len(self.inflight))
-
-    def step(self, timeout: float | None = None) -> list[Sequence]:
-        """Tops up the pipe, then applies the next microbatch that comes back within timeout seconds.
-
-        Returns the sequences that got a token (none on a timeout or a wake-up).
-        """
-        self.fill()
-        if not self.inflight:
-            assert not self.scheduler.has_unfinished, "unfinished sequences but nothing schedulable or in flight"
-            return []
-        done = self.pipeline.wait(timeout=self.result_timeout_s if timeout is None else timeout)
-        if done is None:
-            self.check_stall()
-            return []
-        return self.apply(done)
-
-    def apply(self, done: Delivered) -> list[Sequence]:
-        """Applies a returned microbatch: appends tokens, finishes sequences, frees their blocks."""
-        if done.batch_id not in self.inflight:
-            return []  # from before a recovery: its sequences have been re-prefilled since
-        batch, _ = self.inflight.pop(done.batch_id)
-        if done.error:
-            raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
-        self.timings.add(done)
-        return self.scheduler.process_results(batch, done.samples)
+    def generate(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> list[Sequence]:
+        seqs = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
+        self.run()
+        return seqs
 
     def recover(self) -> float:
         """After a stage failure: restart what died, rewire, and re-prefill every running sequence from
@@ -110,23 +176,150 @@ class Engine:
         self.recoveries.append(took)
         return took
 
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> None:
+        """The engine loop: serving until `stop` is set, or (without one) until every request has finished.
+
+        A failed stage is recovered in place; any other exception ends the loop (the caller decides what then).
+        """
+        while not stop.is_set() if stop is not None else self.scheduler.has_unfinished:
+            try:
+                with self._lock:
+                    self._apply_calls()
+                for seq in self.step(POLL_S if stop is not None else RESULT_TIMEOUT_S):
+                    self._publish(seq)
+            except PipelineError as e:
+                self._recover_until_whole(e, stop)
+
+    def step(self, timeout: float) -> list[Sequence]:
+        """Tops up the pipe, then applies the next microbatch that comes back within timeout seconds.
+
+        Returns the sequences that got a token (none on a timeout or a wake-up).
+        """
+        with self._lock:
+            self.fill()
+        done = self.pipeline.wait(timeout=timeout)  # outside the lock: stats() stays responsive
+        with self._lock:
+            if done is None:
+                self.check_stall()
+                return []
+            return self.apply(done)
+
+    def fill(self) -> None:
+        """Submits microbatches until max_inflight are in the pipe or nothing more can run."""
+        while len(self.inflight) < self.max_inflight:
+            unfinished = len(self.scheduler.running) + len(self.scheduler.waiting)
+            batch = self.scheduler.schedule(max_seqs=max(1, -(-unfinished // self.max_inflight)))
+            if batch is None:
+                assert self.inflight or not self.scheduler.has_unfinished, "unfinished sequences but nothing schedulable or in flight"
+                return
+            if self.crash_token_id is not None and self.crash_token_id in batch.token_ids:
+                raise RuntimeError(f"testing.engine_crash_token_id: microbatch {batch.batch_id} holds token {self.crash_token_id}")
+            self.pipeline.submit(batch)
+            self.inflight[batch.batch_id] = (batch, time.monotonic())
+            self.num_batches += 1
+            self.peak_inflight = max(self.peak_inflight, len(self.inflight))
+
+    def apply(self, done: Delivered) -> list[Sequence]:
+        """Applies a returned microbatch: appends tokens, finishes sequences, frees their blocks."""
+        if done.batch_id not in self.inflight:
+            return []  # from before a recovery: its sequences have been re-prefilled since
+        batch, _ = self.inflight.pop(done.batch_id)
+        if done.error:
+            raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
+        self.timings.add(done)
+        return self.scheduler.process_results(batch, done.samples)
+
     def check_stall(self) -> None:
         """Raises PipelineError when a microbatch is overdue or, once one is late, a stage stops answering."""
         if not self.inflight:
             return
         now = time.monotonic()
         waited = now - min(sent for _, sent in self.inflight.values())
-        if waited > self.result_timeout_s:
-            raise PipelineError(f"a microbatch has not come back within {self.result_timeout_s:g} s")
-        if waited > self.heartbeat_interval_s and now - self._last_health_check > self.heartbeat_interval_s:
+        if waited > RESULT_TIMEOUT_S:
+            raise PipelineError(f"a microbatch has not come back within {RESULT_TIMEOUT_S:g} s")
+        if self.heartbeat_interval_s is not None and waited > self.heartbeat_interval_s and now - self._last_health_check > self.heartbeat_interval_s:
             self._last_health_check = now
-            self.pipeline.check_health()
+            for stage, reply in zip(self.pipeline.stages, self.pipeline.health()):
+                if isinstance(reply, Exception):
+                    raise PipelineError(f"stage {stage.index} at {stage.address} does not answer: {reply}")
 
-    def run(self) -> None:
-        while self.scheduler.has_unfinished:
-            self.step()
+    def fail_all(self, error: StagecoachError) -> None:
+        """Ends every open request with the error (their sequences are aborted and freed)."""
+        with self._lock:
+            for seq_id, (listener, _) in self._listeners.items():
+                listener(TokenUpdate([], [], [], True, None, error))
+                self.scheduler.abort(seq_id)
+            self._listeners.clear()
 
-    def generate(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> list[Sequence]:
-        seqs = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
-        self.run()
-        return seqs
+    def _apply_calls(self) -> None:
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if call[0] == "add":
+                self._add_all(*call[1:])
+            elif call[0] == "fail":
+                raise PipelineError(call[1])
+            else:
+                seq = self.scheduler.sequences.get(call[1])
+                if seq is not None and not seq.is_finished:
+                    self.scheduler.abort(seq.seq_id)
+                    self._publish(seq)
+
+    def _add_all(self, requests: list, listener: Callable[[int], Listener], future: Future) -> None:
+        try:
+            for prompt, sampling in requests:  # all or none: check every request before adding any
+                self.scheduler.check(prompt, sampling)
+            seqs = [self.add_request(prompt, sampling) for prompt, sampling in requests]
+        except StagecoachError as e:
+            future.set_exception(e)
+            return
+        for seq in seqs:
+            self._listeners[seq.seq_id] = (listener(seq.seq_id), 0)
+        future.set_result(seqs)
+
+    def _publish(self, seq: Sequence) -> None:
+        entry = self._listeners.get(seq.seq_id)
+        if entry is None:
+            return
+        listener, sent = entry
+        n = len(seq.output_token_ids)
+        update = TokenUpdate(seq.output_token_ids[sent:n], seq.output_logprobs[sent:n], seq.output_top_logprobs[sent:n],
+                             seq.is_finished, seq.finish_reason)
+        if seq.is_finished:
+            del self._listeners[seq.seq_id]
+        else:
+            self._listeners[seq.seq_id] = (listener, n)
+        listener(update)
+
+    def _recover_until_whole(self, cause: Exception, stop: threading.Event | None) -> None:
+        """Brings the pipeline back; past the deadline, open requests end with PipelineError (503) and new ones
+        are refused until it is whole again. Requests that survive see a pause, not an error."""
+        log.warning("the pipeline failed (%s): recovering", cause)
+        self.recovering = True
+        self.failure = f"the pipeline is recovering from: {cause}"
+        deadline = time.monotonic() + (self.recovery_timeout_s or 0.0)
+        failed_open_requests = False
+        while stop is None or not stop.is_set():
+            try:
+                with self._lock:
+                    took = self.recover()
+                log.warning("recovered in %.2f s; re-prefilling %d sequences", took, len(self.scheduler.waiting))
+                if self.on_recovery is not None:
+                    self.on_recovery(took)
+                self.recovering, self.failure = False, None
+                return
+            except Exception as e:  # Ray, gRPC and load errors alike: try again until the deadline
+                log.warning("recovery attempt failed: %s", e)
+                if time.monotonic() > deadline and not failed_open_requests:
+                    error = PipelineError(f"stage failure: the pipeline did not recover within {self.recovery_timeout_s or 0:g} s ({e})")
+                    if stop is None:
+                        raise error from None
+                    self.fail_all(error)
+                    failed_open_requests = True
+            if stop is None:
+                time.sleep(RETRY_S)
+            elif stop.wait(RETRY_S):
+                return

@@ -80,36 +80,19 @@ def write_tokenizer_files(model_dir: str | Path, vocab_size: int = 400) -> dict[
     return ids
 
 
-def write_random_checkpoint(
-    model_dir: str | Path,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_hidden_layers: int = 4,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    vocab_size: int = 512,
-    tie_word_embeddings: bool = False,
-    max_position_embeddings: int = 4096,
-    rope_theta: float = 1e6,
-    seed: int = 0,
-    std: float = 0.1,
-) -> Path:
-    """A random float32 Qwen2 checkpoint in HF layout; std sets the weights' scale (larger: sharper logits)."""
+def _random_tensors(h: int, i: int, v: int, num_layers: int, num_heads: int, num_kv_heads: int, tied: bool, seed: int, std: float) -> dict:
+    """Every tensor of a Qwen2ForCausalLM under its HF name; norms near 1, the rest around 0."""
     import torch
-    from safetensors.torch import save_file
 
-    model_dir = Path(model_dir)
-    special = write_tokenizer_files(model_dir, vocab_size=min(400, vocab_size))
     g = torch.Generator().manual_seed(seed)
-    h, i, v = hidden_size, intermediate_size, vocab_size
-    head_dim = h // num_attention_heads
-    q, kv = num_attention_heads * head_dim, num_key_value_heads * head_dim
+    head_dim = h // num_heads
+    q, kv = num_heads * head_dim, num_kv_heads * head_dim
 
     def rand(*shape):
         return torch.randn(shape, generator=g) * std
 
     tensors = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": 1 + rand(h)}
-    for n in range(num_hidden_layers):
+    for n in range(num_layers):
         p = f"model.layers.{n}."
         tensors |= {
             p + "self_attn.q_proj.weight": rand(q, h),
@@ -125,19 +108,43 @@ def write_random_checkpoint(
             p + "input_layernorm.weight": 1 + rand(h),
             p + "post_attention_layernorm.weight": 1 + rand(h),
         }
-    if not tie_word_embeddings:
+    if not tied:
         tensors["lm_head.weight"] = rand(v, h)
+    return tensors
+
+
+def write_random_checkpoint(
+    model_dir: str | Path,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vocab_size: int = 512,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 4096,
+    rope_theta: float = 1e6,
+    seed: int = 0,
+    std: float = 0.1,
+) -> Path:
+    """A random float32 Qwen2 checkpoint in HF layout; std sets the weights' scale (larger: sharper logits)."""
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    special = write_tokenizer_files(model_dir, vocab_size=min(400, vocab_size))
+    tensors = _random_tensors(hidden_size, intermediate_size, vocab_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+                              tie_word_embeddings, seed, std)
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "hidden_act": "silu",
-        "hidden_size": h,
-        "intermediate_size": i,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
         "num_hidden_layers": num_hidden_layers,
         "num_attention_heads": num_attention_heads,
         "num_key_value_heads": num_key_value_heads,
-        "vocab_size": v,
+        "vocab_size": vocab_size,
         "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": 1e-6,
         "rope_theta": rope_theta,
@@ -148,18 +155,14 @@ def write_random_checkpoint(
         "torch_dtype": "float32",
     }
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (model_dir / "generation_config.json").write_text(
-        json.dumps(
-            {
-                "do_sample": True,
-                "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]],
-                "pad_token_id": special["<|endoftext|>"],
-                "temperature": 0.7,
-                "top_p": 0.8,
-                "top_k": 20,
-                "repetition_penalty": 1.05,
-            },
-            indent=2,
-        )
-    )
+    generation = {
+        "do_sample": True,
+        "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]],
+        "pad_token_id": special["<|endoftext|>"],
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "repetition_penalty": 1.05,
+    }
+    (model_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return model_dir

@@ -14,18 +14,22 @@ from dataclasses import dataclass
 
 from stagecoach.coordinator.block_manager import BlockManager
 from stagecoach.coordinator.sequence import Sequence, SequenceStatus
-from stagecoach.errors import ConfigError, RequestError
-from stagecoach.stage.batch import MicroBatch, SampleResult, SamplingParams, SeqChunk
+from stagecoach.coordinator.requests import RequestLimits, check_request
+from stagecoach.errors import ConfigError
+from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk
 
 
 @dataclass(slots=True)
 class SchedulerConfig:
+    """Built from the cluster config (pipeline.max_batch_tokens, max_num_seqs; server.max_running) and the started pipeline."""
+
     num_blocks: int  # KV blocks per stage (every stage holds the same layout)
-    block_size: int = 16  # tokens per KV block
-    max_num_batched_tokens: int = 512  # token budget of one microbatch (chunked prefill splits longer prompts)
-    max_num_seqs: int = 64  # sequences in one microbatch at most
-    max_model_len: int = 32768  # prompt + generated tokens of one sequence at most
+    block_size: int  # tokens per KV block
+    max_num_batched_tokens: int  # token budget of one microbatch (chunked prefill splits longer prompts)
+    max_num_seqs: int  # sequences in one microbatch at most
+    max_model_len: int  # prompt + generated tokens of one sequence at most
     max_running: int | None = None  # sequences admitted (holding KV blocks) at once; None: as many as fit
+    vocab_size: int | None = None  # prompts' token ids must be below this; None: not checked here
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_running"):
@@ -47,21 +51,17 @@ class Scheduler:
         self._seq_ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------
+    @property
+    def limits(self) -> RequestLimits:
+        c = self.config
+        return RequestLimits(c.max_model_len, c.vocab_size, c.num_blocks * c.block_size)
+
+    def check(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """RequestError (from requests.check_request) if the request can never run here."""
+        check_request(prompt_token_ids, sampling, self.limits)
+
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise RequestError("the prompt is empty: give at least one token")
-        if num_prompt >= self.config.max_model_len:
-            raise RequestError(
-                f"the prompt has {num_prompt} tokens; the model's limit is {self.config.max_model_len} "
-                f"(max_position_embeddings) including at least one generated token"
-            )
-        capacity = self.config.num_blocks * self.config.block_size
-        if min(num_prompt + sampling.max_tokens, self.config.max_model_len) > capacity:
-            raise RequestError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({sampling.max_tokens}) exceeds the KV cache's "
-                f"{capacity} token slots; lower max_tokens or give the cache more blocks"
-            )
+        self.check(prompt_token_ids, sampling)
         seq = Sequence(next(self._seq_ids), list(prompt_token_ids), sampling)
         self.sequences[seq.seq_id] = seq
         self.waiting.append(seq)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from stagecoach.stage.batch import SamplingParams
+from stagecoach.proto.types import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -1,4 +1,5 @@
-"""`stagecoach serve`: the HTTP API up at once, the pipeline behind it when its stages are ready, a draining shutdown."""
+"""`stagecoach serve` (part of the composition root): the HTTP API up at once, the pipeline behind it when its stages are
+ready, an engine loop started anew when it dies on a bug (at most 3 times in 10 minutes), and a draining shutdown."""
 
 from __future__ import annotations
 
@@ -6,117 +7,154 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass
+import time
+from collections import deque
 from pathlib import Path
 
 from aiohttp import web
 
+from stagecoach.cluster.config import ClusterConfig
+from stagecoach.cluster.pipelines import open_pipeline
 from stagecoach.coordinator.api import ServerState, build_app
 from stagecoach.coordinator.async_engine import AsyncEngine
-from stagecoach.coordinator.engine import sampling_defaults
+from stagecoach.coordinator.compose import build_engine
+from stagecoach.coordinator.requests import sampling_defaults
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ConfigError
+from stagecoach.proto.model_config import ModelConfig
 
 log = logging.getLogger("stagecoach.serve")
 
-
-@dataclass(slots=True)
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backend: str = "ray"
-    ray_address: str | None = None
-    api_key_env: str | None = None  # name of the environment variable holding the key
-    max_running: int | None = None
-    max_queue: int | None = None
-    max_model_len: int | None = None
-    served_model_name: str | None = None
-    drain_timeout_s: float = 30.0
-    request_timeout_s: float = 600.0
+MAX_RESTARTS = 3  # engine loops started anew within RESTART_WINDOW_S; one more failure and /live answers 503
+RESTART_WINDOW_S = 600.0
 
 
-async def _start_pipeline(config, options: ServeOptions, state: ServerState, tokenizer: Tokenizer) -> tuple:
-    from stagecoach.coordinator.cli import build_engine, build_pipeline
+class EngineSupervisor:
+    """Starts the pipeline and its engine loop; when the loop dies on an unexpected error, starts both anew."""
 
-    loop = asyncio.get_running_loop()
-    pipeline, model = await loop.run_in_executor(None, build_pipeline, config, options.backend, options.ray_address)
-    capacity = pipeline.num_blocks * pipeline.block_size
-    max_model_len = min(model.max_position_embeddings, options.max_model_len or model.max_position_embeddings, capacity)
-    if options.max_model_len and options.max_model_len > max_model_len:
-        log.warning("--max-model-len %d lowered to %d: the KV cache holds %d tokens", options.max_model_len, max_model_len, capacity)
-    engine = build_engine(pipeline, config, options.backend, tokenizer.stop_token_ids, max_model_len, options.max_running)
-    state.max_model_len = max_model_len
-    state.stages = pipeline.stages
-    state.stage_states = ["ready"] * len(pipeline.stages)
-    engine.timings.observer = state.metrics.observe_timing
-    def recovered(seconds: float) -> None:
-        state.stages = pipeline.stages  # restarted stages have new addresses and pids
-        state.metrics.recoveries.inc()
-        state.metrics.recovery_seconds.observe(seconds)
+    def __init__(self, config: ClusterConfig, state: ServerState, tokenizer: Tokenizer) -> None:
+        self.config, self.state, self.tokenizer = config, state, tokenizer
+        self.model = ModelConfig.from_pretrained(config.model.path)
+        self.pipeline = None
+        self.restarts: deque[float] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._restarting: asyncio.Task | None = None
 
-    state.engine = AsyncEngine(engine, config.pipeline.recovery_timeout_s, on_recovery=recovered)
-    log.warning("ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name)
-    return pipeline
+    async def start(self) -> None:
+        state, config = self.state, self.config
+        self.pipeline = pipeline = await self._loop.run_in_executor(None, open_pipeline, config)
+        capacity = pipeline.num_blocks * pipeline.block_size
+        wanted = config.server.max_model_len
+        max_model_len = min(self.model.max_position_embeddings, wanted or self.model.max_position_embeddings, capacity)
+        if wanted and wanted > max_model_len:
+            log.warning("--max-model-len %d lowered to %d: the KV cache holds %d tokens", wanted, max_model_len, capacity)
+        engine = build_engine(pipeline, config, self.tokenizer.stop_token_ids, max_model_len, self.model.vocab_size)
+        engine.timings.observer = state.metrics.observe_timing
+
+        def recovered(seconds: float) -> None:
+            state.stages = pipeline.stages  # restarted stages have new addresses and pids
+            state.metrics.recoveries.inc()
+            state.metrics.recovery_seconds.observe(seconds)
+
+        engine.on_recovery = recovered
+        state.max_model_len = max_model_len
+        state.stages = pipeline.stages
+        state.stage_states = ["ready"] * len(pipeline.stages)
+        state.engine = AsyncEngine(engine, on_crash=lambda e: self._loop.call_soon_threadsafe(self._crashed, e))
+        log.warning("ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name)
+
+    def _crashed(self, error: BaseException) -> None:
+        """On the event loop, after the engine thread has ended every open request with a 500."""
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
+            self.restarts.popleft()
+        if len(self.restarts) >= MAX_RESTARTS:
+            self.state.gave_up = (f"the engine loop failed again after {len(self.restarts)} restarts within {RESTART_WINDOW_S / 60:g} "
+                                  f"minutes ({type(error).__name__}: {error}); not restarting it")
+            log.error("%s; /live answers 503", self.state.gave_up)
+            return
+        self.restarts.append(now)
+        self._restarting = asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        log.warning("starting a new engine loop on a fresh pipeline (restart %d)", len(self.restarts))
+        old = self.state.engine
+        self.state.engine = None  # /health is 503 until the new pipeline is up
+        await self._loop.run_in_executor(None, self._release, old)
+        try:
+            await self.start()
+            self.state.metrics.engine_restarts.inc()
+        except Exception as e:
+            log.exception("the new pipeline did not start")
+            self.state.gave_up = f"the engine failed and its pipeline did not start again: {e}"
+
+    def _release(self, engine: AsyncEngine | None) -> None:
+        if engine is not None:
+            engine.stop()
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
+            self.pipeline = None
+
+    async def poll_health(self, interval_s: float) -> None:
+        """Heartbeats: keeps each stage's state fresh; the engine starts a recovery when one stops answering."""
+        while True:
+            engine = self.state.engine
+            if engine is not None and engine.unavailable is None:
+                states = await self._loop.run_in_executor(None, engine.engine.check_stages)
+                self.state.stage_states = states
+                for stage, s in zip(self.state.stages, states):
+                    self.state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
+            await asyncio.sleep(interval_s)
+
+    async def stop(self) -> None:
+        if self._restarting is not None:
+            await asyncio.gather(self._restarting, return_exceptions=True)
+        await self._loop.run_in_executor(None, self._release, self.state.engine)
 
 
-async def _poll_health(pipeline, state: ServerState, interval_s: float) -> None:
-    """Heartbeats: keeps each stage's state and error count fresh, and starts a recovery when one stops answering."""
-    loop = asyncio.get_running_loop()
-    while True:
-        if not state.engine.recovering:
-            replies = await loop.run_in_executor(None, pipeline.health)
-            state.stage_states = ["failed" if isinstance(r, Exception) else "ready" for r in replies]
-            for stage, s in zip(pipeline.stages, state.stage_states):
-                state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
-            dead = [str(stage.index) for stage, s in zip(pipeline.stages, state.stage_states) if s != "ready"]
-            if dead:
-                state.engine.report_failure(f"stage {', '.join(dead)} missed its heartbeat")
-        await asyncio.sleep(interval_s)
-
-
-async def serve(config, options: ServeOptions) -> int:
-    model_dir = Path(config.model.path)
-    tokenizer = Tokenizer(model_dir)
+def server_state(config: ClusterConfig, tokenizer: Tokenizer) -> ServerState:
+    s, model_dir = config.server, Path(config.model.path)
     api_key = None
-    if options.api_key_env:
-        api_key = os.environ.get(options.api_key_env)
+    if s.api_key_env:
+        api_key = os.environ.get(s.api_key_env)
         if not api_key:
-            raise ConfigError(f"--api-key-env {options.api_key_env}: that environment variable is empty or unset")
+            raise ConfigError(f"--api-key-env {s.api_key_env}: that environment variable is empty or unset")
     max_active = None
-    if options.max_queue is not None:
-        max_active = (options.max_running or 0) + options.max_queue if options.max_running else options.max_queue
-    from stagecoach.stage.model import ModelConfig
-
-    state = ServerState(
+    if s.max_queue is not None:
+        max_active = (s.max_running or 0) + s.max_queue if s.max_running else s.max_queue
+    return ServerState(
         tokenizer=tokenizer,
-        model_name=options.served_model_name or model_dir.name,
+        model_name=s.served_model_name or model_dir.name,
         max_model_len=ModelConfig.from_pretrained(model_dir).max_position_embeddings,
         sampling_defaults=sampling_defaults(model_dir),
         api_key=api_key,
         max_active=max_active,
-        request_timeout_s=options.request_timeout_s,
+        request_timeout_s=s.request_timeout_s,
     )
+
+
+async def serve(config: ClusterConfig) -> int:
+    tokenizer = Tokenizer(Path(config.model.path))
+    state = server_state(config, tokenizer)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, options.host, options.port)
-    await site.start()
-    log.warning("listening on http://%s:%d (model %s; /health is 503 until the stages are ready)", options.host, options.port, state.model_name)
+    await web.TCPSite(runner, config.server.host, config.server.port).start()
+    log.warning("listening on http://%s:%d (model %s; /health is 503 until the stages are ready)", config.server.host, config.server.port, state.model_name)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    pipeline = None
-    starter = asyncio.ensure_future(_start_pipeline(config, options, state, tokenizer))
-    exit_code = 0
+    supervisor = EngineSupervisor(config, state, tokenizer)
+    starter = asyncio.ensure_future(supervisor.start())
     waiter = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({starter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    poller = None
+    exit_code, poller = 0, None
     if starter in done:
         try:
-            pipeline = starter.result()
-            poller = asyncio.ensure_future(_poll_health(pipeline, state, config.pipeline.heartbeat_interval_s))
+            starter.result()
+            poller = asyncio.ensure_future(supervisor.poll_health(config.pipeline.heartbeat_interval_s))
         except Exception as e:
             state.startup_error = str(e)
             log.error("the pipeline did not start: %s", e)
@@ -125,18 +163,20 @@ async def serve(config, options: ServeOptions) -> int:
         await stop.wait()
     if poller is not None:
         poller.cancel()
-    # Drain: refuse new work (503), let running requests finish, then release the stages.
-    state.draining = True
-    log.warning("draining: %d requests in flight, up to %.0f s", state.active, options.drain_timeout_s)
-    deadline = loop.time() + options.drain_timeout_s
-    while state.active and loop.time() < deadline:
-        await asyncio.sleep(0.1)
+    await _drain(state, config.server.drain_timeout_s)
     if not starter.done():
         starter.cancel()
     await runner.cleanup()
-    if state.engine is not None:
-        state.engine.stop()
-    if pipeline is not None:
-        await loop.run_in_executor(None, pipeline.shutdown)
+    await supervisor.stop()
     log.warning("stopped")
     return exit_code
+
+
+async def _drain(state: ServerState, timeout_s: float) -> None:
+    """Refuses new work (503) and lets running requests finish, up to timeout_s."""
+    state.draining = True
+    log.warning("draining: %d requests in flight, up to %.0f s", state.active, timeout_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while state.active and loop.time() < deadline:
+        await asyncio.sleep(0.1)

@@ -6,11 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from stagecoach.errors import StagecoachError
-
-
-class KVCacheError(StagecoachError):
-    """A slot or block index lies outside this stage's cache."""
+from stagecoach.errors import KVCacheError
 
 
 class KVCache:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from stagecoach.errors import CheckpointError
-from stagecoach.stage.model import ModelConfig, RotaryEmbedding, StageModel
+from stagecoach.proto.model_config import ModelConfig
+from stagecoach.stage.model import RotaryEmbedding, StageModel
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

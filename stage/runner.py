@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from stagecoach.errors import RequestError
-from stagecoach.stage.batch import MicroBatch, SampleResult
+from stagecoach.proto.types import MicroBatch, SampleResult
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.model import AttentionMetadata, StageModel
 from stagecoach.stage.sampler import Sampler

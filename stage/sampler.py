@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from stagecoach.stage.batch import SamplingParams, SampleResult, SeqChunk
+from stagecoach.proto.types import SamplingParams, SampleResult, SeqChunk
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) over the seed space
 

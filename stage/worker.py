@@ -10,41 +10,50 @@ import torch
 
 from stagecoach.errors import ConfigError
 from stagecoach.proto import stagecoach_pb2 as pb
-from stagecoach.stage.codec import SCHEMA_VERSION
+from stagecoach.proto.codec import SCHEMA_VERSION
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
-from stagecoach.stage.model import AttentionMetadata, ModelConfig
+from stagecoach.proto.model_config import ModelConfig
+from stagecoach.stage.model import AttentionMetadata
 from stagecoach.stage.runner import StageRunner
-from stagecoach.stage.security import LinkSecurity
-from stagecoach.stage.server import StageServicer, StageService, start_server
+from stagecoach.proto.security import LinkSecurity
+from stagecoach.proto.server import start_server
+from stagecoach.stage.servicer import StageLoop, StageServicer
 
 MIB = 2**20
 
 
 @dataclass(slots=True)
 class StagePlan:
-    """Everything a stage is told by the coordinator before it loads."""
+    """Everything a stage is told by the coordinator before it loads.
+
+    No defaults here: the fields named like a config setting come from it (cluster.pipelines.stage_plans).
+    """
 
     index: int
     model_dir: str
     layer_start: int
     layer_end: int
-    dtype: str = "float32"
-    device: str = "auto"  # auto | cpu | cuda
-    block_size: int = 16
-    num_blocks: int | None = None  # CPU: fixed count (else from max_tokens)
-    max_tokens: int = 8192  # CPU: KV capacity in tokens when num_blocks is unset
-    gpu_memory_fraction: float = 0.9  # GPU: share of device memory for weights + activations + KV
-    memory_limit_bytes: int | None = None  # overrides the device's budget (tests, shared machines)
-    max_batch_tokens: int = 512  # the largest microbatch: sizes activation profiling and the minimal cache
-    host: str | None = None  # bind address; None: this node's address
-    port: int = 0  # 0: any free port
-    max_message_bytes: int = 1 << 30
-    delay_ms: float = 0.0  # testing only: extra time added to every forward (a deliberately slow stage)
-    link_token: str = ""  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
+    dtype: str  # float32 | bfloat16 | float16
+    device: str  # auto | cpu | cuda
+    block_size: int  # tokens per KV block
+    num_blocks: int | None  # CPU: fixed count (else from max_tokens)
+    max_tokens: int  # CPU: KV capacity in tokens when num_blocks is unset
+    gpu_memory_fraction: float  # GPU: share of device memory for weights + activations + KV
+    memory_limit_mb: int | None  # overrides the device's budget (tests, shared machines)
+    max_batch_tokens: int  # the largest microbatch: sizes activation profiling and the minimal cache
+    host: str | None  # bind address; None: this node's address
+    port: int  # 0: any free port
+    max_message_mb: int
+    delay_ms: float  # testing only: extra time added to every forward (a deliberately slow stage)
+    link_token: str  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
+    tls_cert: str | None
+    tls_key: str | None
+    tls_ca: str | None
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MIB
 
     def security(self) -> LinkSecurity | None:
         if not self.link_token:
@@ -87,7 +96,7 @@ class StageWorker:
         self.device = torch.device(device)
         self.model = None
         self.runner: StageRunner | None = None
-        self.service: StageService | None = None
+        self.service: StageLoop | None = None
         self.server = None
         self.address = ""
         self.weight_bytes = stage_weight_bytes(self.config, plan.layer_start, plan.layer_end, self.dtype)
@@ -101,8 +110,8 @@ class StageWorker:
         return KVCache.bytes_per_block(self.plan.layer_end - self.plan.layer_start, self.plan.block_size, c.num_key_value_heads, c.head_dim, self.dtype)
 
     def memory_budget(self) -> int:
-        if self.plan.memory_limit_bytes is not None:
-            return self.plan.memory_limit_bytes
+        if self.plan.memory_limit_mb is not None:
+            return self.plan.memory_limit_mb * MIB
         if self.device.type == "cuda":
             return int(torch.cuda.get_device_properties(self.device).total_memory * self.plan.gpu_memory_fraction)
         return _available_ram()
@@ -160,7 +169,7 @@ class StageWorker:
         cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.runner = StageRunner(self.model, cache)
         security = p.security()
-        self.service = StageService(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security)
+        self.service = StageLoop(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security)
         host = p.host or node_address()
         servicer = StageServicer(self.service, self.info_message(num_blocks))
         self.server, self.address = start_server(servicer, host, p.port, p.max_message_bytes, security)

@@ -59,3 +59,44 @@ def test_unreadable_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         ClusterConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_flags_are_derived_from_the_fields_and_override_the_yaml(tmp_path):
+    import yaml
+
+    from stagecoach.cluster.config import DEVICES, PLACEMENTS, flag_fields
+    from stagecoach.coordinator.cli import build_parser
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": {"path": "/m"}, "pipeline": {"layers": [2, 2]}, "cache": {"block_size": 32},
+                                                     "server": {"port": 9000, "drain_timeout_s": 5.0}}))
+    args = build_parser().parse_args(["serve", "--config", str(tmp_path / "c.yaml"), "--stages", "3", "--block-size", "8",
+                                      "--request-timeout", "7", "--placement", "pack"])
+    config = ClusterConfig.load(args.config, args)
+    assert (config.pipeline.num_stages, config.pipeline.layers, config.cache.block_size) == (3, None, 8)
+    assert (config.server.port, config.server.drain_timeout_s, config.server.request_timeout_s) == (9000, 5.0, 7.0)
+    assert config.pipeline.placement == "pack" and config.model.path == "/m"
+    serve = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions}
+    assert tuple(serve["placement"].choices) == PLACEMENTS and tuple(serve["device"].choices) == DEVICES
+    assert all(serve[f.metadata["flag"].lstrip("-").replace("-", "_")].default is None for _, f, _ in flag_fields("serve"))
+    generate = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert not hasattr(generate, "request_timeout"), "serve-only settings are not generate's flags"
+
+
+def test_the_testing_section_holds_the_test_only_knobs():
+    config = ClusterConfig.from_dict({"pipeline": {"num_stages": 2}, "testing": {"stage_delay_ms": [1.0, 0.0], "engine_crash_token_id": 5}})
+    assert config.testing.stage_delay_ms == [1.0, 0.0] and config.testing.engine_crash_token_id == 5
+    with pytest.raises(ConfigError, match="testing.stage_delay_ms needs one non-negative value per stage"):
+        ClusterConfig.from_dict({"pipeline": {"num_stages": 3}, "testing": {"stage_delay_ms": [1.0]}})
+    with pytest.raises(ConfigError, match="unknown setting pipeline.stage_delay_ms"):
+        ClusterConfig.from_dict({"pipeline": {"stage_delay_ms": [1.0]}})
+
+
+def test_every_stage_plan_setting_comes_from_the_config():
+    from stagecoach.cluster.pipelines import stage_plans
+
+    config = ClusterConfig.from_dict({"model": {"path": "/m", "dtype": "bfloat16"}, "cache": {"block_size": 8, "num_blocks": 9},
+                                      "transport": {"port": 7000, "max_message_mb": 64}, "pipeline": {"num_stages": 2, "max_batch_tokens": 99},
+                                      "testing": {"stage_delay_ms": [0.0, 2.5]}})
+    first, second = stage_plans(config, [(0, 2), (2, 4)], link_token="t")
+    assert (second.dtype, second.block_size, second.num_blocks, second.max_message_mb, second.max_batch_tokens) == ("bfloat16", 8, 9, 64, 99)
+    assert (first.port, second.port, first.delay_ms, second.delay_ms, second.layer_start) == (7000, 7001, 0.0, 2.5, 2)

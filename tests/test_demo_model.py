@@ -10,11 +10,11 @@ import torch
 from helpers import GOLDEN_DIR, QWEN_DIR, hf_greedy, require_shared
 from stagecoach.coordinator import demo_model
 from stagecoach.coordinator.engine import Engine
-from stagecoach.coordinator.partition import ranges_from_counts
-from stagecoach.coordinator.pipeline import LocalPipeline
-from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.cluster.partition import ranges_from_counts
+from stagecoach.cluster.pipelines import LocalPipeline
+from defaults import scheduler_config
 from stagecoach.coordinator.tokenizer import Tokenizer
-from stagecoach.stage.batch import SamplingParams
+from stagecoach.proto.types import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_logits_match_transformers_gguf_loading(demo_dir):
             super().submit(batch)
 
     pipe = Recording.load(demo_dir, ranges_from_counts([12, 12], 24), num_blocks=8, block_size=16)
-    engine = Engine(pipe, SchedulerConfig(num_blocks=8, block_size=16))
+    engine = Engine(pipe, scheduler_config(8, block_size=16))
     engine.generate([PROMPT_16], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])
     ours = pipe.last_logits
     err = (ours - ref).abs().max().item()
@@ -56,7 +56,7 @@ def test_ray_two_stages_answer_paris_like_transformers(demo_dir, ray_cluster):
     from transformers import AutoModelForCausalLM
 
     from stagecoach.cluster.config import CacheSection, ClusterConfig, ModelSection, PipelineSection, TransportSection
-    from stagecoach.cluster.launch import RayPipeline
+    from stagecoach.cluster.ray_pipeline import RayPipeline
 
     tokenizer = Tokenizer(demo_dir)
     prompt = tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
@@ -68,7 +68,7 @@ def test_ray_two_stages_answer_paris_like_transformers(demo_dir, ray_cluster):
     )
     pipeline = RayPipeline(config, ranges_from_counts([17, 7], 24))
     try:
-        engine = Engine(pipeline, SchedulerConfig(num_blocks=pipeline.num_blocks, block_size=pipeline.block_size), max_inflight=2)
+        engine = Engine(pipeline, scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size), max_inflight=2)
         (seq,) = engine.generate([prompt], [SamplingParams(temperature=0, repetition_penalty=1.0, max_tokens=24, ignore_eos=True)])
     finally:
         pipeline.shutdown()

@@ -12,13 +12,13 @@ import torch
 
 from helpers import make_hf_checkpoint
 from stagecoach.coordinator.engine import Engine
-from stagecoach.coordinator.partition import ranges_from_counts
-from stagecoach.coordinator.pipeline import LocalPipeline, ThreadPipeline
-from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.cluster.partition import ranges_from_counts
+from stagecoach.cluster.pipelines import LocalPipeline, ThreadPipeline
+from defaults import scheduler_config
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
-from stagecoach.stage import codec
-from stagecoach.stage.batch import MicroBatch, SamplingParams, SeqChunk
+from stagecoach.proto import codec
+from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
 
 HIDDEN = 64
 RANGES = ranges_from_counts([2, 1], 3)
@@ -32,7 +32,7 @@ def model(tmp_path_factory):
 
 
 def greedy_ids(pipeline, prompts, n=6):
-    engine = Engine(pipeline, SchedulerConfig(num_blocks=pipeline.num_blocks, block_size=pipeline.block_size), max_inflight=2)
+    engine = Engine(pipeline, scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size), max_inflight=2)
     return [s.output_token_ids for s in engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts])]
 
 
@@ -57,7 +57,7 @@ def test_calls_without_the_token_are_unauthenticated(pipeline):
     with pytest.raises(grpc.RpcError) as info:
         stub.Health(pb.HealthRequest(), timeout=10, metadata=(("x-stagecoach-token", "not-the-token"),))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    from stagecoach.stage.link import LinkSender, link_message  # the Link stream, the way stages send
+    from stagecoach.proto.link import LinkSender, link_message  # the Link stream, the way stages send
 
     acks = []
     sender = LinkSender(grpc.insecure_channel(pipeline.stages[1].address), on_ack=lambda *a: acks.append(a))

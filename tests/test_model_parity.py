@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from stagecoach.coordinator.engine import Engine
-from stagecoach.coordinator.pipeline import Delivered, LocalPipeline
-from stagecoach.coordinator.partition import ranges_from_counts
-from stagecoach.coordinator.scheduler import SchedulerConfig
-from stagecoach.stage.batch import SamplingParams
+from stagecoach.cluster.pipelines import Delivered, LocalPipeline
+from stagecoach.cluster.partition import ranges_from_counts
+from defaults import scheduler_config
+from stagecoach.proto.types import SamplingParams
 
 from helpers import hf_greedy
 
@@ -47,7 +47,7 @@ def top2_gap(logits: torch.Tensor) -> float:
 def run_ours(model_dir, counts, prompts, max_batch_tokens=512, num_blocks=64, block_size=8):
     ranges = ranges_from_counts(counts, sum(counts))
     pipe = RecordingPipeline(LocalPipeline.load(model_dir, ranges, num_blocks=num_blocks, block_size=block_size))
-    engine = Engine(pipe, SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=max_batch_tokens))
+    engine = Engine(pipe, scheduler_config(num_blocks, block_size=block_size, max_num_batched_tokens=max_batch_tokens))
     greedy = dict(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     seqs = engine.generate(prompts, [SamplingParams(**greedy) for _ in prompts])
     return seqs, pipe.logits
@@ -116,7 +116,7 @@ def test_preemption_recomputes_the_same_ids(hf_checkpoint):
     ranges = ranges_from_counts([3, 2], 5)
     num_blocks, block_size = 14, 8  # 112 slots; the four requests need 166 at their longest
     pipe = LocalPipeline.load(model_dir, ranges, num_blocks=num_blocks, block_size=block_size)
-    engine = Engine(pipe, SchedulerConfig(num_blocks=num_blocks, block_size=block_size))
+    engine = Engine(pipe, scheduler_config(num_blocks, block_size=block_size))
     seqs = engine.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in prompts])
     assert engine.scheduler.num_preemptions > 0
     for seq, prompt in zip(seqs, prompts):

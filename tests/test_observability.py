@@ -31,7 +31,8 @@ def loaded_server(ray_cluster, tmp_path_factory):
     config = tmp / "slow.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"path": str(tmp / "model")},
-        "pipeline": {"num_stages": 3, "gpus_per_stage": 0, "placement": "pack", "stage_delay_ms": [0.0, DELAY_MS, 0.0]},
+        "pipeline": {"num_stages": 3, "gpus_per_stage": 0, "placement": "pack"},
+        "testing": {"stage_delay_ms": [0.0, DELAY_MS, 0.0]},
         "cache": {"block_size": 8, "num_blocks": 256},
         "transport": {"host": "127.0.0.1", "token_env": "STAGECOACH_TEST_LINK_TOKEN"},  # so the test can ask the stages itself
     }))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stagecoach.coordinator.partition import parse_layer_counts, partition_layers, ranges_from_counts
+from stagecoach.cluster.partition import parse_layer_counts, partition_layers, ranges_from_counts
 from stagecoach.errors import PartitionError
 
 

@@ -12,11 +12,11 @@ import pytest
 from helpers import hf_greedy
 from stagecoach.cluster.config import CacheSection, ClusterConfig, ModelSection, PipelineSection, TransportSection
 from stagecoach.coordinator.engine import Engine
-from stagecoach.coordinator.partition import partition_layers, ranges_from_counts
-from stagecoach.coordinator.pipeline import LocalPipeline
-from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.cluster.partition import partition_layers, ranges_from_counts
+from stagecoach.cluster.pipelines import LocalPipeline
+from defaults import scheduler_config
 from stagecoach.errors import ConfigError
-from stagecoach.stage.batch import SamplingParams
+from stagecoach.proto.types import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def make_config(model_dir, counts, placement="auto", gpus=1.0, max_inflight=None
 def run_engine(pipeline, prompts, max_inflight, max_batch_tokens=512, n=NEW_TOKENS):
     engine = Engine(
         pipeline,
-        SchedulerConfig(num_blocks=pipeline.num_blocks, block_size=pipeline.block_size, max_num_batched_tokens=max_batch_tokens),
+        scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size, max_num_batched_tokens=max_batch_tokens),
         max_inflight=max_inflight,
     )
     seqs = engine.generate(prompts, [greedy(n) for _ in prompts])
@@ -52,7 +52,7 @@ def run_engine(pipeline, prompts, max_inflight, max_batch_tokens=512, n=NEW_TOKE
 
 
 def ray_pipeline(config):
-    from stagecoach.cluster.launch import RayPipeline
+    from stagecoach.cluster.ray_pipeline import RayPipeline
 
     return RayPipeline(config, ranges_from_counts(config.pipeline.layers, sum(config.pipeline.layers)))
 

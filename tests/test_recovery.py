@@ -45,8 +45,8 @@ def config_file(tmp, model, **pipeline) -> str:
     path.write_text(yaml.safe_dump({
         "model": {"path": str(model)},
         # A few milliseconds per stage stretch generation out, so that a kill lands mid-stream.
-        "pipeline": {"num_stages": 3, "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 16,
-                     "stage_delay_ms": [3.0, 3.0, 3.0], **pipeline},
+        "pipeline": {"num_stages": 3, "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 16, **pipeline},
+        "testing": {"stage_delay_ms": [3.0, 3.0, 3.0]},
         "cache": {"block_size": 8, "num_blocks": 512},
         "transport": {"host": "127.0.0.1"},
     }))

@@ -48,7 +48,7 @@ def test_a_stage_that_never_comes_back_ends_requests_with_503_then_serves_again(
             text, events = out[0]
             assert events[-1] == "[DONE]"
             error = json.loads(events[-2])["error"]
-            assert error["code"] == 503 and "did not recover" in error["message"]
+            assert error["code"] == "pipeline_failed" and "did not recover" in error["message"]
             assert ended < deadline_s + 15, ended
             status, payload, headers = http(s.port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 2}, key=None)
             assert status == 503 and headers.get("Retry-After") and http(s.port, "/health", key=None)[0] == 503

@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from stagecoach.errors import RequestError
-from stagecoach.stage.batch import SamplingParams, SeqChunk
+from stagecoach.proto.types import SamplingParams, SeqChunk
 from stagecoach.stage.sampler import (
     Sampler,
     apply_presence_frequency_penalty,

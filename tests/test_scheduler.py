@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
+from defaults import scheduler_config
+from stagecoach.coordinator.scheduler import Scheduler
 from stagecoach.errors import RequestError
-from stagecoach.stage.batch import SampleResult, SamplingParams
+from stagecoach.proto.types import SampleResult, SamplingParams
 
 
 def params(max_tokens=4, **kw):
@@ -24,14 +25,14 @@ def run_batch(sched, batch, token=7):
 def test_core_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import stagecoach.coordinator.scheduler, stagecoach.coordinator.block_manager, stagecoach.coordinator.partition\n"
+        "import stagecoach.coordinator.scheduler, stagecoach.coordinator.block_manager, stagecoach.cluster.partition\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_slots_follow_block_tables():
-    sched = Scheduler(SchedulerConfig(num_blocks=8, block_size=4))
+    sched = Scheduler(scheduler_config(8, block_size=4))
     sched.add_request(list(range(10)), params())
     batch = sched.schedule()
     chunk = batch.seqs[0]
@@ -42,7 +43,7 @@ def test_slots_follow_block_tables():
 
 
 def test_continuous_batching_mixes_decode_and_prefill():
-    sched = Scheduler(SchedulerConfig(num_blocks=32, block_size=4, max_num_batched_tokens=16))
+    sched = Scheduler(scheduler_config(32, block_size=4, max_num_batched_tokens=16))
     a = sched.add_request([1, 2, 3], params(max_tokens=3))
     run_batch(sched, sched.schedule())
     b = sched.add_request(list(range(20)), params(max_tokens=2))  # joins while a decodes
@@ -59,7 +60,7 @@ def test_continuous_batching_mixes_decode_and_prefill():
 
 
 def test_sequence_in_flight_waits_for_its_token():
-    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4))
+    sched = Scheduler(scheduler_config(16, block_size=4))
     sched.add_request([1, 2, 3], params())
     first = sched.schedule()
     assert sched.schedule() is None  # its only chunk samples: nothing to send until the token is back
@@ -68,7 +69,7 @@ def test_sequence_in_flight_waits_for_its_token():
 
 
 def test_long_prompt_chunks_may_pipeline():
-    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, max_num_batched_tokens=8))
+    sched = Scheduler(scheduler_config(16, block_size=4, max_num_batched_tokens=8))
     sched.add_request(list(range(20)), params())
     b1, b2, b3 = sched.schedule(), sched.schedule(), sched.schedule()
     assert [c.start_pos for b in (b1, b2, b3) for c in b.seqs] == [0, 8, 16]
@@ -76,7 +77,7 @@ def test_long_prompt_chunks_may_pipeline():
 
 
 def test_stop_token_and_freeing_blocks():
-    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4))
+    sched = Scheduler(scheduler_config(4, block_size=4))
     seq = sched.add_request([1, 2], params(max_tokens=10, stop_token_ids=[99]))
     run_batch(sched, sched.schedule(), token=5)
     assert sched.block_manager.num_free_blocks == 3
@@ -86,7 +87,7 @@ def test_stop_token_and_freeing_blocks():
 
 
 def test_preemption_frees_youngest_and_recomputes():
-    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=2))
+    sched = Scheduler(scheduler_config(4, block_size=2))
     old = sched.add_request([1, 2, 3], params(max_tokens=4))  # 2 blocks
     young = sched.add_request([4, 5, 6], params(max_tokens=4))  # 2 blocks: the pool is full
     run_batch(sched, sched.schedule())  # both prefill (positions 0-2) and sample one token
@@ -107,7 +108,7 @@ def test_preemption_frees_youngest_and_recomputes():
 
 
 def test_abort_while_in_flight_frees_blocks_on_return():
-    sched = Scheduler(SchedulerConfig(num_blocks=4, block_size=4))
+    sched = Scheduler(scheduler_config(4, block_size=4))
     seq = sched.add_request([1, 2, 3], params())
     batch = sched.schedule()
     sched.abort(seq.seq_id)
@@ -117,7 +118,7 @@ def test_abort_while_in_flight_frees_blocks_on_return():
 
 
 def test_requests_that_can_never_fit_are_refused():
-    sched = Scheduler(SchedulerConfig(num_blocks=2, block_size=4, max_model_len=100))
+    sched = Scheduler(scheduler_config(2, block_size=4, max_model_len=100))
     with pytest.raises(RequestError, match="exceeds the KV cache's 8 token slots"):
         sched.add_request([1] * 6, params(max_tokens=4))
     with pytest.raises(RequestError, match="limit is 100"):

@@ -10,14 +10,14 @@ import torch
 
 from helpers import make_hf_checkpoint
 from stagecoach.coordinator.engine import Engine
-from stagecoach.coordinator.partition import ranges_from_counts
-from stagecoach.coordinator.pipeline import LocalPipeline, ThreadPipeline
-from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.cluster.partition import ranges_from_counts
+from stagecoach.cluster.pipelines import LocalPipeline, ThreadPipeline
+from defaults import scheduler_config
 from stagecoach.proto import generate
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
-from stagecoach.stage import codec
-from stagecoach.stage.batch import MicroBatch, SamplingParams, SeqChunk
+from stagecoach.proto import codec
+from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
 
 
 def test_generated_code_is_current(tmp_path):
@@ -65,7 +65,7 @@ def wide_model(tmp_path_factory):
 
 
 def generate_ids(pipeline, prompts, max_batch_tokens, max_inflight, n=4):
-    engine = Engine(pipeline, SchedulerConfig(num_blocks=pipeline.num_blocks, block_size=pipeline.block_size,
+    engine = Engine(pipeline, scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size,
                                               max_num_batched_tokens=max_batch_tokens), max_inflight=max_inflight)
     return [s.output_token_ids for s in engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts])]
 
@@ -119,13 +119,17 @@ def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model
 
 
 def test_stages_of_different_checkpoints_are_refused(tmp_path):
-    from stagecoach.coordinator.pipeline import GrpcPipeline, PipelineError
-    from stagecoach.stage.worker import StagePlan, StageWorker
+    from dataclasses import replace
+
+    from stagecoach.cluster.config import ClusterConfig
+    from stagecoach.cluster.pipelines import GrpcPipeline, PipelineError, stage_plans
+    from stagecoach.stage.worker import StageWorker
 
     make_hf_checkpoint(tmp_path / "a", num_hidden_layers=2, seed=1)
     make_hf_checkpoint(tmp_path / "b", num_hidden_layers=2, seed=2, intermediate_size=96)
-    workers = [StageWorker(StagePlan(0, str(tmp_path / "a"), 0, 1, host="127.0.0.1", num_blocks=4)),
-               StageWorker(StagePlan(1, str(tmp_path / "b"), 1, 2, host="127.0.0.1", num_blocks=4))]
+    config = ClusterConfig.from_dict({"cache": {"num_blocks": 4}, "transport": {"host": "127.0.0.1"}})
+    plans = stage_plans(config, [(0, 1), (1, 2)], link_token="")
+    workers = [StageWorker(replace(plan, model_dir=str(tmp_path / name))) for plan, name in zip(plans, "ab")]
     pipeline = GrpcPipeline("127.0.0.1")
     try:
         for w in workers:
@@ -141,7 +145,7 @@ def test_stages_of_different_checkpoints_are_refused(tmp_path):
 
 def test_link_frames_are_plain_linkframe_messages():
     """Chunk frames are written by hand; LinkFrame's own parser must read them as it would its own."""
-    from stagecoach.stage.link import encode_frames, link_message
+    from stagecoach.proto.link import encode_frames, link_message
 
     batch = MicroBatch(5, [SeqChunk(0, 0, 3, [0, 1, 2], [0], False)], [])
     tensor = torch.randn(3, 1000)
@@ -155,7 +159,7 @@ def test_link_frames_are_plain_linkframe_messages():
 
 
 def test_link_assembler_refuses_malformed_chunk_sequences():
-    from stagecoach.stage.link import LinkAssembler, encode_frames, link_message
+    from stagecoach.proto.link import LinkAssembler, encode_frames, link_message
 
     batch = MicroBatch(5, [SeqChunk(0, 0, 2, [0, 1], [0], False)], [])
     tensor = torch.randn(2, 100)
@@ -180,7 +184,7 @@ def test_link_assembler_refuses_malformed_chunk_sequences():
 
 
 def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model):
-    from stagecoach.stage.link import LinkRefused, LinkSender, link_message
+    from stagecoach.proto.link import LinkRefused, LinkSender, link_message
 
     ranges = ranges_from_counts([2, 1], 3)
     pipeline = ThreadPipeline(wide_model, ranges, num_blocks=16, block_size=8)

@@ -18,15 +18,16 @@ import time
 import grpc
 import torch
 
-from stagecoach.errors import StagecoachError
+from stagecoach.errors import PipelineError, WireError
 from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.proto.codec import encode_microbatch, tensor_nbytes, tensor_payload
 
 CHUNK_BYTES = 2 << 20  # measured on loopback: 1–8 MiB pieces move 40 MiB 3–4× faster than one message
 LINK_METHOD = "/stagecoach.v1.Stage/Link"
 ACK_TIMEOUT_S = 60.0  # a receiver that does not acknowledge within this has failed
 
 
-class LinkRefused(StagecoachError):
+class LinkRefused(PipelineError):
     """The receiver answered a microbatch with an error code (it stays connected for the next one)."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
@@ -142,8 +143,6 @@ class LinkAssembler:
 
     def add(self, frame: pb.LinkFrame | ChunkFrame) -> tuple[pb.MicroBatch | None, memoryview | None, str | None] | None:
         """None while frames are due; then (the MicroBatch, its chunked tensor bytes or None if inline, an error or None)."""
-        from stagecoach.stage.codec import WireError, tensor_nbytes
-
         if frame.HasField("batch"):
             unfinished = self._msg
             self._reset()
@@ -279,8 +278,6 @@ class LinkSender:
 
 def link_message(batch, tensor: torch.Tensor | None, timings=()) -> tuple[pb.MicroBatch, memoryview]:
     """A MicroBatch header for a Link and its tensor's bytes (tensor None: stage 0's token ids)."""
-    from stagecoach.stage.codec import encode_microbatch, tensor_payload
-
     if tensor is None:
         tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
     meta, payload = tensor_payload(tensor)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from stagecoach.errors import PartitionError
-
-LayerRange = tuple[int, int]  # [start, end)
+from stagecoach.proto.types import LayerRange
 
 
 def ranges_from_counts(counts: list[int], num_layers: int) -> list[LayerRange]:

@@ -6,9 +6,9 @@ each actor runs a StageWorker whose gRPC server talks to its neighbours directly
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import secrets
 import time
 
 import ray
@@ -16,10 +16,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stagecoach.cluster.config import ClusterConfig
-from stagecoach.coordinator.partition import LayerRange
-from stagecoach.coordinator.pipeline import GrpcPipeline
+from stagecoach.cluster.pipelines import GrpcPipeline, link_security, stage_plans
 from stagecoach.errors import ConfigError, StagecoachError
-from stagecoach.stage.security import LinkSecurity
+from stagecoach.proto.types import LayerRange
 
 log = logging.getLogger(__name__)
 
@@ -138,114 +137,61 @@ class RayPipeline(GrpcPipeline):
 
     def __init__(self, config: ClusterConfig, ranges: list[LayerRange]) -> None:
         p, t = config.pipeline, config.transport
-        num_stages = len(ranges)
         gpus = p.gpus_per_stage if p.gpus_per_stage is not None else (1.0 if cluster_gpus() > 0 else 0.0)
         self.strategy = resolve_strategy(p.placement, gpus)
-        check_resources(num_stages, p.cpus_per_stage, gpus, self.strategy)
+        check_resources(len(ranges), p.cpus_per_stage, gpus, self.strategy)
         host = t.host or ray.util.get_node_ip_address()
-        if t.token_env and not os.environ.get(t.token_env):
-            raise ConfigError(f"transport.token_env names {t.token_env}, but that environment variable is empty or unset")
         # The token reaches the stages as an actor argument, over Ray's own (authenticated) control plane.
-        self.security = LinkSecurity(os.environ[t.token_env] if t.token_env else secrets.token_hex(32), t.tls_cert, t.tls_key, t.tls_ca)
-        super().__init__(host, 0, t.max_message_mb * 2**20, self.security)
-        self.heartbeat_timeout_s = p.heartbeat_timeout_s
+        security = link_security(config)
+        super().__init__(host, 0, t.max_message_mb * 2**20, security, heartbeat_timeout_s=p.heartbeat_timeout_s)
+        self.ready_timeout_s = p.ready_timeout_s
+        self._cpus, self._gpus = p.cpus_per_stage, gpus
+        self._plans = [dataclasses.asdict(plan) for plan in stage_plans(config, ranges, security.token)]
         self.actors: list = []
         self.pg = None
         try:
-            self._launch(config, ranges, gpus, host)
+            self._place()
+            self.actors = [self._new_actor(i) for i in range(len(ranges))]
+            self._bring_up(self._load_with_progress(self.ready_timeout_s))
         except BaseException:
             self.shutdown()
             raise
 
-    def _launch(self, config: ClusterConfig, ranges: list[LayerRange], gpus: float, host: str) -> None:
-        p, c, t = config.pipeline, config.cache, config.transport
-        timeout = self.ready_timeout_s = p.ready_timeout_s
-        self._cpus, self._gpus = p.cpus_per_stage, gpus
-        self.pg = placement_group([_bundle(p.cpus_per_stage, gpus) for _ in ranges], strategy=self.strategy)
+    def _place(self) -> None:
+        timeout = self.ready_timeout_s
+        self.pg = placement_group([_bundle(self._cpus, self._gpus) for _ in self._plans], strategy=self.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
         if not ready:
             raise ConfigError(
-                f"the placement group for {len(ranges)} stages ({self.strategy}, {gpus:g} GPU + {p.cpus_per_stage:g} CPU each) "
+                f"the placement group for {len(self._plans)} stages ({self.strategy}, {self._gpus:g} GPU + {self._cpus:g} CPU each) "
                 f"was not placed within {timeout:g} s; the cluster has {cluster_gpus():g} GPUs on {len(ray.nodes())} nodes"
             )
-        self._plans = []
-        for i, (start, end) in enumerate(ranges):
-            plan = dict(
-                index=i,
-                model_dir=str(config.model.path),
-                layer_start=start,
-                layer_end=end,
-                dtype=config.model.dtype,
-                device=p.device,
-                block_size=c.block_size,
-                num_blocks=c.num_blocks,
-                max_tokens=c.max_tokens,
-                gpu_memory_fraction=c.gpu_memory_fraction,
-                memory_limit_bytes=p.memory_limit_mb * 2**20 if p.memory_limit_mb is not None else None,
-                max_batch_tokens=p.max_batch_tokens,
-                host=t.host,
-                port=t.port + i if t.port else 0,
-                max_message_bytes=t.max_message_mb * 2**20,
-                delay_ms=p.stage_delay_ms[i] if p.stage_delay_ms else 0.0,
-                link_token=self.security.token,
-                tls_cert=t.tls_cert,
-                tls_key=t.tls_key,
-                tls_ca=t.tls_ca,
-            )
-            self._plans.append(plan)
-            self.actors.append(self._new_actor(i))
-        loads = self._load_with_progress(timeout)
-        capacity = min(r["kv_blocks"] for r in loads)
-        if capacity < 1:
-            raise ConfigError("a stage has no memory left for the KV cache after its weights; use more stages or a smaller dtype")
-        log.warning(
-            "KV cache: %d blocks of %d tokens on every stage (stage %d holds the fewest) = %d tokens in flight at most",
-            capacity, c.block_size, min(range(len(loads)), key=lambda i: loads[i]["kv_blocks"]), capacity * c.block_size,
-        )
-        addresses = self._gather([a.start.remote(capacity) for a in self.actors], "start its server", timeout)
-        self._wire(addresses, timeout)
 
     def _new_actor(self, index: int):
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
         return StageActor.options(num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy=strategy).remote(self._plans[index])
 
-    def _wire(self, addresses: list[str], timeout: float) -> None:
-        wiring = [a.connect.remote(addresses[i + 1] if i + 1 < len(addresses) else None, self.address) for i, a in enumerate(self.actors)]
-        self._gather(wiring, "connect", timeout)
-        self.attach(addresses)
+    def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
+        refs = {i: getattr(self.actors[i], method).remote(*a) for i, a in args.items()}
+        return self._gather(refs, what, self.ready_timeout_s)
 
-    def recover(self, min_batch_id: int) -> None:
-        """Replaces every stage that does not answer with a new actor on its own bundle (Ray moves the
-        bundle to another node if that node is gone), then fences off old microbatches and rewires."""
-        timeout = self.ready_timeout_s
-        dead = [i for i, reply in enumerate(self.health()) if isinstance(reply, Exception)]
+    def _replace(self, dead: list[int]) -> None:
+        """A new actor on each dead stage's own bundle (Ray moves the bundle to another node if that node is gone)."""
         for i in dead:
             ray.kill(self.actors[i], no_restart=True)
             self.actors[i] = self._new_actor(i)
-        if dead:
-            log.warning("recovering: restarting stage(s) %s", ", ".join(map(str, dead)))
-            loads = self._gather([self.actors[i].load.remote() for i in dead], "load again", timeout)
-            short = [(i, r["kv_blocks"]) for i, r in zip(dead, loads) if r["kv_blocks"] < self.num_blocks]
-            if short:
-                raise ConfigError(f"restarted stage {short[0][0]} holds {short[0][1]} KV blocks, fewer than the pipeline's {self.num_blocks}")
-            restarted = self._gather([self.actors[i].start.remote(self.num_blocks) for i in dead], "start its server again", timeout)
-        addresses = [s.address for s in self.stages]
-        for i, address in zip(dead, restarted if dead else []):
-            addresses[i] = address
-        self._gather([a.reset.remote(min_batch_id) for a in self.actors], "reset", timeout)
-        self._wire(addresses, timeout)
 
     def _load_with_progress(self, timeout: float) -> list[dict]:
         """Loads every stage, showing each stage's bytes loaded (a 32B stage takes minutes)."""
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-        refs = [a.load.remote() for a in self.actors]
+        refs = {i: a.load.remote() for i, a in enumerate(self.actors)}
         console = Console(stderr=True)
         columns = (TextColumn("stage {task.fields[stage]} weights"), BarColumn(), DownloadColumn(binary_units=True), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
             tasks = [bar.add_task("", stage=i, total=None) for i in range(len(refs))]
-            pending = list(refs)
+            pending = list(refs.values())
             deadline = time.monotonic() + timeout
             next_line = time.monotonic() + LOAD_LOG_EVERY_S
             while pending and time.monotonic() < deadline:
@@ -267,11 +213,11 @@ class RayPipeline(GrpcPipeline):
             log.warning("stage %d loaded %.2f GB of weights on %s", i, r["weight_bytes"] / 1e9, r["device"])
         return results
 
-    def _gather(self, refs: list, what: str, timeout: float) -> list:
-        """ray.get with per-stage errors: names the stage that failed or did not answer in time."""
+    def _gather(self, refs: dict, what: str, timeout: float) -> list:
+        """ray.get of each stage's ref, with per-stage errors: names the stage that failed or did not answer in time."""
         deadline = time.monotonic() + timeout
         results = []
-        for i, ref in enumerate(refs):
+        for i, ref in refs.items():
             try:
                 results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except ray.exceptions.GetTimeoutError:

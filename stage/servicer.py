@@ -14,43 +14,24 @@ import os
 import queue
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from stagecoach.errors import StagecoachError
+from stagecoach.errors import StagecoachError, StaleBatchError, WireError
+from stagecoach.proto import codec
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
-from stagecoach.stage import codec
-from stagecoach.stage.batch import MicroBatch
-from stagecoach.stage.link import LinkAssembler, LinkSender, keep_freed_buffers, link_message, parse_link_frame
+from stagecoach.proto.link import LinkAssembler, LinkSender, keep_freed_buffers, link_message
+from stagecoach.proto.security import LinkSecurity, open_channel
+from stagecoach.proto.server import channel_options, grpc_status
+from stagecoach.proto.types import MicroBatch
 from stagecoach.stage.runner import StageRunner
-from stagecoach.stage.security import LinkSecurity, TokenCheck, open_channel
 
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 60.0
-
-
-def grpc_status_for(error: Exception) -> grpc.StatusCode:
-    """The one place where Stagecoach errors become gRPC status codes.
-
-    Every StagecoachError a stage raises on a request (WireError, KVCacheError, RequestError)
-    is the caller's to fix; anything else is ours.
-    """
-    return grpc.StatusCode.INVALID_ARGUMENT if isinstance(error, StagecoachError) else grpc.StatusCode.INTERNAL
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # A stream's HTTP/2 window starts at 64 KiB and grows only as gRPC probes the link, so a
-        # microbatch of a few hundred KiB would wait for window updates; start it at 8 MiB.
-        ("grpc.http2.lookahead_bytes", 8 << 20),
-    ]
 
 
 @dataclass
@@ -61,7 +42,7 @@ class _Work:
     timing: pb.StageTiming = field(default_factory=pb.StageTiming)
 
 
-class StageService:
+class StageLoop:
     """Runs queued microbatches through the runner and sends the results downstream."""
 
     def __init__(self, runner: StageRunner, index: int, max_message_bytes: int, delay_s: float = 0.0, security: LinkSecurity | None = None) -> None:
@@ -207,21 +188,21 @@ class StageService:
 
 
 class StageServicer(pb_grpc.StageServicer):
-    """Transport only: decode and validate, hand over to the StageService, encode replies."""
+    """Transport only: decode and validate, hand over to the StageLoop, encode replies."""
 
-    def __init__(self, service: StageService, info: pb.StageInfo) -> None:
+    def __init__(self, service: StageLoop, info: pb.StageInfo) -> None:
         self.service = service
         self.info = info
 
     def _accept(self, request: pb.MicroBatch, received: int, data: memoryview | None = None) -> tuple[grpc.StatusCode, str] | None:
         """Decodes, validates and queues one microbatch; the refusal's (code, message), or None."""
-        if self.service.is_stale(request.batch_id):
-            return grpc.StatusCode.FAILED_PRECONDITION, f"stage {self.service.index}: microbatch {request.batch_id} is from before a recovery"
         try:
+            if self.service.is_stale(request.batch_id):
+                raise StaleBatchError(f"microbatch {request.batch_id} is from before a recovery")
             batch, inputs = codec.decode_microbatch(request, expect_token_ids=self.service.runner.is_first, data=data)
             self.service.runner.check(batch, inputs)
         except StagecoachError as e:
-            return grpc_status_for(e), f"stage {self.service.index}: {e}"
+            return grpc_status(e), f"stage {self.service.index}: {e}"
         self.service.submit(batch, inputs, request.timings, received)
         return None
 
@@ -241,7 +222,7 @@ class StageServicer(pb_grpc.StageServicer):
             msg, data, error = done
             batch_id = msg.batch_id if msg is not None else 0
             if error is not None:
-                refused = (grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.service.index}: {error}")
+                refused = (grpc_status(WireError(error)), f"stage {self.service.index}: {error}")
             else:
                 refused = self._accept(msg, time.monotonic_ns(), data)
             if refused is None:
@@ -258,44 +239,3 @@ class StageServicer(pb_grpc.StageServicer):
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         s = self.service
         return pb.HealthReply(serving=True, batches_done=s.batches_done, queue_depth=s.queue_depth, compute_ns_total=s.compute_ns_total, errors=s.errors)
-
-
-def add_stage_servicer(servicer: pb_grpc.StageServicer, server: grpc.Server) -> None:
-    """pb_grpc.add_StageServicer_to_server, except that Link's frames are parsed by parse_link_frame (chunks without a copy)."""
-    handlers = {
-        "Forward": grpc.unary_unary_rpc_method_handler(servicer.Forward, pb.MicroBatch.FromString, pb.ForwardReply.SerializeToString),
-        "Link": grpc.stream_stream_rpc_method_handler(servicer.Link, parse_link_frame, pb.LinkAck.SerializeToString),
-        "Info": grpc.unary_unary_rpc_method_handler(servicer.Info, pb.InfoRequest.FromString, pb.StageInfo.SerializeToString),
-        "Health": grpc.unary_unary_rpc_method_handler(servicer.Health, pb.HealthRequest.FromString, pb.HealthReply.SerializeToString),
-    }
-    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["Stage"].methods_by_name), "a Stage method without a handler"
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("stagecoach.v1.Stage", handlers),))
-    server.add_registered_method_handlers("stagecoach.v1.Stage", handlers)
-
-
-def start_server(
-    servicer: pb_grpc.StageServicer | pb_grpc.CoordinatorServicer,
-    host: str,
-    port: int,
-    max_message_bytes: int,
-    security: LinkSecurity | None = None,
-    max_workers: int = 16,  # each open Link holds one for its lifetime
-) -> tuple[grpc.Server, str]:
-    """Starts a gRPC server for a Stage or Coordinator servicer on host:port (0: any free port).
-
-    With security, every call must carry the link token (else UNAUTHENTICATED), over mutual TLS if configured.
-    """
-    interceptors = [TokenCheck(security.token)] if security is not None else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options(max_message_bytes), interceptors=interceptors)
-    if isinstance(servicer, pb_grpc.StageServicer):
-        add_stage_servicer(servicer, server)
-    else:
-        pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    if security is not None and security.tls:
-        bound = server.add_secure_port(f"{host}:{port}", security.server_credentials())
-    else:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    server.start()
-    return server, f"{host}:{bound}"

@@ -1,28 +1,16 @@
-"""OpenAI request bodies → validated generation requests; every mistake names its parameter."""
+"""OpenAI request bodies → generation requests; every mistake is a RequestError naming its parameter."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from stagecoach.errors import RequestError, StagecoachError
-from stagecoach.stage.batch import SamplingParams
+from stagecoach.errors import RequestError
+from stagecoach.proto.types import SamplingParams
 
 
-class ApiError(StagecoachError):
-    """An error with its HTTP status and OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param, code="invalid_parameter")
+def bad(param: str, message: str) -> RequestError:
+    return RequestError(message, param=param)
 
 
 # Parameters OpenAI defines that change what comes back and that this server does not do.
@@ -43,8 +31,7 @@ KNOWN_COMPLETION = _COMMON | {"prompt", "echo"} | set(UNSUPPORTED)
 @dataclass(slots=True)
 class GenerationRequest:
     prompts: list[list[int]]  # one entry per prompt (completions may batch several)
-    sampling: SamplingParams  # shared by every choice; seeds are varied per choice
-    n: int = 1
+    sampling: SamplingParams  # shared by every choice (sampling.n per prompt); seeds are varied per choice
     stream: bool = False
     include_usage: bool = False
     stop: list[str] = field(default_factory=list)
@@ -52,7 +39,8 @@ class GenerationRequest:
     logprobs: int | None = None  # None: off; else the number of alternatives (0: only the chosen token)
 
 
-def _number(body: dict, name: str, kind=float, low=None, high=None, default=None):
+def _number(body: dict, name: str, kind=float, default=None):
+    """A JSON number of the right kind; its bounds are SamplingParams' (proto.types.SAMPLING_BOUNDS)."""
     if name not in body or body[name] is None:
         return default
     value = body[name]
@@ -60,9 +48,6 @@ def _number(body: dict, name: str, kind=float, low=None, high=None, default=None
         raise bad(name, f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(name, f"'{name}' must be finite, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        rng = f"between {low} and {high}" if low is not None and high is not None else (f">= {low}" if low is not None else f"<= {high}")
-        raise bad(name, f"'{name}' must be {rng}, got {value!r}")
     return kind(value)
 
 
@@ -77,10 +62,9 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def parse_common(body: dict, defaults: dict, chat: bool) -> GenerationRequest:
-    """Everything but the prompt: sampling, n, stream, stop, logprobs."""
+def _check_known(body: dict, chat: bool) -> None:
     if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - (KNOWN_CHAT if chat else KNOWN_COMPLETION))
     if unknown:
         raise bad(unknown[0], f"unrecognized request argument '{unknown[0]}'")
@@ -91,55 +75,65 @@ def parse_common(body: dict, defaults: dict, chat: bool) -> GenerationRequest:
             raise bad(name, f"'{name}' is not supported: this server does not do {what}")
     if body.get("echo"):
         raise bad("echo", "'echo' is not supported")
-    max_tokens = _number(body, "max_completion_tokens", int, low=1) if chat else None
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int, low=1)
-    if chat and body.get("logprobs") not in (None, False, True):
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad(name, f"'{name}' must be true or false")
+    return value
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    if not chat:
+        return _number(body, "logprobs", int)
+    if body.get("logprobs") not in (None, False, True):
         raise bad("logprobs", "'logprobs' must be true or false")
-    if chat:
-        logprobs = _number(body, "top_logprobs", int, 0, 20, default=0) if body.get("logprobs") else None
-        if not body.get("logprobs") and body.get("top_logprobs") is not None:
-            raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-    else:
-        logprobs = _number(body, "logprobs", int, 0, 20)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad("stream", "'stream' must be true or false")
+    if not body.get("logprobs") and body.get("top_logprobs") is not None:
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return _number(body, "top_logprobs", int, default=0) if body.get("logprobs") else None
+
+
+def parse_common(body: dict, defaults: dict, chat: bool) -> GenerationRequest:
+    """Everything but the prompt: sampling, n, stream, stop, logprobs."""
+    _check_known(body, chat)
+    max_tokens = _number(body, "max_completion_tokens", int) if chat else None
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", int)
+    logprobs = _logprobs(body, chat)
+    stream = _flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options", "'stream_options' must be an object")
     if options and not stream:
         raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise bad("ignore_eos", "'ignore_eos' must be true or false")
-    seed = _number(body, "seed", int, low=0, high=2**63 - 1)
+    values = {name: _number(body, name, kind, defaults.get(name)) for name, kind in _SAMPLING_NUMBERS.items()}
     try:
         sampling = SamplingParams(
-            temperature=_number(body, "temperature", float, 0, 2, defaults.get("temperature", 1.0)),
-            top_p=_number(body, "top_p", float, 0, 1, defaults.get("top_p", 1.0)),
-            top_k=_number(body, "top_k", int, -1, None, defaults.get("top_k", 0)),
-            repetition_penalty=_number(body, "repetition_penalty", float, 0, None, defaults.get("repetition_penalty", 1.0)),
-            presence_penalty=_number(body, "presence_penalty", float, -2, 2, 0.0),
-            frequency_penalty=_number(body, "frequency_penalty", float, -2, 2, 0.0),
-            seed=seed,
-            max_tokens=max_tokens or 1,
-            ignore_eos=ignore_eos,
+            **{k: v for k, v in values.items() if v is not None},
+            max_tokens=max_tokens if max_tokens is not None else 1,  # a placeholder: filled per prompt later
+            ignore_eos=_flag(body, "ignore_eos"),
             logprobs=logprobs,
         )
     except RequestError as e:
-        name = str(e).split(" ", 1)[0]
-        raise bad(name, str(e)) from None
+        if chat and e.param == "logprobs":  # chat names the count top_logprobs
+            raise bad("top_logprobs", str(e).replace("logprobs", "top_logprobs", 1)) from None
+        raise
     return GenerationRequest(
         prompts=[],
         sampling=sampling,
-        n=_number(body, "n", int, 1, 16, 1),
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         stop=_stop(body),
         max_tokens_given=max_tokens is not None,
         logprobs=logprobs,
     )
+
+
+_SAMPLING_NUMBERS = {
+    "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float, "presence_penalty": float,
+    "frequency_penalty": float, "seed": int, "n": int,
+}
 
 
 def parse_messages(body: dict) -> list[dict]:

@@ -6,9 +6,9 @@ import warnings
 
 import torch
 
-from stagecoach.errors import RequestError
+from stagecoach.errors import RequestError, WireError
 from stagecoach.proto import stagecoach_pb2 as pb
-from stagecoach.stage.batch import MicroBatch, SampleResult, SamplingParams, SeqChunk
+from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk
 
 SCHEMA_VERSION = pb.SCHEMA_VERSION_CURRENT
 
@@ -24,10 +24,6 @@ _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
 # Decoded tensors are read-only views of the message's bytes (no copy); the stage never writes
 # into its input, so torch's warning about non-writable buffers says nothing useful here.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
-
-
-class WireError(RequestError):
-    """A message is malformed: unknown dtype, a shape that disagrees with its bytes, a bad field."""
 
 
 def tensor_payload(tensor: torch.Tensor) -> tuple[pb.Tensor, memoryview]:

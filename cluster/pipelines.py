@@ -1,0 +1,323 @@
+"""Every way to run the stages behind the engine's `Pipeline` interface: in this process, on threads over gRPC, as Ray actors.
+
+A pipeline takes microbatches with `submit` and hands back finished ones with `wait`, in the
+order they complete. The gRPC backends share one wiring (`GrpcPipeline._bring_up`, `_wire`,
+`recover`); a backend that starts stages says only how to call them (`_call`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import secrets
+import time
+from pathlib import Path
+
+import grpc
+
+from stagecoach.cluster.config import ClusterConfig
+from stagecoach.cluster.partition import partition_layers
+from stagecoach.errors import ConfigError, PipelineError
+from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
+from stagecoach.proto.codec import SCHEMA_VERSION, decode_samples
+from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
+from stagecoach.proto.model_config import ModelConfig
+from stagecoach.proto.security import LinkSecurity, open_channel
+from stagecoach.proto.server import channel_options, start_server
+from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SampleResult, StageSummary
+from stagecoach.stage.kv_cache import KVCache
+from stagecoach.stage.loader import DTYPES, load_stage_model
+from stagecoach.stage.runner import StageRunner
+from stagecoach.stage.worker import StagePlan, StageWorker
+
+log = logging.getLogger(__name__)
+
+_WAKE = object()
+
+
+def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
+    """The layer ranges of the config's split (or its balanced default: the last stage also pays for lm_head)."""
+    lm_head_cost = model.vocab_size * model.hidden_size / model.layer_num_params()
+    p = config.pipeline
+    return partition_layers(model.num_hidden_layers, p.num_stages, last_stage_extra=lm_head_cost, layer_counts=p.layers)
+
+
+def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str) -> list[StagePlan]:
+    """One plan per stage. Every StagePlan field that a config section has under the same name comes from it,
+    so a stage's settings are written once, in cluster/config.py."""
+    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "link_token"}
+    names = {f.name for f in dataclasses.fields(StagePlan)} - per_stage
+    shared = {}
+    for section in (config.model, config.pipeline, config.cache, config.transport):
+        shared |= {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
+    assert set(shared) == names, f"StagePlan fields without a config setting: {sorted(names - set(shared))}"
+    port, delays = config.transport.port, config.testing.stage_delay_ms
+    return [
+        StagePlan(index=i, model_dir=str(config.model.path), layer_start=start, layer_end=end, port=port + i if port else 0,
+                  delay_ms=delays[i] if delays else 0.0, link_token=link_token, **shared)
+        for i, (start, end) in enumerate(ranges)
+    ]
+
+
+def link_security(config: ClusterConfig) -> LinkSecurity:
+    """The pipeline's link token (transport.token_env's, or a fresh random one) and TLS files."""
+    t = config.transport
+    if t.token_env and not os.environ.get(t.token_env):
+        raise ConfigError(f"transport.token_env names {t.token_env}, but that environment variable is empty or unset")
+    return LinkSecurity(os.environ[t.token_env] if t.token_env else secrets.token_hex(32), t.tls_cert, t.tls_key, t.tls_ca)
+
+
+def open_pipeline(config: ClusterConfig):
+    """The one way from a config to running stages: partitions the layers and starts the config's backend."""
+    model = ModelConfig.from_pretrained(config.model.path)
+    ranges = plan_layers(config, model)
+    if config.pipeline.backend == "local":
+        c = config.cache
+        device = "cpu" if config.pipeline.device == "auto" else config.pipeline.device
+        return LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks=c.num_blocks or -(-c.max_tokens // c.block_size),
+                                  block_size=c.block_size)
+    from stagecoach.cluster.ray_pipeline import RayPipeline, connect_ray
+
+    p = config.pipeline
+    # A new local Ray gets enough logical CPUs for one share per stage, even on a small machine.
+    connect_ray(p.ray_address, num_cpus=max(os.cpu_count() or 1, int(p.num_stages * p.cpus_per_stage)), host=config.transport.host)
+    return RayPipeline(config, ranges)
+
+
+class _Inbox:
+    """Finished microbatches in the order they come back; `wake` interrupts a waiting engine."""
+
+    def __init__(self) -> None:
+        self._inbox: queue.Queue = queue.Queue()
+
+    def wait(self, timeout: float | None = None) -> Delivered | None:
+        """The next finished microbatch; None after timeout seconds or when woken."""
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        return None if item is _WAKE else item
+
+    def wake(self) -> None:
+        self._inbox.put(_WAKE)
+
+
+class LocalPipeline(_Inbox):
+    """All stages in this process, run one after another when submitted: the reference backend."""
+
+    def __init__(self, runners: list, ranges: list[LayerRange]) -> None:
+        super().__init__()
+        self.runners = runners
+        self.stages = [StageSummary(i, r) for i, r in enumerate(ranges)]
+        self.num_blocks = runners[0].kv_cache.num_blocks
+        self.block_size = runners[0].kv_cache.block_size
+        self.last_logits = None  # the last stage's full logits when a batch asked for them
+
+    @classmethod
+    def load(cls, model_dir: str | Path, ranges: list[LayerRange], dtype: str = "float32", device: str = "cpu", *,
+             num_blocks: int, block_size: int) -> LocalPipeline:
+        config = ModelConfig.from_pretrained(model_dir)
+        runners = []
+        for start, end in ranges:
+            model = load_stage_model(model_dir, start, end, DTYPES[dtype], device, config)
+            cache = KVCache(end - start, num_blocks, block_size, config.num_key_value_heads, config.head_dim, DTYPES[dtype], device)
+            runners.append(StageRunner(model, cache))
+        return cls(runners, ranges)
+
+    def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:
+        hidden = None
+        for index, runner in enumerate(self.runners):
+            start = time.monotonic_ns()
+            out = runner.execute(batch, hidden)
+            hidden = out.hidden_states
+            if timings is not None:
+                timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=time.monotonic_ns()))
+        self.last_logits = out.logits
+        return out.samples
+
+    def submit(self, batch: MicroBatch) -> None:
+        timings: list = []
+        samples = self.execute(batch, timings)
+        self._inbox.put(Delivered(batch.batch_id, samples, timings))
+
+    def health(self) -> list:
+        """In-process stages cannot stop answering."""
+        return [pb.HealthReply(serving=True) for _ in self.runners]
+
+    def recover(self, min_batch_id: int) -> None:
+        for runner in self.runners:
+            if runner.sampler is not None:
+                runner.sampler.reset()
+
+    def shutdown(self) -> None:
+        self.runners.clear()
+
+
+class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, inbox: queue.Queue, submit_times: dict[int, int]) -> None:
+        self.inbox = inbox
+        self.submit_times = submit_times
+
+    def Deliver(self, request: pb.Delivery, context: grpc.ServicerContext) -> pb.DeliverReply:
+        submit_ns = self.submit_times.pop(request.batch_id, 0)
+        self.inbox.put(Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error, submit_ns))
+        return pb.DeliverReply()
+
+
+class GrpcPipeline(_Inbox):
+    """Stage servers somewhere on the network: microbatches go to stage 0, tokens come back by Deliver.
+
+    Owns the coordinator's gRPC server. `attach` alone connects to stages someone else started;
+    a subclass that starts its own stages implements `_call` and gets the wiring and recovery.
+    """
+
+    def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30, security: LinkSecurity | None = None,
+                 heartbeat_timeout_s: float | None = None) -> None:
+        super().__init__()
+        keep_freed_buffers()  # activations' and gRPC's buffers reuse mapped pages
+        self.security = security  # shared with the stages (None: an unauthenticated test rig)
+        self.heartbeat_timeout_s = heartbeat_timeout_s  # a stage that does not answer Health within this has failed
+        self._submit_times: dict[int, int] = {}  # batch id → ns from its send to stage 0's acknowledgement
+        self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security)
+        self._channel_options = channel_options(max_message_bytes)
+        self.stages: list[StageSummary] = []
+        self.num_blocks = 0
+        self.block_size = 0
+        self._channels: list[grpc.Channel] = []
+        self._first: LinkSender | None = None
+        self.stubs: list[pb_grpc.StageStub] = []
+
+    # -- stages this pipeline starts (subclasses) -------------------------------------------------
+    def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
+        """Calls `method` on each stage index in args with its arguments; the results in that order."""
+        raise PipelineError("this pipeline cannot restart stages it did not start")
+
+    def _bring_up(self, loads: list[dict]) -> None:
+        """After every stage has loaded: all take the smallest KV capacity, start their servers, and are wired."""
+        capacity = min(r["kv_blocks"] for r in loads)
+        if capacity < 1:
+            raise ConfigError("a stage has no memory left for the KV cache after its weights; use more stages or a smaller dtype")
+        smallest = min(range(len(loads)), key=lambda i: loads[i]["kv_blocks"])
+        log.warning("KV cache: %d blocks on every stage (stage %d holds the fewest)", capacity, smallest)
+        self._wire(self._call("start", {i: (capacity,) for i in range(len(loads))}, "start its server"))
+
+    def _wire(self, addresses: list[str]) -> None:
+        """The one wiring: stage i to stage i+1, every stage to this coordinator (errors; the last one's tokens), then attach."""
+        n = len(addresses)
+        self._call("connect", {i: (addresses[i + 1] if i + 1 < n else None, self.address) for i in range(n)}, "connect")
+        self.attach(addresses)
+
+    def recover(self, min_batch_id: int) -> None:
+        """Restarts every stage that does not answer (in place), fences off older microbatches everywhere, rewires."""
+        dead = [i for i, reply in enumerate(self.health()) if isinstance(reply, Exception)]
+        addresses = [s.address for s in self.stages]
+        if dead:
+            log.warning("recovering: restarting stage(s) %s", ", ".join(map(str, dead)))
+            self._replace(dead)
+            loads = self._call("load", {i: () for i in dead}, "load again")
+            short = [(i, r["kv_blocks"]) for i, r in zip(dead, loads) if r["kv_blocks"] < self.num_blocks]
+            if short:
+                raise ConfigError(f"restarted stage {short[0][0]} holds {short[0][1]} KV blocks, fewer than the pipeline's {self.num_blocks}")
+            for i, address in zip(dead, self._call("start", {i: (self.num_blocks,) for i in dead}, "start its server again")):
+                addresses[i] = address
+        self._call("reset", {i: (min_batch_id,) for i in range(len(addresses))}, "reset")
+        self._wire(addresses)
+
+    def _replace(self, dead: list[int]) -> None:
+        raise PipelineError(f"stage(s) {dead} stopped answering, and this pipeline cannot replace them")
+
+    # -- the coordinator's side -------------------------------------------------------------------
+    def attach(self, addresses: list[str]) -> list[pb.StageInfo]:
+        """Opens channels to the stages and reads their Info; refuses stages that disagree."""
+        self._close_channels()
+        self._channels = [open_channel(a, self._channel_options, self.security) for a in addresses]
+        self.stubs = [pb_grpc.StageStub(ch) for ch in self._channels]
+        infos = [stub.Info(pb.InfoRequest(), timeout=30) for stub in self.stubs]
+        for info in infos:
+            if info.schema_version != SCHEMA_VERSION:
+                raise PipelineError(f"stage {info.index} at {info.address} speaks wire schema {info.schema_version}; this coordinator speaks {SCHEMA_VERSION}")
+        fingerprints = {info.checkpoint_fingerprint for info in infos}
+        if len(fingerprints) > 1:
+            listing = ", ".join(f"stage {i.index}: {i.checkpoint_fingerprint}" for i in infos)
+            raise PipelineError(f"the stages loaded different checkpoints ({listing}); give every stage the same model")
+        blocks = {(i.num_kv_blocks, i.block_size) for i in infos}
+        if len(blocks) > 1:
+            raise PipelineError(f"the stages' KV caches differ: {sorted(blocks)}")
+        self.num_blocks, self.block_size = next(iter(blocks))
+        self.stages = [
+            StageSummary(i.index, (i.layer_start, i.layer_end), i.node_id, i.address, i.pid, i.device, i.num_kv_blocks, i.weight_bytes,
+                         i.memory_used_bytes, i.memory_total_bytes)
+            for i in infos
+        ]
+        self._first = LinkSender(self._channels[0], on_ack=self._on_submit_ack)
+        return infos
+
+    def _on_submit_ack(self, batch_id: int, hop_ns: int, error: Exception | None) -> None:
+        """Stage 0's answer to a submitted microbatch; a refusal or a broken link fails it like a stage's error."""
+        if error is None:
+            self._submit_times[batch_id] = hop_ns
+        else:
+            self._inbox.put(Delivered(batch_id, [], [], f"stage 0 did not accept microbatch {batch_id}: {error}"))
+
+    def _close_channels(self) -> None:
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+
+    def submit(self, batch: MicroBatch) -> None:
+        """Queues the microbatch on the Link to stage 0; its acknowledgement (or refusal) comes back by _on_submit_ack."""
+        try:
+            self._first.send(*link_message(batch, None))
+        except (grpc.RpcError, ConnectionError, TimeoutError) as e:
+            raise PipelineError(f"stage 0 cannot take microbatch {batch.batch_id}: {e}") from None
+
+    def health(self) -> list:
+        """Each stage's HealthReply, or the error that came instead; updates each StageSummary's error count."""
+        replies: list = []
+        for stage, stub in zip(self.stages, self.stubs):
+            try:
+                reply = stub.Health(pb.HealthRequest(), timeout=self.heartbeat_timeout_s)
+                stage.errors = reply.errors
+                replies.append(reply)
+            except grpc.RpcError as e:
+                replies.append(PipelineError(e.code().name))
+        return replies
+
+    def shutdown(self) -> None:
+        self._close_channels()
+        self.server.stop(grace=1).wait()
+
+
+class ThreadPipeline(GrpcPipeline):
+    """Every stage in this process, each behind its own gRPC server on host: transport without Ray.
+
+    The stages' plans come from `config` (default: ClusterConfig's defaults with transport.host = host);
+    `plan_overrides` replaces plan fields by name (tests: num_blocks, block_size, TLS files, …).
+    """
+
+    def __init__(self, model_dir: str | Path, ranges: list[LayerRange], host: str = "127.0.0.1", config: ClusterConfig | None = None,
+                 **plan_overrides) -> None:
+        config = config or ClusterConfig.from_dict({"transport": {"host": host}})
+        token = plan_overrides.pop("link_token", None) or secrets.token_hex(32)
+        plans = [dataclasses.replace(p, model_dir=str(model_dir), **plan_overrides) for p in stage_plans(config, ranges, token)]
+        super().__init__(host, security=plans[0].security(), heartbeat_timeout_s=config.pipeline.heartbeat_timeout_s)
+        self.workers = [StageWorker(plan) for plan in plans]
+        try:
+            self._bring_up(self._call("load", {i: () for i in range(len(plans))}, "load"))
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
+        return [getattr(self.workers[i], method)(*a) for i, a in args.items()]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            w.stop()
+        super().shutdown()

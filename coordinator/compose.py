@@ -1,0 +1,29 @@
+"""The composition root's shared part: a cluster config and a started pipeline become an engine (generate and serve)."""
+
+from __future__ import annotations
+
+from stagecoach.cluster.config import ClusterConfig
+from stagecoach.coordinator.engine import Engine, Pipeline
+from stagecoach.coordinator.scheduler import SchedulerConfig
+
+
+def build_engine(pipeline: Pipeline, config: ClusterConfig, stop_token_ids: list[int], max_model_len: int, vocab_size: int) -> Engine:
+    """The engine over a started pipeline, sized from the config: one microbatch in flight per stage by default."""
+    p = config.pipeline
+    scheduler = SchedulerConfig(
+        num_blocks=pipeline.num_blocks,
+        block_size=pipeline.block_size,
+        max_num_batched_tokens=p.max_batch_tokens,
+        max_num_seqs=p.max_num_seqs,
+        max_model_len=max_model_len,
+        max_running=config.server.max_running,
+        vocab_size=vocab_size,
+    )
+    # In-process stages run one after another: a second microbatch in flight would only wait.
+    return Engine(
+        pipeline, scheduler, stop_token_ids,
+        max_inflight=1 if p.backend == "local" else (p.max_inflight or len(pipeline.stages)),
+        heartbeat_interval_s=p.heartbeat_interval_s,
+        recovery_timeout_s=p.recovery_timeout_s,
+        crash_token_id=config.testing.engine_crash_token_id,
+    )

@@ -1,0 +1,116 @@
+"""What the server measures: Prometheus metrics for /metrics, rolling windows, and the /v1/stats document (docs/stats.md)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from stagecoach.coordinator.metrics import WINDOW, Rate, percentiles
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+FINE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+
+
+class Metrics:
+    """engine_stats() gives the engine's counters (an empty dict while there is no engine)."""
+
+    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("stagecoach_requests", "Finished HTTP generation requests by status code", ["status"], registry=r)
+        self.responses = Counter("stagecoach_http_responses", "Every HTTP response, by status code and route", ["status", "route"], registry=r)
+        self.prompt_tokens = Counter("stagecoach_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("stagecoach_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("stagecoach_time_to_first_token_seconds", "Time from request to its first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("stagecoach_inter_token_latency_seconds", "Time between consecutive tokens of a sequence", buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_compute = Histogram("stagecoach_stage_compute_seconds", "A stage's compute time per microbatch", ["stage"], buckets=FINE_BUCKETS, registry=r)
+        self.stage_queue = Histogram("stagecoach_stage_queue_seconds", "Time a microbatch waited in a stage's queue", ["stage"], buckets=FINE_BUCKETS, registry=r)
+        self.hop = Histogram("stagecoach_hop_seconds", "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
+                             ["sender"], buckets=FINE_BUCKETS, registry=r)
+        self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
+        self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
+        self.recovery_seconds = Histogram("stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
+        self.engine_restarts = Counter("stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r)
+        # Rolling views for /v1/stats and the terminal UI.
+        self.ttft_window: deque = deque(maxlen=WINDOW)
+        self.itl_window: deque = deque(maxlen=WINDOW)
+        self.input_tokens = Rate()
+        self.output_tokens = Rate()
+        self.requests_rate = Rate()
+
+        def stat(key):
+            return lambda: engine_stats().get(key, 0)
+
+        for name, key, doc in (
+            ("stagecoach_requests_running", "running", "Sequences holding KV blocks"),
+            ("stagecoach_requests_waiting", "waiting", "Sequences waiting for KV blocks or a slot"),
+            ("stagecoach_kv_blocks_used", "kv_blocks_used", "KV cache blocks in use (per stage; every stage has the same layout)"),
+            ("stagecoach_kv_blocks_total", "kv_blocks_total", "KV cache blocks per stage"),
+            ("stagecoach_microbatches_inflight", "inflight", "Microbatches in the pipeline now"),
+        ):
+            Gauge(name, doc, registry=r).set_function(stat(key))
+
+    def observe_timing(self, kind: str, label: str, seconds: float) -> None:
+        """TimingStats' observer: every stage record lands in the labelled histograms."""
+        if kind == "compute":
+            self.stage_compute.labels(label).observe(seconds)
+        elif kind == "queue":
+            self.stage_queue.labels(label).observe(seconds)
+        else:
+            self.hop.labels(label).observe(seconds)
+
+
+def _stage_row(s, state: str, t: dict, kv_blocks_used: int) -> dict:
+    return {
+        "index": s.index,
+        "state": state,
+        "layers": list(s.layers),
+        "node_id": s.node_id,
+        "address": s.address,
+        "pid": s.pid,
+        "device": s.device,
+        "weight_bytes": s.weight_bytes,
+        "memory_used_bytes": s.memory_used_bytes,
+        "memory_total_bytes": s.memory_total_bytes,
+        "kv_blocks_total": s.num_kv_blocks,
+        "kv_blocks_used": kv_blocks_used,
+        "microbatches": t.get("microbatches", 0),
+        "microbatches_per_s": t.get("microbatches_per_s", 0.0),
+        "utilisation": t.get("utilisation", 0.0),
+        "compute_seconds_total": t.get("compute_seconds_total", 0.0),
+        "compute_ms": t.get("compute_ms"),
+        "queue_ms": t.get("queue_ms"),
+        "hop_ms": t.get("hop_ms"),
+        "errors": s.errors,
+    }
+
+
+def stats_document(state) -> dict:
+    """The /v1/stats document (schema in docs/stats.md; the terminal UI reads it). state: the server's ServerState."""
+    m = state.metrics
+    engine_stats = state.engine.engine.stats() if state.engine else {}
+    timings = {row["stage"]: row for row in engine_stats.pop("timings", [])}
+    coordinator_hop = engine_stats.pop("coordinator_hop_ms", None)
+    stages = []
+    for i, s in enumerate(state.stages):
+        stage_state = "recovering" if engine_stats.get("recovering") else (state.stage_states[i] if i < len(state.stage_states) else "ready")
+        stages.append(_stage_row(s, stage_state, timings.get(s.index, {}), engine_stats.get("kv_blocks_used", 0)))
+    busy = [s["utilisation"] for s in stages]
+    return {
+        "model": state.model_name,
+        "ready": state.unavailable() is None,
+        "draining": state.draining,
+        "uptime_s": round(time.monotonic() - state.started_at, 3),
+        "active_requests": state.active,
+        "throughput": {
+            "input_tokens_per_s": round(m.input_tokens.per_second(), 3),
+            "output_tokens_per_s": round(m.output_tokens.per_second(), 3),
+            "requests_per_s": round(m.requests_rate.per_second(), 3),
+        },
+        "latency": {"ttft_ms": percentiles(m.ttft_window), "itl_ms": percentiles(m.itl_window), "coordinator_hop_ms": coordinator_hop},
+        "pipeline_utilisation": round(sum(busy) / len(busy), 3) if busy else 0.0,
+        "engine": engine_stats,
+        "stages": stages,
+    }
