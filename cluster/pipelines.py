@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from stagecoach.cluster.config import ClusterConfig
+from stagecoach.cluster.config import ClusterConfig, TransportSection
 from stagecoach.cluster.partition import partition_layers
 from stagecoach.errors import ConfigError, PipelineError
 from stagecoach.proto import stagecoach_pb2 as pb
@@ -174,9 +174,11 @@ class GrpcPipeline(_Inbox):
     a subclass that starts its own stages implements `_call` and gets the wiring and recovery.
     """
 
-    def __init__(self, host: str, port: int = 0, max_message_bytes: int = 1 << 30, security: LinkSecurity | None = None,
+    def __init__(self, host: str, port: int = 0, max_message_bytes: int | None = None, security: LinkSecurity | None = None,
                  heartbeat_timeout_s: float | None = None) -> None:
+        """max_message_bytes: None is transport.max_message_mb's default; heartbeat_timeout_s: None waits for ever."""
         super().__init__()
+        max_message_bytes = max_message_bytes or TransportSection().max_message_mb * 2**20
         keep_freed_buffers()  # activations' and gRPC's buffers reuse mapped pages
         self.security = security  # shared with the stages (None: an unauthenticated test rig)
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a stage that does not answer Health within this has failed
@@ -304,9 +306,9 @@ class ThreadPipeline(GrpcPipeline):
     def __init__(self, model_dir: str | Path, ranges: list[LayerRange], host: str = "127.0.0.1", config: ClusterConfig | None = None,
                  **plan_overrides) -> None:
         config = config or ClusterConfig.from_dict({"transport": {"host": host}})
-        token = plan_overrides.pop("link_token", None) or secrets.token_hex(32)
+        token = plan_overrides.pop("link_token", None) or link_security(config).token
         plans = [dataclasses.replace(p, model_dir=str(model_dir), **plan_overrides) for p in stage_plans(config, ranges, token)]
-        super().__init__(host, security=plans[0].security(), heartbeat_timeout_s=config.pipeline.heartbeat_timeout_s)
+        super().__init__(host, 0, plans[0].max_message_bytes, plans[0].security(), config.pipeline.heartbeat_timeout_s)
         self.workers = [StageWorker(plan) for plan in plans]
         try:
             self._bring_up(self._call("load", {i: () for i in range(len(plans))}, "load"))

@@ -7,7 +7,6 @@ import os
 import select
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import deque

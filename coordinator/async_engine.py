@@ -62,6 +62,6 @@ class AsyncEngine:
         except Exception as e:  # a bug: every open request gets a 500, and the server decides whether to start anew
             log.exception("the engine loop failed")
             self.crashed = e
-            self.engine.fail_all(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
+            self.engine.close(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
             if self.on_crash is not None:
                 self.on_crash(e)

@@ -90,6 +90,8 @@ class Engine:
         self._last_health_check = 0.0
         self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls_lock = threading.Lock()  # orders submit_request against close
+        self._closed: StagecoachError | None = None  # set once the loop has ended for good
         self._lock = threading.Lock()  # held while the loop mutates what stats() reads
         self._last_stats: dict = {}
 
@@ -98,7 +100,11 @@ class Engine:
         """Queues requests for the loop; the future gets their Sequences, or the RequestError of the first that can
         never run (then none is added). listener(seq_id) gives the callback for that sequence's TokenUpdates."""
         future: Future = Future()
-        self._calls.put(("add", requests, listener, future))
+        with self._calls_lock:
+            if self._closed is not None:
+                future.set_exception(self._closed)
+                return future
+            self._calls.put(("add", requests, listener, future))
         self.pipeline.wake()
         return future
 
@@ -114,11 +120,15 @@ class Engine:
 
     def check_stages(self) -> list[str]:
         """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery."""
-        states = ["failed" if isinstance(r, Exception) else "ready" for r in self.pipeline.health()]
-        dead = [str(stage.index) for stage, s in zip(self.pipeline.stages, states) if s != "ready"]
+        replies = self.pipeline.health()
+        dead = self._unanswered(replies)
         if dead:
-            self.report_failure(f"stage {', '.join(dead)} missed its heartbeat")
-        return states
+            self.report_failure(f"stage {', '.join(str(stage.index) for stage, _ in dead)} missed its heartbeat")
+        return ["failed" if isinstance(r, Exception) else "ready" for r in replies]
+
+    def _unanswered(self, replies: list) -> list[tuple[StageSummary, Exception]]:
+        """The stages whose health check came back as an error, with the error."""
+        return [(stage, reply) for stage, reply in zip(self.pipeline.stages, replies) if isinstance(reply, Exception)]
 
     def stats(self, with_timings: bool = True) -> dict:
         """A snapshot for /v1/stats and /metrics; during a recovery (which holds the lock) the last one.
@@ -186,15 +196,14 @@ class Engine:
             try:
                 with self._lock:
                     self._apply_calls()
-                for seq in self.step(POLL_S if stop is not None else RESULT_TIMEOUT_S):
-                    self._publish(seq)
+                self.step(POLL_S if stop is not None else RESULT_TIMEOUT_S)
             except PipelineError as e:
                 self._recover_until_whole(e, stop)
 
     def step(self, timeout: float) -> list[Sequence]:
         """Tops up the pipe, then applies the next microbatch that comes back within timeout seconds.
 
-        Returns the sequences that got a token (none on a timeout or a wake-up).
+        Returns the sequences that got a token (none on a timeout or a wake-up), each published to its listener.
         """
         with self._lock:
             self.fill()
@@ -203,7 +212,10 @@ class Engine:
             if done is None:
                 self.check_stall()
                 return []
-            return self.apply(done)
+            updated = self.apply(done)
+            for seq in updated:
+                self._publish(seq)
+            return updated
 
     def fill(self) -> None:
         """Submits microbatches until max_inflight are in the pipe or nothing more can run."""
@@ -240,9 +252,21 @@ class Engine:
             raise PipelineError(f"a microbatch has not come back within {RESULT_TIMEOUT_S:g} s")
         if self.heartbeat_interval_s is not None and waited > self.heartbeat_interval_s and now - self._last_health_check > self.heartbeat_interval_s:
             self._last_health_check = now
-            for stage, reply in zip(self.pipeline.stages, self.pipeline.health()):
-                if isinstance(reply, Exception):
-                    raise PipelineError(f"stage {stage.index} at {stage.address} does not answer: {reply}")
+            for stage, error in self._unanswered(self.pipeline.health()):
+                raise PipelineError(f"stage {stage.index} at {stage.address} does not answer: {error}")
+
+    def close(self, error: StagecoachError) -> None:
+        """The loop has ended for good: every open request, queued or running, and every later one gets the error."""
+        with self._calls_lock:
+            self._closed = error
+            while True:
+                try:
+                    call = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if call[0] == "add":
+                    call[3].set_exception(error)
+        self.fail_all(error)
 
     def fail_all(self, error: StagecoachError) -> None:
         """Ends every open request with the error (their sequences are aborted and freed)."""

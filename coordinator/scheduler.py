@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from stagecoach.coordinator.block_manager import BlockManager
-from stagecoach.coordinator.sequence import Sequence, SequenceStatus
 from stagecoach.coordinator.requests import RequestLimits, check_request
+from stagecoach.coordinator.sequence import Sequence, SequenceStatus
 from stagecoach.errors import ConfigError
 from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -83,19 +84,23 @@ def _sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
 
 
 def _sampling_from_proto(msg: pb.SamplingParams, field: str) -> SamplingParams:
+    key = (msg.temperature, msg.top_p, msg.top_k, msg.repetition_penalty, msg.presence_penalty, msg.frequency_penalty, msg.seed,
+           msg.logprobs if msg.HasField("logprobs") else None)
     try:
-        return SamplingParams(
-            temperature=msg.temperature,
-            top_p=msg.top_p,
-            top_k=msg.top_k,
-            repetition_penalty=msg.repetition_penalty,
-            presence_penalty=msg.presence_penalty,
-            frequency_penalty=msg.frequency_penalty,
-            seed=msg.seed,
-            logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-        )
+        return _sampling(key)
     except RequestError as e:
         raise WireError(f"{field}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _sampling(key: tuple) -> SamplingParams:
+    """A running sequence's parameters arrive with every microbatch: each distinct set is built and checked once.
+
+    The instances are shared, so a stage must not change them (none does: only the coordinator fills in seeds).
+    """
+    temperature, top_p, top_k, repetition_penalty, presence_penalty, frequency_penalty, seed, logprobs = key
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed, logprobs=logprobs)
 
 
 def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=(), tensor_msg: pb.Tensor | None = None) -> pb.MicroBatch:

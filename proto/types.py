@@ -24,6 +24,11 @@ SAMPLING_BOUNDS: tuple[tuple[str, float | None, float | None, bool, bool, str], 
 )
 
 
+# The same bounds with open ends as infinities, read on every SamplingParams (each stage decodes them per microbatch).
+_BOUNDS = tuple((name, -math.inf if low is None else low, math.inf if high is None else high, low_ok, high_ok, rule)
+                for name, low, high, low_ok, high_ok, rule in SAMPLING_BOUNDS)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling; HF semantics for temperature/top-k/top-p/repetition penalty, OpenAI for the others."""
@@ -46,15 +51,11 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raises RequestError naming the first parameter outside SAMPLING_BOUNDS."""
-        for name, low, high, low_ok, high_ok, rule in SAMPLING_BOUNDS:
+        for name, low, high, low_ok, high_ok, rule in _BOUNDS:
             value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                (low is not None and (value < low or (value == low and not low_ok)))
-                or (high is not None and (value > high or (value == high and not high_ok)))
-            ):
-                raise RequestError(f"{name} must be {rule}, got {value!r}", param=name)
+            if value is None or (type(value) is not bool and (low < value < high or (value == low and low_ok) or (value == high and high_ok))):
+                continue  # (NaN fails every comparison: it is refused)
+            raise RequestError(f"{name} must be {rule}, got {value!r}", param=name)
 
     @property
     def is_greedy(self) -> bool:

@@ -11,13 +11,13 @@ import torch
 from stagecoach.errors import ConfigError
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto.codec import SCHEMA_VERSION
-from stagecoach.stage.kv_cache import KVCache
-from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
 from stagecoach.proto.model_config import ModelConfig
-from stagecoach.stage.model import AttentionMetadata
-from stagecoach.stage.runner import StageRunner
 from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.server import start_server
+from stagecoach.stage.kv_cache import KVCache
+from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
+from stagecoach.stage.model import AttentionMetadata
+from stagecoach.stage.runner import StageRunner
 from stagecoach.stage.servicer import StageLoop, StageServicer
 
 MIB = 2**20

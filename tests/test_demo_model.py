@@ -7,12 +7,12 @@ import hashlib
 import pytest
 import torch
 
+from defaults import scheduler_config
 from helpers import GOLDEN_DIR, QWEN_DIR, hf_greedy, require_shared
-from stagecoach.coordinator import demo_model
-from stagecoach.coordinator.engine import Engine
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.cluster.pipelines import LocalPipeline
-from defaults import scheduler_config
+from stagecoach.coordinator import demo_model
+from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.proto.types import SamplingParams
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stagecoach.coordinator.engine import Engine
-from stagecoach.cluster.pipelines import Delivered, LocalPipeline
-from stagecoach.cluster.partition import ranges_from_counts
 from defaults import scheduler_config
-from stagecoach.proto.types import SamplingParams
-
 from helpers import hf_greedy
+from stagecoach.cluster.partition import ranges_from_counts
+from stagecoach.cluster.pipelines import Delivered, LocalPipeline
+from stagecoach.coordinator.engine import Engine
+from stagecoach.proto.types import SamplingParams
 
 NEW_TOKENS = 32
 ATOL = 1e-4

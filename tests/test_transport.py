@@ -8,15 +8,15 @@ import grpc
 import pytest
 import torch
 
+from defaults import scheduler_config
 from helpers import make_hf_checkpoint
-from stagecoach.coordinator.engine import Engine
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.cluster.pipelines import LocalPipeline, ThreadPipeline
-from defaults import scheduler_config
+from stagecoach.coordinator.engine import Engine
+from stagecoach.proto import codec
 from stagecoach.proto import generate
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
-from stagecoach.proto import codec
 from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
 
 
