@@ -142,7 +142,7 @@ def decode_steps(device: str, layers: int, batches: list[int], smoke: bool) -> d
     from stagecoach.proto.types import MicroBatch, SeqChunk
     from stagecoach.stage.kv_cache import KVCache
     from stagecoach.stage.model import ModelConfig, StageModel
-    from stagecoach.stage.runner import StageRunner
+    from stagecoach.stage.runner import Prepared, StageRunner
 
     dims = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024) if smoke else REAL
     config = ModelConfig(num_hidden_layers=layers + 2, **dims)
@@ -168,20 +168,18 @@ def decode_steps(device: str, layers: int, batches: list[int], smoke: bool) -> d
     print(f"  {layers} layers, {weight_bytes / 1e9:.2f} GB of weights; copies at {bandwidth / 1e9:.0f} GB/s: floor {floor_ms:.2f} ms a step", flush=True)
     pos = context - 1  # each sequence decodes its last position, attending over the whole context
     for b in batches:
-        seqs = []
-        for i in range(b):
-            table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-            seqs.append(SeqChunk(i, pos, 1, [table[pos // block_size] * block_size + pos % block_size], table, False))
-        batch = MicroBatch(0, seqs, [])
+        seqs = [SeqChunk(i, pos, 1) for i in range(b)]
+        tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(b)]
         x = torch.randn(b, config.hidden_size, dtype=dtype, device=device)
+        prepared = Prepared(MicroBatch(0, seqs, []), x, tables)  # the compute alone: as if admitted
         with torch.inference_mode():
             for _ in range(3):
-                runner.execute(batch, x)
+                runner.execute(prepared)
             sync(device)
             times = []
             for _ in range(5 if smoke else 30):
                 start = time.perf_counter()
-                runner.execute(batch, x)
+                runner.execute(prepared)
                 sync(device)
                 times.append(time.perf_counter() - start)
         step_ms = statistics.median(times) * 1e3

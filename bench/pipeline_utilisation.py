@@ -27,17 +27,26 @@ class SyntheticRunner:
     """Stands in for StageRunner: fixed compute time, real-sized outputs, no model."""
 
     def __init__(self, compute_s: float, is_first: bool, is_last: bool) -> None:
+        from stagecoach.stage.sequences import SequenceTable
+
         self.compute_s, self.is_first, self.is_last = compute_s, is_first, is_last
+        self.sequences = SequenceTable(100000, 16, 1 << 20)  # the real per-sequence state and its checks
 
-    def check(self, batch, inputs) -> None:
-        pass
+    def prepare(self, batch, inputs):
+        from stagecoach.stage.runner import Prepared
 
-    def execute(self, batch, inputs=None):
+        return Prepared(batch, inputs, self.sequences.admit(batch))
+
+    def reset(self) -> None:
+        self.sequences.clear()
+
+    def execute(self, prepared):
         import torch
 
         from stagecoach.proto.types import SampleResult
         from stagecoach.stage.runner import StageOutput
 
+        batch = prepared.batch
         time.sleep(self.compute_s)
         if self.is_last:
             return StageOutput(samples=[SampleResult(c.seq_id, 7) for c in batch.seqs if c.do_sample])

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run, each figure a ratio against its baseline measured in the same run.
 
-Writes bench/results/{transport,pipeline,end_to_end,summary}.json and bench/results/bench.png,
+Writes bench/results/{transport,pipeline,sequence_state,end_to_end,summary}.json and bench/results/bench.png,
 and prints a table of figures with their goals and pass/miss.
 
     python bench/run.py [--quick]
@@ -80,6 +80,25 @@ def run_pipeline(quick: bool) -> tuple[dict, list[dict]]:
     figs += [figure(f"prefill {r['microbatches']} microbatches: GPipe wall / measured wall", r["gpipe_over_measured"], "(no goal; 1.0 = GPipe)", None)
              for r in prefill]
     return result, figs
+
+
+def run_sequence_state(quick: bool) -> tuple[dict, list[dict]]:
+    import sequence_state
+
+    print("sequence state: per-step work against context and batch", flush=True)
+    r = sequence_state.main(["--json-out", str(RESULTS / "sequence_state.json")] + (["--quick"] if quick else []))
+    over, size, cpu, tiny = r["overhead"], r["decode_bytes"], r["coordinator_cpu_ms"], r["tiny_step_ms"]
+    size_ratio, cpu_ratio = round(size["4000"] / size["64"], 4), round(cpu["4000"] / cpu["64"], 3)
+    tiny_ratio = round(tiny["4 stages, batch 256"] / tiny["4 stages, batch 1"], 3)
+    figs = [
+        figure("distribution overhead per token, batch 1 (2 Ray stages - 1 process)", round(over["1"]["overhead_ms"], 2), "<= 5 ms",
+               over["1"]["overhead_ms"] <= 5, "ms"),
+        figure("distribution overhead per token, batch 8", round(over["8"]["overhead_ms"], 2), "(no goal)", None, "ms"),
+        figure("decode microbatch bytes, stage 0 -> 1, context 4,000 / context 64", size_ratio, "<= 1.05", size_ratio <= 1.05),
+        figure("coordinator CPU per decode step, context 4,000 / context 64", cpu_ratio, "<= 1.1", cpu_ratio <= 1.1),
+        figure("tiny model, 4 stages: step time at batch 256 / at batch 1", tiny_ratio, "<= 2.5", tiny_ratio <= 2.5),
+    ]
+    return r, figs
 
 
 def run_end_to_end(quick: bool) -> tuple[dict, list[dict]]:
@@ -184,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     transport_rows, figs = run_transport()
     pipeline, more = run_pipeline(args.quick)
     figs += more
+    figs += run_sequence_state(args.quick)[1]
     e2e = None
     if not args.skip_e2e:
         e2e, more = run_end_to_end(args.quick)

@@ -36,23 +36,16 @@ SIZES = [(1, 3000), (32, 1000), (4096, 15)]  # (tokens, hops measured)
 MAX_BYTES = 1 << 30
 
 
-class _SinkRunner:
-    is_first, is_last = False, False
-
-    def check(self, batch, inputs) -> None:
-        pass
-
-
 class _Sink:
     """Stands in for StageLoop: notes when each microbatch was queued, and drops it."""
 
     def __init__(self) -> None:
-        self.runner, self.index, self.max_message_bytes, self.received = _SinkRunner(), 1, MAX_BYTES, []
+        self.index, self.max_message_bytes, self.received = 1, MAX_BYTES, []
 
     def is_stale(self, batch_id: int) -> bool:
         return False
 
-    def submit(self, batch, inputs, timings, received_ns) -> None:
+    def admit(self, batch, inputs, timings, received_ns) -> None:
         self.received.append(time.monotonic_ns())
 
 

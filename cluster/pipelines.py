@@ -131,7 +131,7 @@ class LocalPipeline(_Inbox):
         hidden = None
         for index, runner in enumerate(self.runners):
             start = time.monotonic_ns()
-            out = runner.execute(batch, hidden)
+            out = runner.execute(runner.prepare(batch, hidden))
             hidden = out.hidden_states
             if timings is not None:
                 timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=time.monotonic_ns()))
@@ -149,8 +149,7 @@ class LocalPipeline(_Inbox):
 
     def recover(self, min_batch_id: int) -> None:
         for runner in self.runners:
-            if runner.sampler is not None:
-                runner.sampler.reset()
+            runner.reset()
 
     def shutdown(self) -> None:
         self.runners.clear()

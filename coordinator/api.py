@@ -213,7 +213,7 @@ async def _stream(request: web.Request, state: ServerState, req: GenerationReque
                 if result is None:
                     continue
                 delta, num_new = result
-                if delta or s.choice.finish_reason:
+                if delta or s.choice.finish_reason or (num_new and req.logprobs is not None):  # every token's logprobs, text or not
                     await send(chunk([choice_item(state.tokenizer, req, chat, s.choice, delta, len(s.choice.token_ids) - num_new)]))
                 if s.choice.finish_reason is None:
                     pending[asyncio.ensure_future(s.next_delta())] = s

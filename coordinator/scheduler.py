@@ -45,7 +45,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.sequences: dict[int, Sequence] = {}
         self.num_preemptions = 0
-        self._finished_since_last_batch: list[int] = []
+        self._drops: list[int] = []  # finished, aborted or preempted since the last microbatch: the stages forget them
         self._pending_free: list[Sequence] = []  # finished while a chunk was in flight
         self._next_batch_id = 0
         self._seq_ids = itertools.count()
@@ -117,12 +117,12 @@ class Scheduler:
 
         if not chunks:
             return None
-        finished, self._finished_since_last_batch = self._finished_since_last_batch, []
+        dropped, self._drops = self._drops, []
         return MicroBatch(
             batch_id=self._take_batch_id(),
             seqs=chunks,
-            token_ids=[t for c in chunks for t in self.sequences[c.seq_id].token_ids[c.start_pos : c.start_pos + c.num_tokens]],
-            finished_seq_ids=finished,
+            token_ids=[t for c in chunks for t in self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + c.num_tokens)],
+            drop_seq_ids=dropped,
         )
 
     def _take_batch_id(self) -> int:
@@ -164,6 +164,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._requeue(seq)
+        self._drops.append(seq.seq_id)
 
     def _requeue(self, seq: Sequence) -> None:
         """Frees seq's blocks and puts it back in the queue, to be recomputed from prompt + tokens so far."""
@@ -176,20 +177,25 @@ class Scheduler:
         self.waiting.insert(index, seq)
 
     def _chunk(self, seq: Sequence, n: int) -> SeqChunk:
+        """What the stages lack of seq for its next n tokens: new blocks, and the tokens the last stage's history lacks."""
         start = seq.num_scheduled_tokens
-        do_sample = start + n == seq.num_tokens
+        end = start + n
+        do_sample = end == seq.num_tokens
+        if start == 0:  # the stages start the sequence (again) from this chunk
+            seq.num_blocks_sent = seq.num_history_sent = 0
         chunk = SeqChunk(
             seq_id=seq.seq_id,
             start_pos=start,
             num_tokens=n,
-            slot_mapping=self.block_manager.slots(seq, start, n),
-            block_table=list(seq.block_table),
+            new_blocks=seq.block_table[seq.num_blocks_sent :],
             do_sample=do_sample,
-            sampling=seq.sampling if do_sample else None,
-            token_history=seq.token_ids if start == 0 else None,
-            num_prompt_tokens=seq.num_prompt_tokens,
+            sampling=seq.sampling if start == 0 else None,
+            num_prompt_tokens=seq.num_prompt_tokens if start == 0 else 0,
+            token_ids=seq.tokens(max(start, seq.num_history_sent), end),
         )
-        seq.num_scheduled_tokens += n
+        seq.num_blocks_sent = len(seq.block_table)
+        seq.num_history_sent = max(seq.num_history_sent, end)
+        seq.num_scheduled_tokens = end
         seq.is_awaiting_sample = do_sample
         return chunk
 
@@ -207,6 +213,7 @@ class Scheduler:
             if seq.is_finished:  # aborted while its token was in flight
                 continue
             seq.output_token_ids.append(sample.token_id)
+            seq.num_history_sent = seq.num_tokens  # the last stage appended the token to its history itself
             seq.output_logprobs.append(sample.logprob)
             seq.output_top_logprobs.append(sample.top_logprobs)
             updated.append(seq)
@@ -233,7 +240,7 @@ class Scheduler:
             self._pending_free.append(seq)
         else:
             self._release(seq)
-        self._finished_since_last_batch.append(seq.seq_id)
+        self._drops.append(seq.seq_id)
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -27,6 +27,8 @@ class Sequence:
     num_scheduled_tokens: int = 0  # tokens sent into the pipeline (their K/V will be written)
     num_computed_tokens: int = 0  # tokens whose microbatch has come back
     is_awaiting_sample: bool = False  # a chunk that samples is in flight: wait for its token
+    num_blocks_sent: int = 0  # blocks of block_table the stages already hold
+    num_history_sent: int = 0  # tokens the last stage holds in the sequence's history
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
 
@@ -41,6 +43,15 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without joining the two (a decode step's costs nothing per token of context)."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     @property
     def is_in_flight(self) -> bool:

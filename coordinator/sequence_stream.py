@@ -16,12 +16,16 @@ class Choice:
 
     index: int
     seq_id: int = -1
-    text: str = ""  # everything emitted so far
+    pieces: list[str] = field(default_factory=list)  # the text emitted so far, delta by delta (joined once, at the end)
     finish_reason: str | None = None
     num_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 class SequenceStream:
@@ -31,13 +35,15 @@ class SequenceStream:
                  started: float, abort) -> None:
         self.metrics, self.choice, self.stop, self.updates, self.abort = metrics, choice, stop, updates, abort
         self.detok = IncrementalDetokenizer(tokenizer)
-        self.full = ""
-        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
+        # Decoded text not emitted yet: the last `hold` characters, where a stop string may still be forming, and
+        # whatever this update added. Only this short tail is searched and cut, so a token costs the same at any length.
+        self.pending = ""
+        self.hold = max((len(s) for s in stop), default=1) - 1
         self.started = started
         self.last_token_at: float | None = None
 
     def _find_stop(self, start: int) -> int:
-        hits = [i for s in self.stop if (i := self.full.find(s, start)) >= 0]
+        hits = [i for s in self.stop if (i := self.pending.find(s, start)) >= 0]
         return min(hits) if hits else -1
 
     def _observe(self, num_tokens: int) -> None:
@@ -56,14 +62,14 @@ class SequenceStream:
     def _take(self, update) -> bool:
         """Appends the update's tokens; True when a stop string ended the text."""
         for i, token in enumerate(update.token_ids):
-            search_from = max(0, len(self.full) - self.hold)
-            self.full += self.detok.add(token)
+            search_from = max(0, len(self.pending) - self.hold)
+            self.pending += self.detok.add(token)
             self.choice.token_ids.append(token)
             self.choice.logprobs.append(update.logprobs[i])
             self.choice.top_logprobs.append(update.top_logprobs[i])
             self.choice.num_tokens += 1
             if self.stop and (at := self._find_stop(search_from)) >= 0:
-                self.full = self.full[:at]
+                self.pending = self.pending[:at]
                 return True
         return False
 
@@ -87,11 +93,12 @@ class SequenceStream:
             self.abort(self.choice.seq_id)
             self.choice.finish_reason = "stop"
         elif update.finished:
-            self.full += self.detok.flush()
-            if self.stop and (at := self._find_stop(max(0, len(self.full) - self.hold - 8))) >= 0:
-                self.full = self.full[:at]
+            self.pending += self.detok.flush()
+            if self.stop and (at := self._find_stop(max(0, len(self.pending) - self.hold - 8))) >= 0:
+                self.pending = self.pending[:at]
             self.choice.finish_reason = "length" if update.finish_reason == "length" else "stop"
-        end = len(self.full) if self.choice.finish_reason else max(len(self.choice.text), len(self.full) - self.hold)
-        delta = self.full[len(self.choice.text) : end]
-        self.choice.text += delta
+        end = len(self.pending) if self.choice.finish_reason else max(0, len(self.pending) - self.hold)
+        delta, self.pending = self.pending[:end], self.pending[end:]
+        if delta:
+            self.choice.pieces.append(delta)
         return delta, new_tokens

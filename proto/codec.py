@@ -109,17 +109,8 @@ def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=()
         tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
     seqs = []
     for c in batch.seqs:
-        chunk = pb.SequenceChunk(
-            seq_id=c.seq_id,
-            start_pos=c.start_pos,
-            num_tokens=c.num_tokens,
-            slot_mapping=c.slot_mapping,
-            block_table=c.block_table,
-            do_sample=c.do_sample,
-            has_history=c.token_history is not None,
-            token_history=c.token_history or (),
-            num_prompt_tokens=c.num_prompt_tokens,
-        )
+        chunk = pb.SequenceChunk(seq_id=c.seq_id, start_pos=c.start_pos, num_tokens=c.num_tokens, new_blocks=c.new_blocks,
+                                 do_sample=c.do_sample, num_prompt_tokens=c.num_prompt_tokens, token_ids=c.token_ids)
         if c.sampling is not None:
             chunk.sampling.CopyFrom(_sampling_to_proto(c.sampling))
         seqs.append(chunk)
@@ -127,43 +118,29 @@ def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=()
         batch_id=batch.batch_id,
         seqs=seqs,
         tensor=tensor_msg if tensor_msg is not None else tensor_to_proto(tensor),
-        finished_seq_ids=batch.finished_seq_ids,
+        drop_seq_ids=batch.drop_seq_ids,
         timings=timings,
         schema_version=SCHEMA_VERSION,
     )
 
 
-def decode_microbatch(msg: pb.MicroBatch, expect_token_ids: bool, data: bytes | memoryview | None = None) -> tuple[MicroBatch, torch.Tensor | None]:
-    """The microbatch and, for stages after the first, its hidden states (data: the tensor's bytes, when they came in chunks)."""
+def decode_microbatch(msg: pb.MicroBatch, data: bytes | memoryview | None = None) -> tuple[MicroBatch, torch.Tensor]:
+    """The microbatch and its tensor (data: the tensor's bytes, when they came in chunks): stage 0's token ids, or hidden states.
+
+    A stage checks the tensor against its place in the pipeline (StageRunner.prepare); this checks the message itself.
+    """
     if msg.schema_version != SCHEMA_VERSION:
         raise WireError(f"schema_version {msg.schema_version}: this stage speaks {SCHEMA_VERSION}")
     seqs = []
     for i, c in enumerate(msg.seqs):
-        if c.do_sample and not c.HasField("sampling"):
-            raise WireError(f"seqs[{i}].sampling is missing although do_sample is set")
-        seqs.append(
-            SeqChunk(
-                seq_id=c.seq_id,
-                start_pos=c.start_pos,
-                num_tokens=c.num_tokens,
-                slot_mapping=list(c.slot_mapping),
-                block_table=list(c.block_table),
-                do_sample=c.do_sample,
-                sampling=_sampling_from_proto(c.sampling, f"seqs[{i}].sampling") if c.do_sample else None,
-                token_history=list(c.token_history) if c.has_history else None,
-                num_prompt_tokens=c.num_prompt_tokens,
-            )
-        )
-    tensor = tensor_from_proto(msg.tensor, data=data)
-    batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], finished_seq_ids=list(msg.finished_seq_ids))
-    if expect_token_ids:
-        if tensor.dtype != torch.int64 or tensor.dim() != 1:
-            raise WireError(f"tensor: stage 0 takes token ids as INT64 [num_tokens], got {tensor.dtype} {list(tensor.shape)}")
-        batch.token_ids = tensor.tolist()
-        return batch, None
-    if tensor.dim() != 2:
-        raise WireError(f"tensor: hidden states must be [num_tokens, hidden], got shape {list(tensor.shape)}")
-    return batch, tensor
+        sampling = None
+        if c.start_pos == 0:
+            if not c.HasField("sampling"):
+                raise WireError(f"seqs[{i}].sampling is missing: a sequence's first chunk (start_pos 0) brings its sampling parameters")
+            sampling = _sampling_from_proto(c.sampling, f"seqs[{i}].sampling")
+        seqs.append(SeqChunk(c.seq_id, c.start_pos, c.num_tokens, list(c.new_blocks), c.do_sample, sampling, c.num_prompt_tokens, list(c.token_ids)))
+    batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], drop_seq_ids=list(msg.drop_seq_ids))
+    return batch, tensor_from_proto(msg.tensor, data=data)
 
 
 def encode_samples(samples: list[SampleResult]) -> list[pb.Sample]:

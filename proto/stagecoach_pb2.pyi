@@ -60,28 +60,24 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class SequenceChunk(_message.Message):
-    __slots__ = ("seq_id", "start_pos", "num_tokens", "slot_mapping", "block_table", "do_sample", "sampling", "has_history", "token_history", "num_prompt_tokens")
+    __slots__ = ("seq_id", "start_pos", "num_tokens", "new_blocks", "do_sample", "sampling", "num_prompt_tokens", "token_ids")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    SLOT_MAPPING_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+    NEW_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DO_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    HAS_HISTORY_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_HISTORY_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start_pos: int
     num_tokens: int
-    slot_mapping: _containers.RepeatedScalarFieldContainer[int]
-    block_table: _containers.RepeatedScalarFieldContainer[int]
+    new_blocks: _containers.RepeatedScalarFieldContainer[int]
     do_sample: bool
     sampling: SamplingParams
-    has_history: bool
-    token_history: _containers.RepeatedScalarFieldContainer[int]
     num_prompt_tokens: int
-    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., slot_mapping: _Optional[_Iterable[int]] = ..., block_table: _Optional[_Iterable[int]] = ..., do_sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., has_history: _Optional[bool] = ..., token_history: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_blocks: _Optional[_Iterable[int]] = ..., do_sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage_index", "received_ns", "compute_start_ns", "compute_end_ns", "prev_send_batch_id", "prev_send_ns")
@@ -100,20 +96,20 @@ class StageTiming(_message.Message):
     def __init__(self, stage_index: _Optional[int] = ..., received_ns: _Optional[int] = ..., compute_start_ns: _Optional[int] = ..., compute_end_ns: _Optional[int] = ..., prev_send_batch_id: _Optional[int] = ..., prev_send_ns: _Optional[int] = ...) -> None: ...
 
 class MicroBatch(_message.Message):
-    __slots__ = ("batch_id", "seqs", "tensor", "finished_seq_ids", "timings", "schema_version")
+    __slots__ = ("batch_id", "seqs", "tensor", "drop_seq_ids", "timings", "schema_version")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
-    FINISHED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    DROP_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     seqs: _containers.RepeatedCompositeFieldContainer[SequenceChunk]
     tensor: Tensor
-    finished_seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    drop_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     schema_version: SchemaVersion
-    def __init__(self, batch_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., finished_seq_ids: _Optional[_Iterable[int]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ...) -> None: ...
+    def __init__(self, batch_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., drop_seq_ids: _Optional[_Iterable[int]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ()

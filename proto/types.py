@@ -64,19 +64,20 @@ class SamplingParams:
 
 @dataclass(slots=True)
 class SeqChunk:
-    """One sequence's part of a microbatch: tokens [start_pos, start_pos + num_tokens)."""
+    """One sequence's part of a microbatch: tokens [start_pos, start_pos + num_tokens), and only what it adds.
+
+    Every stage keeps the sequence's block table and length (stage/sequences.py); the last stage also
+    its sampling parameters and token history. start_pos 0 starts (or restarts) the sequence.
+    """
 
     seq_id: int
     start_pos: int
     num_tokens: int
-    slot_mapping: list[int]  # cache slot of each of the num_tokens tokens
-    block_table: list[int]  # blocks holding positions 0 .. start_pos + num_tokens - 1
+    new_blocks: list[int] = field(default_factory=list)  # appended to the sequence's block table
     do_sample: bool = False  # the chunk ends the known tokens: sample the next one
-    sampling: SamplingParams | None = None
-    # Sent with a sequence's first chunk (and again after a re-prefill): every token so far,
-    # so the last stage can apply penalties. The first num_prompt_tokens are the prompt.
-    token_history: list[int] | None = None
-    num_prompt_tokens: int = 0
+    sampling: SamplingParams | None = None  # with start_pos 0
+    num_prompt_tokens: int = 0  # with start_pos 0: the first num_prompt_tokens tokens are the prompt
+    token_ids: list[int] = field(default_factory=list)  # tokens the last stage's history lacks (prefill chunks)
 
 
 @dataclass(slots=True)
@@ -84,7 +85,7 @@ class MicroBatch:
     batch_id: int
     seqs: list[SeqChunk]
     token_ids: list[int]  # stage 0's input: the chunks' tokens, concatenated in seqs order
-    finished_seq_ids: list[int] = field(default_factory=list)  # the last stage may forget these
+    drop_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted: every stage forgets them first
     want_all_logits: bool = False  # tests: return logits for every row, not only sampled ones
 
     @property

@@ -11,6 +11,7 @@ from stagecoach.proto.types import MicroBatch, SampleResult
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.model import AttentionMetadata, StageModel
 from stagecoach.stage.sampler import Sampler
+from stagecoach.stage.sequences import SequenceTable
 
 
 @dataclass
@@ -20,13 +21,27 @@ class StageOutput:
     logits: torch.Tensor | None = None  # last stage, when the microbatch asked for all rows
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A microbatch this stage has checked and admitted, ready to run."""
+
+    batch: MicroBatch
+    inputs: torch.Tensor  # stage 0: token ids [num_tokens] int64; later stages: hidden states [num_tokens, hidden]
+    block_tables: list[list[int]]  # per chunk, covering its positions (this stage's own copies)
+
+
 class StageRunner:
-    """Runs one stage's layers over its KV cache; the last stage also samples."""
+    """Runs one stage's layers over its KV cache; the last stage also samples.
+
+    `prepare` is the one check of a microbatch at this stage (then its sequences' state is applied);
+    `execute` computes, with no checks and no I/O.
+    """
 
     def __init__(self, model: StageModel, kv_cache: KVCache) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.sampler = Sampler() if model.is_last else None
+        self.sequences = SequenceTable(kv_cache.num_blocks, kv_cache.block_size, model.config.max_position_embeddings)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -38,69 +53,58 @@ class StageRunner:
     def is_last(self) -> bool:
         return self.model.is_last
 
-    def check(self, batch: MicroBatch, inputs: torch.Tensor | None) -> None:
-        """Raises RequestError naming the field of anything in the microbatch this stage cannot run.
+    def reset(self) -> None:
+        """After a recovery: forget every sequence (the re-prefill brings them again)."""
+        self.sequences.clear()
+        if self.sampler is not None:
+            self.sampler.reset()
 
-        Every size and index is checked against this stage's configuration before any of it is used.
+    def prepare(self, batch: MicroBatch, inputs: torch.Tensor | None = None) -> Prepared:
+        """Raises RequestError naming the field of anything in the microbatch this stage cannot run, else admits it.
+
+        inputs: hidden states from the previous stage, or stage 0's token ids (None: the batch's token_ids).
         """
-        config = self.model.config
-        block_size = self.kv_cache.block_size
-        max_blocks = -(-config.max_position_embeddings // block_size)
-        if not batch.seqs:
-            raise RequestError("seqs is empty: a microbatch needs at least one sequence")
-        seen: set[int] = set()
-        for i, chunk in enumerate(batch.seqs):
-            where = f"seqs[{i}]"
-            if chunk.seq_id in seen:
-                raise RequestError(f"{where}.seq_id {chunk.seq_id} appears twice in one microbatch")
-            seen.add(chunk.seq_id)
-            if chunk.num_tokens < 1:
-                raise RequestError(f"{where}.num_tokens must be at least 1, got {chunk.num_tokens}")
-            if len(chunk.slot_mapping) != chunk.num_tokens:
-                raise RequestError(f"{where}.slot_mapping has {len(chunk.slot_mapping)} entries for {chunk.num_tokens} tokens")
-            end = chunk.start_pos + chunk.num_tokens
-            if chunk.start_pos < 0 or end > config.max_position_embeddings:
-                raise RequestError(f"{where}.start_pos: positions up to {end} exceed max_position_embeddings {config.max_position_embeddings}")
-            needed_blocks = -(-end // block_size)
-            if not needed_blocks <= len(chunk.block_table) <= max_blocks:
-                raise RequestError(f"{where}.block_table has {len(chunk.block_table)} blocks; positions up to {end} need {needed_blocks} (at most {max_blocks})")
-            self.kv_cache.check(chunk.slot_mapping, (chunk.block_table,))
-            for j, (pos, slot) in enumerate(zip(range(chunk.start_pos, end), chunk.slot_mapping)):
-                if slot != chunk.block_table[pos // block_size] * block_size + pos % block_size:
-                    raise RequestError(f"{where}.slot_mapping[{j}] = {slot} is not position {pos}'s slot in its block_table")
-            if chunk.token_history is not None and self.is_last:
-                bad = next((t for t in chunk.token_history if not 0 <= t < config.vocab_size), None)
-                if bad is not None:
-                    raise RequestError(f"{where}.token_history holds token id {bad}, outside the vocabulary of {config.vocab_size}")
-                if not 0 <= chunk.num_prompt_tokens <= len(chunk.token_history):
-                    raise RequestError(f"{where}.num_prompt_tokens {chunk.num_prompt_tokens} exceeds its token_history")
+        vocab = self.model.config.vocab_size
         if self.is_first:
-            if len(batch.token_ids) != batch.num_tokens:
-                raise RequestError(f"tensor has {len(batch.token_ids)} token ids for {batch.num_tokens} tokens")
-            bad = next((t for t in batch.token_ids if not 0 <= t < config.vocab_size), None)
-            if bad is not None:
-                raise RequestError(f"tensor: token id {bad} is outside the vocabulary of {config.vocab_size}")
+            if inputs is None:
+                inputs = torch.tensor(batch.token_ids, dtype=torch.int64)
+            if inputs.dtype != torch.int64 or inputs.dim() != 1:
+                raise RequestError(f"tensor: stage 0 takes token ids as INT64 [num_tokens], got {inputs.dtype} {list(inputs.shape)}")
+            if inputs.numel() != batch.num_tokens:
+                raise RequestError(f"tensor has {inputs.numel()} token ids for {batch.num_tokens} tokens")
+            if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+                bad = int(inputs[(inputs < 0) | (inputs >= vocab)][0])
+                raise RequestError(f"tensor: token id {bad} is outside the vocabulary of {vocab}")
         elif inputs is None:
             raise RequestError("tensor: hidden states are missing")
-        elif tuple(inputs.shape) != (batch.num_tokens, config.hidden_size):
-            raise RequestError(f"tensor: hidden_states has shape {list(inputs.shape)}, expected [{batch.num_tokens}, {config.hidden_size}]")
+        elif inputs.dim() != 2 or tuple(inputs.shape) != (batch.num_tokens, self.model.config.hidden_size):
+            raise RequestError(f"tensor: hidden_states has shape {list(inputs.shape)}, expected [{batch.num_tokens}, {self.model.config.hidden_size}]")
         elif inputs.dtype != self.dtype:
             raise RequestError(f"tensor.dtype: hidden states are {inputs.dtype}, this stage runs {self.dtype}")
+        if self.is_last:
+            self._check_history(batch, vocab)
+        return Prepared(batch, inputs, self.sequences.admit(batch))
+
+    @staticmethod
+    def _check_history(batch: MicroBatch, vocab: int) -> None:
+        for i, chunk in enumerate(batch.seqs):
+            ids = chunk.token_ids
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                bad = next(t for t in ids if not 0 <= t < vocab)
+                raise RequestError(f"seqs[{i}].token_ids holds token id {bad}, outside the vocabulary of {vocab}")
+            if len(ids) > chunk.num_tokens:
+                raise RequestError(f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens}")
 
     @torch.inference_mode()
-    def execute(self, batch: MicroBatch, inputs: torch.Tensor | None = None) -> StageOutput:
-        """inputs: hidden states from the previous stage (ignored on the first, which embeds batch.token_ids)."""
-        self.check(batch, inputs)
+    def execute(self, prepared: Prepared) -> StageOutput:
+        """Runs an admitted microbatch: hidden states onward, or (the last stage) sampled tokens."""
+        batch = prepared.batch
         meta = AttentionMetadata.build(
-            [(c.start_pos, c.num_tokens, c.block_table) for c in batch.seqs],
+            [(c.start_pos, c.num_tokens, table) for c, table in zip(batch.seqs, prepared.block_tables)],
             self.kv_cache.block_size,
             self.device,
-            slot_mapping=[s for c in batch.seqs for s in c.slot_mapping],
         )
-        if self.is_first:
-            x = torch.tensor(batch.token_ids, dtype=torch.long, device=self.device)
-        else:
-            x = inputs.to(device=self.device, dtype=self.dtype)
+        x = prepared.inputs.to(device=self.device, dtype=torch.long if self.is_first else self.dtype)
         if not self.is_last:
             return StageOutput(hidden_states=self.model(x, meta, self.kv_cache))
 
@@ -117,8 +121,8 @@ class StageRunner:
             logits = None
             rows = torch.tensor(row_ends, dtype=torch.long, device=self.device)
             sample_logits = self.model(x, meta, self.kv_cache, logits_rows=rows)
+        self.sampler.forget(batch.drop_seq_ids)  # before this microbatch's chunks, which may start one of them again
         for chunk in batch.seqs:
             self.sampler.observe(chunk)
         samples = self.sampler.sample(sample_logits, sampling) if sampling else []
-        self.sampler.forget(batch.finished_seq_ids)
         return StageOutput(samples=samples, logits=logits)

@@ -71,27 +71,41 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: list[i
     return apply_top_p(logits, params.top_p)
 
 
+_GREEDY = SamplingParams(temperature=0.0)
+
+
 class Sampler:
-    """Keeps each live sequence's token history (for penalties) and turns logits rows into tokens."""
+    """Keeps each live sequence's sampling parameters and token history (for penalties); turns logits rows into tokens.
+
+    A sequence's first chunk (start_pos 0) brings its parameters and its first tokens; later chunks
+    bring the tokens the history lacks (prefill chunks); sampled tokens are appended here.
+    """
 
     def __init__(self) -> None:
         self._history: dict[int, list[int]] = {}
         self._num_prompt: dict[int, int] = {}
+        self._params: dict[int, SamplingParams] = {}
 
     def observe(self, chunk: SeqChunk) -> None:
-        """Records the history a chunk carries (a sequence's first chunk, or its re-prefill)."""
-        if chunk.token_history is not None:
-            self._history[chunk.seq_id] = list(chunk.token_history)
+        """Records what a chunk adds to its sequence's history (a first chunk starts it anew)."""
+        if chunk.start_pos == 0:
+            self._history[chunk.seq_id] = list(chunk.token_ids)
             self._num_prompt[chunk.seq_id] = chunk.num_prompt_tokens
+            if chunk.sampling is not None:
+                self._params[chunk.seq_id] = chunk.sampling
+        elif chunk.token_ids:
+            self._history.setdefault(chunk.seq_id, []).extend(chunk.token_ids)
 
     def forget(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
             self._history.pop(seq_id, None)
             self._num_prompt.pop(seq_id, None)
+            self._params.pop(seq_id, None)
 
     def reset(self) -> None:
         self._history.clear()
         self._num_prompt.clear()
+        self._params.clear()
 
     @property
     def num_sequences(self) -> int:
@@ -101,21 +115,16 @@ class Sampler:
         """logits: [len(chunks), vocab], one row per sampling chunk, in order."""
         assert logits.shape[0] == len(chunks)
         logits = logits.float()
-        want_logprobs = any(c.sampling is not None and c.sampling.logprobs is not None for c in chunks)
+        params_of = [self._params.get(c.seq_id) or c.sampling or _GREEDY for c in chunks]
+        want_logprobs = any(p.logprobs is not None for p in params_of)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        # Greedy rows without penalties are their raw argmax: one call for all of them, not one per row.
+        plain = [row for row, p in enumerate(params_of) if p.is_greedy and not _has_penalties(p)]
+        argmax = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
         results = []
-        for row, chunk in enumerate(chunks):
-            params = chunk.sampling or SamplingParams(temperature=0.0)
+        for row, (chunk, params) in enumerate(zip(chunks, params_of)):
             history = self._history.setdefault(chunk.seq_id, [])
-            position = chunk.start_pos + chunk.num_tokens  # where the new token will sit
-            processed = process_logits(logits[row], params, history, self._num_prompt.get(chunk.seq_id, 0))
-            if params.is_greedy:
-                token = int(torch.argmax(processed))
-            else:
-                generator = torch.Generator(device=logits.device)
-                generator.manual_seed(draw_seed(params.seed or 0, position))
-                probs = torch.softmax(processed, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
+            token = argmax[row] if row in argmax else self._draw(logits[row], params, chunk, history)
             history.append(token)
             result = SampleResult(seq_id=chunk.seq_id, token_id=token)
             if raw_logprobs is not None and params.logprobs is not None:
@@ -125,3 +134,15 @@ class Sampler:
                     result.top_logprobs = [(int(i), float(v)) for i, v in zip(indices, values)]
             results.append(result)
         return results
+
+    def _draw(self, row: torch.Tensor, params: SamplingParams, chunk: SeqChunk, history: list[int]) -> int:
+        processed = process_logits(row, params, history, self._num_prompt.get(chunk.seq_id, 0))
+        if params.is_greedy:
+            return int(torch.argmax(processed))
+        generator = torch.Generator(device=row.device)
+        generator.manual_seed(draw_seed(params.seed or 0, chunk.start_pos + chunk.num_tokens))  # the new token's position
+        return int(torch.multinomial(torch.softmax(processed, dim=-1), 1, generator=generator))
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

@@ -27,7 +27,7 @@ from stagecoach.proto.link import LinkAssembler, LinkSender, keep_freed_buffers,
 from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options, grpc_status
 from stagecoach.proto.types import MicroBatch
-from stagecoach.stage.runner import StageRunner
+from stagecoach.stage.runner import Prepared, StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,13 @@ SEND_TIMEOUT_S = 60.0
 
 @dataclass
 class _Work:
-    batch: MicroBatch
-    inputs: torch.Tensor | None
+    prepared: Prepared
     timings: list
     timing: pb.StageTiming = field(default_factory=pb.StageTiming)
+
+    @property
+    def batch(self) -> MicroBatch:
+        return self.prepared.batch
 
 
 class StageLoop:
@@ -58,6 +61,7 @@ class StageLoop:
         self._unacked: dict[int, list] = {}  # batch id → timings of a microbatch sent on but not yet acknowledged
         self.min_batch_id = 0  # after a recovery, older microbatches are stale: never computed, never sent
         keep_freed_buffers()  # activations' buffers reuse mapped pages instead of faulting in fresh ones
+        self._admit_lock = threading.Lock()
         self._inbox: queue.Queue[_Work | None] = queue.Queue()
         self._outbox: queue.Queue[tuple[_Work, object] | None] = queue.Queue()
         self._next: LinkSender | None = None
@@ -98,19 +102,26 @@ class StageLoop:
 
     def reset(self, min_batch_id: int) -> None:
         """Fences off everything from before a recovery: queued work older than min_batch_id is dropped,
-        and the last stage forgets its sequences (their histories come again with the re-prefill)."""
-        self.min_batch_id = min_batch_id
-        if self.runner.sampler is not None:
-            self.runner.sampler.reset()
+        and the stage forgets its sequences (the re-prefill brings them again)."""
+        with self._admit_lock:
+            self.min_batch_id = min_batch_id
+            self.runner.reset()
 
     def is_stale(self, batch_id: int) -> bool:
         return batch_id < self.min_batch_id
 
-    def submit(self, batch: MicroBatch, inputs: torch.Tensor | None, timings, received_ns: int) -> None:
-        work = _Work(batch, inputs, list(timings))
-        work.timing.stage_index = self.index
-        work.timing.received_ns = received_ns
-        self._inbox.put(work)
+    def admit(self, batch: MicroBatch, inputs: torch.Tensor | None, timings, received_ns: int) -> None:
+        """Checks one microbatch, applies it to this stage's sequences and queues it: a StagecoachError refuses it.
+
+        One at a time, so the queue's order is the order in which the sequences' state changed.
+        """
+        with self._admit_lock:
+            if self.is_stale(batch.batch_id):
+                raise StaleBatchError(f"microbatch {batch.batch_id} is from before a recovery")
+            work = _Work(self.runner.prepare(batch, inputs), list(timings))
+            work.timing.stage_index = self.index
+            work.timing.received_ns = received_ns
+            self._inbox.put(work)
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -125,7 +136,7 @@ class StageLoop:
                 continue
             work.timing.compute_start_ns = time.monotonic_ns()
             try:
-                out = self.runner.execute(work.batch, work.inputs)
+                out = self.runner.execute(work.prepared)
                 if self.delay_s:
                     time.sleep(self.delay_s)
             except Exception as e:  # reported to the coordinator, which owns the requests
@@ -197,13 +208,12 @@ class StageServicer(pb_grpc.StageServicer):
     def _accept(self, request: pb.MicroBatch, received: int, data: memoryview | None = None) -> tuple[grpc.StatusCode, str] | None:
         """Decodes, validates and queues one microbatch; the refusal's (code, message), or None."""
         try:
-            if self.service.is_stale(request.batch_id):
+            if self.service.is_stale(request.batch_id):  # before decoding it: cheap, and the common refusal after a recovery
                 raise StaleBatchError(f"microbatch {request.batch_id} is from before a recovery")
-            batch, inputs = codec.decode_microbatch(request, expect_token_ids=self.service.runner.is_first, data=data)
-            self.service.runner.check(batch, inputs)
+            batch, inputs = codec.decode_microbatch(request, data=data)
+            self.service.admit(batch, inputs, request.timings, received)
         except StagecoachError as e:
             return grpc_status(e), f"stage {self.service.index}: {e}"
-        self.service.submit(batch, inputs, request.timings, received)
         return None
 
     def Forward(self, request: pb.MicroBatch, context: grpc.ServicerContext) -> pb.ForwardReply:

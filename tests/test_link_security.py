@@ -49,7 +49,7 @@ def raw_stub(address: str) -> pb_grpc.StageStub:
 
 def test_calls_without_the_token_are_unauthenticated(pipeline):
     stub = raw_stub(pipeline.stages[1].address)
-    good = codec.encode_microbatch(MicroBatch(0, [SeqChunk(0, 0, 1, [0], [0])], []), torch.zeros(1, HIDDEN))
+    good = codec.encode_microbatch(MicroBatch(0, [SeqChunk(0, 0, 1, [0], False, SamplingParams())], []), torch.zeros(1, HIDDEN))
     for call, request in ((stub.Forward, good), (stub.Info, pb.InfoRequest()), (stub.Health, pb.HealthRequest())):
         with pytest.raises(grpc.RpcError) as info:
             call(request, timeout=10)
@@ -61,7 +61,7 @@ def test_calls_without_the_token_are_unauthenticated(pipeline):
 
     acks = []
     sender = LinkSender(grpc.insecure_channel(pipeline.stages[1].address), on_ack=lambda *a: acks.append(a))
-    sender.send(*link_message(MicroBatch(0, [SeqChunk(0, 0, 1, [0], [0])], []), torch.zeros(1, HIDDEN)))
+    sender.send(*link_message(MicroBatch(0, [SeqChunk(0, 0, 1, [0], False, SamplingParams())], []), torch.zeros(1, HIDDEN)))
     assert sender.wait_idle(10) and len(acks) == 1
     assert isinstance(acks[0][2], grpc.RpcError) and acks[0][2].code() == grpc.StatusCode.UNAUTHENTICATED
     coordinator = pb_grpc.CoordinatorStub(grpc.insecure_channel(pipeline.address))
@@ -73,7 +73,7 @@ def test_calls_without_the_token_are_unauthenticated(pipeline):
 def malformed_microbatches(rng: random.Random) -> list[tuple[str, pb.MicroBatch, bool]]:
     """(what is wrong, message, for stage 0?) — each breaks one rule the stage must check."""
     def ok_chunk(**kw):
-        base = dict(seq_id=rng.randrange(1000), start_pos=0, num_tokens=2, slot_mapping=[0, 1], block_table=[0])
+        base = dict(seq_id=rng.randrange(1000), start_pos=0, num_tokens=2, new_blocks=[0], sampling=SamplingParams())
         return SeqChunk(**(base | kw))
 
     def hidden(batch, tensor=None):
@@ -82,21 +82,21 @@ def malformed_microbatches(rng: random.Random) -> list[tuple[str, pb.MicroBatch,
     cases = []
     for _ in range(20):
         n = rng.randrange(1, 6)
-        slots = list(range(n))
         cases += [
-            ("wrong dtype", hidden(MicroBatch(0, [ok_chunk(num_tokens=n, slot_mapping=slots)], []), torch.zeros(n, HIDDEN, dtype=torch.bfloat16)), False),
-            ("wrong hidden size", hidden(MicroBatch(0, [ok_chunk(num_tokens=n, slot_mapping=slots)], []), torch.zeros(n, HIDDEN + rng.randrange(1, 9))), False),
-            ("too few rows", hidden(MicroBatch(0, [ok_chunk(num_tokens=n, slot_mapping=slots)], []), torch.zeros(n + 1, HIDDEN)), False),
-            ("slot out of range", hidden(MicroBatch(0, [ok_chunk(num_tokens=1, slot_mapping=[rng.randrange(256, 10**9)])], [])), False),
-            ("block out of range", hidden(MicroBatch(0, [ok_chunk(num_tokens=1, slot_mapping=[0], block_table=[rng.randrange(32, 10**6)])], [])), False),
-            ("slot not in its block", hidden(MicroBatch(0, [ok_chunk(num_tokens=1, slot_mapping=[8 + rng.randrange(8)], block_table=[0])], [])), False),
-            ("position beyond the model", hidden(MicroBatch(0, [ok_chunk(start_pos=256 + rng.randrange(100), num_tokens=1, slot_mapping=[0])], [])), False),
-            ("slot count differs", hidden(MicroBatch(0, [ok_chunk(num_tokens=n, slot_mapping=slots + [n])], [])), False),
-            ("duplicate sequence", hidden(MicroBatch(0, [ok_chunk(seq_id=5, num_tokens=1, slot_mapping=[0]), ok_chunk(seq_id=5, num_tokens=1, slot_mapping=[1])], [])), False),
-            ("missing token ids", codec.encode_microbatch(MicroBatch(0, [ok_chunk(num_tokens=n, slot_mapping=slots)], list(range(max(0, n - 1)))), None), True),
+            ("wrong dtype", hidden(MicroBatch(0, [ok_chunk(num_tokens=n)], []), torch.zeros(n, HIDDEN, dtype=torch.bfloat16)), False),
+            ("wrong hidden size", hidden(MicroBatch(0, [ok_chunk(num_tokens=n)], []), torch.zeros(n, HIDDEN + rng.randrange(1, 9))), False),
+            ("too few rows", hidden(MicroBatch(0, [ok_chunk(num_tokens=n)], []), torch.zeros(n + 1, HIDDEN)), False),
+            ("block out of range", hidden(MicroBatch(0, [ok_chunk(num_tokens=1, new_blocks=[rng.randrange(32, 10**6)])], [])), False),
+            ("negative block", hidden(MicroBatch(0, [ok_chunk(num_tokens=1, new_blocks=[-1 - rng.randrange(5)])], [])), False),
+            ("too few blocks for its positions", hidden(MicroBatch(0, [ok_chunk(num_tokens=9 + rng.randrange(8), new_blocks=[0])], [])), False),
+            ("position beyond the model", hidden(MicroBatch(0, [ok_chunk(num_tokens=257 + rng.randrange(7), new_blocks=list(range(32)))], [])), False),
+            ("unknown sequence", hidden(MicroBatch(0, [ok_chunk(seq_id=10**6 + rng.randrange(1000), start_pos=1 + rng.randrange(50), num_tokens=1, new_blocks=[])], [])), False),
+            ("duplicate sequence", hidden(MicroBatch(0, [ok_chunk(seq_id=5, num_tokens=1), ok_chunk(seq_id=5, num_tokens=1)], [])), False),
+            ("history token outside the vocabulary", hidden(MicroBatch(0, [ok_chunk(num_tokens=1, token_ids=[512 + rng.randrange(10**6)])], [])), False),
+            ("missing token ids", codec.encode_microbatch(MicroBatch(0, [ok_chunk(num_tokens=n)], list(range(max(0, n - 1)))), None), True),
         ]
-    # Raw wire damage: bytes that disagree with the shape, an unknown dtype, no sampling for a sampled chunk, an old schema.
-    base = hidden(MicroBatch(0, [ok_chunk(num_tokens=1, slot_mapping=[0])], []))
+    # Raw wire damage: bytes that disagree with the shape, an unknown dtype, a first chunk without sampling, an old schema.
+    base = hidden(MicroBatch(0, [ok_chunk(num_tokens=1)], []))
     for i in range(10):
         m = pb.MicroBatch()
         m.CopyFrom(base)
@@ -108,8 +108,8 @@ def malformed_microbatches(rng: random.Random) -> list[tuple[str, pb.MicroBatch,
         cases.append(("unknown dtype", m, False))
         m = pb.MicroBatch()
         m.CopyFrom(base)
-        m.seqs[0].do_sample = True
-        cases.append(("sampled chunk without sampling", m, False))
+        m.seqs[0].ClearField("sampling")
+        cases.append(("first chunk without sampling", m, False))
         m = pb.MicroBatch()
         m.CopyFrom(base)
         m.schema_version = 0

@@ -43,16 +43,15 @@ def rand_history(seed: int, n: int = 80, high: int = 60) -> list[int]:
 
 
 def chunk(seq_id, start_pos, num_tokens=1, sampling=None, history=None, num_prompt=0) -> SeqChunk:
+    """history: tokens the chunk brings to the last stage's history (a first chunk's are the sequence's start)."""
     return SeqChunk(
         seq_id=seq_id,
         start_pos=start_pos,
         num_tokens=num_tokens,
-        slot_mapping=list(range(num_tokens)),
-        block_table=[0],
         do_sample=True,
         sampling=sampling,
-        token_history=history,
         num_prompt_tokens=num_prompt,
+        token_ids=list(history or []),
     )
 
 

@@ -31,15 +31,18 @@ def test_core_modules_do_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_slots_follow_block_tables():
+def test_a_first_chunk_brings_its_blocks_sampling_and_tokens():
     sched = Scheduler(scheduler_config(8, block_size=4))
-    sched.add_request(list(range(10)), params())
+    seq = sched.add_request(list(range(10)), params())
     batch = sched.schedule()
     chunk = batch.seqs[0]
     assert chunk.start_pos == 0 and chunk.num_tokens == 10 and chunk.do_sample
-    assert len(chunk.block_table) == 3
-    assert chunk.slot_mapping == [chunk.block_table[p // 4] * 4 + p % 4 for p in range(10)]
-    assert chunk.token_history == list(range(10)) and batch.token_ids == list(range(10))
+    assert chunk.new_blocks == seq.block_table and len(chunk.new_blocks) == 3
+    assert chunk.sampling is seq.sampling and chunk.num_prompt_tokens == 10
+    assert chunk.token_ids == list(range(10)) and batch.token_ids == list(range(10))
+    run_batch(sched, batch)
+    (decode,) = sched.schedule().seqs  # position 10: still in the third block
+    assert (decode.start_pos, decode.new_blocks, decode.token_ids, decode.sampling) == (10, [], [], None)
 
 
 def test_continuous_batching_mixes_decode_and_prefill():
@@ -53,10 +56,11 @@ def test_continuous_batching_mixes_decode_and_prefill():
     run_batch(sched, batch)
     batch = sched.schedule()
     assert [(c.seq_id, c.num_tokens, c.start_pos) for c in batch.seqs] == [(a.seq_id, 1, 4), (b.seq_id, 5, 15)]
-    assert batch.seqs[1].token_history is None  # history travels with the first chunk only
+    assert batch.seqs[1].token_ids == list(range(15, 20)) and batch.seqs[1].sampling is None  # what it adds, no more
+    assert batch.seqs[0].token_ids == [] and len(batch.seqs[0].new_blocks) == 1  # a decodes position 4: a new block, no tokens
     run_batch(sched, batch)
     assert a.is_finished and a.finish_reason == "length" and a.output_token_ids == [7, 7, 7]
-    assert batch.finished_seq_ids == [] and sched.schedule().finished_seq_ids == [a.seq_id]
+    assert batch.drop_seq_ids == [] and sched.schedule().drop_seq_ids == [a.seq_id]
 
 
 def test_sequence_in_flight_waits_for_its_token():
@@ -101,7 +105,7 @@ def test_preemption_frees_youngest_and_recomputes():
         for c in batch.seqs:
             if c.seq_id == young.seq_id and c.start_pos == 0:
                 # The re-prefill resends prompt + the token sampled before the preemption.
-                assert c.token_history == [4, 5, 6, 7, 7] and c.num_prompt_tokens == 3
+                assert c.token_ids == [4, 5, 6, 7, 7] and c.num_prompt_tokens == 3
         run_batch(sched, batch)
     assert old.output_token_ids == young.output_token_ids == [7, 7, 7, 7]
     assert sched.block_manager.num_free_blocks == 4

@@ -38,16 +38,17 @@ def test_microbatch_round_trip():
     batch = MicroBatch(
         batch_id=9,
         seqs=[
-            SeqChunk(1, 0, 3, [8, 9, 10], [1], True, SamplingParams(temperature=0.5, top_k=4, seed=3, logprobs=2), [5, 6, 7], 3),
-            SeqChunk(2, 4, 1, [20], [2, 2], False),
+            SeqChunk(1, 0, 3, [1], True, SamplingParams(temperature=0.5, top_k=4, seed=3, logprobs=2), 3, [5, 6, 7]),
+            SeqChunk(2, 4, 1, [2], False),
         ],
         token_ids=[5, 6, 7, 11],
-        finished_seq_ids=[0],
+        drop_seq_ids=[0],
     )
-    back, inputs = codec.decode_microbatch(pb.MicroBatch.FromString(codec.encode_microbatch(batch, None).SerializeToString()), True)
-    assert inputs is None and back.token_ids == batch.token_ids and back.finished_seq_ids == [0]
-    assert back.seqs[0].sampling.top_k == 4 and back.seqs[0].sampling.logprobs == 2 and back.seqs[0].token_history == [5, 6, 7]
-    assert back.seqs[1].token_history is None and back.seqs[1].sampling is None and back.seqs[1].block_table == [2, 2]
+    back, inputs = codec.decode_microbatch(pb.MicroBatch.FromString(codec.encode_microbatch(batch, None).SerializeToString()))
+    assert inputs.tolist() == batch.token_ids and back.drop_seq_ids == [0]
+    assert back.seqs[0].sampling.top_k == 4 and back.seqs[0].sampling.logprobs == 2 and back.seqs[0].token_ids == [5, 6, 7]
+    assert back.seqs[0].num_prompt_tokens == 3 and back.seqs[0].new_blocks == [1]
+    assert back.seqs[1].token_ids == [] and back.seqs[1].sampling is None and back.seqs[1].new_blocks == [2]
 
 
 def test_malformed_tensor_is_named():
@@ -88,13 +89,13 @@ def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model
     pipeline = ThreadPipeline(wide_model, ranges, num_blocks=16, block_size=8)
     try:
         stub = pipeline.stubs[1]
-        good = MicroBatch(0, [SeqChunk(0, 0, 2, [0, 1], [0], False)], [])
+        good = MicroBatch(0, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], [])
         cases = {
             "hidden_states has shape [2, 7], expected [2, 512]": codec.encode_microbatch(good, torch.zeros(2, 7)),
-            "slot 999 is outside the cache's 128 slots": codec.encode_microbatch(
-                MicroBatch(0, [SeqChunk(0, 0, 2, [0, 999], [0], False)], []), torch.zeros(2, 512)),
+            "seqs[0].seq_id 42 is not a sequence this stage holds": codec.encode_microbatch(
+                MicroBatch(0, [SeqChunk(42, 5, 1)], []), torch.zeros(1, 512)),
             "block 77 is outside the cache's 16 blocks": codec.encode_microbatch(
-                MicroBatch(0, [SeqChunk(0, 0, 2, [0, 1], [77], False)], []), torch.zeros(2, 512)),
+                MicroBatch(0, [SeqChunk(0, 0, 2, [77], False, SamplingParams())], []), torch.zeros(2, 512)),
         }
         for message, msg in cases.items():
             with pytest.raises(grpc.RpcError) as info:
@@ -105,7 +106,7 @@ def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model
         bad_version.schema_version = 0
         with pytest.raises(grpc.RpcError, match="schema_version 0"):
             stub.Forward(bad_version, timeout=10)
-        bad_token = codec.encode_microbatch(MicroBatch(0, [SeqChunk(0, 0, 1, [0], [0], False)], [10**6]), None)
+        bad_token = codec.encode_microbatch(MicroBatch(0, [SeqChunk(0, 0, 1, [0], False, SamplingParams())], [10**6]), None)
         with pytest.raises(grpc.RpcError, match="token id 1000000 is outside the vocabulary"):
             pipeline.stubs[0].Forward(bad_token, timeout=10)
         # Still serving, and nothing was queued by the refused calls.
@@ -147,7 +148,7 @@ def test_link_frames_are_plain_linkframe_messages():
     """Chunk frames are written by hand; LinkFrame's own parser must read them as it would its own."""
     from stagecoach.proto.link import encode_frames, link_message
 
-    batch = MicroBatch(5, [SeqChunk(0, 0, 3, [0, 1, 2], [0], False)], [])
+    batch = MicroBatch(5, [SeqChunk(0, 0, 3, [0], False, SamplingParams())], [])
     tensor = torch.randn(3, 1000)
     msg, payload = link_message(batch, tensor)
     frames = [pb.LinkFrame.FromString(f) for f in encode_frames(msg, payload, chunk_bytes=5000)]
@@ -161,13 +162,13 @@ def test_link_frames_are_plain_linkframe_messages():
 def test_link_assembler_refuses_malformed_chunk_sequences():
     from stagecoach.proto.link import LinkAssembler, encode_frames, link_message
 
-    batch = MicroBatch(5, [SeqChunk(0, 0, 2, [0, 1], [0], False)], [])
+    batch = MicroBatch(5, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], [])
     tensor = torch.randn(2, 100)
     frames = [pb.LinkFrame.FromString(f) for f in encode_frames(*link_message(batch, tensor), chunk_bytes=300)]
     asm = LinkAssembler(max_bytes=1 << 20)
     assert [asm.add(f) for f in frames[:-1]] == [None] * (len(frames) - 1)
     msg, data, error = asm.add(frames[-1])
-    assert error is None and codec.decode_microbatch(msg, False, data)[1].equal(tensor)
+    assert error is None and codec.decode_microbatch(msg, data)[1].equal(tensor)
 
     def run(seq, max_bytes=1 << 20):
         asm = LinkAssembler(max_bytes)
@@ -192,15 +193,15 @@ def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model
     try:
         # A second sender into stage 1, beside stage 0's; small chunks so a 4 KiB tensor goes in pieces.
         sender = LinkSender(pipeline._channels[1], on_ack=lambda *a: acks.append(a), chunk_bytes=1000)
-        sender.send(*link_message(MicroBatch(1000, [SeqChunk(0, 0, 2, [0, 1], [0], False)], []), torch.zeros(2, 7)))
-        sender.send(*link_message(MicroBatch(1001, [SeqChunk(0, 0, 2, [0, 999], [0], False)], []), torch.zeros(2, 512)))
-        sender.send(*link_message(MicroBatch(1002, [SeqChunk(7, 0, 2, [8, 9], [1], False)], []), torch.zeros(2, 512)))
+        sender.send(*link_message(MicroBatch(1000, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], []), torch.zeros(2, 7)))
+        sender.send(*link_message(MicroBatch(1001, [SeqChunk(0, 0, 2, [999], False, SamplingParams())], []), torch.zeros(2, 512)))
+        sender.send(*link_message(MicroBatch(1002, [SeqChunk(7, 0, 2, [1], False, SamplingParams())], []), torch.zeros(2, 512)))
         assert sender.wait_idle(30)
         assert [a[0] for a in acks] == [1000, 1001, 1002] and all(a[1] > 0 for a in acks)
         first, second, third = (a[2] for a in acks)
         assert isinstance(first, LinkRefused) and first.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "hidden_states has shape [2, 7], expected [2, 512]" in str(first)
-        assert isinstance(second, LinkRefused) and "slot 999 is outside" in str(second)
+        assert isinstance(second, LinkRefused) and "block 999 is outside" in str(second)
         assert third is None  # the chunked one was accepted, on the same stream
         # The stage still computes: a full generation matches.
         assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1)
