@@ -246,16 +246,21 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
         pipeline.attach(addresses)
         try:
             for batch in (1, 64, 256):
-                def run(n: int) -> float:
+                def run(n: int) -> tuple[float, Engine]:
                     engine = Engine(pipeline, scheduler_config(4096, 16, 4096), max_inflight=num_stages)
                     prompts = [[(i + j) % 300 + 3 for j in range(8)] for i in range(batch)]
                     t0 = time.perf_counter()
                     engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts])
-                    return time.perf_counter() - t0
+                    return time.perf_counter() - t0, engine
                 run(2)  # warm-up
                 key = f"{num_stages} stages, batch {batch}"
-                out[key] = (run(steps + 1) - run(1)) / steps * 1e3
-                print(f"  (d) tiny model, {key}: {out[key]:.2f} ms a step", flush=True)
+                (long, engine), (short, _) = run(steps + 1), run(1)
+                out[key] = (long - short) / steps * 1e3
+                # Where a microbatch's time goes (p50 ms, each stage's own clock): its compute, its wait in the queue, its hop onward.
+                rows = engine.timings.rows()
+                out[f"{key}: breakdown"] = {"coordinator_hop": (engine.timings.coordinator_hop() or {}).get("p50"),
+                                            "stages": [{k: (r[k] or {}).get("p50") for k in ("compute_ms", "queue_ms", "hop_ms")} for r in rows]}
+                print(f"  (d) tiny model, {key}: {out[key]:.2f} ms a step; {out[f'{key}: breakdown']}", flush=True)
         finally:
             for parent, _ in conns:
                 parent.send("stop")

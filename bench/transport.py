@@ -111,7 +111,7 @@ def measure(hops_for: dict | None = None) -> list[dict]:
     torch.set_num_threads(1)
     from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
     from stagecoach.proto import codec
-    from stagecoach.proto.types import MicroBatch, SeqChunk
+    from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
     from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
     from stagecoach.proto.server import channel_options
 
@@ -137,9 +137,9 @@ def measure(hops_for: dict | None = None) -> list[dict]:
             hops = (hops_for or {}).get(tokens, hops)
             tensor = torch.randn(tokens, HIDDEN).to(torch.bfloat16)
             if tokens == 1 or tokens == 32:  # decode: one token per sequence
-                seqs = [SeqChunk(i, 100, 1, [100 + 16 * i], [i], False) for i in range(tokens)]
+                seqs = [SeqChunk(i, 100, 1) for i in range(tokens)]  # decode steps: nothing but id and position
             else:  # a prefill chunk of one sequence
-                seqs = [SeqChunk(0, 0, tokens, list(range(tokens)), list(range(tokens // 16)), False)]
+                seqs = [SeqChunk(0, 0, tokens, list(range(-(-tokens // 16))), False, SamplingParams())]  # a first chunk: its blocks
             batch = MicroBatch(0, seqs, [])
             payload = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
             nbytes = len(payload)

@@ -40,8 +40,3 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_table)
         seq.block_table = []
-
-    def slots(self, seq: Sequence, start: int, num_tokens: int) -> list[int]:
-        """Cache slots of positions [start, start + num_tokens) of seq."""
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, start + num_tokens)]

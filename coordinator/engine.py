@@ -259,11 +259,7 @@ class Engine:
         """The loop has ended for good: every open request, queued or running, and every later one gets the error."""
         with self._calls_lock:
             self._closed = error
-            while True:
-                try:
-                    call = self._calls.get_nowait()
-                except queue.Empty:
-                    break
+            for call in self._take_calls():
                 if call[0] == "add":
                     call[3].set_exception(error)
         self.fail_all(error)
@@ -276,12 +272,16 @@ class Engine:
                 self.scheduler.abort(seq_id)
             self._listeners.clear()
 
-    def _apply_calls(self) -> None:
+    def _take_calls(self):
+        """The calls queued so far, oldest first."""
         while True:
             try:
-                call = self._calls.get_nowait()
+                yield self._calls.get_nowait()
             except queue.Empty:
                 return
+
+    def _apply_calls(self) -> None:
+        for call in self._take_calls():
             if call[0] == "add":
                 self._add_all(*call[1:])
             elif call[0] == "fail":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 from stagecoach.errors import KVCacheError
@@ -12,8 +10,8 @@ from stagecoach.errors import KVCacheError
 class KVCache:
     """K and V of every owned layer, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
 
-    The cache makes no allocation decisions: the coordinator's block manager hands out blocks,
-    and every microbatch says which slots to write and which blocks to read.
+    The cache makes no allocation decisions: the coordinator's block manager hands out blocks, and
+    the stage's sequence table (stage/sequences.py) says which a microbatch writes and reads.
     """
 
     def __init__(
@@ -44,13 +42,3 @@ class KVCache:
 
     def layer(self, local_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[local_index], self.v[local_index]
-
-    def check(self, slot_mapping: Iterable[int], block_tables: Iterable[Iterable[int]]) -> None:
-        """Raises KVCacheError naming the first slot or block outside the cache."""
-        for slot in slot_mapping:
-            if not 0 <= slot < self.num_slots:
-                raise KVCacheError(f"slot {slot} is outside the cache's {self.num_slots} slots ({self.num_blocks} blocks x {self.block_size})")
-        for table in block_tables:
-            for block in table:
-                if not 0 <= block < self.num_blocks:
-                    raise KVCacheError(f"block {block} is outside the cache's {self.num_blocks} blocks")
