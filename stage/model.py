@@ -99,7 +99,6 @@ class AttentionMetadata:
         seqs: list[tuple[int, int, list[int]]],
         block_size: int,
         device: torch.device,
-        slot_mapping: list[int] | None = None,
     ) -> AttentionMetadata:
         """seqs: per sequence, in batch order, (first position, num_tokens, block table)."""
         positions: list[int] = []
@@ -112,8 +111,7 @@ class AttentionMetadata:
         for start, num_tokens, block_table in seqs:
             context_len = start + num_tokens
             positions.extend(range(start, context_len))
-            if slot_mapping is None:
-                slots.extend(block_table[p // block_size] * block_size + p % block_size for p in range(start, context_len))
+            slots.extend(block_table[p // block_size] * block_size + p % block_size for p in range(start, context_len))
             num_blocks = -(-context_len // block_size)
             if num_tokens == 1:
                 decode_rows.append(row)
@@ -128,7 +126,7 @@ class AttentionMetadata:
             row += num_tokens
         meta = cls(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
-            slot_mapping=torch.tensor(slot_mapping if slot_mapping is not None else slots, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             prefills=prefills,
         )
         if decode_rows:
