@@ -31,14 +31,12 @@ class SyntheticRunner:
 
         self.compute_s, self.is_first, self.is_last = compute_s, is_first, is_last
         self.sequences = SequenceTable(100000, 16, 1 << 20)  # the real per-sequence state and its checks
+        self.sampler = None  # no histories to keep
 
     def prepare(self, batch, inputs):
         from stagecoach.stage.runner import Prepared
 
         return Prepared(batch, inputs, self.sequences.admit(batch))
-
-    def reset(self) -> None:
-        self.sequences.clear()
 
     def execute(self, prepared):
         import torch

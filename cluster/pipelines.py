@@ -28,7 +28,7 @@ from stagecoach.proto.model_config import ModelConfig
 from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options, start_server
 from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SampleResult, StageSummary
-from stagecoach.stage.kv_cache import KVCache
+from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
 from stagecoach.stage.loader import DTYPES, load_stage_model
 from stagecoach.stage.runner import StageRunner
 from stagecoach.stage.worker import StagePlan, StageWorker
@@ -77,7 +77,7 @@ def open_pipeline(config: ClusterConfig):
     if config.pipeline.backend == "local":
         c = config.cache
         device = "cpu" if config.pipeline.device == "auto" else config.pipeline.device
-        return LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks=c.num_blocks or -(-c.max_tokens // c.block_size),
+        return LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks=cpu_num_blocks(c.num_blocks, c.max_tokens, c.block_size),
                                   block_size=c.block_size)
     from stagecoach.cluster.ray_pipeline import RayPipeline, connect_ray
 

@@ -85,8 +85,7 @@ class Engine:
         self.timings = TimingStats()
         self.recoveries: list[float] = []  # seconds each recovery took
         self.on_recovery: Callable[[float], None] | None = None
-        self.recovering = False
-        self.failure: str | None = None  # why the pipeline cannot serve now (recovering); None when whole
+        self.failure: str | None = None  # why the pipeline cannot serve now (it is recovering); None when whole
         self._last_health_check = 0.0
         self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -111,6 +110,10 @@ class Engine:
     def abort(self, seq_id: int) -> None:
         self._calls.put(("abort", seq_id))
         self.pipeline.wake()
+
+    @property
+    def recovering(self) -> bool:
+        return self.failure is not None
 
     def report_failure(self, reason: str) -> None:
         """A missed heartbeat while the pipe may be idle: have the loop recover."""
@@ -162,13 +165,18 @@ class Engine:
 
     # -- the API, on the loop's thread (or before the loop runs) ------------------------------
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
-        if sampling.seed is None:
-            # Every draw is seeded from (seed, position): a request without a seed gets a random
-            # one, so that recomputing it after a preemption or a fault gives the same tokens.
-            sampling.seed = random.getrandbits(63)
-        if not sampling.stop_token_ids:
-            sampling.stop_token_ids = list(self.stop_token_ids)
-        return self.scheduler.add_request(prompt_token_ids, sampling)
+        return self.add_requests([(prompt_token_ids, sampling)])[0]
+
+    def add_requests(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Sequence]:
+        """All or none: RequestError for the first request that can never run, and then none is added."""
+        for _, sampling in requests:
+            if sampling.seed is None:
+                # Every draw is seeded from (seed, position): a request without a seed gets a random
+                # one, so that recomputing it after a preemption or a fault gives the same tokens.
+                sampling.seed = random.getrandbits(63)
+            if not sampling.stop_token_ids:
+                sampling.stop_token_ids = list(self.stop_token_ids)
+        return self.scheduler.add_requests(requests)
 
     def generate(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> list[Sequence]:
         seqs = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
@@ -294,9 +302,7 @@ class Engine:
 
     def _add_all(self, requests: list, listener: Callable[[int], Listener], future: Future) -> None:
         try:
-            for prompt, sampling in requests:  # all or none: check every request before adding any
-                self.scheduler.check(prompt, sampling)
-            seqs = [self.add_request(prompt, sampling) for prompt, sampling in requests]
+            seqs = self.add_requests(requests)
         except StagecoachError as e:
             future.set_exception(e)
             return
@@ -322,7 +328,6 @@ class Engine:
         """Brings the pipeline back; past the deadline, open requests end with PipelineError (503) and new ones
         are refused until it is whole again. Requests that survive see a pause, not an error."""
         log.warning("the pipeline failed (%s): recovering", cause)
-        self.recovering = True
         self.failure = f"the pipeline is recovering from: {cause}"
         deadline = time.monotonic() + (self.recovery_timeout_s or 0.0)
         failed_open_requests = False
@@ -333,7 +338,7 @@ class Engine:
                 log.warning("recovered in %.2f s; re-prefilling %d sequences", took, len(self.scheduler.waiting))
                 if self.on_recovery is not None:
                     self.on_recovery(took)
-                self.recovering, self.failure = False, None
+                self.failure = None
                 return
             except Exception as e:  # Ray, gRPC and load errors alike: try again until the deadline
                 log.warning("recovery attempt failed: %s", e)

@@ -56,16 +56,19 @@ class Scheduler:
         c = self.config
         return RequestLimits(c.max_model_len, c.vocab_size, c.num_blocks * c.block_size)
 
-    def check(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        """RequestError (from requests.check_request) if the request can never run here."""
-        check_request(prompt_token_ids, sampling, self.limits)
-
     def add_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> Sequence:
-        self.check(prompt_token_ids, sampling)
-        seq = Sequence(next(self._seq_ids), list(prompt_token_ids), sampling)
-        self.sequences[seq.seq_id] = seq
-        self.waiting.append(seq)
-        return seq
+        return self.add_requests([(prompt_token_ids, sampling)])[0]
+
+    def add_requests(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Sequence]:
+        """Queues requests, all or none: RequestError (from requests.check_request) for the first that can never run."""
+        limits = self.limits
+        for prompt, sampling in requests:
+            check_request(prompt, sampling, limits)
+        seqs = [Sequence(next(self._seq_ids), list(prompt), sampling) for prompt, sampling in requests]
+        for seq in seqs:
+            self.sequences[seq.seq_id] = seq
+            self.waiting.append(seq)
+        return seqs
 
     def abort(self, seq_id: int) -> None:
         seq = self.sequences.get(seq_id)

@@ -32,9 +32,8 @@ RESTART_WINDOW_S = 600.0
 class EngineSupervisor:
     """Starts the pipeline and its engine loop; when the loop dies on an unexpected error, starts both anew."""
 
-    def __init__(self, config: ClusterConfig, state: ServerState, tokenizer: Tokenizer) -> None:
-        self.config, self.state, self.tokenizer = config, state, tokenizer
-        self.model = ModelConfig.from_pretrained(config.model.path)
+    def __init__(self, config: ClusterConfig, state: ServerState, tokenizer: Tokenizer, model: ModelConfig) -> None:
+        self.config, self.state, self.tokenizer, self.model = config, state, tokenizer, model
         self.pipeline = None
         self.restarts: deque[float] = deque()
         self._loop = asyncio.get_running_loop()
@@ -112,7 +111,7 @@ class EngineSupervisor:
         await self._loop.run_in_executor(None, self._release, self.state.engine)
 
 
-def server_state(config: ClusterConfig, tokenizer: Tokenizer) -> ServerState:
+def server_state(config: ClusterConfig, tokenizer: Tokenizer, model: ModelConfig) -> ServerState:
     s, model_dir = config.server, Path(config.model.path)
     api_key = None
     if s.api_key_env:
@@ -125,7 +124,7 @@ def server_state(config: ClusterConfig, tokenizer: Tokenizer) -> ServerState:
     return ServerState(
         tokenizer=tokenizer,
         model_name=s.served_model_name or model_dir.name,
-        max_model_len=ModelConfig.from_pretrained(model_dir).max_position_embeddings,
+        max_model_len=model.max_position_embeddings,
         sampling_defaults=sampling_defaults(model_dir),
         api_key=api_key,
         max_active=max_active,
@@ -134,8 +133,8 @@ def server_state(config: ClusterConfig, tokenizer: Tokenizer) -> ServerState:
 
 
 async def serve(config: ClusterConfig) -> int:
-    tokenizer = Tokenizer(Path(config.model.path))
-    state = server_state(config, tokenizer)
+    tokenizer, model = Tokenizer(Path(config.model.path)), ModelConfig.from_pretrained(config.model.path)
+    state = server_state(config, tokenizer, model)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, config.server.host, config.server.port).start()
@@ -146,7 +145,7 @@ async def serve(config: ClusterConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    supervisor = EngineSupervisor(config, state, tokenizer)
+    supervisor = EngineSupervisor(config, state, tokenizer, model)
     starter = asyncio.ensure_future(supervisor.start())
     waiter = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({starter, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -68,39 +67,24 @@ def tensor_from_proto(msg: pb.Tensor, field: str = "tensor", data: bytes | memor
     return torch.frombuffer(data, dtype=dtype).view(tuple(msg.shape))
 
 
+# SamplingParams' fields that travel (as proto SamplingParams' fields of the same names), besides logprobs and seed.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
 def _sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
-    msg = pb.SamplingParams(
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        seed=p.seed or 0,
-    )
+    msg = pb.SamplingParams(seed=p.seed or 0, **{f: getattr(p, f) for f in _SAMPLING_FIELDS})
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
     return msg
 
 
 def _sampling_from_proto(msg: pb.SamplingParams, field: str) -> SamplingParams:
-    key = (msg.temperature, msg.top_p, msg.top_k, msg.repetition_penalty, msg.presence_penalty, msg.frequency_penalty, msg.seed,
-           msg.logprobs if msg.HasField("logprobs") else None)
+    """Checked by SamplingParams itself; it crosses once per sequence, with its first chunk."""
     try:
-        return _sampling(key)
+        return SamplingParams(seed=msg.seed, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+                              **{f: getattr(msg, f) for f in _SAMPLING_FIELDS})
     except RequestError as e:
         raise WireError(f"{field}: {e}") from None
-
-
-@functools.lru_cache(maxsize=4096)
-def _sampling(key: tuple) -> SamplingParams:
-    """A running sequence's parameters arrive with every microbatch: each distinct set is built and checked once.
-
-    The instances are shared, so a stage must not change them (none does: only the coordinator fills in seeds).
-    """
-    temperature, top_p, top_k, repetition_penalty, presence_penalty, frequency_penalty, seed, logprobs = key
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed, logprobs=logprobs)
 
 
 def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=(), tensor_msg: pb.Tensor | None = None) -> pb.MicroBatch:

@@ -42,3 +42,8 @@ class KVCache:
 
     def layer(self, local_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[local_index], self.v[local_index]
+
+
+def cpu_num_blocks(num_blocks: int | None, max_tokens: int, block_size: int) -> int:
+    """A CPU stage's cache size: cache.num_blocks if given, else enough blocks for cache.max_tokens."""
+    return num_blocks or -(-max_tokens // block_size)

@@ -62,7 +62,7 @@ class StageLoop:
         self.min_batch_id = 0  # after a recovery, older microbatches are stale: never computed, never sent
         keep_freed_buffers()  # activations' buffers reuse mapped pages instead of faulting in fresh ones
         self._admit_lock = threading.Lock()
-        self._inbox: queue.Queue[_Work | None] = queue.Queue()
+        self._inbox: queue.Queue[_Work | threading.Event | None] = queue.Queue()
         self._outbox: queue.Queue[tuple[_Work, object] | None] = queue.Queue()
         self._next: LinkSender | None = None
         self._coordinator: pb_grpc.CoordinatorStub | None = None
@@ -102,10 +102,19 @@ class StageLoop:
 
     def reset(self, min_batch_id: int) -> None:
         """Fences off everything from before a recovery: queued work older than min_batch_id is dropped,
-        and the stage forgets its sequences (the re-prefill brings them again)."""
+        and the stage forgets its sequences (the re-prefill brings them again).
+
+        The block tables belong to the admitting side and are cleared here; the last stage's histories
+        belong to the compute thread, which may still be finishing an old microbatch: it clears them
+        itself, in order, and this waits for it.
+        """
+        cleared = threading.Event()
         with self._admit_lock:
             self.min_batch_id = min_batch_id
-            self.runner.reset()
+            self.runner.sequences.clear()
+            self._inbox.put(cleared)
+        if not cleared.wait(SEND_TIMEOUT_S):
+            log.error("stage %d: the compute thread did not reach the recovery's fence within %g s", self.index, SEND_TIMEOUT_S)
 
     def is_stale(self, batch_id: int) -> bool:
         return batch_id < self.min_batch_id
@@ -132,6 +141,11 @@ class StageLoop:
     # -- threads ----------------------------------------------------------------------------
     def _compute_loop(self) -> None:
         while (work := self._inbox.get()) is not None:
+            if isinstance(work, threading.Event):  # a recovery's fence (see reset)
+                if self.runner.sampler is not None:
+                    self.runner.sampler.reset()
+                work.set()
+                continue
             if self.is_stale(work.batch.batch_id):
                 continue
             work.timing.compute_start_ns = time.monotonic_ns()

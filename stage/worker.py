@@ -14,7 +14,7 @@ from stagecoach.proto.codec import SCHEMA_VERSION
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.server import start_server
-from stagecoach.stage.kv_cache import KVCache
+from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
 from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
 from stagecoach.stage.model import AttentionMetadata
 from stagecoach.stage.runner import StageRunner
@@ -142,7 +142,7 @@ class StageWorker:
     def kv_capacity(self) -> int:
         p = self.plan
         if self.device.type != "cuda":
-            return p.num_blocks or -(-p.max_tokens // p.block_size)
+            return cpu_num_blocks(p.num_blocks, p.max_tokens, p.block_size)
         # Measured, not guessed: run the largest microbatch once and see what weights and activations take.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
