@@ -160,14 +160,16 @@ class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.inbox = inbox
         self.submit_times = submit_times
 
-    def Deliver(self, request: pb.Delivery, context: grpc.ServicerContext) -> pb.DeliverReply:
-        submit_ns = self.submit_times.pop(request.batch_id, 0)
-        self.inbox.put(Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error, submit_ns))
-        return pb.DeliverReply()
+    def Deliveries(self, request_iterator, context: grpc.ServicerContext):
+        """One stage's deliveries, each acknowledged once queued for the engine."""
+        for request in request_iterator:
+            submit_ns = self.submit_times.pop(request.batch_id, 0)
+            self.inbox.put(Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error, submit_ns))
+            yield pb.LinkAck(batch_id=request.batch_id)
 
 
 class GrpcPipeline(_Inbox):
-    """Stage servers somewhere on the network: microbatches go to stage 0, tokens come back by Deliver.
+    """Stage servers somewhere on the network: microbatches go to stage 0 on a Link, tokens come back on Deliveries streams.
 
     Owns the coordinator's gRPC server. `attach` alone connects to stages someone else started;
     a subclass that starts its own stages implements `_call` and gets the wiring and recovery.
@@ -182,7 +184,9 @@ class GrpcPipeline(_Inbox):
         self.security = security  # shared with the stages (None: an unauthenticated test rig)
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a stage that does not answer Health within this has failed
         self._submit_times: dict[int, int] = {}  # batch id → ns from its send to stage 0's acknowledgement
-        self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security)
+        # Each stage's Deliveries stream holds a server thread for its lifetime: room for a long pipeline.
+        self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security,
+                                                 max_workers=80)
         self._channel_options = channel_options(max_message_bytes)
         self.stages: list[StageSummary] = []
         self.num_blocks = 0

@@ -1,10 +1,11 @@
-"""Link: microbatches on one long-lived gRPC stream per neighbour, large tensors in chunks, one ack per microbatch.
+"""Link and Deliveries: microbatches on one long-lived gRPC stream per neighbour, large tensors in chunks, one ack each.
 
 A unary Forward pays for a whole call per microbatch (about 0.5 ms on a loaded core), and gRPC
 assembles one 40 MiB message far slower than twenty of 2 MiB. A Link opens its stream once;
 each microbatch is a header frame (its MicroBatch, the tensor's bytes inline when small) plus,
 for a large tensor, chunk frames, and the receiver answers each microbatch with a LinkAck once
-it is validated and queued.
+it is validated and queued. The last stage's deliveries to the coordinator travel the same way,
+one Delivery a frame, on the coordinator's Deliveries stream.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -24,6 +26,7 @@ from stagecoach.proto.codec import encode_microbatch, tensor_nbytes, tensor_payl
 
 CHUNK_BYTES = 2 << 20  # measured on loopback: 1–8 MiB pieces move 40 MiB 3–4× faster than one message
 LINK_METHOD = "/stagecoach.v1.Stage/Link"
+DELIVERIES_METHOD = "/stagecoach.v1.Coordinator/Deliveries"
 ACK_TIMEOUT_S = 60.0  # a receiver that does not acknowledge within this has failed
 
 
@@ -179,49 +182,45 @@ class LinkAssembler:
         return msg, buf, error
 
 
-class LinkSender:
-    """The sending end: one stream on `channel`, opened on first use and again after a failure.
+class StreamSender:
+    """The sending end of one long-lived stream on `channel`, opened on first use and again after a failure.
 
-    send() returns once the microbatch's frames are queued on the stream: the sender goes on to
-    its next microbatch while this one travels. Acknowledgements come back in order on a reader
-    thread, which calls on_ack(batch_id, hop_ns, error) for each: hop_ns from send() until the
-    receiver acknowledged; error None, a LinkRefused, or the stream's failure (then for every
-    microbatch still unacknowledged). At most `window` microbatches are unacknowledged; a watchdog
-    cancels the stream when the oldest is more than ack_timeout_s late, so a hung receiver
-    surfaces as an error.
+    send() returns once an item is queued on the stream: the caller goes on while it travels.
+    Its frames are encoded (the tensor's bytes copied into them) by gRPC's own sending thread as
+    it takes them, so no thread of ours sits between a caller and the socket. Acknowledgements
+    come back in order on a reader thread, which calls on_ack(key, hop_ns, error) for each:
+    hop_ns from send() until the receiver acknowledged; error None, a LinkRefused, or the stream's
+    failure (then for every item still unacknowledged). At most `window` items are unacknowledged;
+    a watchdog cancels the stream when the oldest is more than ack_timeout_s late, so a hung
+    receiver surfaces as an error.
     """
 
-    def __init__(self, channel: grpc.Channel, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, chunk_bytes: int = CHUNK_BYTES,
-                 window: int = 8) -> None:
-        self.chunk_bytes = chunk_bytes
-        self.on_ack = on_ack or (lambda batch_id, hop_ns, error: None)
-        self._method = channel.stream_stream(LINK_METHOD, request_serializer=lambda frame: frame, response_deserializer=pb.LinkAck.FromString)
+    def __init__(self, channel: grpc.Channel, method: str, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, window: int = 8) -> None:
+        self.on_ack = on_ack or (lambda key, hop_ns, error: None)
+        self._method = channel.stream_stream(method, request_serializer=lambda frame: frame, response_deserializer=pb.LinkAck.FromString)
         self._ack_timeout_s = ack_timeout_s
         self._window = threading.BoundedSemaphore(window)
         self._lock = threading.Lock()
         self._stream: tuple | None = None  # (requests queue, response iterator) of the open stream
-        self._outstanding: collections.deque[tuple[int, int]] = collections.deque()  # (batch id, send start ns), oldest first
+        self._outstanding: collections.deque[tuple[int, int]] = collections.deque()  # (key, send start ns), oldest first
         self._idle = threading.Condition(self._lock)
         self._closed = False
         threading.Thread(target=self._watch, name="link-watchdog", daemon=True).start()
 
-    def send(self, msg: pb.MicroBatch, payload: memoryview) -> None:
-        """Queues one microbatch on the stream (msg.tensor: dtype and shape; payload: its bytes)."""
-        frames = encode_frames(msg, payload, self.chunk_bytes)
+    def _send(self, key: int, frames: Callable[[], list[bytes]]) -> None:
+        """Queues one item; frames() gives its serialized frames, called on gRPC's sending thread."""
         if not self._window.acquire(timeout=self._ack_timeout_s):
-            raise TimeoutError(f"the receiver has not acknowledged {len(self._outstanding)} microbatches for {self._ack_timeout_s:g} s")
+            raise TimeoutError(f"the receiver has not acknowledged {len(self._outstanding)} items for {self._ack_timeout_s:g} s")
         with self._lock:
             if self._closed:
                 self._window.release()
                 raise ConnectionError("the link is closed")
             if self._stream is None:
                 requests = queue.SimpleQueue()
-                self._stream = (requests, self._method(iter(requests.get, None)))
+                self._stream = (requests, self._method(_expand(requests)))
                 threading.Thread(target=self._read, args=(self._stream,), name="link-acks", daemon=True).start()
-            requests = self._stream[0]
-            self._outstanding.append((msg.batch_id, time.monotonic_ns()))
-            for frame in frames:
-                requests.put(frame)
+            self._outstanding.append((key, time.monotonic_ns()))
+            self._stream[0].put(frames)
 
     def _read(self, stream) -> None:
         requests, responses = stream
@@ -229,15 +228,15 @@ class LinkSender:
         try:
             for ack in responses:
                 with self._lock:
-                    batch_id, start = self._outstanding.popleft()
+                    key, start = self._outstanding.popleft()
                     self._idle.notify_all()
                 self._window.release()
                 error = None
-                if ack.batch_id != batch_id:
-                    error = ConnectionError(f"link out of step: microbatch {batch_id} was answered for {ack.batch_id}")
+                if ack.batch_id != key:
+                    error = ConnectionError(f"link out of step: {key} was answered for {ack.batch_id}")
                 elif ack.code:
                     error = LinkRefused(_CODES.get(ack.code, grpc.StatusCode.UNKNOWN), ack.error)
-                self.on_ack(batch_id, time.monotonic_ns() - start, error)
+                self.on_ack(key, time.monotonic_ns() - start, error)
             failure = ConnectionError("the receiver closed the link")
         except grpc.RpcError as e:
             failure = e
@@ -248,13 +247,13 @@ class LinkSender:
             self._outstanding.clear()
             self._idle.notify_all()
         requests.put(None)
-        for batch_id, start in lost:
+        for key, start in lost:
             self._window.release()
             if not self._closed:
-                self.on_ack(batch_id, time.monotonic_ns() - start, failure)
+                self.on_ack(key, time.monotonic_ns() - start, failure)
 
     def wait_idle(self, timeout: float) -> bool:
-        """Waits until every sent microbatch is acknowledged; False on timeout."""
+        """Waits until every sent item is acknowledged; False on timeout."""
         with self._lock:
             return self._idle.wait_for(lambda: not self._outstanding, timeout)
 
@@ -274,6 +273,35 @@ class LinkSender:
         if stream is not None:
             stream[0].put(None)
             stream[1].cancel()
+
+
+def _expand(requests: queue.SimpleQueue):
+    """The request iterator gRPC's sending thread consumes: each queued item's frames, encoded as they are taken."""
+    while (frames := requests.get()) is not None:
+        yield from frames()
+
+
+class LinkSender(StreamSender):
+    """Microbatches to the next stage (or from the coordinator to stage 0) on its Link; on_ack(batch_id, hop_ns, error)."""
+
+    def __init__(self, channel: grpc.Channel, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, chunk_bytes: int = CHUNK_BYTES,
+                 window: int = 8) -> None:
+        super().__init__(channel, LINK_METHOD, on_ack, ack_timeout_s, window)
+        self.chunk_bytes = chunk_bytes
+
+    def send(self, msg: pb.MicroBatch, payload: memoryview) -> None:
+        """Queues one microbatch on the stream (msg.tensor: dtype and shape; payload: its bytes)."""
+        self._send(msg.batch_id, functools.partial(encode_frames, msg, payload, self.chunk_bytes))
+
+
+class DeliverySender(StreamSender):
+    """Deliveries (sampled tokens, or a stage's error) to the coordinator on its Deliveries stream; on_ack(batch_id, hop_ns, error)."""
+
+    def __init__(self, channel: grpc.Channel, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, window: int = 64) -> None:
+        super().__init__(channel, DELIVERIES_METHOD, on_ack, ack_timeout_s, window)
+
+    def send(self, delivery: pb.Delivery) -> None:
+        self._send(delivery.batch_id, lambda: [delivery.SerializeToString()])
 
 
 def link_message(batch, tensor: torch.Tensor | None, timings=()) -> tuple[pb.MicroBatch, memoryview]:

@@ -169,10 +169,6 @@ class Delivery(_message.Message):
     error_stage: int
     def __init__(self, batch_id: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., error: _Optional[str] = ..., error_stage: _Optional[int] = ...) -> None: ...
 
-class DeliverReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -238,18 +238,20 @@ class CoordinatorStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Deliver = channel.unary_unary(
-                '/stagecoach.v1.Coordinator/Deliver',
+        self.Deliveries = channel.stream_stream(
+                '/stagecoach.v1.Coordinator/Deliveries',
                 request_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.Delivery.SerializeToString,
-                response_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.DeliverReply.FromString,
+                response_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkAck.FromString,
                 _registered_method=True)
 
 
 class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Deliver(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Deliveries(self, request_iterator, context):
+        """Every stage's deliveries (the last stage's tokens; any stage's errors) on one long-lived stream,
+        each answered by a LinkAck once the coordinator has queued it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -257,10 +259,10 @@ class CoordinatorServicer:
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Deliver': grpc.unary_unary_rpc_method_handler(
-                    servicer.Deliver,
+            'Deliveries': grpc.stream_stream_rpc_method_handler(
+                    servicer.Deliveries,
                     request_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.Delivery.FromString,
-                    response_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.DeliverReply.SerializeToString,
+                    response_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,7 +276,7 @@ class Coordinator:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Deliver(request,
+    def Deliveries(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -284,12 +286,12 @@ class Coordinator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/stagecoach.v1.Coordinator/Deliver',
+            '/stagecoach.v1.Coordinator/Deliveries',
             stagecoach_dot_proto_dot_stagecoach__pb2.Delivery.SerializeToString,
-            stagecoach_dot_proto_dot_stagecoach__pb2.DeliverReply.FromString,
+            stagecoach_dot_proto_dot_stagecoach__pb2.LinkAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,10 +1,10 @@
-"""A stage's transport: the gRPC servicer (decode, validate, enqueue) and the threads that compute and push onward.
+"""A stage's transport: the gRPC servicer (decode, validate, enqueue) and the thread that computes and passes on.
 
 A microbatch arrives on the Link stream from the previous stage (or the coordinator), or by a
 unary Forward; either is acknowledged as soon as it is validated and queued. A compute thread
-runs the queue in arrival order, and a send thread pushes each output to the next stage's Link
-(or, from the last stage, delivers sampled tokens to the coordinator), so the forward of
-microbatch k+1 overlaps the send of microbatch k.
+runs the queue in arrival order and queues each output on the next stage's Link (or, from the
+last stage, its sampled tokens on the coordinator's Deliveries stream); gRPC's sending thread
+encodes and sends it while the compute thread goes on to the next microbatch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from stagecoach.errors import StagecoachError, StaleBatchError, WireError
 from stagecoach.proto import codec
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
-from stagecoach.proto.link import LinkAssembler, LinkSender, keep_freed_buffers, link_message
+from stagecoach.proto.link import DeliverySender, LinkAssembler, LinkSender, keep_freed_buffers, link_message
 from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options, grpc_status
 from stagecoach.proto.types import MicroBatch
@@ -62,18 +62,13 @@ class StageLoop:
         self.min_batch_id = 0  # after a recovery, older microbatches are stale: never computed, never sent
         keep_freed_buffers()  # activations' buffers reuse mapped pages instead of faulting in fresh ones
         self._admit_lock = threading.Lock()
-        self._inbox: queue.Queue[_Work | threading.Event | None] = queue.Queue()
-        self._outbox: queue.Queue[tuple[_Work, object] | None] = queue.Queue()
+        self._inbox: queue.SimpleQueue[_Work | threading.Event | None] = queue.SimpleQueue()
         self._next: LinkSender | None = None
-        self._coordinator: pb_grpc.CoordinatorStub | None = None
+        self._deliveries: DeliverySender | None = None
         self._channels: list[grpc.Channel] = []
         self._wired = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._compute_loop, name=f"stage{index}-compute", daemon=True),
-            threading.Thread(target=self._send_loop, name=f"stage{index}-send", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._compute_loop, name=f"stage{index}-compute", daemon=True)
+        self._thread.start()
 
     # -- wiring -----------------------------------------------------------------------------
     def connect(self, next_address: str | None, coordinator_address: str) -> None:
@@ -82,7 +77,7 @@ class StageLoop:
         opts = channel_options(self.max_message_bytes)
         coord = open_channel(coordinator_address, opts, self.security)
         self._channels = [coord]
-        self._coordinator = pb_grpc.CoordinatorStub(coord)
+        self._deliveries = DeliverySender(coord, on_ack=self._on_delivered)
         self._next = None
         if next_address is not None:
             nxt = open_channel(next_address, opts, self.security)
@@ -91,8 +86,9 @@ class StageLoop:
         self._wired.set()
 
     def _close_links(self) -> None:
-        if self._next is not None:
-            self._next.close()
+        for sender in (self._next, self._deliveries):
+            if sender is not None:
+                sender.close()
         for ch in self._channels:
             ch.close()
 
@@ -134,60 +130,55 @@ class StageLoop:
 
     def stop(self) -> None:
         self._inbox.put(None)
-        for t in self._threads:
-            t.join(timeout=5)
+        self._thread.join(timeout=5)
         self._close_links()
 
     # -- threads ----------------------------------------------------------------------------
     def _compute_loop(self) -> None:
         while (work := self._inbox.get()) is not None:
-            if isinstance(work, threading.Event):  # a recovery's fence (see reset)
-                if self.runner.sampler is not None:
-                    self.runner.sampler.reset()
-                work.set()
-                continue
-            if self.is_stale(work.batch.batch_id):
-                continue
-            work.timing.compute_start_ns = time.monotonic_ns()
-            try:
-                out = self.runner.execute(work.prepared)
-                if self.delay_s:
-                    time.sleep(self.delay_s)
-            except Exception as e:  # reported to the coordinator, which owns the requests
-                log.exception("stage %d: microbatch %d failed", self.index, work.batch.batch_id)
-                out = e
-            work.timing.compute_end_ns = time.monotonic_ns()
-            self.compute_ns_total += work.timing.compute_end_ns - work.timing.compute_start_ns
-            self._outbox.put((work, out))
-        self._outbox.put(None)
+            self._compute(work)
 
-    def _send_loop(self) -> None:
-        self._wired.wait()
-        while (item := self._outbox.get()) is not None:
-            work, out = item
-            if self.is_stale(work.batch.batch_id):
-                continue
-            try:
-                self._send(work, out)
-            except Exception as e:
-                self._unacked.pop(work.batch.batch_id, None)
-                self._failed(work.batch.batch_id, work.timings, f"stage {self.index} could not pass microbatch {work.batch.batch_id} on: {e}")
-            self.batches_done += 1
+    def _compute(self, work: _Work | threading.Event) -> None:
+        if isinstance(work, threading.Event):  # a recovery's fence (see reset)
+            if self.runner.sampler is not None:
+                self.runner.sampler.reset()
+            work.set()
+            return
+        if self.is_stale(work.batch.batch_id):
+            return
+        work.timing.compute_start_ns = time.monotonic_ns()
+        try:
+            out = self.runner.execute(work.prepared)
+            if self.delay_s:
+                time.sleep(self.delay_s)
+        except Exception as e:  # reported to the coordinator, which owns the requests
+            log.exception("stage %d: microbatch %d failed", self.index, work.batch.batch_id)
+            out = e
+        work.timing.compute_end_ns = time.monotonic_ns()
+        self.compute_ns_total += work.timing.compute_end_ns - work.timing.compute_start_ns
+        if not self.is_stale(work.batch.batch_id):
+            self._pass_on(work, out)
+        self.batches_done += 1
 
-    def _send(self, work: _Work, out) -> None:
+    def _pass_on(self, work: _Work, out) -> None:
+        """Queues the output on the next stage's Link, or the last stage's tokens on the Deliveries stream."""
+        batch_id = work.batch.batch_id
         if isinstance(out, Exception):
-            self._failed(work.batch.batch_id, work.timings, f"stage {self.index}: {type(out).__name__}: {out}")
+            self._failed(batch_id, work.timings, f"stage {self.index}: {type(out).__name__}: {out}")
             return
         work.timing.prev_send_batch_id, work.timing.prev_send_ns = self._last_send
         timings = work.timings + [work.timing]
-        if self._next is not None:
-            self._unacked[work.batch.batch_id] = work.timings
-            self._next.send(*link_message(work.batch, out.hidden_states, timings))  # acknowledged later, in _on_ack
-        else:
-            start = time.monotonic_ns()
-            delivery = pb.Delivery(batch_id=work.batch.batch_id, samples=codec.encode_samples(out.samples), timings=timings)
-            self._coordinator.Deliver(delivery, timeout=SEND_TIMEOUT_S)
-            self._last_send = (work.batch.batch_id, time.monotonic_ns() - start)
+        try:
+            if not self._wired.wait(SEND_TIMEOUT_S):
+                raise ConnectionError("this stage was never connected to its neighbours")
+            if self._next is not None:
+                self._unacked[batch_id] = work.timings
+                self._next.send(*link_message(work.batch, out.hidden_states, timings))  # acknowledged later, in _on_ack
+            else:
+                self._deliveries.send(pb.Delivery(batch_id=batch_id, samples=codec.encode_samples(out.samples), timings=timings))
+        except Exception as e:
+            self._unacked.pop(batch_id, None)
+            self._failed(batch_id, work.timings, f"stage {self.index} could not pass microbatch {batch_id} on: {e}")
 
     def _on_ack(self, batch_id: int, hop_ns: int, error: Exception | None) -> None:
         """The next stage's answer to a microbatch this stage sent on (on the link's reader thread)."""
@@ -197,19 +188,22 @@ class StageLoop:
         elif not self.is_stale(batch_id):
             self._failed(batch_id, timings, f"stage {self.index} could not pass microbatch {batch_id} on: {error}")
 
+    def _on_delivered(self, batch_id: int, hop_ns: int, error: Exception | None) -> None:
+        """The coordinator's answer to a delivery; one that did not arrive leaves its microbatch overdue there."""
+        if error is None:
+            if self._next is None:
+                self._last_send = (batch_id, hop_ns)
+        elif not self.is_stale(batch_id):
+            self.errors += 1
+            log.error("stage %d: the coordinator did not take the delivery of microbatch %d: %s", self.index, batch_id, error)
+
     def _failed(self, batch_id: int, timings: list, error: str) -> None:
         self.errors += 1
         log.error("%s", error)
-        self._report(batch_id, timings, error)
-
-    def _report(self, batch_id: int, timings: list, error: str) -> None:
         try:
-            self._coordinator.Deliver(
-                pb.Delivery(batch_id=batch_id, error=error, error_stage=self.index, timings=timings),
-                timeout=SEND_TIMEOUT_S,
-            )
-        except grpc.RpcError as e:
-            log.error("stage %d: the coordinator is unreachable too: %s", self.index, e.details())
+            self._deliveries.send(pb.Delivery(batch_id=batch_id, error=error, error_stage=self.index, timings=timings))
+        except Exception as e:
+            log.error("stage %d: the coordinator is unreachable too: %s", self.index, e)
 
 
 class StageServicer(pb_grpc.StageServicer):

@@ -208,3 +208,62 @@ def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model
         sender.close()
     finally:
         pipeline.shutdown()
+
+
+def test_delivery_stream_survives_a_restarted_coordinator():
+    """Deliveries go on one stream; when the coordinator's server goes away the outstanding ones fail, and the next
+    delivery opens a fresh stream to whoever listens at the address again."""
+    import threading
+    import time
+
+    from stagecoach.cluster.pipelines import GrpcPipeline
+    from stagecoach.proto.link import DeliverySender
+
+    def sample(batch_id):
+        return pb.Delivery(batch_id=batch_id, samples=[pb.Sample(seq_id=batch_id, token_id=batch_id % 7)])
+
+    first = GrpcPipeline("127.0.0.1")
+    port = int(first.address.rsplit(":", 1)[1])
+    acks, acked = [], threading.Event()
+
+    def on_ack(*ack):
+        acks.append(ack)
+        acked.set()
+
+    sender = DeliverySender(grpc.insecure_channel(first.address), on_ack=on_ack)
+    try:
+        for batch_id in (1, 2, 3):
+            sender.send(sample(batch_id))
+        got = [first.wait(timeout=10) for _ in range(3)]
+        assert [(d.batch_id, d.samples[0].token_id) for d in got] == [(1, 1), (2, 2), (3, 3)]
+        assert sender.wait_idle(10) and [(a[0], a[2]) for a in acks] == [(1, None), (2, None), (3, None)]
+
+        first.shutdown()  # the neighbour goes away: the open stream ends
+        acks.clear()
+        acked.clear()
+        sender.send(sample(4))
+        assert acked.wait(20) and acks[0][0] == 4 and acks[0][2] is not None  # failed, not lost silently
+        assert sender.wait_idle(10)
+
+        second = GrpcPipeline("127.0.0.1", port)  # back at the same address
+        try:
+            # While the channel is still backing off its reconnects a delivery fails fast (and says so); once it is
+            # connected again, the same sender's next deliveries arrive on a fresh stream, in order.
+            batch_id, deadline = 5, time.monotonic() + 30
+            while True:
+                acks.clear()
+                sender.send(sample(batch_id))
+                assert sender.wait_idle(10) and acks[0][0] == batch_id
+                if acks[0][2] is None:
+                    break
+                assert time.monotonic() < deadline, f"no delivery reached the restarted coordinator: {acks[0][2]}"
+                batch_id += 1
+                time.sleep(0.2)
+            sender.send(sample(batch_id + 1))
+            got = [second.wait(timeout=20) for _ in range(2)]
+            assert [d.batch_id for d in got] == [batch_id, batch_id + 1]
+            assert sender.wait_idle(10) and [(a[0], a[2]) for a in acks] == [(batch_id, None), (batch_id + 1, None)]
+        finally:
+            second.shutdown()
+    finally:
+        sender.close()
