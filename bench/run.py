@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run, each figure a ratio against its baseline measured in the same run.
 
-Writes bench/results/{transport,pipeline,sequence_state,end_to_end,summary}.json and bench/results/bench.png,
+Writes bench/results/{transport,pipeline,sequence_state,attention,end_to_end,summary}.json and bench/results/bench.png,
 and prints a table of figures with their goals and pass/miss.
 
     python bench/run.py [--quick]
@@ -108,6 +108,25 @@ def run_sequence_state(quick: bool) -> tuple[dict, list[dict]]:
     return r, figs
 
 
+def run_attention(quick: bool) -> tuple[dict, list[dict]]:
+    import attention
+
+    print("attention: decode over the paged cache, Qwen1.5-32B's attention shape, batch 16", flush=True)
+    r = attention.main(["--json-out", str(RESULTS / "attention.json")] + (["--contexts", "1024", "4096"] if quick else []))
+    figs = []
+    for row in r["rows"]:
+        ratio = row.get("kernel_over_floor")
+        goal = "<= 2" if row["context"] >= 4096 else "(no goal)"
+        figs.append(figure(f"decode attention, 32B shape, batch 16, context {row['context']}: time / K-V-read floor", ratio, goal,
+                           (ratio is not None and ratio <= 2) if row["context"] >= 4096 else None))
+        if "gather_over_floor" in row:
+            figs.append(figure(f"decode attention, context {row['context']}: gather + SDPA (before) / floor", row["gather_over_floor"], "(reference)", None))
+    step = r["model_step"]
+    figs.append(figure(f"2-layer 32B-attention model, batch {step['batch']}, context {step['context']}: decode step / transformers'", step["ratio"],
+                       "<= 0.7", step["ratio"] <= 0.7))
+    return r, figs
+
+
 def run_end_to_end(quick: bool) -> tuple[dict, list[dict]]:
     import end_to_end
 
@@ -211,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline, more = run_pipeline(args.quick)
     figs += more
     figs += run_sequence_state(args.quick)[1]
+    figs += run_attention(args.quick)[1]
     e2e = None
     if not args.skip_e2e:
         e2e, more = run_end_to_end(args.quick)

@@ -21,6 +21,7 @@ from torch import nn
 from stagecoach.errors import ConfigError
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.stage.kv_cache import KVCache
+from stagecoach.stage.paged_attention import decode_attention
 
 
 class RMSNorm(nn.Module):
@@ -89,7 +90,7 @@ class AttentionMetadata:
     # Decode group: sequences with exactly one query token.
     decode_token_index: torch.Tensor | None = None  # [num_decode] rows of the flat batch
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] padded with block 0
-    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_blocks * block_size] bool: True = attend
+    decode_context_lens: torch.Tensor | None = None  # [num_decode] int64: keys each decode token attends to
     # Prefill chunks: (first row, num_tokens, block ids [n_blocks], causal mask [n, context_len]).
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -134,9 +135,7 @@ class AttentionMetadata:
             padded = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
             meta.decode_token_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
-            lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
-            key_pos = torch.arange(max_blocks * block_size, device=device)
-            meta.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]
+            meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
         return meta
 
 
@@ -167,26 +166,13 @@ class Attention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
 
         # k_cache: [num_blocks, block_size, kv_heads, head_dim]; a slot indexes the flattened first two dims.
-        block_size = k_cache.shape[1]
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
 
         out = torch.empty_like(q)
         if meta.decode_token_index is not None:
-            num_decode, max_blocks = meta.decode_block_tables.shape
-            context = max_blocks * block_size
-            q_d = q[meta.decode_token_index].unsqueeze(2)  # [B, heads, 1, head_dim]
-            k_d = k_cache[meta.decode_block_tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
-            v_d = v_cache[meta.decode_block_tables].view(num_decode, context, self.num_kv_heads, self.head_dim)
-            o_d = F.scaled_dot_product_attention(
-                q_d,
-                k_d.transpose(1, 2).to(q.dtype),  # [B, kv_heads, context, head_dim]
-                v_d.transpose(1, 2).to(q.dtype),
-                attn_mask=meta.decode_mask,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
-            out[meta.decode_token_index] = o_d.squeeze(2)
+            q_d = q[meta.decode_token_index]  # [B, heads, head_dim]
+            out[meta.decode_token_index] = decode_attention(q_d, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling)
         for row, n, blocks, mask in meta.prefills:
             context_len = mask.shape[1]
             k_p = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]  # [ctx, kv_heads, head_dim]

@@ -8,6 +8,7 @@ import torch
 
 from stagecoach.errors import RequestError
 from stagecoach.proto.types import MicroBatch, SampleResult
+from stagecoach.stage import paged_attention
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.model import AttentionMetadata, StageModel
 from stagecoach.stage.sampler import Sampler
@@ -44,6 +45,7 @@ class StageRunner:
         self.sequences = SequenceTable(kv_cache.num_blocks, kv_cache.block_size, model.config.max_position_embeddings)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
 
     @property
     def is_first(self) -> bool:
