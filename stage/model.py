@@ -21,7 +21,8 @@ from torch import nn
 from stagecoach.errors import ConfigError
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.stage.kv_cache import KVCache
-from stagecoach.stage.paged_attention import decode_attention
+from stagecoach.stage import paged_attention
+from stagecoach.stage.paged_attention import decode_attention, decode_mask
 
 
 class RMSNorm(nn.Module):
@@ -91,6 +92,8 @@ class AttentionMetadata:
     decode_token_index: torch.Tensor | None = None  # [num_decode] rows of the flat batch
     decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] padded with block 0
     decode_context_lens: torch.Tensor | None = None  # [num_decode] int64: keys each decode token attends to
+    # Only where no kernel reads the cache in place (the gather path): [num_decode, 1, 1, max_blocks * block_size], True = attend.
+    decode_mask: torch.Tensor | None = None
     # Prefill chunks: (first row, num_tokens, block ids [n_blocks], causal mask [n, context_len]).
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -136,6 +139,8 @@ class AttentionMetadata:
             meta.decode_token_index = torch.tensor(decode_rows, dtype=torch.long, device=device)
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=device)
             meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=device)
+            if not paged_attention.prepare(torch.device(device)):  # built once per step, not once per layer
+                meta.decode_mask = decode_mask(meta.decode_context_lens, max_blocks * block_size)
         return meta
 
 
@@ -172,7 +177,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         if meta.decode_token_index is not None:
             q_d = q[meta.decode_token_index]  # [B, heads, head_dim]
-            out[meta.decode_token_index] = decode_attention(q_d, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling)
+            out[meta.decode_token_index] = decode_attention(q_d, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling,
+                                                            meta.decode_mask)
         for row, n, blocks, mask in meta.prefills:
             context_len = mask.shape[1]
             k_p = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]  # [ctx, kv_heads, head_dim]

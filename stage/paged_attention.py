@@ -164,20 +164,26 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return kernel(q.float(), k_cache, v_cache, block_tables, context_lens, scale).to(q.dtype)
 
 
+def decode_mask(context_lens: torch.Tensor, context: int) -> torch.Tensor:
+    """The gather path's mask: [B, 1, 1, context] bool, True where a key is within the sequence's length."""
+    return (torch.arange(context, device=context_lens.device)[None, :] < context_lens[:, None])[:, None, None, :]
+
+
 def gathered_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same attention by copying each sequence's blocks out of the pool (padded to the longest) and SDPA."""
+                    context_lens: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The same attention by copying each sequence's blocks out of the pool (padded to the longest) and SDPA.
+
+    mask: decode_mask(context_lens, max_blocks * block_size), when the caller has it already."""
     num_decode, max_blocks = block_tables.shape
     _, block_size, kv_heads, head_dim = k_cache.shape
     context = max_blocks * block_size
     k = k_cache[block_tables].view(num_decode, context, kv_heads, head_dim)
     v = v_cache[block_tables].view(num_decode, context, kv_heads, head_dim)
-    mask = (torch.arange(context, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, context]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, heads, 1, head_dim]
         k.transpose(1, 2).to(q.dtype),  # [B, kv_heads, context, head_dim]
         v.transpose(1, 2).to(q.dtype),
-        attn_mask=mask,
+        attn_mask=mask if mask is not None else decode_mask(context_lens, context),
         scale=scale,
         enable_gqa=True,
     )
@@ -185,7 +191,7 @@ def gathered_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence over its cached context: in place where a kernel runs here, else gathered."""
+                     context_lens: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence over its cached context: in place where a kernel runs here, else gathered (with mask)."""
     out = paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return out if out is not None else gathered_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return out if out is not None else gathered_decode(q, k_cache, v_cache, block_tables, context_lens, scale, mask)

@@ -200,6 +200,9 @@ class StageLoop:
     def _failed(self, batch_id: int, timings: list, error: str) -> None:
         self.errors += 1
         log.error("%s", error)
+        if self._deliveries is None:
+            log.error("stage %d: not connected to the coordinator yet: microbatch %d's failure is not reported", self.index, batch_id)
+            return
         try:
             self._deliveries.send(pb.Delivery(batch_id=batch_id, error=error, error_stage=self.index, timings=timings))
         except Exception as e:

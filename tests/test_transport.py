@@ -16,7 +16,6 @@ from stagecoach.coordinator.engine import Engine
 from stagecoach.proto import codec
 from stagecoach.proto import generate
 from stagecoach.proto import stagecoach_pb2 as pb
-from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
 
 
