@@ -5,8 +5,10 @@ random order (as a long-running server's are). Two paths: the stage's kernel, wh
 cache in place (stage/paged_attention.py), and gathering each sequence's blocks and running SDPA
 (the path before it, still the fallback). The floor is the K/V bytes over this machine's read
 bandwidth, measured in the same run by summing a 1 GiB tensor with the same thread count.
-Then a 2-layer model of that attention shape, batch 4 at 2,048-token contexts: a decode step
-through the local backend against transformers' `generate` on the same checkpoint.
+Then a 512-token prefill chunk over a 16k cached prefix against the larger of its K/V read and its
+FLOPs at the GEMM rate measured in the same run; and a 2-layer model of that attention shape, batch 4
+at 2,048-token contexts: a decode step through the local backend against transformers' `generate` on
+the same checkpoint.
 
     python bench/attention.py [--contexts 1024 4096 16384 32768] [--json-out FILE]
 """
@@ -76,6 +78,46 @@ def measure(contexts: list[int]) -> dict:
             "threads": torch.get_num_threads(), "read_gb_per_s": round(bandwidth / 1e9, 2), "rows": rows}
 
 
+def gemm_rate() -> float:
+    """FLOP/s of a [2048, 2048] x [2048, 2048] float32 product at this thread count."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return 2 * 2048**3 / timed(lambda: a @ b, 5)
+
+
+def prefill_chunk(prefix: int = 16384, n: int = 512) -> dict:
+    """A 512-token prefill chunk over a 16k cached prefix at the 32B's attention shape: the kernel and the gather path
+    against the floor, the larger of reading the K/V once and the attention's FLOPs at this machine's GEMM rate."""
+    import torch
+
+    from stagecoach.stage.paged_attention import gathered_prefill, paged_prefill
+
+    bandwidth, rate = read_bandwidth(), gemm_rate()
+    g = torch.Generator().manual_seed(prefix)
+    blocks = -(-(prefix + n) // BLOCK)
+    k = torch.randn(blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=g)
+    v = torch.randn(blocks, BLOCK, KV_HEADS, HEAD_DIM, generator=g)
+    table = torch.randperm(blocks, generator=g)
+    q = torch.randn(n, HEADS, HEAD_DIM, generator=g)
+    kv_bytes = 2 * (prefix + n) * KV_HEADS * HEAD_DIM * 4
+    flops = 4 * HEADS * HEAD_DIM * sum(prefix + i + 1 for i in range(n))  # Q K^T and P V over each query's causal keys
+    floor = max(kv_bytes / bandwidth, flops / rate)
+    row = {"prefix": prefix, "chunk": n, "kv_bytes": kv_bytes, "gflop": round(flops / 1e9, 1), "gemm_gflop_per_s": round(rate / 1e9, 1),
+           "read_ms": round(kv_bytes / bandwidth * 1e3, 2), "floor_ms": round(floor * 1e3, 1)}
+    if paged_prefill(q[:1], k, v, table, 0, HEAD_DIM**-0.5) is not None:
+        t = timed(lambda: paged_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5), 2)
+        row |= {"kernel_ms": round(t * 1e3, 1), "kernel_over_floor": round(t / floor, 2), "kernel_gflop_per_s": round(flops / t / 1e9, 1)}
+        row["max_abs_diff"] = float((paged_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5)
+                                     - gathered_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5)).abs().max())
+    t = timed(lambda: gathered_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5), 2)
+    row |= {"gather_ms": round(t * 1e3, 1), "gather_over_floor": round(t / floor, 2)}
+    print(f"  prefill chunk of {n} over a {prefix}-token prefix: floor {row['floor_ms']} ms ({row['gflop']} GFLOP at "
+          f"{row['gemm_gflop_per_s']} GFLOP/s; K/V read {row['read_ms']} ms); kernel {row.get('kernel_ms')} ms "
+          f"(x{row.get('kernel_over_floor')}); gather + SDPA {row['gather_ms']} ms (x{row['gather_over_floor']})", flush=True)
+    return row
+
+
 def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict:
     """A 2-layer model of the 32B's attention shape (small MLP and vocabulary), batch 4 at 2,048-token contexts:
     a decode step through the local backend (the stage's runner, as the engine drives it) against transformers' forward
@@ -140,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     result = measure(args.contexts)
+    result["prefill"] = prefill_chunk()
     result["model_step"] = model_step()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run, each figure a ratio against its baseline measured in the same run.
 
-Writes bench/results/{transport,pipeline,sequence_state,attention,end_to_end,summary}.json and bench/results/bench.png,
+Writes bench/results/{transport,pipeline,sequence_state,attention,sampler,end_to_end,summary}.json and bench/results/bench.png,
 and prints a table of figures with their goals and pass/miss.
 
     python bench/run.py [--quick]
@@ -121,9 +121,30 @@ def run_attention(quick: bool) -> tuple[dict, list[dict]]:
                            (ratio is not None and ratio <= 2) if row["context"] >= 4096 else None))
         if "gather_over_floor" in row:
             figs.append(figure(f"decode attention, context {row['context']}: gather + SDPA (before) / floor", row["gather_over_floor"], "(reference)", None))
+    pre = r["prefill"]
+    figs.append(figure(f"prefill chunk of {pre['chunk']} over a {pre['prefix']}-token cached prefix: time / floor", pre.get("kernel_over_floor"),
+                       "<= 2", pre.get("kernel_over_floor") is not None and pre["kernel_over_floor"] <= 2))
+    figs.append(figure("prefill chunk over a cached prefix: gather + SDPA (before) / floor", pre["gather_over_floor"], "(reference)", None))
     step = r["model_step"]
     figs.append(figure(f"2-layer 32B-attention model, batch {step['batch']}, context {step['context']}: decode step / transformers'", step["ratio"],
                        "<= 0.7", step["ratio"] <= 0.7))
+    return r, figs
+
+
+def run_sampler() -> tuple[dict, list[dict]]:
+    import sampler
+
+    print("sampler: vocabulary 151,936, against reading the logits once", flush=True)
+    r = sampler.main(["--json-out", str(RESULTS / "sampler.json")])
+    figs = []
+    for row in r["rows"]:
+        name = f"sampler, {row['options']}, batch {row['batch']}"
+        if row["options"] == "every option" and row["batch"] == 64:
+            figs.append(figure(f"{name}: time / logits-read floor", row["over_floor"], "<= 5", row["over_floor"] <= 5))
+        elif row["options"] == "every option":
+            figs.append(figure(f"{name}", row["ms"], "<= 3 ms", row["ms"] <= 3, "ms"))
+        else:
+            figs.append(figure(f"{name}: time / logits-read floor", row["over_floor"], "(no goal)", None))
     return r, figs
 
 
@@ -231,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     figs += more
     figs += run_sequence_state(args.quick)[1]
     figs += run_attention(args.quick)[1]
+    figs += run_sampler()[1]
     e2e = None
     if not args.skip_e2e:
         e2e, more = run_end_to_end(args.quick)

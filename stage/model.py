@@ -22,7 +22,7 @@ from stagecoach.errors import ConfigError
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage import paged_attention
-from stagecoach.stage.paged_attention import decode_attention, decode_mask
+from stagecoach.stage.paged_attention import decode_attention, decode_mask, prefill_attention
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +83,7 @@ class MLP(nn.Module):
 class AttentionMetadata:
     """Where each sequence's tokens sit in the flat batch and in the paged cache; shared by all layers.
 
-    Decode tokens (one query each) are attended in one padded call; prefill chunks one by one.
+    Decode tokens (one query each) are attended in one call; prefill chunks one by one, each over its cached prefix.
     """
 
     positions: torch.Tensor  # [num_tokens] int64
@@ -94,8 +94,8 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [num_decode] int64: keys each decode token attends to
     # Only where no kernel reads the cache in place (the gather path): [num_decode, 1, 1, max_blocks * block_size], True = attend.
     decode_mask: torch.Tensor | None = None
-    # Prefill chunks: (first row, num_tokens, block ids [n_blocks], causal mask [n, context_len]).
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Prefill chunks: (first row, num_tokens, block ids [n_blocks] covering the chunk, first position).
+    prefills: list[tuple[int, int, torch.Tensor, int]] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -122,11 +122,7 @@ class AttentionMetadata:
                 decode_tables.append(block_table[:num_blocks])
                 decode_lens.append(context_len)
             else:
-                blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device)
-                query_pos = torch.arange(start, context_len, device=device)
-                # Query at position p sees keys 0..p: the causal mask offset by the cached prefix.
-                mask = torch.arange(context_len, device=device)[None, :] <= query_pos[:, None]
-                prefills.append((row, num_tokens, blocks, mask))
+                prefills.append((row, num_tokens, torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device), start))
             row += num_tokens
         meta = cls(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -179,19 +175,8 @@ class Attention(nn.Module):
             q_d = q[meta.decode_token_index]  # [B, heads, head_dim]
             out[meta.decode_token_index] = decode_attention(q_d, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling,
                                                             meta.decode_mask)
-        for row, n, blocks, mask in meta.prefills:
-            context_len = mask.shape[1]
-            k_p = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]  # [ctx, kv_heads, head_dim]
-            v_p = v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]
-            o_p = F.scaled_dot_product_attention(
-                q[row : row + n].transpose(0, 1),  # [heads, n, head_dim]
-                k_p.transpose(0, 1).to(q.dtype),  # [kv_heads, ctx, head_dim]
-                v_p.transpose(0, 1).to(q.dtype),
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
-            out[row : row + n] = o_p.transpose(0, 1)
+        for row, n, blocks, start in meta.prefills:  # each query sees its cached prefix and the chunk up to itself
+            out[row : row + n] = prefill_attention(q[row : row + n], k_cache, v_cache, blocks, start, self.scaling)
         return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
 
 

@@ -15,6 +15,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from stagecoach.stage import cpu_build
+
 log = logging.getLogger(__name__)
 
 # One work item per (sequence, chunk of 128 context tokens), as flash-decoding splits a context, so that a batch of
@@ -28,6 +30,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -106,6 +109,112 @@ static void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   });
 }
 
+// exp(x) for x <= 0 as a polynomial the compiler vectorises; relative error about 2e-7 (below -87: exp(-87)).
+static inline float exp_neg(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f, f = t - n;  // 2^t = 2^n * 2^f, n rounded to nearest (1.5 * 2^23)
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  return p * __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+
+constexpr int64_t QUERY_TILE = 128;  // query positions per work item: with its G heads, the rows of one matrix product
+
+// A prefill chunk's queries (positions start .. start + n - 1) over the sequence's cache, its own keys included: one work
+// item per (KV head, tile of queries), walking the keys in CHUNK-token tiles copied out of their blocks, with an online
+// softmax (flash attention's), so that no context is ever materialised.
+template <typename T>
+static void prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& blocks,
+                    int64_t start, double scale, at::Tensor& out) {
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH;
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t token_stride = KVH * D, block_stride = BS * KVH * D;
+  const float s = static_cast<float>(scale);
+  const int64_t tiles = (n + QUERY_TILE - 1) / QUERY_TILE;
+  at::parallel_for(0, KVH * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor kt = at::empty({CHUNK, D}, at::kFloat), vt = at::empty({CHUNK, D}, at::kFloat);
+    float* ktp = kt.data_ptr<float>();
+    float* vtp = vt.data_ptr<float>();
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t kh = w / tiles, i0 = (w % tiles) * QUERY_TILE, qn = std::min(QUERY_TILE, n - i0), M = qn * G;
+      // Rows (query i, head g) of this KV head's group: [qn * G, D]; row r is query i0 + r / G.
+      at::Tensor qm = q.narrow(0, i0, qn).narrow(1, kh * G, G).reshape({M, D}).contiguous();
+      at::Tensor acc = at::zeros({M, D}, at::kFloat);
+      std::vector<float> row_max(M, -std::numeric_limits<float>::infinity()), row_sum(M, 0.f);
+      const int64_t last_key = start + i0 + qn;  // keys [0, last_key) reach some query of the tile
+      for (int64_t t0 = 0; t0 < last_key; t0 += CHUNK) {
+        const int64_t t1 = std::min(last_key, t0 + CHUNK), m = t1 - t0;
+        for (int64_t t = 0; t < m; ++t) {
+          const int64_t pos = t0 + t, off = bp[pos / BS] * block_stride + (pos % BS) * token_stride + kh * D;
+          for (int64_t d = 0; d < D; ++d) {
+            ktp[t * D + d] = static_cast<float>(kp[off + d]);
+            vtp[t * D + d] = static_cast<float>(vp[off + d]);
+          }
+        }
+        at::Tensor scores = at::mm(qm, kt.narrow(0, 0, m).t());  // [M, m]
+        float* sp = scores.data_ptr<float>();
+        float* ap = acc.data_ptr<float>();
+        for (int64_t r = 0; r < M; ++r) {
+          const int64_t visible = std::min(m, start + i0 + r / G + 1 - t0);  // causal: keys up to the query's own position
+          float* row = sp + r * m;
+          float top = row_max[r];
+#pragma omp simd reduction(max : top)
+          for (int64_t j = 0; j < visible; ++j) top = row[j] * s > top ? row[j] * s : top;
+          const float rescale = exp_neg(row_max[r] - top);
+          float total = 0.f;
+#pragma omp simd reduction(+ : total)
+          for (int64_t j = 0; j < visible; ++j) {
+            row[j] = exp_neg(row[j] * s - top);
+            total += row[j];
+          }
+          for (int64_t j = std::max<int64_t>(visible, 0); j < m; ++j) row[j] = 0.f;
+          row_sum[r] = row_sum[r] * rescale + total;
+          row_max[r] = top;
+          float* a = ap + r * D;
+          for (int64_t d = 0; d < D; ++d) a[d] *= rescale;
+        }
+        acc.addmm_(scores, vt.narrow(0, 0, m));  // acc += p [M, m] x V [m, D]
+      }
+      const float* ap = acc.data_ptr<float>();
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t i = i0 + r / G, h = kh * G + r % G;
+        float* o = op + (i * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = ap[r * D + d] / row_sum[r];
+      }
+    }
+  });
+}
+
+at::Tensor paged_prefill(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor blocks, int64_t start, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "shapes");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && blocks.scalar_type() == at::kLong, "dtypes");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(), "cache layout");
+  TORCH_CHECK(blocks.numel() * k_cache.size(1) >= start + q.size(0), "the blocks do not cover the chunk's positions");
+  q = q.contiguous();
+  blocks = blocks.contiguous();
+  at::Tensor out = at::empty_like(q);
+  if (k_cache.scalar_type() == at::kFloat) {
+    prefill<float>(q, k_cache, v_cache, blocks, start, scale, out);
+  } else if (k_cache.scalar_type() == at::kBFloat16) {
+    prefill<at::BFloat16>(q, k_cache, v_cache, blocks, start, scale, out);
+  } else if (k_cache.scalar_type() == at::kHalf) {
+    prefill<at::Half>(q, k_cache, v_cache, blocks, start, scale, out);
+  } else {
+    TORCH_CHECK(false, "unsupported cache dtype");
+  }
+  return out;
+}
+
 at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tables, at::Tensor lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "shapes");
   TORCH_CHECK(q.scalar_type() == at::kFloat && tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "dtypes");
@@ -131,16 +240,9 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
 @functools.cache
 def _cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        module = load_inline(name="stagecoach_paged_attention_v9", cpp_sources=_SOURCE, functions=["paged_decode"],
-                             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler, no ninja, a read-only cache: the gather path still works
-        log.warning("paged attention: the CPU kernel could not be built (%s: %s); decode attention gathers the cache instead",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
-    return module.paged_decode
+    module = cpu_build.build("stagecoach_paged_attention_v10", _SOURCE, ["paged_decode", "paged_prefill"], log, "paged attention",
+                             "attention gathers the cache instead")
+    return module
 
 
 def prepare(device: torch.device) -> bool:
@@ -161,7 +263,43 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     kernel = _cpu_kernel()
     if kernel is None:
         return None
-    return kernel(q.float(), k_cache, v_cache, block_tables, context_lens, scale).to(q.dtype)
+    return kernel.paged_decode(q.float(), k_cache, v_cache, block_tables, context_lens, scale).to(q.dtype)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int,
+                  scale: float) -> torch.Tensor | None:
+    """Causal attention of a prefill chunk's queries (positions start .. start + n - 1) over its cached prefix and itself.
+
+    q: [n, heads, head_dim]; blocks: [n_blocks] int64, the sequence's block table covering start + n positions (the
+    chunk's own K/V already written). Returns [n, heads, head_dim] in q's dtype, or None where there is no kernel.
+    """
+    if q.device.type != "cpu":
+        return None
+    kernel = _cpu_kernel()
+    if kernel is None:
+        return None
+    return kernel.paged_prefill(q.float(), k_cache, v_cache, blocks, start, scale).to(q.dtype)
+
+
+def gathered_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int,
+                     scale: float) -> torch.Tensor:
+    """The same by copying the sequence's blocks out of the pool and SDPA with the causal mask offset by the prefix."""
+    n, _, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    context = start + n
+    k = k_cache[blocks].view(-1, kv_heads, head_dim)[:context]  # [context, kv_heads, head_dim]
+    v = v_cache[blocks].view(-1, kv_heads, head_dim)[:context]
+    mask = torch.arange(context, device=q.device)[None, :] <= torch.arange(start, context, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+                                         attn_mask=mask, scale=scale, enable_gqa=True)  # [heads, n, head_dim]
+    return out.transpose(0, 1)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int,
+                      scale: float) -> torch.Tensor:
+    """A prefill chunk over its cached prefix: in place where a kernel runs here, else gathered."""
+    out = paged_prefill(q, k_cache, v_cache, blocks, start, scale)
+    return out if out is not None else gathered_prefill(q, k_cache, v_cache, blocks, start, scale)
 
 
 def decode_mask(context_lens: torch.Tensor, context: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from stagecoach.errors import RequestError
 from stagecoach.proto.types import MicroBatch, SampleResult
-from stagecoach.stage import paged_attention
+from stagecoach.stage import paged_attention, sampler_kernel
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.model import AttentionMetadata, StageModel
 from stagecoach.stage.sampler import Sampler
@@ -46,6 +46,8 @@ class StageRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
+        if self.sampler is not None:
+            sampler_kernel.prepare(self.device)
 
     @property
     def is_first(self) -> bool:

@@ -1,148 +1,330 @@
-"""The last stage's sampler: penalties, temperature, top-k, top-p and seeded draws, one row per sequence.
+"""The last stage's sampler: penalties, temperature, top-k, top-p, seeded draws and logprobs, for the whole batch at once.
 
 Semantics: repetition penalty, temperature, top-k and top-p as HF's logits processors (in HF's
-order); presence and frequency penalties as OpenAI's (over generated tokens only). A seeded draw
-depends only on (seed, position, logits): each sequence gets a generator seeded from both, so
-what else shares the batch, or a re-prefill after a fault, never changes the token.
+order); presence and frequency penalties as OpenAI's (over generated tokens only). A draw depends
+only on (seed, position, logits): its one uniform number is a counter-based hash of (seed, position),
+turned into a token by inverse CDF over the row's surviving tokens in token-id order, and nothing a
+row computes depends on the other rows. So what else shares the batch, or a re-prefill after a fault,
+never changes the token.
+
+How: the sampler kernel (sampler_kernel.py) reads each row of logits once and returns what the row
+needs of the whole vocabulary (log-sum-exp, top raw values, top penalised values, the row's mass or a
+whole-vocabulary draw); top-k and top-p then work on a few candidates per row. A row whose candidates
+cannot decide (top-k of 256 or more, a tie at the k-th value, a nucleus wider than the candidates) and
+every row where the kernel is absent (no compiler, other devices) takes the whole-row path: torch's
+operators over [rows, vocab], HF's processors exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from stagecoach.proto.types import SamplingParams, SampleResult, SeqChunk
+from stagecoach.proto.types import SampleResult, SamplingParams, SeqChunk
+from stagecoach.stage import sampler_kernel
 
-_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) over the seed space
-
-
-def draw_seed(seed: int, position: int) -> int:
-    return (seed * _SEED_MIX + position) % (2**63)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> None:
-    """HF RepetitionPenaltyLogitsProcessor on one row, in place."""
-    if penalty == 1.0 or not token_ids:
-        return
-    ids = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
-    score = logits.gather(0, ids)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    logits.scatter_(0, ids, score)
-
-
-def apply_presence_frequency_penalty(logits: torch.Tensor, generated: list[int], presence: float, frequency: float) -> None:
-    """OpenAI's penalties on one row, in place: logit -= frequency * count + presence * (count > 0)."""
-    if (presence == 0.0 and frequency == 0.0) or not generated:
-        return
-    ids = torch.tensor(generated, dtype=torch.long, device=logits.device)
-    counts = torch.bincount(ids, minlength=logits.shape[0])[: logits.shape[0]].to(logits.dtype)
-    logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
-
-
-def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """HF TopKLogitsWarper: everything below the k-th largest logit becomes -inf."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k)[0][..., -1, None]
-    return logits.masked_fill(logits < kth, -float("inf"))
-
-
-def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """HF TopPLogitsWarper: drop the least likely tokens whose cumulative probability is <= 1 - top_p."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    sorted_remove = cumulative <= (1 - top_p)
-    sorted_remove[..., -1:] = False  # keep at least one token
-    remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
-    return logits.masked_fill(remove, -float("inf"))
-
-
-def process_logits(logits: torch.Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int) -> torch.Tensor:
-    """One row's logits after penalties and, unless greedy, temperature, top-k and top-p."""
-    logits = logits.clone()
-    apply_repetition_penalty(logits, history, params.repetition_penalty)
-    apply_presence_frequency_penalty(logits, history[num_prompt_tokens:], params.presence_penalty, params.frequency_penalty)
-    if params.is_greedy:
-        return logits
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    logits = apply_top_k(logits, params.top_k)
-    return apply_top_p(logits, params.top_p)
-
-
+MAX_CANDIDATES = 256  # top-k below this (one more candidate for the tie check), and top-p's candidates
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) over the seed space
+_M64 = (1 << 64) - 1
 _GREEDY = SamplingParams(temperature=0.0)
 
 
+def draw_uniform(seed: int, position: int) -> float:
+    """The draw's uniform number in [0, 1): splitmix64 of (seed, position), 53 bits."""
+    z = (seed * _MIX + position + _MIX) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+
+class _Seen:
+    """One sequence's distinct tokens (repetition penalty) and how often each was generated (presence/frequency).
+
+    numpy arrays under torch views: a sampled token is two element writes from Python, not two tensor operations.
+    """
+
+    __slots__ = ("num_prompt", "length", "slot", "_ids", "_counts", "ids", "counts")
+
+    def __init__(self, num_prompt: int) -> None:
+        self.num_prompt = num_prompt  # the first num_prompt tokens are the prompt, the rest generated
+        self.length = 0
+        self.slot: dict[int, int] = {}  # token id -> its index in ids / counts
+        self._grow(64)
+
+    def _grow(self, size: int) -> None:
+        n = len(self.slot)
+        ids, counts = np.empty(size, np.int64), np.zeros(size, np.float32)
+        if n:
+            ids[:n], counts[:n] = self._ids[:n], self._counts[:n]
+        self._ids, self._counts = ids, counts
+        self.ids, self.counts = torch.from_numpy(ids), torch.from_numpy(counts)
+
+    def extend(self, tokens: list[int]) -> None:
+        slot, ids, counts = self.slot, self._ids, self._counts
+        if len(slot) + len(tokens) > len(ids):
+            self._grow(max(2 * len(ids), len(slot) + len(tokens)))
+            ids, counts = self._ids, self._counts
+        first_generated = self.num_prompt - self.length  # tokens[first_generated:] are generated
+        for i, token in enumerate(tokens):
+            s = slot.get(token)
+            if s is None:
+                s = slot[token] = len(slot)
+                ids[s] = token
+            if i >= first_generated:
+                counts[s] += 1
+        self.length += len(tokens)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.slot)
+        return self.ids[:n], self.counts[:n]
+
+
+def has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)[:, None]
+
+
+def penalised_values(logits: torch.Tensor, rows: list[int], seen: list[_Seen], params: list[SamplingParams]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seen tokens of each of `rows` and their logits after the penalties: ids [P, L] (-1: padding), values [P, L].
+
+    HF's repetition penalty (over the whole history), then OpenAI's presence and frequency penalties (over
+    generated tokens), each as the same float32 operations as HF's and OpenAI's, per row at once.
+    """
+    views = [s.views() for s in seen]
+    ids = pad_sequence([i for i, _ in views], batch_first=True, padding_value=-1)  # [P, L]
+    counts = pad_sequence([c for _, c in views], batch_first=True)
+    raw = torch.take(logits, torch.tensor(rows)[:, None] * logits.shape[1] + ids.clamp(min=0)).float()  # logits contiguous
+    rep = _column([p.repetition_penalty for p in params])
+    values = torch.where(raw < 0, raw * rep, raw / rep)
+    frequency, presence = _column([p.frequency_penalty for p in params]), _column([p.presence_penalty for p in params])
+    return ids, values - (frequency * counts + presence * (counts > 0).float())
+
+
+def whole_rows(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """HF's warpers on [R, V] (penalties already applied), each row with its own temperature, top-k and top-p.
+
+    Greedy rows come back as they are (their argmax is the token).
+    """
+    vocab = x.shape[1]
+    sampled = torch.tensor([not p.is_greedy for p in params])[:, None]
+    x = torch.where(sampled, x / _column([p.temperature if not p.is_greedy else 1.0 for p in params]), x)
+    ks = [p.top_k if not p.is_greedy and 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        values = torch.topk(x, max(ks)).values  # HF: everything below the k-th largest goes
+        kth = values.gather(1, (torch.tensor(ks) - 1).clamp(min=0)[:, None])
+        kth = kth.masked_fill(torch.tensor(ks)[:, None] == 0, -float("inf"))
+        x = x.masked_fill(x < kth, -float("inf"))
+    ps = [p.top_p if not p.is_greedy else 1.0 for p in params]
+    if any(p < 1.0 for p in ps):
+        rows = [r for r, p in enumerate(ps) if p < 1.0]
+        sub = x[rows]
+        # HF: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, keep at least the largest.
+        sorted_logits, sorted_indices = torch.sort(sub, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_remove = cumulative <= _column([1 - ps[r] for r in rows])  # 1 - top_p in double, then float32: as HF's scalar
+        sorted_remove[..., -1:] = False
+        remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
+        x[rows] = sub.masked_fill(remove, -float("inf"))
+    return x
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int) -> torch.Tensor:
+    """One row's logits [V] after penalties and, unless greedy, temperature, top-k and top-p: the whole-row path."""
+    x = logits.float()[None].clone()
+    if has_penalties(params) and history:
+        seen = _Seen(num_prompt_tokens)
+        seen.extend(history)
+        ids, values = penalised_values(x, [0], [seen], [params])
+        x[0, ids[0]] = values[0]
+    return whole_rows(x, [params])[0]
+
+
+def draw(values: torch.Tensor, ids: torch.Tensor | None, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF per row over the surviving tokens (-inf: removed) in token-id order: the token ids [R].
+
+    values [R, W] processed logits; ids [R, W] their token ids (None: the column is the id); uniform [R] float64.
+    The running sum is sequential along the row, so a row's draw does not depend on how wide the batch is padded.
+    """
+    if ids is not None:
+        order = ids.argsort(dim=1)
+        values, ids = values.gather(1, order), ids.gather(1, order)
+    weights = (values.double() - values.max(dim=1, keepdim=True).values.double()).exp_()  # [R, W]; 0 where removed
+    cdf = weights.cumsum(dim=1)
+    pick = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
+    last = weights.shape[1] - 1 - (weights.flip(1) > 0).int().argmax(dim=1, keepdim=True)  # rounding never picks past it
+    pick = torch.minimum(pick, last)
+    return (ids.gather(1, pick) if ids is not None else pick).squeeze(1)
+
+
+def from_candidates(values: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams], masses: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k and top-p on each row's largest penalised logits [C, W] (descending): (processed, decided [C]).
+
+    A row is undecided where its k-th value ties the next (HF keeps every tied token) or, for top-p without
+    top-k, where the candidates hold less than top_p of the row's mass (masses: the kernel's, at the row's temperature).
+    """
+    width = values.shape[1]
+    v = values / _column([p.temperature for p in params])  # HF: scores / temperature
+    ks = torch.tensor([p.top_k if 0 < p.top_k < width else width for p in params])
+    top_k = torch.tensor([0 < p.top_k < width for p in params])
+    kth = v.gather(1, (ks - 1)[:, None]).squeeze(1)
+    after = v.gather(1, ks.clamp(max=width - 1)[:, None]).squeeze(1)
+    decided = ~(top_k & (after == kth))
+    v = v.masked_fill(torch.arange(width)[None, :] >= ks[:, None], -float("inf"))
+    weights = (v.double() - v[:, :1].double()).exp_()  # exp(v - max): the candidates are in descending order
+    running = weights.cumsum(dim=1)
+    total = torch.where(top_k, running.gather(1, (ks - 1)[:, None]).squeeze(1), masses)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+    decided &= top_k | (running[:, -1] > top_p * total * (1 + 1e-6))
+    # HF's rule in descending order: a token's ascending cumulative probability is 1 - (the mass above it) / total.
+    above = running - weights
+    remove = (1 - above / total[:, None]) <= _column([1 - p.top_p for p in params], torch.float64)
+    remove[:, 0] = False
+    return v.masked_fill(remove & (top_p < 1)[:, None], -float("inf")), decided
+
+
 class Sampler:
-    """Keeps each live sequence's sampling parameters and token history (for penalties); turns logits rows into tokens.
+    """Keeps each live sequence's sampling parameters and, where it has penalties, its seen tokens; turns logits into tokens.
 
     A sequence's first chunk (start_pos 0) brings its parameters and its first tokens; later chunks
     bring the tokens the history lacks (prefill chunks); sampled tokens are appended here.
     """
 
     def __init__(self) -> None:
-        self._history: dict[int, list[int]] = {}
-        self._num_prompt: dict[int, int] = {}
         self._params: dict[int, SamplingParams] = {}
+        self._seen: dict[int, _Seen] = {}
 
     def observe(self, chunk: SeqChunk) -> None:
         """Records what a chunk adds to its sequence's history (a first chunk starts it anew)."""
         if chunk.start_pos == 0:
-            self._history[chunk.seq_id] = list(chunk.token_ids)
-            self._num_prompt[chunk.seq_id] = chunk.num_prompt_tokens
-            if chunk.sampling is not None:
-                self._params[chunk.seq_id] = chunk.sampling
-        elif chunk.token_ids:
-            self._history.setdefault(chunk.seq_id, []).extend(chunk.token_ids)
+            params = self._params[chunk.seq_id] = chunk.sampling or self._params.get(chunk.seq_id) or _GREEDY
+            self._seen.pop(chunk.seq_id, None)
+            if has_penalties(params):
+                self._seen_of(chunk.seq_id, chunk.num_prompt_tokens).extend(chunk.token_ids)
+        elif chunk.token_ids and chunk.seq_id in self._seen:
+            self._seen[chunk.seq_id].extend(chunk.token_ids)
+
+    def _seen_of(self, seq_id: int, num_prompt: int = 0) -> _Seen:
+        seen = self._seen.get(seq_id)
+        if seen is None:
+            seen = self._seen[seq_id] = _Seen(num_prompt)
+        return seen
 
     def forget(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
-            self._history.pop(seq_id, None)
-            self._num_prompt.pop(seq_id, None)
             self._params.pop(seq_id, None)
+            self._seen.pop(seq_id, None)
 
     def reset(self) -> None:
-        self._history.clear()
-        self._num_prompt.clear()
         self._params.clear()
+        self._seen.clear()
 
     @property
     def num_sequences(self) -> int:
-        return len(self._history)
+        return len(self._params)
 
     def sample(self, logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleResult]:
         """logits: [len(chunks), vocab], one row per sampling chunk, in order."""
         assert logits.shape[0] == len(chunks)
-        logits = logits.float()
-        params_of = [self._params.get(c.seq_id) or c.sampling or _GREEDY for c in chunks]
-        want_logprobs = any(p.logprobs is not None for p in params_of)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        # Greedy rows without penalties are their raw argmax: one call for all of them, not one per row.
-        plain = [row for row, p in enumerate(params_of) if p.is_greedy and not _has_penalties(p)]
-        argmax = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
-        results = []
-        for row, (chunk, params) in enumerate(zip(chunks, params_of)):
-            history = self._history.setdefault(chunk.seq_id, [])
-            token = argmax[row] if row in argmax else self._draw(logits[row], params, chunk, history)
-            history.append(token)
-            result = SampleResult(seq_id=chunk.seq_id, token_id=token)
-            if raw_logprobs is not None and params.logprobs is not None:
-                result.logprob = float(raw_logprobs[row, token])
-                if params.logprobs > 0:
-                    values, indices = torch.topk(raw_logprobs[row], params.logprobs)
-                    result.top_logprobs = [(int(i), float(v)) for i, v in zip(indices, values)]
-            results.append(result)
+        params = [self._params.get(c.seq_id) or c.sampling or _GREEDY for c in chunks]
+        step = _Step(
+            logits=logits.contiguous(),
+            params=params,
+            uniform=torch.tensor([draw_uniform(p.seed or 0, c.start_pos + c.num_tokens) for c, p in zip(chunks, params)],
+                                 dtype=torch.float64),  # the new token's position
+            seen=[self._seen_of(c.seq_id) if has_penalties(p) else None for c, p in zip(chunks, params)],
+            logprob_rows=[r for r, p in enumerate(params) if p.logprobs is not None],
+        )
+        out = _scan(step)
+        tokens, lse, (top_values, top_ids) = out if out is not None else _whole_rows(step, list(range(len(chunks))), True)
+        token_list = tokens.tolist()
+        for s, token in zip(step.seen, token_list):
+            if s is not None:
+                s.extend([token])
+        results = [SampleResult(seq_id=c.seq_id, token_id=t) for c, t in zip(chunks, token_list)]
+        if step.logprob_rows:
+            rows = torch.tensor(step.logprob_rows)
+            chosen = (step.logits[rows, tokens[rows]].float() - lse[rows]).tolist()
+            top_logprobs, top_ids = (top_values[rows] - lse[rows, None]).tolist(), top_ids[rows].tolist()
+            for i, r in enumerate(step.logprob_rows):
+                results[r].logprob = chosen[i]
+                if n := params[r].logprobs:
+                    results[r].top_logprobs = list(zip(top_ids[i][:n], top_logprobs[i][:n]))
         return results
 
-    def _draw(self, row: torch.Tensor, params: SamplingParams, chunk: SeqChunk, history: list[int]) -> int:
-        processed = process_logits(row, params, history, self._num_prompt.get(chunk.seq_id, 0))
-        if params.is_greedy:
-            return int(torch.argmax(processed))
-        generator = torch.Generator(device=row.device)
-        generator.manual_seed(draw_seed(params.seed or 0, chunk.start_pos + chunk.num_tokens))  # the new token's position
-        return int(torch.multinomial(torch.softmax(processed, dim=-1), 1, generator=generator))
+
+@dataclass(slots=True)
+class _Step:
+    """One call's rows: logits [R, V], each row's parameters, uniform number and (with penalties) seen tokens."""
+
+    logits: torch.Tensor
+    params: list[SamplingParams]
+    uniform: torch.Tensor  # [R] float64
+    seen: list[_Seen | None]
+    logprob_rows: list[int]
 
 
-def _has_penalties(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+_NO_SEEN = (torch.empty(0, dtype=torch.long), torch.empty(0))
+
+
+def _scan(step: _Step) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every row through the kernel and its candidates: (tokens [R], raw lse [R], top raw (values, ids)); None without a kernel."""
+    vocab = step.logits.shape[1]
+    params = step.params
+    greedy = [p.is_greedy for p in params]
+    no_top_k = [p.top_k <= 0 or p.top_k >= vocab for p in params]
+    whole_draw = [not g and n and p.top_p >= 1.0 for g, n, p in zip(greedy, no_top_k, params)]  # the kernel draws it
+    # Candidates per row: 1 for greedy, k + 1 for top-k (the tie check), all MAX_CANDIDATES for top-p alone; 0: too many.
+    cap = min(vocab, MAX_CANDIDATES)
+    width = [1 if g else cap if n else p.top_k + 1 if p.top_k < cap else 0 for g, n, p in zip(greedy, no_top_k, params)]
+    views = [s.views() if s is not None else _NO_SEEN for s in step.seen]
+    penalties = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params], dtype=torch.float32)
+    inv_temp = torch.tensor([1.0 / p.temperature if not g and n else 0.0 for g, n, p in zip(greedy, no_top_k, params)])
+    n_raw = min(vocab, max([params[r].logprobs for r in step.logprob_rows] + [1])) if step.logprob_rows else 0
+    n_top = max([w for w, d in zip(width, whole_draw) if not d] + [0])
+    out = sampler_kernel.scan(step.logits, [i for i, _ in views], [c for _, c in views], penalties, inv_temp,
+                              torch.where(torch.tensor(whole_draw), step.uniform, -1.0), bool(step.logprob_rows), n_raw, n_top)
+    if out is None:
+        return None
+    lse, raw_values, raw_ids, top_values, top_ids, masses, draws = out
+    tokens = draws if n_top == 0 else torch.where(torch.tensor(whole_draw), draws, top_ids[:, 0])  # greedy: the penalised argmax
+    candidate_rows = [r for r in range(len(params)) if not greedy[r] and not whole_draw[r] and width[r]]
+    undecided = [r for r in range(len(params)) if not greedy[r] and not whole_draw[r] and not width[r]]
+    if candidate_rows:
+        rows = torch.tensor(candidate_rows)
+        processed, decided = from_candidates(top_values[rows], top_ids[rows], [params[r] for r in candidate_rows], masses[rows])
+        tokens[rows] = draw(processed, top_ids[rows], step.uniform[rows])
+        undecided += [r for r, ok in zip(candidate_rows, decided.tolist()) if not ok]
+    if undecided:
+        tokens[undecided] = _whole_rows(step, undecided, False)[0][undecided]
+    return tokens, lse, (raw_values, raw_ids)
+
+
+def _whole_rows(step: _Step, rows: list[int], with_logprobs: bool):
+    """`rows` through torch's operators over the whole vocabulary: (tokens [R], filled at rows; raw lse [R]; top raw (values, ids))."""
+    x = step.logits[rows].float()
+    penalised = [i for i, r in enumerate(rows) if step.seen[r] is not None]
+    if penalised:
+        ids, values = penalised_values(x, penalised, [step.seen[rows[i]] for i in penalised], [step.params[rows[i]] for i in penalised])
+        for i, row_ids, row_values in zip(penalised, ids, values):
+            valid = row_ids >= 0
+            x[i, row_ids[valid]] = row_values[valid]
+    row_params = [step.params[r] for r in rows]
+    x = whole_rows(x, row_params)
+    tokens = torch.zeros(step.logits.shape[0], dtype=torch.long)
+    tokens[rows] = x.argmax(dim=1)
+    sampled = [i for i, p in enumerate(row_params) if not p.is_greedy]
+    if sampled:
+        tokens[[rows[i] for i in sampled]] = draw(x[sampled], None, step.uniform[[rows[i] for i in sampled]])
+    if not (with_logprobs and step.logprob_rows):
+        return tokens, None, (None, None)
+    raw = step.logits.float()
+    top = torch.topk(raw, min(raw.shape[1], max(step.params[r].logprobs or 1 for r in step.logprob_rows)))
+    return tokens, raw.logsumexp(dim=-1), (top.values, top.indices)

@@ -19,6 +19,10 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [[(11 * i + j) % 390 + 3 for j in range(3 + i)] for i in range(8)]
 NEW_TOKENS = 200
+# Half greedy, half seeded with every sampling option: alone (the reference) or eight at once through a fault, the same.
+SAMPLING = [{"temperature": 0} if i % 2 == 0 else
+            {"temperature": 0.9, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "presence_penalty": 0.3, "seed": 100 + i}
+            for i in range(len(PROMPTS))]
 
 
 def stream_text(port: int, body: dict, progress: list, index: int, out: dict) -> None:
@@ -71,9 +75,9 @@ def server(model, ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(server):
-    """Fault-free greedy outputs, one request at a time."""
-    return [http(server.port, "/v1/completions", {"prompt": p, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}, key=None)[1]["choices"][0]["text"]
-            for p in PROMPTS]
+    """Fault-free outputs, one request at a time."""
+    return [http(server.port, "/v1/completions", {"prompt": p, "max_tokens": NEW_TOKENS, "ignore_eos": True} | sampling, key=None)[1]["choices"][0]["text"]
+            for p, sampling in zip(PROMPTS, SAMPLING)]
 
 
 def stage_pid(port: int, index: int) -> int:
@@ -82,8 +86,9 @@ def stage_pid(port: int, index: int) -> int:
 
 def run_with_kill(server, prompts, kill_stage: int, after_batches: int) -> tuple[dict, float]:
     progress, out = [0] * len(prompts), {}
-    body = {"max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
-    threads = [threading.Thread(target=stream_text, args=(server.port, body | {"prompt": p}, progress, i, out)) for i, p in enumerate(prompts)]
+    body = {"max_tokens": NEW_TOKENS, "ignore_eos": True}
+    threads = [threading.Thread(target=stream_text, args=(server.port, body | SAMPLING[i] | {"prompt": p}, progress, i, out))
+               for i, p in enumerate(prompts)]
     pid = stage_pid(server.port, kill_stage)
     engine = http(server.port, "/v1/stats", key=None)[1]["engine"]
     before, start_batches = engine["recoveries"], engine["microbatches"]

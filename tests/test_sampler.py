@@ -16,14 +16,7 @@ from transformers.generation.logits_process import (
 
 from stagecoach.errors import RequestError
 from stagecoach.proto.types import SamplingParams, SeqChunk
-from stagecoach.stage.sampler import (
-    Sampler,
-    apply_presence_frequency_penalty,
-    apply_repetition_penalty,
-    apply_top_k,
-    apply_top_p,
-    process_logits,
-)
+from stagecoach.stage.sampler import Sampler, process_logits
 
 VOCAB = 1000
 QWEN_CHAT = dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
@@ -74,8 +67,7 @@ def test_repetition_penalty_matches_hf(penalty):
     assert (logits[0, seen] < 0).any() and (logits[0, seen] > 0).any()
 
     ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([history]), logits.clone())
-    ours = logits[0].clone()
-    apply_repetition_penalty(ours, history, penalty)
+    ours = process_logits(logits[0], SamplingParams(temperature=0.0, repetition_penalty=penalty), history, len(history))
 
     assert_same_logits(ours, ref[0])
     # Non-trivial: exactly the seen ids moved (once each, despite repeats), the rest untouched.
@@ -88,8 +80,7 @@ def test_repetition_penalty_matches_hf(penalty):
 def test_repetition_penalty_noop_cases():
     logits = rand_logits(2)[0]
     for penalty, history in ((1.0, [1, 2, 3]), (1.3, [])):
-        row = logits.clone()
-        apply_repetition_penalty(row, history, penalty)
+        row = process_logits(logits, SamplingParams(temperature=0.0, repetition_penalty=penalty), history, len(history))
         assert torch.equal(row, logits)
 
 
@@ -139,19 +130,17 @@ def test_top_p_bites_inside_top_k():
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.8, 0.95, 0.999])
 def test_top_p_alone_matches_hf(top_p):
     logits = rand_logits(11)
-    ours = apply_top_p(logits[0], top_p)
+    ours = process_logits(logits[0], SamplingParams(top_p=top_p), [], 0)
     ref = TopPLogitsWarper(top_p)(torch.tensor([[0]]), logits.clone())[0]
     assert_same_logits(ours, ref)
     assert torch.isinf(ours).any() and torch.isfinite(ours).any()
-    # through process_logits too (temperature 1: no scaling)
-    assert_same_logits(process_logits(logits[0], SamplingParams(top_p=top_p), [], 0), ref)
 
 
 @pytest.mark.parametrize("top_p", [0.25, 0.5, 0.75])
 def test_top_p_boundary_matches_hf(top_p):
     """Uniform logits: cumulative probs are exact multiples of 1/8, so some equal 1 - top_p exactly; HF drops those (<=)."""
     logits = torch.zeros(1, 8)
-    ours = apply_top_p(logits[0], top_p)
+    ours = process_logits(logits[0], SamplingParams(top_p=top_p), [], 0)
     assert_same_logits(ours, TopPLogitsWarper(top_p)(torch.tensor([[0]]), logits.clone())[0])
     assert torch.isfinite(ours).sum() == round(8 * top_p)
 
@@ -159,17 +148,15 @@ def test_top_p_boundary_matches_hf(top_p):
 @pytest.mark.parametrize("top_k", [1, 5, 20, 999])
 def test_top_k_alone_matches_hf(top_k):
     logits = rand_logits(12)
-    ours = apply_top_k(logits[0], top_k)
+    ours = process_logits(logits[0], SamplingParams(top_k=top_k), [], 0)
     ref = TopKLogitsWarper(top_k)(torch.tensor([[0]]), logits.clone())[0]
     assert_same_logits(ours, ref)
     assert torch.isfinite(ours).sum() == top_k
-    assert_same_logits(process_logits(logits[0], SamplingParams(top_k=top_k), [], 0), ref)
 
 
 @pytest.mark.parametrize("top_k", [0, -1, VOCAB, VOCAB + 5])
 def test_top_k_off(top_k):
     logits = rand_logits(13)[0]
-    assert torch.equal(apply_top_k(logits, top_k), logits)
     assert torch.equal(process_logits(logits, SamplingParams(top_k=top_k), [], 0), logits)
 
 
@@ -208,8 +195,7 @@ def test_presence_frequency_penalty_openai(presence, frequency):
     generated = rand_history(21, n=100, high=40)
     assert max(Counter(generated).values()) >= 3
 
-    ours = logits.clone()
-    apply_presence_frequency_penalty(ours, generated, presence, frequency)
+    ours = process_logits(logits, SamplingParams(temperature=0.0, presence_penalty=presence, frequency_penalty=frequency), generated, 0)
     ref = openai_reference(logits, generated, presence, frequency)
     torch.testing.assert_close(ours.double(), ref, atol=PF_ATOL, rtol=0)
     # Untouched outside the generated ids, exactly.
@@ -273,16 +259,28 @@ def test_fixed_seed_reproduces_across_fresh_samplers():
     assert a != logits.argmax(dim=-1).tolist()
 
 
-def test_seeded_token_independent_of_batch_neighbours():
+# One of each way a row is decided: the kernel's candidates (top-k, top-p), its whole-vocabulary draw, the whole-row path.
+TARGETS = {
+    "top-k, top-p, every penalty": SamplingParams(**QWEN_CHAT, presence_penalty=0.4, frequency_penalty=0.3, seed=77),
+    "top-p over the whole vocabulary": SamplingParams(temperature=1.0, top_p=0.95, repetition_penalty=1.1, seed=77),
+    "top-p within the candidates": SamplingParams(temperature=0.5, top_p=0.6, seed=77),
+    "temperature only": SamplingParams(temperature=0.9, frequency_penalty=0.5, seed=77),
+    "top-k beyond the candidates": SamplingParams(temperature=1.0, top_k=400, seed=77),
+}
+
+
+@pytest.mark.parametrize("target", TARGETS.values(), ids=TARGETS.keys())
+def test_seeded_token_independent_of_batch_neighbours(target):
     steps = 40
-    target_logits = rand_logits(31, rows=steps, scale=0.7)
+    target_logits = rand_logits(31, rows=steps, scale=0.7 if target.temperature == 1.0 else 2.0)
     others = rand_logits(32, rows=3 * steps, scale=0.7).view(steps, 3, VOCAB)
-    target = SamplingParams(temperature=1.0, top_p=0.95, repetition_penalty=1.1, seed=77)
     prompt = [9, 8, 7]
 
     alone, shared = Sampler(), Sampler()
     alone_tokens, shared_tokens = [], []
-    neighbour_params = [SamplingParams(temperature=1.2, seed=s) for s in (1, 2)] + [SamplingParams(temperature=0.0)]
+    # Neighbours whose top-k widen the batch's candidates, one greedy with a penalty, one with logprobs.
+    neighbour_params = [SamplingParams(temperature=1.2, top_k=250, seed=1), SamplingParams(temperature=0.7, top_k=3, seed=2, logprobs=5),
+                        SamplingParams(temperature=0.0, repetition_penalty=1.5)]
     for step in range(steps):
         first = step == 0
         start, n = (0, len(prompt)) if first else (len(prompt) + step - 1, 1)
@@ -299,7 +297,77 @@ def test_seeded_token_independent_of_batch_neighbours():
         assert [r.seq_id for r in results] == [100, 101, 5, 102]
         shared_tokens.append(results[2].token_id)
     assert alone_tokens == shared_tokens
-    assert len(set(alone_tokens)) > steps // 2  # genuinely random draws, not a degenerate argmax
+    assert len(set(alone_tokens)) > 5  # genuinely random draws, not a degenerate argmax
+    assert alone_tokens != target_logits.argmax(dim=-1).tolist()
+
+
+def whole_row_tokens(monkeypatch, logits, chunks):
+    """The same chunks sampled with the kernel absent: every row on the whole-row path."""
+    from stagecoach.stage import sampler_kernel
+
+    with monkeypatch.context() as m:
+        m.setattr(sampler_kernel, "scan", lambda *args: None)
+        s = Sampler()
+        for c in chunks:
+            s.observe(c)
+        return [r.token_id for r in s.sample(logits, chunks)]
+
+
+def test_candidates_decide_as_the_whole_row_path(monkeypatch):
+    """The kernel's candidates and whole-vocabulary draw pick the token the whole-row path (HF's processors) picks."""
+    rows = 240
+    logits = rand_logits(40, rows=rows, vocab=5000, scale=2.5)
+    kinds = [dict(temperature=0.8, top_k=20, top_p=0.8), dict(temperature=1.0, top_k=5), dict(temperature=0.6, top_p=0.7),
+             dict(temperature=1.3), dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.5),
+             dict(temperature=0.0, frequency_penalty=1.0), dict(temperature=1.0, top_k=300), dict(temperature=0.0)]
+    chunks = []
+    for i in range(rows):
+        params = SamplingParams(**kinds[i % len(kinds)], seed=i)
+        strongest = torch.topk(logits[i], 3).indices.tolist()  # seen, so that the penalties change the candidates
+        chunks.append(chunk(i, 0, 4, params, history=strongest + strongest[:1], num_prompt=2))
+    s = Sampler()
+    for c in chunks:
+        s.observe(c)
+    ours = [r.token_id for r in s.sample(logits, chunks)]
+    assert ours == whole_row_tokens(monkeypatch, logits, chunks)
+    assert ours != logits.argmax(dim=-1).tolist()
+    # Each row's token survives HF's chain for its parameters.
+    for i in range(0, rows, 7):
+        p = chunks[i].sampling
+        processed = process_logits(logits[i], p, chunks[i].token_ids, 2)
+        assert torch.isfinite(processed[ours[i]])
+
+
+def test_sampler_fallback_when_the_kernel_cannot_build(monkeypatch, caplog):
+    import logging
+
+    import torch.utils.cpp_extension
+
+    from stagecoach.stage import sampler_kernel
+
+    logits = rand_logits(41, rows=6, scale=2.0)
+    chunks = [chunk(i, 0, 1, SamplingParams(**QWEN_CHAT, seed=i, logprobs=2), history=[i]) for i in range(6)]
+    expected = Sampler().sample(logits, chunks)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    sampler_kernel._cpu_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="stagecoach.stage.sampler_kernel"):
+            assert not sampler_kernel.prepare(torch.device("cpu"))
+            got = Sampler().sample(logits, chunks)
+            Sampler().sample(logits, chunks)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "could not be built" in lines[0] and "no C++ compiler here" in lines[0], lines
+        assert [r.token_id for r in got] == [r.token_id for r in expected]
+        for a, b in zip(got, expected):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
+    finally:
+        monkeypatch.undo()
+        sampler_kernel._cpu_kernel.cache_clear()
 
 
 def test_different_seeds_give_different_draws():
