@@ -71,9 +71,11 @@ def receiver(conn) -> None:
 
     def answer() -> None:  # hands over (and forgets) the arrival times noted so far
         while conn.recv() == "times":
-            conn.send(raw_received[:] + sink.received[:])
+            # Forgotten before the answer goes: once it has, the next hops' arrivals are already coming in.
+            times = raw_received[:] + sink.received[:]
             raw_received.clear()
             sink.received.clear()
+            conn.send(times)
 
     threading.Thread(target=answer, daemon=True).start()
 
