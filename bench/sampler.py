@@ -14,33 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
+
+from attention import read_bandwidth, timed  # the same timing and floor as the attention benchmark
 
 VOCAB, PROMPT, GENERATED = 151936, 1000, 100
 EVERY_OPTION = dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, presence_penalty=0.5, frequency_penalty=0.5, logprobs=5)
 ALONE = {"greedy": dict(temperature=0.0), "temperature only": dict(temperature=0.8), "top-p only": dict(temperature=0.7, top_p=0.8),
          "top-k only": dict(temperature=0.7, top_k=20)}
 WIDE = dict(temperature=1.0, top_p=0.95)  # over flat logits: a nucleus of tens of thousands, beyond the candidates
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def read_bandwidth() -> float:
-    import torch
-
-    big = torch.ones(1 << 28)
-    return big.numel() * 4 / timed(big.sum, 5)
 
 
 def setup(batch: int, options: dict, seed: int = 0, flat: bool = False, sampler_class=None):

@@ -109,21 +109,6 @@ static void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   });
 }
 
-// exp(x) for x <= 0 as a polynomial the compiler vectorises; relative error about 2e-7 (below -87: exp(-87)).
-static inline float exp_neg(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.f) - 12582912.f, f = t - n;  // 2^t = 2^n * 2^f, n rounded to nearest (1.5 * 2^23)
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  return p * __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-}
-
 constexpr int64_t QUERY_TILE = 128;  // query positions per work item: with its G heads, the rows of one matrix product
 
 // A prefill chunk's queries (positions start .. start + n - 1) over the sequence's cache, its own keys included: one work
@@ -240,9 +225,8 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
 @functools.cache
 def _cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    module = cpu_build.build("stagecoach_paged_attention_v10", _SOURCE, ["paged_decode", "paged_prefill"], log, "paged attention",
-                             "attention gathers the cache instead")
-    return module
+    return cpu_build.build("stagecoach_paged_attention_v11", cpu_build.EXP_NEG + _SOURCE, ["paged_decode", "paged_prefill"],
+                           log, "paged attention", "attention gathers the cache instead")
 
 
 def prepare(device: torch.device) -> bool:

@@ -34,24 +34,6 @@ _SOURCE = r"""
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr int64_t BLOCK = 256;  // terms summed in float (vectorised) before adding to a double: accurate and fast
 
-// exp(x) for x <= 0 as a branch-free polynomial the compiler vectorises (torch's exp is scalar here); relative
-// error about 2e-7. Below -87 the term is under float's normal range and counts as exp(-87).
-static inline float exp_neg(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float t = x * 1.44269504088896341f;
-  // 2^t = 2^n * 2^f, f in [-0.5, 0.5]
-  const float n = (t + 12582912.f) - 12582912.f, f = t - n;  // round to nearest (1.5 * 2^23), as floor is not vectorised
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
-
 // sum of exp((x[j] - m) * s) over the row
 static double mass(const float* __restrict x, int64_t V, float m, float s) {
   double total = 0.0;
@@ -261,7 +243,7 @@ std::vector<at::Tensor> scan(at::Tensor logits, std::vector<at::Tensor> seen_ids
 @functools.cache
 def _cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    module = cpu_build.build("stagecoach_sampler_v10", _SOURCE, ["scan"], log, "sampler",
+    module = cpu_build.build("stagecoach_sampler_v11", cpu_build.EXP_NEG + _SOURCE, ["scan"], log, "sampler",
                              "the sampler works on whole rows with torch's operators instead")
     return None if module is None else module.scan
 
