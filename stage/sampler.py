@@ -86,8 +86,8 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype)[:, None]
+def _column(values: list[float], dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
 
 def penalised_values(logits: torch.Tensor, rows: list[int], seen: list[_Seen], params: list[SamplingParams]
@@ -97,13 +97,16 @@ def penalised_values(logits: torch.Tensor, rows: list[int], seen: list[_Seen], p
     HF's repetition penalty (over the whole history), then OpenAI's presence and frequency penalties (over
     generated tokens), each as the same float32 operations as HF's and OpenAI's, per row at once.
     """
+    device = logits.device
     views = [s.views() for s in seen]
-    ids = pad_sequence([i for i, _ in views], batch_first=True, padding_value=-1)  # [P, L]
-    counts = pad_sequence([c for _, c in views], batch_first=True)
-    raw = torch.take(logits, torch.tensor(rows)[:, None] * logits.shape[1] + ids.clamp(min=0)).float()  # logits contiguous
-    rep = _column([p.repetition_penalty for p in params])
+    ids = pad_sequence([i for i, _ in views], batch_first=True, padding_value=-1).to(device)  # [P, L]
+    counts = pad_sequence([c for _, c in views], batch_first=True).to(device)
+    flat = torch.tensor(rows, device=device)[:, None] * logits.shape[1] + ids.clamp(min=0)
+    raw = torch.take(logits.contiguous(), flat).float()
+    rep = _column([p.repetition_penalty for p in params], device=device)
     values = torch.where(raw < 0, raw * rep, raw / rep)
-    frequency, presence = _column([p.frequency_penalty for p in params]), _column([p.presence_penalty for p in params])
+    frequency = _column([p.frequency_penalty for p in params], device=device)
+    presence = _column([p.presence_penalty for p in params], device=device)
     return ids, values - (frequency * counts + presence * (counts > 0).float())
 
 
@@ -112,14 +115,14 @@ def whole_rows(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
     Greedy rows come back as they are (their argmax is the token).
     """
-    vocab = x.shape[1]
-    sampled = torch.tensor([not p.is_greedy for p in params])[:, None]
-    x = torch.where(sampled, x / _column([p.temperature if not p.is_greedy else 1.0 for p in params]), x)
+    vocab, device = x.shape[1], x.device
+    sampled = torch.tensor([not p.is_greedy for p in params], device=device)[:, None]
+    x = torch.where(sampled, x / _column([p.temperature if not p.is_greedy else 1.0 for p in params], device=device), x)
     ks = [p.top_k if not p.is_greedy and 0 < p.top_k < vocab else 0 for p in params]
     if any(ks):
         values = torch.topk(x, max(ks)).values  # HF: everything below the k-th largest goes
-        kth = values.gather(1, (torch.tensor(ks) - 1).clamp(min=0)[:, None])
-        kth = kth.masked_fill(torch.tensor(ks)[:, None] == 0, -float("inf"))
+        k = torch.tensor(ks, device=device)[:, None]
+        kth = values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, -float("inf"))
         x = x.masked_fill(x < kth, -float("inf"))
     ps = [p.top_p if not p.is_greedy else 1.0 for p in params]
     if any(p < 1.0 for p in ps):
@@ -128,7 +131,7 @@ def whole_rows(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         # HF: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, keep at least the largest.
         sorted_logits, sorted_indices = torch.sort(sub, descending=False)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_remove = cumulative <= _column([1 - ps[r] for r in rows])  # 1 - top_p in double, then float32: as HF's scalar
+        sorted_remove = cumulative <= _column([1 - ps[r] for r in rows], device=device)  # 1 - top_p in double, then float32, as HF
         sorted_remove[..., -1:] = False
         remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
         x[rows] = sub.masked_fill(remove, -float("inf"))
@@ -152,6 +155,7 @@ def draw(values: torch.Tensor, ids: torch.Tensor | None, uniform: torch.Tensor) 
     values [R, W] processed logits; ids [R, W] their token ids (None: the column is the id); uniform [R] float64.
     The running sum is sequential along the row, so a row's draw does not depend on how wide the batch is padded.
     """
+    uniform = uniform.to(values.device)
     if ids is not None:
         order = ids.argsort(dim=1)
         values, ids = values.gather(1, order), ids.gather(1, order)
@@ -250,7 +254,7 @@ class Sampler:
                 s.extend([token])
         results = [SampleResult(seq_id=c.seq_id, token_id=t) for c, t in zip(chunks, token_list)]
         if step.logprob_rows:
-            rows = torch.tensor(step.logprob_rows)
+            rows = torch.tensor(step.logprob_rows, device=tokens.device)
             chosen = (step.logits[rows, tokens[rows]].float() - lse[rows]).tolist()
             top_logprobs, top_ids = (top_values[rows] - lse[rows, None]).tolist(), top_ids[rows].tolist()
             for i, r in enumerate(step.logprob_rows):
@@ -313,12 +317,11 @@ def _whole_rows(step: _Step, rows: list[int], with_logprobs: bool):
     penalised = [i for i, r in enumerate(rows) if step.seen[r] is not None]
     if penalised:
         ids, values = penalised_values(x, penalised, [step.seen[rows[i]] for i in penalised], [step.params[rows[i]] for i in penalised])
-        for i, row_ids, row_values in zip(penalised, ids, values):
-            valid = row_ids >= 0
-            x[i, row_ids[valid]] = row_values[valid]
+        valid = ids >= 0  # padding is -1
+        x[torch.tensor(penalised, device=x.device)[:, None].expand_as(ids)[valid], ids[valid]] = values[valid]
     row_params = [step.params[r] for r in rows]
     x = whole_rows(x, row_params)
-    tokens = torch.zeros(step.logits.shape[0], dtype=torch.long)
+    tokens = torch.zeros(step.logits.shape[0], dtype=torch.long, device=x.device)
     tokens[rows] = x.argmax(dim=1)
     sampled = [i for i, p in enumerate(row_params) if not p.is_greedy]
     if sampled:
