@@ -1,10 +1,11 @@
-"""Decode attention over the paged KV cache: in place by a C++/OpenMP kernel on CPU (built on first use), else gathered.
+"""Attention over the paged KV cache: in place by a C++/OpenMP kernel on CPU (built on first use), else gathered.
 
 Gathering every sequence's K and V out of the block pool on every layer reads the context twice and
 writes it once, padded to the longest sequence. The kernel walks each sequence's block table instead
-and reads each key and value once for all the query heads that share it (grouped-query attention).
-Where it cannot be built (no compiler) or on other devices, `paged_decode` returns None and the caller
-keeps the gather path; the reason is logged once.
+and reads each key and value once for all the query heads that share it (grouped-query attention):
+`paged_decode` for one query per sequence, `paged_prefill` for a prefill chunk over its cached prefix.
+Where it cannot be built (no compiler) or on other devices, both return None and the caller keeps
+the gather path; the reason is logged once.
 """
 
 from __future__ import annotations
