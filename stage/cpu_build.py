@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import logging
 
-# exp(x) for x <= 0 as a branch-free polynomial the compiler vectorises (torch's exp is scalar on some CPUs, and
-# std::floor is not vectorised under -fPIC); relative error about 2e-7; below -87 the term counts as exp(-87).
-EXP_NEG = r"""
+# What both kernels share, compiled ahead of each (load_inline puts torch/extension.h first):
+# - exp(x) for x <= 0 as a branch-free polynomial the compiler vectorises (torch's exp is scalar on some CPUs, and
+#   std::floor is not vectorised under -fPIC); relative error about 2e-7; below -87 the term counts as exp(-87);
+# - by_dtype: calls f with a value of the C++ type of a float32, bfloat16 or float16 tensor.
+PRELUDE = r"""
 #include <cstdint>
+
+template <typename F>
+static void by_dtype(at::ScalarType type, const char* what, F&& f) {
+  if (type == at::kFloat) {
+    f(float{});
+  } else if (type == at::kBFloat16) {
+    f(at::BFloat16{});
+  } else if (type == at::kHalf) {
+    f(at::Half{});
+  } else {
+    TORCH_CHECK(false, "unsupported ", what, " dtype");
+  }
+}
 
 static inline float exp_neg(float x) {
   x = x < -87.f ? -87.f : x;

@@ -189,15 +189,7 @@ at::Tensor paged_prefill(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, a
   q = q.contiguous();
   blocks = blocks.contiguous();
   at::Tensor out = at::empty_like(q);
-  if (k_cache.scalar_type() == at::kFloat) {
-    prefill<float>(q, k_cache, v_cache, blocks, start, scale, out);
-  } else if (k_cache.scalar_type() == at::kBFloat16) {
-    prefill<at::BFloat16>(q, k_cache, v_cache, blocks, start, scale, out);
-  } else if (k_cache.scalar_type() == at::kHalf) {
-    prefill<at::Half>(q, k_cache, v_cache, blocks, start, scale, out);
-  } else {
-    TORCH_CHECK(false, "unsupported cache dtype");
-  }
+  by_dtype(k_cache.scalar_type(), "cache", [&](auto t) { prefill<decltype(t)>(q, k_cache, v_cache, blocks, start, scale, out); });
   return out;
 }
 
@@ -209,15 +201,7 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
   tables = tables.contiguous();
   lens = lens.contiguous();
   at::Tensor out = at::empty_like(q);
-  if (k_cache.scalar_type() == at::kFloat) {
-    decode<float>(q, k_cache, v_cache, tables, lens, scale, out);
-  } else if (k_cache.scalar_type() == at::kBFloat16) {
-    decode<at::BFloat16>(q, k_cache, v_cache, tables, lens, scale, out);
-  } else if (k_cache.scalar_type() == at::kHalf) {
-    decode<at::Half>(q, k_cache, v_cache, tables, lens, scale, out);
-  } else {
-    TORCH_CHECK(false, "unsupported cache dtype");
-  }
+  by_dtype(k_cache.scalar_type(), "cache", [&](auto t) { decode<decltype(t)>(q, k_cache, v_cache, tables, lens, scale, out); });
   return out;
 }
 """
@@ -226,7 +210,7 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at
 @functools.cache
 def _cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    return cpu_build.build("stagecoach_paged_attention_v11", cpu_build.EXP_NEG + _SOURCE, ["paged_decode", "paged_prefill"],
+    return cpu_build.build("stagecoach_paged_attention_v12", cpu_build.PRELUDE + _SOURCE, ["paged_decode", "paged_prefill"],
                            log, "paged attention", "attention gathers the cache instead")
 
 

@@ -110,6 +110,13 @@ def penalised_values(logits: torch.Tensor, rows: list[int], seen: list[_Seen], p
     return ids, values - (frequency * counts + presence * (counts > 0).float())
 
 
+def apply_penalties(x: torch.Tensor, rows: list[int], seen: list[_Seen], params: list[SamplingParams]) -> None:
+    """Writes the penalised values of `rows`' seen tokens into x [R, V], in place, all rows at once."""
+    ids, values = penalised_values(x, rows, seen, params)
+    valid = ids >= 0  # padding is -1
+    x[torch.tensor(rows, device=x.device)[:, None].expand_as(ids)[valid], ids[valid]] = values[valid]
+
+
 def whole_rows(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """HF's warpers on [R, V] (penalties already applied), each row with its own temperature, top-k and top-p.
 
@@ -144,8 +151,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: list[i
     if has_penalties(params) and history:
         seen = _Seen(num_prompt_tokens)
         seen.extend(history)
-        ids, values = penalised_values(x, [0], [seen], [params])
-        x[0, ids[0]] = values[0]
+        apply_penalties(x, [0], [seen], [params])
     return whole_rows(x, [params])[0]
 
 
@@ -280,6 +286,8 @@ _NO_SEEN = (torch.empty(0, dtype=torch.long), torch.empty(0))
 
 def _scan(step: _Step) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]] | None:
     """Every row through the kernel and its candidates: (tokens [R], raw lse [R], top raw (values, ids)); None without a kernel."""
+    if not sampler_kernel.prepare(step.logits.device):  # (cached) before building the kernel's CPU-side inputs
+        return None
     vocab = step.logits.shape[1]
     params = step.params
     greedy = [p.is_greedy for p in params]
@@ -316,9 +324,7 @@ def _whole_rows(step: _Step, rows: list[int], with_logprobs: bool):
     x = step.logits[rows].float()
     penalised = [i for i, r in enumerate(rows) if step.seen[r] is not None]
     if penalised:
-        ids, values = penalised_values(x, penalised, [step.seen[rows[i]] for i in penalised], [step.params[rows[i]] for i in penalised])
-        valid = ids >= 0  # padding is -1
-        x[torch.tensor(penalised, device=x.device)[:, None].expand_as(ids)[valid], ids[valid]] = values[valid]
+        apply_penalties(x, penalised, [step.seen[rows[i]] for i in penalised], [step.params[rows[i]] for i in penalised])
     row_params = [step.params[r] for r in rows]
     x = whole_rows(x, row_params)
     tokens = torch.zeros(step.logits.shape[0], dtype=torch.long, device=x.device)

@@ -226,15 +226,7 @@ std::vector<at::Tensor> scan(at::Tensor logits, std::vector<at::Tensor> seen_ids
   auto l = at::TensorOptions().dtype(at::kLong);
   Outputs out{at::full({R}, NEG_INF, f), at::full({R, n_raw}, NEG_INF, f), at::full({R, n_raw}, -1, l), at::full({R, n_top}, NEG_INF, f),
               at::full({R, n_top}, -1, l), at::zeros({R}, at::TensorOptions().dtype(at::kDouble)), at::full({R}, -1, l)};
-  if (logits.scalar_type() == at::kFloat) {
-    scan_rows<float>(logits, seen_ids, seen_counts, penalties, inv_temp, uniform, with_lse, out);
-  } else if (logits.scalar_type() == at::kBFloat16) {
-    scan_rows<at::BFloat16>(logits, seen_ids, seen_counts, penalties, inv_temp, uniform, with_lse, out);
-  } else if (logits.scalar_type() == at::kHalf) {
-    scan_rows<at::Half>(logits, seen_ids, seen_counts, penalties, inv_temp, uniform, with_lse, out);
-  } else {
-    TORCH_CHECK(false, "unsupported logits dtype");
-  }
+  by_dtype(logits.scalar_type(), "logits", [&](auto t) { scan_rows<decltype(t)>(logits, seen_ids, seen_counts, penalties, inv_temp, uniform, with_lse, out); });
   return {out.lse, out.raw_v, out.raw_i, out.top_v, out.top_i, out.masses, out.draws};
 }
 """
@@ -243,7 +235,7 @@ std::vector<at::Tensor> scan(at::Tensor logits, std::vector<at::Tensor> seen_ids
 @functools.cache
 def _cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    module = cpu_build.build("stagecoach_sampler_v11", cpu_build.EXP_NEG + _SOURCE, ["scan"], log, "sampler",
+    module = cpu_build.build("stagecoach_sampler_v12", cpu_build.PRELUDE + _SOURCE, ["scan"], log, "sampler",
                              "the sampler works on whole rows with torch's operators instead")
     return None if module is None else module.scan
 
