@@ -10,7 +10,7 @@ from stagecoach.errors import RequestError
 from stagecoach.proto.types import MicroBatch, SampleResult
 from stagecoach.stage import paged_attention, sampler_kernel
 from stagecoach.stage.kv_cache import KVCache
-from stagecoach.stage.model import AttentionMetadata, StageModel
+from stagecoach.stage.model import AttentionMetadata, StageModel, can_pack
 from stagecoach.stage.sampler import Sampler
 from stagecoach.stage.sequences import SequenceTable
 
@@ -45,6 +45,8 @@ class StageRunner:
         self.sequences = SequenceTable(kv_cache.num_blocks, kv_cache.block_size, model.config.max_position_embeddings)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        if can_pack(self.device, self.dtype):
+            model.pack()
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
         if self.sampler is not None:
             sampler_kernel.prepare(self.device)
