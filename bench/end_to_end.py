@@ -63,7 +63,7 @@ def stream_one(port: int, prompt: list[int], out: dict) -> None:
     conn.close()
 
 
-def run_stagecoach(model: str, concurrency: list[int], rounds: int) -> dict:
+def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode: str = "auto") -> dict:
     from urllib.request import urlopen
 
     import socket
@@ -74,7 +74,7 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int) -> dict:
     log = open(REPO / "bench" / "results" / "end_to_end_server.log", "w")
     env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     server = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--config", str(REPO / "configs" / "demo.yaml"), "--model", model,
-                               "--ray-address", "local", "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                               "--ray-address", "local", "--host", "127.0.0.1", "--port", str(port), "--compile", compile_mode], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -152,16 +152,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=None, help="the demo checkpoint (default: stagecoach fetch-demo-model)")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="pipeline.compile of the stages")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     model = args.model or subprocess.run([str(BIN / "stagecoach"), "fetch-demo-model"], capture_output=True, text=True, check=True).stdout.strip()
     (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     stages = 2  # configs/demo.yaml
-    ours = run_stagecoach(model, args.concurrency, args.rounds)
+    ours = run_stagecoach(model, args.concurrency, args.rounds, args.compile)
     hf_all = run_transformers(model, args.concurrency, cores, args.rounds)
     hf_share = run_transformers(model, [1], max(1, cores // stages), args.rounds)
-    result = {"model": Path(model).name, "dtype": "float32", "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
+    result = {"model": Path(model).name, "dtype": "float32", "compile": args.compile, "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
               "cores": cores, "stages": stages, "stagecoach": ours, "transformers_all_cores": hf_all,
               "transformers_stage_share": {"threads": max(1, cores // stages), **hf_share}}
     for c in args.concurrency:

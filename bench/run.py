@@ -148,6 +148,28 @@ def run_sampler() -> tuple[dict, list[dict]]:
     return r, figs
 
 
+def run_compiled(quick: bool) -> tuple[dict, list[dict]]:
+    import compiled
+
+    print("decode step eager and compiled, one process, one thread", flush=True)
+    args = ["--json-out", str(RESULTS / "compiled.json")] + (["--quick"] if quick else [])
+    r = compiled.main(args)
+    figs = [figure("matrix product [16, 896] x [896, 4864]: oneDNN prepacked / MKL GFLOP/s", round(r["gemm"]["onednn_gflops"] / r["gemm"]["mkl_gflops"], 3),
+                   "(reference)", None)]
+    for b, row in r["wide"]["batches"].items():
+        goal = "<= 0.5" if int(b) == 1 else "(no goal)"
+        figs.append(figure(f"hidden-512 x 8 layers, batch {b}, one process: compiled decode / transformers'", row["compiled_over_transformers"],
+                           goal, row["compiled_over_transformers"] <= 0.5 if int(b) == 1 else None))
+        figs.append(figure(f"hidden-512 x 8 layers, batch {b}: eager / transformers', eager with MKL / transformers'", None,
+                           f"{row['eager_over_transformers']} / {row['eager_mkl_over_transformers']}", None))
+    if r["demo"]:
+        for b, row in r["demo"]["batches"].items():
+            figs.append(figure(f"demo model, both stages, batch {b}: eager / compiled step", row["speedup"], ">= 1.2 for auto on CPU", row["speedup"] >= 1.2))
+        figs.append(figure("demo model: compile warm-up of the configured batch sizes (s)", r["demo"]["warm_up_s_configured"], "< 60 for auto on CPU",
+                           r["demo"]["warm_up_s_configured"] < 60))
+    return r, figs
+
+
 def run_end_to_end(quick: bool) -> tuple[dict, list[dict]]:
     import end_to_end
 
@@ -157,7 +179,7 @@ def run_end_to_end(quick: bool) -> tuple[dict, list[dict]]:
     figs = []
     for c in sorted(ours, key=int):
         ratio = round(ours[c]["tokens_per_s"] / hf[c], 3)
-        goal, ok = ((">= 1.0", ratio >= 1.0) if int(c) == 16 else ("(all cores; no goal)", None))
+        goal, ok = (">= 1.1", ratio >= 1.1) if int(c) == 16 else (">= 1.0", ratio >= 1.0) if int(c) == 1 else ("(all cores; no goal)", None)
         figs.append(figure(f"e2e c={c}: tokens/s / transformers ({result['cores']} threads)", ratio, goal, ok))
         figs.append(figure(f"e2e c={c}: TTFT p50 / ITL p50 / ITL p99 (ms)", None,
                            f"{ours[c]['ttft_ms']['p50']:.0f} / {ours[c]['itl_ms']['p50']:.1f} / {ours[c]['itl_ms']['p99']:.1f}", None))
@@ -253,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     figs += run_sequence_state(args.quick)[1]
     figs += run_attention(args.quick)[1]
     figs += run_sampler()[1]
+    figs += run_compiled(args.quick)[1]
     e2e = None
     if not args.skip_e2e:
         e2e, more = run_end_to_end(args.quick)

@@ -24,6 +24,7 @@ PLACEMENTS = ("auto", "strict_spread", "spread", "pack")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("ray", "local")
+COMPILE_MODES = ("auto", "on", "off")
 SERVE_ONLY = "serve"  # a setting whose flag only `stagecoach serve` takes
 
 
@@ -62,6 +63,10 @@ class PipelineSection:
     max_inflight: int | None = setting(None, "microbatches in flight; unset: the number of stages", "--max-inflight")
     max_batch_tokens: int = setting(512, "token budget of one microbatch (longer prompts are chunked)", "--max-batch-tokens")
     max_num_seqs: int = setting(64, "sequences in one microbatch at most")
+    compile: str = setting("auto", "compile each stage's decode step (torch.compile; CUDA graphs on GPUs) at load; auto: on for CUDA stages, off for CPU "
+                           "ones (bench/compiled.py measures both)", "--compile", COMPILE_MODES)
+    compile_batch_sizes: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "decode batch sizes compiled (a decode microbatch is padded up to the next; "
+                                             "larger ones and prefills run eagerly); sizes above max_num_seqs are skipped")
     memory_limit_mb: int | None = setting(None, "per-stage memory budget in MiB; unset: the device's (GPU × fraction, or free RAM)", "--memory-limit-mb")
     ready_timeout_s: float = setting(300.0, "seconds stages may take to be placed and loaded")
     recovery_timeout_s: float = setting(60.0, "seconds a failed stage has to come back before its requests end with 503")
@@ -84,6 +89,9 @@ class PipelineSection:
             raise ConfigError("pipeline.heartbeat_interval_s, heartbeat_timeout_s and recovery_timeout_s must be positive")
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ConfigError("pipeline.max_batch_tokens and pipeline.max_num_seqs must be at least 1")
+        _choose("pipeline.compile", self.compile, COMPILE_MODES)
+        if not self.compile_batch_sizes or min(self.compile_batch_sizes) < 1:
+            raise ConfigError(f"pipeline.compile_batch_sizes must list batch sizes of at least 1, got {self.compile_batch_sizes}")
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from stagecoach.proto.model_config import ModelConfig
 from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options, start_server
 from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SampleResult, StageSummary
+from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
 from stagecoach.stage.loader import DTYPES, load_stage_model
 from stagecoach.stage.runner import StageRunner
@@ -77,8 +78,10 @@ def open_pipeline(config: ClusterConfig):
     if config.pipeline.backend == "local":
         c = config.cache
         device = "cpu" if config.pipeline.device == "auto" else config.pipeline.device
+        p = config.pipeline
+        sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs) if compile_enabled(p.compile, device.split(":")[0]) else None
         return LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks=cpu_num_blocks(c.num_blocks, c.max_tokens, c.block_size),
-                                  block_size=c.block_size)
+                                  block_size=c.block_size, compile_batch_sizes=sizes)
     from stagecoach.cluster.ray_pipeline import RayPipeline, connect_ray
 
     p = config.pipeline
@@ -118,13 +121,16 @@ class LocalPipeline(_Inbox):
 
     @classmethod
     def load(cls, model_dir: str | Path, ranges: list[LayerRange], dtype: str = "float32", device: str = "cpu", *,
-             num_blocks: int, block_size: int) -> LocalPipeline:
+             num_blocks: int, block_size: int, compile_batch_sizes: list[int] | None = None) -> LocalPipeline:
+        """compile_batch_sizes: compile each stage's decode step for these batch sizes now (None: every step eager)."""
         config = ModelConfig.from_pretrained(model_dir)
         runners = []
-        for start, end in ranges:
+        for index, (start, end) in enumerate(ranges):
             model = load_stage_model(model_dir, start, end, DTYPES[dtype], device, config)
             cache = KVCache(end - start, num_blocks, block_size, config.num_key_value_heads, config.head_dim, DTYPES[dtype], device)
             runners.append(StageRunner(model, cache))
+            if compile_batch_sizes:
+                runners[-1].compile(compile_batch_sizes, progress=lambda line, i=index: log.warning("stage %d: %s", i, line))
         return cls(runners, ranges)
 
     def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:

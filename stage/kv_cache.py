@@ -8,7 +8,7 @@ from stagecoach.errors import KVCacheError
 
 
 class KVCache:
-    """K and V of every owned layer, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+    """K and V of every owned layer, each `[num_blocks + 1, block_size, num_kv_heads, head_dim]` (the last: `pad_block`).
 
     The cache makes no allocation decisions: the coordinator's block manager hands out blocks, and
     the stage's sequence table (stage/sequences.py) says which a microbatch writes and reads.
@@ -28,7 +28,9 @@ class KVCache:
             raise KVCacheError(f"a KV cache needs at least one block of at least one slot, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # One block more than it hands out: the padding rows of a compiled decode step (stage/compiled.py) write there.
+        self.pad_block = num_blocks
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -299,6 +299,24 @@ def gathered_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per sequence over its cached context: in place where a kernel runs here, else gathered (with mask)."""
+    """One query token per sequence over its cached context: in place where a kernel runs here, else gathered (with mask).
+
+    Under torch.compile it is one opaque operator (`stagecoach::decode_attention`), so that the compiled decode step has
+    no graph break at the kernel; the mask is then rebuilt inside it where the gather path needs one.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.stagecoach.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     out = paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
     return out if out is not None else gathered_decode(q, k_cache, v_cache, block_tables, context_lens, scale, mask)
+
+
+@torch.library.custom_op("stagecoach::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+      scale: float) -> torch.Tensor:
+    return torch.empty_like(q)

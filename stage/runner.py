@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from stagecoach.errors import RequestError
 from stagecoach.proto.types import MicroBatch, SampleResult
 from stagecoach.stage import paged_attention, sampler_kernel
+from stagecoach.stage.compiled import BATCH_SIZES, CompiledDecode
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.model import AttentionMetadata, StageModel, can_pack
 from stagecoach.stage.sampler import Sampler
@@ -45,6 +47,7 @@ class StageRunner:
         self.sequences = SequenceTable(kv_cache.num_blocks, kv_cache.block_size, model.config.max_position_embeddings)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.compiled: CompiledDecode | None = None  # set by compile()
         if can_pack(self.device, self.dtype):
             model.pack()
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
@@ -101,18 +104,35 @@ class StageRunner:
             if len(ids) > chunk.num_tokens:
                 raise RequestError(f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens}")
 
+    def compile(self, batch_sizes: tuple[int, ...] | list[int] = BATCH_SIZES, progress: Callable[[str], None] | None = None) -> float:
+        """Compiles the decode step for these batch sizes now; decode microbatches run compiled from then on. Returns seconds."""
+        self.compiled = CompiledDecode(self.model, self.kv_cache, batch_sizes)
+        return self.compiled.warm_up(progress)
+
+    def _compiled_rows(self, batch: MicroBatch) -> int | None:
+        """The compiled batch size this microbatch runs at: None unless it is all decode tokens and a graph fits it."""
+        if self.compiled is None or not batch.seqs or any(c.num_tokens != 1 for c in batch.seqs):
+            return None
+        return self.compiled.bucket(len(batch.seqs))
+
     @torch.inference_mode()
     def execute(self, prepared: Prepared) -> StageOutput:
         """Runs an admitted microbatch: hidden states onward, or (the last stage) sampled tokens."""
         batch = prepared.batch
-        meta = AttentionMetadata.build(
-            [(c.start_pos, c.num_tokens, table) for c, table in zip(batch.seqs, prepared.block_tables)],
-            self.kv_cache.block_size,
-            self.device,
-        )
         x = prepared.inputs.to(device=self.device, dtype=torch.long if self.is_first else self.dtype)
+        rows = self._compiled_rows(batch)
+        if rows is not None:  # one row per sequence: hidden states, or logits of every row
+            out = self.compiled.run(x, [(c.start_pos, table) for c, table in zip(batch.seqs, prepared.block_tables)], rows)
+            meta = None
+        else:
+            out = None
+            meta = AttentionMetadata.build(
+                [(c.start_pos, c.num_tokens, table) for c, table in zip(batch.seqs, prepared.block_tables)],
+                self.kv_cache.block_size,
+                self.device,
+            )
         if not self.is_last:
-            return StageOutput(hidden_states=self.model(x, meta, self.kv_cache))
+            return StageOutput(hidden_states=out if out is not None else self.model(x, meta, self.kv_cache))
 
         sampling = [c for c in batch.seqs if c.do_sample]
         row_ends, end = [], 0
@@ -120,13 +140,16 @@ class StageRunner:
             end += c.num_tokens
             if c.do_sample:
                 row_ends.append(end - 1)
-        if batch.want_all_logits:
+        if out is not None:
+            logits = out if batch.want_all_logits else None
+            sample_logits = out if len(row_ends) == len(batch.seqs) else out[row_ends]
+        elif batch.want_all_logits:
             logits = self.model(x, meta, self.kv_cache)
             sample_logits = logits[row_ends]
         else:
             logits = None
-            rows = torch.tensor(row_ends, dtype=torch.long, device=self.device)
-            sample_logits = self.model(x, meta, self.kv_cache, logits_rows=rows)
+            rows_t = torch.tensor(row_ends, dtype=torch.long, device=self.device)
+            sample_logits = self.model(x, meta, self.kv_cache, logits_rows=rows_t)
         self.sampler.forget(batch.drop_seq_ids)  # before this microbatch's chunks, which may start one of them again
         for chunk in batch.seqs:
             self.sampler.observe(chunk)

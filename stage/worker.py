@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from stagecoach.proto.codec import SCHEMA_VERSION
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.server import start_server
+from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
 from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
 from stagecoach.stage.model import AttentionMetadata
@@ -21,6 +23,7 @@ from stagecoach.stage.runner import StageRunner
 from stagecoach.stage.servicer import StageLoop, StageServicer
 
 MIB = 2**20
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -42,6 +45,9 @@ class StagePlan:
     gpu_memory_fraction: float  # GPU: share of device memory for weights + activations + KV
     memory_limit_mb: int | None  # overrides the device's budget (tests, shared machines)
     max_batch_tokens: int  # the largest microbatch: sizes activation profiling and the minimal cache
+    max_num_seqs: int  # sequences in one microbatch at most: caps the compiled batch sizes
+    compile: str  # auto | on | off: the decode step compiled at start (stage/compiled.py)
+    compile_batch_sizes: list[int]
     host: str | None  # bind address; None: this node's address
     port: int  # 0: any free port
     max_message_mb: int
@@ -168,6 +174,10 @@ class StageWorker:
         p, c = self.plan, self.config
         cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.runner = StageRunner(self.model, cache)
+        if compile_enabled(p.compile, self.device.type):
+            sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
+            seconds = self.runner.compile(sizes, progress=lambda line: log.warning("stage %d: %s", p.index, line))
+            log.warning("stage %d: decode step compiled for batch sizes %s in %.1f s", p.index, sizes, seconds)
         security = p.security()
         self.service = StageLoop(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security)
         host = p.host or node_address()

@@ -13,6 +13,18 @@ from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, free_port, make_hf_checkpoint,
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--compile", choices=("auto", "on", "off"), default=None,
+                     help="pipeline.compile for every `stagecoach serve` the tests start (e.g. the chaos and recovery tests compiled)")
+
+
+def pytest_configure(config):
+    if config.getoption("--compile"):
+        import os
+
+        os.environ["STAGECOACH_TEST_COMPILE"] = config.getoption("--compile")  # read by test_serve.Server
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: (key, **config) → (folder, HF model); each distinct key is built once per session."""

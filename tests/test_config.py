@@ -44,6 +44,8 @@ def test_yaml_round_trip(tmp_path):
         ({"pipeline": {"layers": [3, "x"]}}, r"pipeline.layers\[1\]: expected int"),
         ({"cache": {"gpu_memory_fraction": 1.5}}, "cache.gpu_memory_fraction must be in"),
         ({"pipeline": {"num_stages": 0}}, "pipeline.num_stages must be at least 1"),
+        ({"pipeline": {"compile": "yes"}}, "pipeline.compile 'yes': use one of auto, on, off"),
+        ({"pipeline": {"compile_batch_sizes": [4, 0]}}, r"pipeline.compile_batch_sizes must list batch sizes of at least 1"),
     ],
 )
 def test_mistakes_are_named(data, message):

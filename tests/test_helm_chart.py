@@ -270,6 +270,8 @@ def test_serve_command_and_config_match_values(profile):
     assert config.model.path == f"{values['model']['mountPath']}/{values['model']['folder']}" and config.model.dtype == values["model"]["dtype"]
     assert config.transport.port == values["transport"]["port"] and config.transport.token_env == "STAGECOACH_LINK_TOKEN"
     assert config.pipeline.ready_timeout_s == values["pipeline"]["readyTimeoutSeconds"]
+    assert config.pipeline.compile == values["pipeline"]["compile"]
+    assert config.pipeline.compile_batch_sizes == values["pipeline"]["compileBatchSizes"]
 
     # The model volume is mounted where the config says, on the head and on every stage.
     for template in [cluster["spec"]["headGroupSpec"]["template"], cluster["spec"]["workerGroupSpecs"][0]["template"]]:
