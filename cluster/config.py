@@ -66,7 +66,7 @@ class PipelineSection:
     compile: str = setting("auto", "compile each stage's decode step (torch.compile; CUDA graphs on GPUs) at load; auto: on for CUDA stages, off for CPU "
                            "ones (bench/compiled.py measures both)", "--compile", COMPILE_MODES)
     compile_batch_sizes: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "decode batch sizes compiled (a decode microbatch is padded up to the next; "
-                                             "larger ones and prefills run eagerly); sizes above max_num_seqs are skipped")
+                                             "larger ones and prefills run eagerly); sizes above max_num_seqs are skipped", "--compile-batch-sizes")
     memory_limit_mb: int | None = setting(None, "per-stage memory budget in MiB; unset: the device's (GPU × fraction, or free RAM)", "--memory-limit-mb")
     ready_timeout_s: float = setting(300.0, "seconds stages may take to be placed and loaded")
     recovery_timeout_s: float = setting(60.0, "seconds a failed stage has to come back before its requests end with 503")

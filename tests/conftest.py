@@ -15,14 +15,19 @@ torch.set_num_threads(1)
 
 def pytest_addoption(parser):
     parser.addoption("--compile", choices=("auto", "on", "off"), default=None,
-                     help="pipeline.compile for every `stagecoach serve` the tests start (e.g. the chaos and recovery tests compiled)")
+                     help="pipeline.compile for the Ray pipelines and `stagecoach serve` servers the tests start (e.g. the exactness, "
+                          "chaos and recovery tests compiled)")
+    parser.addoption("--compile-batch-sizes", default=None, help="with --compile: pipeline.compile_batch_sizes, e.g. 1,4,8")
 
 
 def pytest_configure(config):
-    if config.getoption("--compile"):
-        import os
+    import os
 
-        os.environ["STAGECOACH_TEST_COMPILE"] = config.getoption("--compile")  # read by test_serve.Server
+    # Read by test_serve.Server and test_ray_pipeline.make_config.
+    if config.getoption("--compile"):
+        os.environ["STAGECOACH_TEST_COMPILE"] = config.getoption("--compile")
+    if config.getoption("compile_batch_sizes"):
+        os.environ["STAGECOACH_TEST_COMPILE_BATCH_SIZES"] = config.getoption("compile_batch_sizes")
 
 
 @pytest.fixture(scope="session")

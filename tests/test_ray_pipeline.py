@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +30,21 @@ def greedy(n=NEW_TOKENS):
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
+def compile_settings() -> dict:
+    """pytest --compile (and --compile-batch-sizes): the stages' pipeline.compile for this run."""
+    settings = {"compile": os.environ["STAGECOACH_TEST_COMPILE"]} if os.environ.get("STAGECOACH_TEST_COMPILE") else {}
+    if settings and os.environ.get("STAGECOACH_TEST_COMPILE_BATCH_SIZES"):
+        settings["compile_batch_sizes"] = [int(b) for b in os.environ["STAGECOACH_TEST_COMPILE_BATCH_SIZES"].split(",")]
+    return settings
+
+
 def make_config(model_dir, counts, placement="auto", gpus=1.0, max_inflight=None, num_blocks=128, max_batch_tokens=512, memory_limit_mb=None):
     return ClusterConfig(
         model=ModelSection(path=str(model_dir)),
         pipeline=PipelineSection(
             layers=counts, gpus_per_stage=gpus, placement=placement, max_inflight=max_inflight,
             max_batch_tokens=max_batch_tokens, memory_limit_mb=memory_limit_mb, ready_timeout_s=120,
+            **compile_settings(),
         ),
         cache=CacheSection(block_size=8, num_blocks=num_blocks),
         transport=TransportSection(host="127.0.0.1"),

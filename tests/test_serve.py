@@ -33,6 +33,8 @@ class Server:
         env = os.environ | {"STAGECOACH_TEST_KEY": KEY, "STAGECOACH_TEST_LINK_TOKEN": LINK_TOKEN}
         if os.environ.get("STAGECOACH_TEST_COMPILE") and "--compile" not in args:  # pytest --compile on|off|auto
             args = [*args, "--compile", os.environ["STAGECOACH_TEST_COMPILE"]]
+            if os.environ.get("STAGECOACH_TEST_COMPILE_BATCH_SIZES"):
+                args += ["--compile-batch-sizes", os.environ["STAGECOACH_TEST_COMPILE_BATCH_SIZES"]]
         self.proc = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--port", str(self.port), *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         self.first_health = None
