@@ -22,9 +22,6 @@ from stagecoach.stage.model import AttentionMetadata, StageModel
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-
-
 def compile_enabled(mode: str, device_type: str) -> bool:
     """pipeline.compile: on, off, or auto (on for CUDA stages; CPU stages stay eager, see bench/README.md)."""
     return mode == "on" or (mode == "auto" and device_type == "cuda")
@@ -42,7 +39,8 @@ class CompiledDecode:
     show as a larger count (the tests check it does not).
     """
 
-    def __init__(self, model: StageModel, kv_cache: KVCache, batch_sizes: tuple[int, ...] | list[int] = BATCH_SIZES) -> None:
+    def __init__(self, model: StageModel, kv_cache: KVCache, batch_sizes: list[int]) -> None:
+        """batch_sizes: pipeline.compile_batch_sizes (through compiled_batch_sizes)."""
         self.model = model
         self.kv_cache = kv_cache
         self.batch_sizes = sorted(set(batch_sizes))

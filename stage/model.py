@@ -180,7 +180,6 @@ class AttentionMetadata:
                 meta.decode_mask = decode_mask(meta.decode_context_lens, max_blocks * block_size)
         return meta
 
-
     @classmethod
     def padded_decode(cls, seqs: list[tuple[int, list[int]]], block_size: int, device: torch.device, rows: int,
                       pad_block: int) -> AttentionMetadata:
@@ -235,8 +234,10 @@ class Attention(nn.Module):
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k.to(k_cache.dtype)
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v.to(v_cache.dtype)
 
-        if not meta.prefills and meta.decode_block_tables is not None:  # every row is a decode token (the compiled decode step's case): no gather, no scatter
-            out = decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling, meta.decode_mask)
+        if not meta.prefills and meta.decode_block_tables is not None:
+            # Every row is a decode token (always so in the compiled decode step): no gather, no scatter.
+            out = decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling,
+                                   meta.decode_mask)
             return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
         out = torch.empty_like(q)
         if meta.decode_token_index is not None:

@@ -10,7 +10,7 @@ import torch
 from stagecoach.errors import RequestError
 from stagecoach.proto.types import MicroBatch, SampleResult
 from stagecoach.stage import paged_attention, sampler_kernel
-from stagecoach.stage.compiled import BATCH_SIZES, CompiledDecode
+from stagecoach.stage.compiled import CompiledDecode
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.model import AttentionMetadata, StageModel, can_pack
 from stagecoach.stage.sampler import Sampler
@@ -104,7 +104,7 @@ class StageRunner:
             if len(ids) > chunk.num_tokens:
                 raise RequestError(f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens}")
 
-    def compile(self, batch_sizes: tuple[int, ...] | list[int] = BATCH_SIZES, progress: Callable[[str], None] | None = None) -> float:
+    def compile(self, batch_sizes: list[int], progress: Callable[[str], None] | None = None) -> float:
         """Compiles the decode step for these batch sizes now; decode microbatches run compiled from then on. Returns seconds."""
         self.compiled = CompiledDecode(self.model, self.kv_cache, batch_sizes)
         return self.compiled.warm_up(progress)
