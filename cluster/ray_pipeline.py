@@ -9,20 +9,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
+from urllib.parse import urlsplit
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.pipelines import GrpcPipeline, link_security, stage_plans
-from stagecoach.errors import ConfigError, StagecoachError
+from stagecoach.errors import ConfigError, PipelineError, StagecoachError
 from stagecoach.proto.types import LayerRange
 
 log = logging.getLogger(__name__)
 
 LOAD_LOG_EVERY_S = 5.0
+PROBE_TIMEOUT_S = 1.0  # a raylet that does not accept a connection within this is taken as unreachable
+SPARE_READY_S = 10.0  # for a one-bundle group on a spare node to be placed
 STRATEGIES = {"strict_spread": "STRICT_SPREAD", "spread": "SPREAD", "pack": "PACK"}
 
 
@@ -51,6 +55,18 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, host: s
             ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(f"cannot connect to Ray at {address!r}: {e}") from None
+
+
+def coordinator_host(ray_address: str | None) -> str:
+    """The address this coordinator's stages can reach it at: its Ray node's or, joined as a Ray client
+    (ray://host:port, no Ray node here), the local address of the route to the Ray head."""
+    if not (ray_address or "").startswith("ray://"):
+        return ray.util.get_node_ip_address()
+    head = urlsplit(ray_address).hostname
+    family = socket.AF_INET6 if ":" in head else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((head, 9))  # a UDP connect picks the route and sends nothing
+        return probe.getsockname()[0]
 
 
 def cluster_gpus() -> float:
@@ -127,6 +143,17 @@ class StageActor:
             self.worker.stop()
 
 
+def _reachable(node: dict | None) -> bool:
+    """Whether Ray counts the node alive and its raylet's port accepts a connection now (a cut link does not)."""
+    if not node or not node.get("Alive"):
+        return False
+    try:
+        socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), timeout=PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
 def _unwrap(error: Exception) -> Exception:
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, Exception) else error
@@ -140,12 +167,16 @@ class RayPipeline(GrpcPipeline):
         gpus = p.gpus_per_stage if p.gpus_per_stage is not None else (1.0 if cluster_gpus() > 0 else 0.0)
         self.strategy = resolve_strategy(p.placement, gpus)
         check_resources(len(ranges), p.cpus_per_stage, gpus, self.strategy)
-        host = t.host or ray.util.get_node_ip_address()
+        host = t.host or coordinator_host(p.ray_address)
         # The token reaches the stages as an actor argument, over Ray's own (authenticated) control plane.
         security = link_security(config)
         super().__init__(host, 0, t.max_message_mb * 2**20, security, heartbeat_timeout_s=p.heartbeat_timeout_s)
         self.ready_timeout_s = p.ready_timeout_s
+        self._call_timeout_s = p.ready_timeout_s  # while recovering: no longer than the recovery may take
+        self._recovery_timeout_s = p.recovery_timeout_s
         self._cpus, self._gpus = p.cpus_per_stage, gpus
+        self.moved: dict[int, object] = {}  # stage index → the one-bundle placement group it moved to (off a lost node)
+        self.fenced: list = []  # actors replaced while unreachable: killed again until Ray has them gone
         self._plans = [dataclasses.asdict(plan) for plan in stage_plans(config, ranges, security.token)]
         self.actors: list = []
         self.pg = None
@@ -168,18 +199,78 @@ class RayPipeline(GrpcPipeline):
             )
 
     def _new_actor(self, index: int):
-        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
+        """Stage `index`'s actor on its bundle: the pipeline's bundle `index`, or the group it moved to."""
+        pg, bundle = (self.moved[index], 0) if index in self.moved else (self.pg, index)
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
         return StageActor.options(num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy=strategy).remote(self._plans[index])
 
     def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
         refs = {i: getattr(self.actors[i], method).remote(*a) for i, a in args.items()}
-        return self._gather(refs, what, self.ready_timeout_s)
+        return self._gather(refs, what, self._call_timeout_s)
+
+    def recover(self, min_batch_id: int) -> None:
+        """GrpcPipeline's recovery, each call bounded by the recovery's deadline so that a stage that cannot
+        come back fails the attempt (and is tried again) instead of holding it for ready_timeout_s."""
+        self._kill_fenced()
+        self._call_timeout_s = min(self.ready_timeout_s, self._recovery_timeout_s)
+        try:
+            super().recover(min_batch_id)
+        finally:
+            self._call_timeout_s = self.ready_timeout_s
+
+    def health(self) -> list:
+        self._kill_fenced()
+        return super().health()
+
+    def _kill_fenced(self) -> None:
+        """Kills again every actor replaced while unreachable: a kill sent across a cut link may never have landed."""
+        for actor in self.fenced:
+            ray.kill(actor, no_restart=True)
 
     def _replace(self, dead: list[int]) -> None:
-        """A new actor on each dead stage's own bundle (Ray moves the bundle to another node if that node is gone)."""
+        """A new actor for each dead stage: on its own bundle when its node still answers (the process died);
+        off the node when the node is lost or unreachable (a silent link): on the pipeline's bundle where Ray
+        re-placed it, else on a spare node. With neither, PipelineError: the recovery tries again later."""
+        nodes = {n["NodeID"]: n for n in ray.nodes()}
         for i in dead:
-            ray.kill(self.actors[i], no_restart=True)
+            old = self.actors[i]
+            ray.kill(old, no_restart=True)
+            lost = self.stages[i].node_id if i < len(self.stages) else ""
+            if lost and not _reachable(nodes.get(lost)):
+                self.fenced.append(old)  # it may come back with the link: never wired in again, killed until gone
+                self._move(i, lost, nodes)
             self.actors[i] = self._new_actor(i)
+
+    def _move(self, index: int, lost: str, nodes: dict[str, dict]) -> None:
+        """Points stage `index` at a bundle on a live, reachable node other than `lost`."""
+        bundle_node = ray.util.placement_group_table(self.pg)["bundles_to_node_id"].get(index)
+        if bundle_node and bundle_node != lost and _reachable(nodes.get(bundle_node)):
+            log.warning("stage %d: its node %s is lost; back on its own bundle, which Ray placed on %s", index, lost[:8],
+                        nodes[bundle_node]["NodeManagerAddress"])
+            self._drop_moved(index)
+            return
+        busy = {s.node_id for s in self.stages} | {lost}
+        for node_id, node in nodes.items():
+            res = node.get("Resources", {})
+            if node_id in busy or res.get("GPU", 0) < self._gpus or res.get("CPU", 0) < self._cpus or not _reachable(node):
+                continue
+            # A one-bundle group pinned to the spare: reserved before the stage loads, and released on its own.
+            pg = placement_group([_bundle(self._cpus, self._gpus)], strategy="STRICT_PACK", bundle_label_selector=[{NODE_ID_LABEL_KEY: node_id}])
+            ready, _ = ray.wait([pg.ready()], timeout=SPARE_READY_S)
+            if not ready:
+                remove_placement_group(pg)  # its resources are taken after all
+                continue
+            log.warning("stage %d: its node %s is lost or unreachable; moving it to spare node %s", index, lost[:8], node["NodeManagerAddress"])
+            self._drop_moved(index)
+            self.moved[index] = pg
+            return
+        raise PipelineError(f"stage {index}'s node {nodes.get(lost, {}).get('NodeManagerAddress', lost[:8])} is lost or unreachable, "
+                            f"and no spare node (alive, reachable, {self._gpus:g} GPU + {self._cpus:g} CPU free) can take the stage")
+
+    def _drop_moved(self, index: int) -> None:
+        pg = self.moved.pop(index, None)
+        if pg is not None:
+            remove_placement_group(pg)
 
     def _load_with_progress(self, timeout: float) -> list[dict]:
         """Loads every stage, showing each stage's bytes loaded (a 32B stage takes minutes)."""
@@ -237,6 +328,10 @@ class RayPipeline(GrpcPipeline):
                 pass  # already gone: nothing of it left to stop
             ray.kill(actor)
         self.actors = []
+        self._kill_fenced()
+        self.fenced = []
+        for index in list(self.moved):
+            self._drop_moved(index)
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None

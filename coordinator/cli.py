@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dir", default=None, help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)")
     fetch.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
+    from stagecoach.cluster.testbed import add_parser as add_testbed
+
+    add_testbed(sub)
+
     rnd = sub.add_parser("make-random-model", help="write a small random Qwen2 checkpoint folder (for trying things out)")
     rnd.add_argument("--dir", required=True)
     rnd.add_argument("--layers", type=int, default=4)
@@ -215,9 +219,16 @@ def cmd_make_random_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from stagecoach.cluster.testbed import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "serve": cmd_serve, "top": cmd_top, "submit": cmd_submit, "fetch-demo-model": cmd_fetch_demo_model, "make-random-model": cmd_make_random_model}
+    handlers = {"generate": cmd_generate, "serve": cmd_serve, "top": cmd_top, "submit": cmd_submit, "fetch-demo-model": cmd_fetch_demo_model,
+                "make-random-model": cmd_make_random_model, "testbed": cmd_testbed}
     try:
         return handlers[args.command](args)
     except StagecoachError as e:

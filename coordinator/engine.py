@@ -115,18 +115,21 @@ class Engine:
     def recovering(self) -> bool:
         return self.failure is not None
 
-    def report_failure(self, reason: str) -> None:
-        """A missed heartbeat while the pipe may be idle: have the loop recover."""
-        if not self.recovering:
-            self._calls.put(("fail", reason))
+    def report_failure(self, reason: str, recoveries: int | None = None) -> None:
+        """A missed heartbeat while the pipe may be idle: have the loop recover. `recoveries`: how many had
+        finished when the stages were asked; one finished since answers the report already."""
+        recoveries = len(self.recoveries) if recoveries is None else recoveries
+        if not self.recovering and recoveries == len(self.recoveries):
+            self._calls.put(("fail", reason, recoveries))
             self.pipeline.wake()
 
     def check_stages(self) -> list[str]:
         """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery."""
+        recoveries = len(self.recoveries)  # a check that spans a recovery asked the stages that recovery replaced
         replies = self.pipeline.health()
         dead = self._unanswered(replies)
         if dead:
-            self.report_failure(f"stage {', '.join(str(stage.index) for stage, _ in dead)} missed its heartbeat")
+            self.report_failure(f"stage {', '.join(str(stage.index) for stage, _ in dead)} missed its heartbeat", recoveries)
         return ["failed" if isinstance(r, Exception) else "ready" for r in replies]
 
     def _unanswered(self, replies: list) -> list[tuple[StageSummary, Exception]]:
@@ -293,7 +296,8 @@ class Engine:
             if call[0] == "add":
                 self._add_all(*call[1:])
             elif call[0] == "fail":
-                raise PipelineError(call[1])
+                if call[2] == len(self.recoveries):  # else a recovery since the report has answered it
+                    raise PipelineError(call[1])
             else:
                 seq = self.scheduler.sequences.get(call[1])
                 if seq is not None and not seq.is_finished:

@@ -138,8 +138,8 @@ def test_two_hundred_malformed_microbatches_are_refused_and_the_stage_keeps_serv
     assert greedy_ids(pipeline, [[3, 4, 5]]) == greedy_ids(local, [[3, 4, 5]])
 
 
-def make_ca_and_certs(directory):
-    """A CA, and a certificate for 127.0.0.1 signed by it (used by every party), with the cryptography package."""
+def make_ca_and_certs(directory, addresses=("127.0.0.1",)):
+    """A CA, and a certificate for the addresses signed by it (used by every party), with the cryptography package."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -160,7 +160,7 @@ def make_ca_and_certs(directory):
     cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stage")])).issuer_name(ca_name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([*(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses), x509.DNSName("localhost")]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -27,10 +27,10 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 class Server:
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log = log
-        env = os.environ | {"STAGECOACH_TEST_KEY": KEY, "STAGECOACH_TEST_LINK_TOKEN": LINK_TOKEN}
+        env = os.environ | {"STAGECOACH_TEST_KEY": KEY, "STAGECOACH_TEST_LINK_TOKEN": LINK_TOKEN} | (env or {})
         if os.environ.get("STAGECOACH_TEST_COMPILE") and "--compile" not in args:  # pytest --compile on|off|auto
             args = [*args, "--compile", os.environ["STAGECOACH_TEST_COMPILE"]]
             if os.environ.get("STAGECOACH_TEST_COMPILE_BATCH_SIZES"):

@@ -1,0 +1,366 @@
+"""Many hosts on one Linux machine: network namespaces on a bridge, a Ray node in each, silent link cuts and shaping.
+
+A developer tool (root only). Everything it makes is named with PREFIX, so that `down` (and every
+`up`, first) removes what a killed earlier run left: the namespaces with every process inside
+them, their veth links, the bridge. The machine's own namespace gets one address, the bridge's
+(`coordinator_address`), where `stagecoach serve` reaches the nodes; nothing the testbed starts
+listens there: the Ray head sits in a namespace of its own and drivers join it as Ray clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from stagecoach.errors import ConfigError
+
+PREFIX = "sctb"
+BRIDGE = f"{PREFIX}-br"
+HEAD_NS = f"{PREFIX}-head"
+STATE_DIR = Path("/tmp/stagecoach-testbed")  # short: Ray's socket paths live under it
+GCS_PORT = 6379
+CLIENT_PORT = 10001
+FIRST_NODE_HOST = 10  # node i gets <subnet>.(10 + i); .1 is the bridge (the machine's side), .2 the head
+# Ray's node-death detection on the testbed: the GCS pings each raylet every second and declares a node
+# dead after `--node-death-s` misses (default 5; Ray's own defaults take 15 s or more).
+NODE_DEATH_S = 5
+UP_TIMEOUT_S = 120.0
+
+
+class TestbedError(ConfigError):
+    """The testbed cannot be made or changed here (not root, not Linux, no `ip`, no such node)."""
+
+    __test__ = False
+
+
+@dataclass(slots=True)
+class Node:
+    index: int
+    namespace: str
+    address: str
+    spare: bool
+    cut: bool = False
+    limit: str | None = None  # tbf rate on the node's egress, e.g. "20mbit"
+
+
+@dataclass(slots=True)
+class Testbed:
+    subnet: str  # the /24, e.g. 10.213.7.0/24
+    bridge_address: str
+    head_address: str
+    nodes: list[Node] = field(default_factory=list)
+    node_death_s: int = NODE_DEATH_S
+    heal_timers: dict[str, int] = field(default_factory=dict)  # node index → pid of a `heal --after` waiting
+
+    @property
+    def ray_address(self) -> str:
+        return f"ray://{self.head_address}:{CLIENT_PORT}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a Ray client of the testbed (`stagecoach serve --ray-address ...`) needs in its environment."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(STATE_DIR / "auth_token")}
+
+    def summary(self) -> dict:
+        alive = _alive_addresses(self)
+        return {
+            "ray_address": self.ray_address,
+            "coordinator_address": self.bridge_address,
+            "env": self.env,
+            "nodes": [{"index": n.index, "namespace": n.namespace, "address": n.address, "spare": n.spare, "cut": n.cut, "limit": n.limit,
+                       "ray_alive": n.address in alive} for n in self.nodes],
+        }
+
+    def node(self, index: int) -> Node:
+        if not 0 <= index < len(self.nodes):
+            raise TestbedError(f"node {index}: the testbed has nodes 0-{len(self.nodes) - 1}")
+        return self.nodes[index]
+
+    def save(self) -> None:
+        (STATE_DIR / "state.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls) -> Testbed:
+        try:
+            data = json.loads((STATE_DIR / "state.json").read_text())
+        except FileNotFoundError:
+            raise TestbedError("no testbed is up: run `stagecoach testbed up --nodes N` first") from None
+        data["nodes"] = [Node(**n) for n in data["nodes"]]
+        return cls(**data)
+
+
+# -- plumbing -------------------------------------------------------------------------------------
+def require_root() -> None:
+    if sys.platform != "linux":
+        raise TestbedError(f"the testbed needs Linux network namespaces; this is {sys.platform}")
+    if os.geteuid() != 0:
+        raise TestbedError("the testbed makes network namespaces and links: run it as root")
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        raise TestbedError("the testbed needs iproute2's `ip` and `tc` (apt-get install iproute2)")
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise TestbedError(f"`{' '.join(cmd)}` failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done
+
+
+def _veth(index: int | str) -> str:
+    return f"{PREFIX}-v{index}"  # the machine's end; the namespace's end is its eth0
+
+
+def _namespaces() -> list[str]:
+    out = _run("ip", "netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].startswith(f"{PREFIX}-")]
+
+
+def _kill_namespace_processes(namespace: str) -> None:
+    """Every process whose network namespace is this one (Ray daemonises its own: they stay inside)."""
+    for _ in range(50):
+        pids = [int(p) for p in _run("ip", "netns", "pids", namespace, check=False).stdout.split()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def _ray_env(node_death_s: int) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": str(node_death_s)}
+    return env | health | {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
+                               "RAY_AUTH_TOKEN_PATH": str(STATE_DIR / "auth_token")}
+
+
+def _ray_start(bed: Testbed, namespace: str, args: list[str]) -> None:
+    ray = str(Path(sys.executable).parent / "ray")
+    cmd = ["ip", "netns", "exec", namespace, ray, "start", "--disable-usage-stats", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_ray_env(bed.node_death_s), cwd="/", timeout=UP_TIMEOUT_S)
+    if done.returncode != 0:
+        raise TestbedError(f"`ray start` in {namespace} failed: {(done.stderr or done.stdout)[-2000:]}")
+
+
+def _start_worker(bed: Testbed, node: Node) -> None:
+    _ray_start(bed, node.namespace, [f"--address={bed.head_address}:{GCS_PORT}", f"--node-ip-address={node.address}", "--num-cpus=1", "--num-gpus=1",
+                                "--object-store-memory=80000000"])
+
+
+def _gcs_nodes(bed: Testbed) -> list:
+    os.environ.update(bed.env)  # before Ray is imported: it reads its token once
+    from ray._raylet import GcsClient
+
+    return list(GcsClient(address=f"{bed.head_address}:{GCS_PORT}").get_all_node_info(timeout=5).values())
+
+
+def _alive_addresses(bed: Testbed) -> set[str]:
+    try:
+        return {n.node_manager_address for n in _gcs_nodes(bed) if n.state == 0}  # 0: ALIVE
+    except Exception:  # the head is gone or unreachable: no node counts as alive
+        return set()
+
+
+def _wait_alive(bed: Testbed, addresses: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not addresses <= (alive := _alive_addresses(bed)):
+        if time.monotonic() > deadline:
+            raise TestbedError(f"Ray nodes {sorted(addresses - alive)} did not join within {timeout:g} s")
+        time.sleep(0.3)
+
+
+def _no_ipv6(link: str) -> None:
+    Path(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6").write_text("1")
+
+
+def _shape(node: Node) -> None:
+    """The node's egress qdisc from its state: blackhole while cut, tbf while limited, else the default."""
+    ns_side = ("ip", "netns", "exec", node.namespace, "tc", "qdisc")
+    if node.cut:
+        # Both ends: what the node sends and what is sent to it vanish, with no reset and no error.
+        _run(*ns_side, "replace", "dev", "eth0", "root", "blackhole")
+        _run("tc", "qdisc", "replace", "dev", _veth(node.index), "root", "blackhole")
+        return
+    _run("tc", "qdisc", "del", "dev", _veth(node.index), "root", check=False)
+    if node.limit:
+        _run(*ns_side, "replace", "dev", "eth0", "root", "tbf", "rate", node.limit, "burst", "32kb", "latency", "1s")
+    else:
+        _run(*ns_side, "del", "dev", "eth0", "root", check=False)
+
+
+# -- commands -------------------------------------------------------------------------------------
+def up(nodes: int, spare: int = 0, bandwidth: str | None = None, subnet: str = "10.213.7.0/24", node_death_s: int = NODE_DEATH_S) -> Testbed:
+    require_root()
+    if nodes < 1 or spare < 0 or nodes + spare > 200:
+        raise TestbedError(f"--nodes must be at least 1 and --spare at least 0, with at most 200 in all; got {nodes} and {spare}")
+    net = ipaddress.ip_network(subnet)
+    if net.prefixlen != 24 or not net.is_private:
+        raise TestbedError(f"--subnet must be a private /24, got {subnet}")
+    if node_death_s < 1:
+        raise TestbedError(f"--node-death-s must be at least 1, got {node_death_s}")
+    down()
+    try:
+        return _make(net, nodes, spare, bandwidth, node_death_s)
+    except BaseException:
+        down()  # nothing half-made stays behind
+        raise
+
+
+def _make(net, nodes: int, spare: int, bandwidth: str | None, node_death_s: int) -> Testbed:
+    hosts = list(net.hosts())
+    bed = Testbed(str(net), str(hosts[0]), str(hosts[1]), node_death_s)
+    bed.nodes = [Node(i, f"{PREFIX}-{i}", str(hosts[FIRST_NODE_HOST - 1 + i]), i >= nodes, limit=bandwidth) for i in range(nodes + spare)]
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    (STATE_DIR / "auth_token").write_text(secrets.token_hex(32))
+    (STATE_DIR / "auth_token").chmod(0o600)
+    bed.save()
+    _run("ip", "link", "add", BRIDGE, "type", "bridge")
+    _run("ip", "addr", "add", f"{bed.bridge_address}/24", "dev", BRIDGE)
+    _no_ipv6(BRIDGE)
+    _run("ip", "link", "set", BRIDGE, "up")
+    for name, veth, address in [(HEAD_NS, _veth("h"), bed.head_address)] + [(n.namespace, _veth(n.index), n.address) for n in bed.nodes]:
+        _run("ip", "netns", "add", name)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        _run("ip", "-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+        _run("ip", "-n", name, "link", "set", "eth0", "up")
+        _run("ip", "-n", name, "link", "set", "lo", "up")
+        # IPv4 only: no link-local IPv6 address appears that a wildcard listener would also cover.
+        _run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        _no_ipv6(veth)
+    for n in bed.nodes:
+        _shape(n)
+    # The head holds no GPU, like the chart's head pod: stages land on the nodes.
+    _ray_start(bed, HEAD_NS, ["--head", f"--node-ip-address={bed.head_address}", f"--port={GCS_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
+                         "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={STATE_DIR / 'ray'}",
+                         "--object-store-memory=80000000"])
+    for n in bed.nodes:  # one at a time: raylets started together on a small machine miss Ray's start-up deadline
+        _start_worker(bed, n)
+    _wait_alive(bed, {bed.head_address} | {n.address for n in bed.nodes}, UP_TIMEOUT_S)
+    return bed
+
+
+def cut(index: int, for_s: float | None = None) -> Testbed:
+    require_root()
+    bed = Testbed.load()
+    node = bed.node(index)
+    node.cut = True
+    _shape(node)
+    if for_s is not None:
+        # A detached `heal --after`, so that this command returns now; `down` ends it if it is still waiting.
+        timer = subprocess.Popen([sys.executable, "-m", "stagecoach.coordinator.cli", "testbed", "heal", str(index), "--after", str(for_s)],
+                                 stdout=subprocess.DEVNULL, stderr=open(STATE_DIR / f"heal-{index}.log", "w"), start_new_session=True)
+        bed.heal_timers[str(index)] = timer.pid
+    bed.save()
+    return bed
+
+
+def heal(index: int, after_s: float = 0.0) -> Testbed:
+    """Restores the node's link; a node Ray declared dead meanwhile gets a fresh Ray worker (its raylet exits on return)."""
+    require_root()
+    time.sleep(after_s)
+    bed = Testbed.load()
+    node = bed.node(index)
+    node.cut = False
+    _shape(node)
+    bed.heal_timers.pop(str(index), None)
+    bed.save()
+    # Give the raylet a moment to hear from the GCS: alive, or told it was declared dead and exiting.
+    time.sleep(1.5)
+    if node.address not in _alive_addresses(bed):
+        _kill_namespace_processes(node.namespace)
+        _start_worker(bed, node)
+        _wait_alive(bed, {node.address}, UP_TIMEOUT_S)
+    return bed
+
+
+def limit(index: int, rate: str) -> Testbed:
+    """Shapes what the node sends (tbf on its egress) to `rate` (tc's units: 20mbit, 500kbit); `off` removes it."""
+    require_root()
+    bed = Testbed.load()
+    node = bed.node(index)
+    node.limit = None if rate == "off" else rate
+    _shape(node)
+    bed.save()
+    return bed
+
+
+def down() -> None:
+    """Removes every namespace (and each process inside it), link and bridge the testbed made; safe to run twice."""
+    require_root()
+    try:
+        timers = Testbed.load().heal_timers.values()
+    except (TestbedError, ValueError, TypeError):
+        timers = []
+    for pid in timers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for name in _namespaces():
+        _kill_namespace_processes(name)
+        _run("ip", "netns", "del", name, check=False)
+    links = _run("ip", "-o", "link", "show", check=False).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(f"{PREFIX}-"):
+            _run("ip", "link", "del", name, check=False)
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+# -- the command line -----------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    tb = sub.add_parser("testbed", help="many hosts on one Linux machine (root): network namespaces, a Ray node in each, link cuts",
+                        description=__doc__)
+    cmds = tb.add_subparsers(dest="testbed_command", required=True)
+    p = cmds.add_parser("up", help="(re)make the testbed: N nodes + K spare ones, a Ray head outside them; prints its JSON")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--spare", type=int, default=0, help="extra nodes no stage is placed on at first: where a stage on a lost node moves")
+    p.add_argument("--bandwidth", default=None, help="shape every node's egress to this rate (tc units: 1gbit, 100mbit)")
+    p.add_argument("--subnet", default="10.213.7.0/24", help="the private /24 the testbed's addresses come from")
+    p.add_argument("--node-death-s", type=int, default=NODE_DEATH_S,
+                   help="seconds of silence after which Ray declares a node dead (its GCS pings each raylet every second)")
+    p = cmds.add_parser("cut", help="node NODE's link drops every packet silently (no reset, no closed socket)")
+    p.add_argument("node", type=int)
+    p.add_argument("--for", dest="for_s", type=float, default=None, help="heal it by itself after this many seconds")
+    p = cmds.add_parser("heal", help="restore node NODE's link (and its Ray worker, if Ray declared the node dead meanwhile)")
+    p.add_argument("node", type=int)
+    p.add_argument("--after", type=float, default=0.0, help=argparse.SUPPRESS)
+    p = cmds.add_parser("limit", help="shape what node NODE sends to RATE (tbf on its egress; tc units: 20mbit); RATE off removes it")
+    p.add_argument("node", type=int)
+    p.add_argument("rate")
+    cmds.add_parser("status", help="print the testbed's JSON (with each node's link and Ray state)")
+    cmds.add_parser("down", help="remove every namespace, link, bridge and process the testbed made")
+
+
+def run(args: argparse.Namespace) -> int:
+    c = args.testbed_command
+    if c == "down":
+        down()
+        return 0
+    if c == "up":
+        bed = up(args.nodes, args.spare, args.bandwidth, args.subnet, args.node_death_s)
+    elif c == "cut":
+        bed = cut(args.node, args.for_s)
+    elif c == "heal":
+        bed = heal(args.node, args.after)
+    elif c == "limit":
+        bed = limit(args.node, args.rate)
+    else:
+        require_root()
+        bed = Testbed.load()
+    print(json.dumps(bed.summary()))
+    return 0
