@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 LOAD_LOG_EVERY_S = 5.0
 PROBE_TIMEOUT_S = 1.0  # a raylet that does not accept a connection within this is taken as unreachable
-SPARE_READY_S = 10.0  # for a one-bundle group on a spare node to be placed
+SPARE_READY_S = 10.0
+CLIENT_ATTEMPTS = 3  # for a one-bundle group on a spare node to be placed
 STRATEGIES = {"strict_spread": "STRICT_SPREAD", "spread": "SPREAD", "pack": "PACK"}
 
 
@@ -52,9 +53,23 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, host: s
                     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             ray.init(**kwargs, **quiet)
         else:
-            ray.init(address=address, **quiet)
+            _init_remote(address, quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(f"cannot connect to Ray at {address!r}: {e}") from None
+
+
+def _init_remote(address: str, kwargs: dict) -> None:
+    """ray.init of an address; a Ray client (ray://) tries again when the head's per-client server failed
+    to start (it is forked while the proxy's gRPC threads run, and now and then dies at once)."""
+    for attempt in range(CLIENT_ATTEMPTS):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except (ConnectionError, RuntimeError) as e:
+            if not address.startswith("ray://") or "Initialization failure from server" not in str(e) or attempt == CLIENT_ATTEMPTS - 1:
+                raise
+            log.warning("Ray client connection failed (%s); trying again", str(e).splitlines()[-1][:200])
+            ray.shutdown()  # the half-made client connection
 
 
 def coordinator_host(ray_address: str | None) -> str:

@@ -142,6 +142,8 @@ def _kill_namespace_processes(namespace: str) -> None:
 def _ray_env(node_death_s: int) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    # "0" (set for single-machine clusters on 127.0.0.1) makes `ray start` refuse to join nodes together.
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": str(node_death_s)}
     return env | health | {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
                                "RAY_AUTH_TOKEN_PATH": str(STATE_DIR / "auth_token")}
@@ -150,9 +152,13 @@ def _ray_env(node_death_s: int) -> dict[str, str]:
 def _ray_start(bed: Testbed, namespace: str, args: list[str]) -> None:
     ray = str(Path(sys.executable).parent / "ray")
     cmd = ["ip", "netns", "exec", namespace, ray, "start", "--disable-usage-stats", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=_ray_env(bed.node_death_s), cwd="/", timeout=UP_TIMEOUT_S)
+    # Ray's daemons inherit these: a log file and no stdin, never a pipe of this short-lived command.
+    log = STATE_DIR / f"ray-start-{namespace}.log"
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_ray_env(bed.node_death_s), cwd="/",
+                              timeout=UP_TIMEOUT_S, start_new_session=True)
     if done.returncode != 0:
-        raise TestbedError(f"`ray start` in {namespace} failed: {(done.stderr or done.stdout)[-2000:]}")
+        raise TestbedError(f"`ray start` in {namespace} failed: {log.read_text()[-2000:]}")
 
 
 def _start_worker(bed: Testbed, node: Node) -> None:

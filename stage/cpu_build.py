@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 # What both kernels share, compiled ahead of each (load_inline puts torch/extension.h first):
 # - exp(x) for x <= 0 as a branch-free polynomial the compiler vectorises (torch's exp is scalar on some CPUs, and
@@ -40,14 +42,30 @@ static inline float exp_neg(float x) {
 """
 
 
+STALE_LOCK_S = 600.0  # a build takes about a minute here: a lock this old was left by a builder that was killed
+
+
+def _drop_stale_lock(lock: Path, log: logging.Logger) -> None:
+    """torch's build lock is a plain file: a stage killed mid-build (a chaos test, `testbed down`) leaves it, and
+    every later build would wait on it for ever."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def build(name: str, source: str, functions: list[str], log: logging.Logger, what: str, fallback: str) -> object | None:
     """The compiled module, or None after one warning: `what` could not be built, `fallback` is used instead.
 
     Where there is no compiler, no ninja or a read-only cache the stage still runs, on torch's operators.
     """
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+        _drop_stale_lock(Path(_get_build_directory(name, verbose=False)) / "lock", log)
         return load_inline(name=name, cpp_sources=source, functions=functions,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:

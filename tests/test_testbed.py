@@ -91,7 +91,8 @@ def server(bed, tmp_path_factory):
         "cache": {"block_size": 8, "num_blocks": 512},
         "transport": tls,  # no host: each stage binds its node's address, the coordinator the one its route to the head leaves by
     }))
-    s = Server(["--config", str(config), "--ray-address", bed["ray_address"]], tmp / "server.log", env=bed["env"])
+    s = Server(["--config", str(config), "--ray-address", bed["ray_address"]], tmp / "server.log",
+               env=bed["env"] | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})  # not the session cluster's "0": the nodes are not on 127.0.0.1
     try:
         s.wait_ready(timeout=240)
         yield s
