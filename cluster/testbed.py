@@ -1,6 +1,6 @@
 """Many hosts on one Linux machine: network namespaces on a bridge, a Ray node in each, silent link cuts and shaping.
 
-A developer tool (root only). Everything it makes is named with PREFIX, so that `down` (and every
+A developer tool (root only). Everything it makes is named `sctb-...`, so that `down` (and every
 `up`, first) removes what a killed earlier run left: the namespaces with every process inside
 them, their veth links, the bridge. The machine's own namespace gets one address, the bridge's
 (`coordinator_address`), where `stagecoach serve` reaches the nodes; nothing the testbed starts
