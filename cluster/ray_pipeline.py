@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 LOAD_LOG_EVERY_S = 5.0
 PROBE_TIMEOUT_S = 1.0  # a raylet that does not accept a connection within this is taken as unreachable
-SPARE_READY_S = 10.0
-CLIENT_ATTEMPTS = 3  # for a one-bundle group on a spare node to be placed
+SPARE_READY_S = 10.0  # for a one-bundle group on a spare node to be placed
+CLIENT_ATTEMPTS = 3  # Ray client connections (ray://) tried
 STRATEGIES = {"strict_spread": "STRICT_SPREAD", "spread": "SPREAD", "pack": "PACK"}
 
 
