@@ -219,13 +219,13 @@ def test_a_slow_link_out_of_stage_0_shows_in_its_hop_only(bed, server):
         s = stats(server)
         return [s["stages"][0]["hop_ms"]["p50"], s["stages"][1]["hop_ms"]["p50"], s["latency"]["coordinator_hop_ms"]["p50"]]
 
-    prefills(4)
+    prefills(8)  # medians of 8: a slow first request or two do not move them
     before = hops()
     node = node_of(bed, stage_hosts(server)[0])
     # 1000 tokens x hidden 64 x float32 = 256 kB: at 4 Mbit/s about 0.5 s, against a few ms unshaped.
     run_testbed("limit", str(node), "4mbit")
     try:
-        prefills(8)  # twice as many as before: the windows' medians are the shaped ones
+        prefills(16)  # twice as many as before: the windows' medians are the shaped ones
         after = hops()
     finally:
         run_testbed("limit", str(node), "off")
