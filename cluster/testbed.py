@@ -35,6 +35,7 @@ FIRST_NODE_HOST = 10  # node i gets <subnet>.(10 + i); .1 is the bridge (the mac
 # dead after `--node-death-s` misses (default 5; Ray's own defaults take 15 s or more).
 NODE_DEATH_S = 5
 UP_TIMEOUT_S = 120.0
+BIN_DIR = Path(sys.executable).parent  # this venv's `ray`, also on the PATH of Ray's workers
 
 
 class TestbedError(ConfigError):
@@ -121,8 +122,8 @@ def _veth(index: int | str) -> str:
 
 
 def _namespaces() -> list[str]:
-    out = _run("ip", "netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].startswith(f"{PREFIX}-")]
+    names = [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(f"{PREFIX}-")]
 
 
 def _kill_namespace_processes(namespace: str) -> None:
@@ -139,23 +140,21 @@ def _kill_namespace_processes(namespace: str) -> None:
         time.sleep(0.1)
 
 
-def _ray_env(node_death_s: int) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
+def _ray_env(bed: Testbed) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     # "0" (set for single-machine clusters on 127.0.0.1) makes `ray start` refuse to join nodes together.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
-    health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": str(node_death_s)}
-    return env | health | {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
-                               "RAY_AUTH_TOKEN_PATH": str(STATE_DIR / "auth_token")}
+    health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+              "RAY_health_check_failure_threshold": str(bed.node_death_s)}
+    return env | health | bed.env | {"PATH": f"{BIN_DIR}:{env.get('PATH', '')}"}
 
 
 def _ray_start(bed: Testbed, namespace: str, args: list[str]) -> None:
-    ray = str(Path(sys.executable).parent / "ray")
-    cmd = ["ip", "netns", "exec", namespace, ray, "start", "--disable-usage-stats", *args]
+    cmd = ["ip", "netns", "exec", namespace, str(BIN_DIR / "ray"), "start", "--disable-usage-stats", *args]
     # Ray's daemons inherit these: a log file and no stdin, never a pipe of this short-lived command.
     log = STATE_DIR / f"ray-start-{namespace}.log"
     with open(log, "w") as out:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_ray_env(bed.node_death_s), cwd="/",
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_ray_env(bed), cwd="/",
                               timeout=UP_TIMEOUT_S, start_new_session=True)
     if done.returncode != 0:
         raise TestbedError(f"`ray start` in {namespace} failed: {log.read_text()[-2000:]}")
