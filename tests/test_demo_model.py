@@ -48,7 +48,9 @@ def test_logits_match_transformers_gguf_loading(demo_dir):
     ours = pipe.last_logits
     err = (ours - ref).abs().max().item()
     print(f"demo model vs transformers GGUF loading: max abs logit difference {err:.3g} over 16 positions")
-    assert err <= 1e-3
+    # oneDNN's prepacked products sum in another order than transformers' (MKL): 1.5e-3 on an AVX2-only CPU, at the one
+    # position whose activations are large ("!" after "Hello, world"; logits up to 21.6), 5e-5 at the others.
+    assert err <= 2.5e-3
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
