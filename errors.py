@@ -84,6 +84,10 @@ class PipelineError(StagecoachError):
     """A stage failed a microbatch or cannot be reached."""
 
 
+class StageComputeError(StagecoachError):
+    """A stage failed a request's microbatches again after a retry on its own, while the stage stayed up: the request ends, others go on."""
+
+
 class EngineFailure(StagecoachError):
     """The engine loop died on an unexpected error; the requests it held cannot finish."""
 
@@ -125,6 +129,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     ShuttingDownError: ErrorKind(503, _SERVER, "shutting_down", "UNAVAILABLE", 1),
     RequestTimeoutError: ErrorKind(408, _CLIENT, "request_timeout", "DEADLINE_EXCEEDED", 1),
     PipelineError: ErrorKind(503, _SERVER, "pipeline_failed", "UNAVAILABLE", 1, retry_after_s=5),
+    StageComputeError: ErrorKind(500, _SERVER, "stage_error", "INTERNAL", 1),
     EngineFailure: ErrorKind(500, _SERVER, "engine_failed", "INTERNAL", 1),
 }
 

@@ -148,6 +148,20 @@ class ServerSection:
 
 
 @dataclass(slots=True)
+class PoisonSetting:
+    """testing.poison: one stage raises in compute on every microbatch that holds a first prefill chunk of this many tokens."""
+
+    __test__ = False  # not a pytest test class
+
+    stage: int = setting(0, "the stage that raises (a stage started again in its place raises too)")
+    prefill_tokens: int = setting(1, "the length of the prefill chunk, starting at position 0, that makes it raise")
+
+    def __post_init__(self) -> None:
+        if self.stage < 0 or self.prefill_tokens < 1:
+            raise ConfigError(f"testing.poison needs stage >= 0 and prefill_tokens >= 1, got stage {self.stage}, prefill_tokens {self.prefill_tokens}")
+
+
+@dataclass(slots=True)
 class TestingSection:
     """Knobs for tests and benchmarks only: each makes the system misbehave on purpose. Leave them unset in production."""
 
@@ -155,6 +169,8 @@ class TestingSection:
 
     stage_delay_ms: list[float] | None = setting(None, "extra milliseconds added to each stage's every forward (one value per stage): a slow stage")
     engine_crash_token_id: int | None = setting(None, "the engine loop raises an unexpected error when it schedules a prompt holding this token id")
+    poison: PoisonSetting | None = setting(None, "a poisoned request: {stage, prefill_tokens}; that stage fails every microbatch holding a "
+                                           "prefill chunk from position 0 of exactly prefill_tokens tokens, staying alive")
 
 
 @dataclass(slots=True)
@@ -170,6 +186,9 @@ class ClusterConfig:
         delays = self.testing.stage_delay_ms
         if delays is not None and (len(delays) != self.pipeline.num_stages or min(delays) < 0):
             raise ConfigError(f"testing.stage_delay_ms needs one non-negative value per stage ({self.pipeline.num_stages}), got {delays}")
+        poison = self.testing.poison
+        if poison is not None and poison.stage >= self.pipeline.num_stages:
+            raise ConfigError(f"testing.poison.stage {poison.stage} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})")
         # `~` and $VARS expand; a relative path is taken from the working directory, as on the command line.
         self.model.path = os.path.expanduser(os.path.expandvars(self.model.path))
 
@@ -297,6 +316,9 @@ def _build(cls, data: dict, prefix: str):
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and value is not None:
+            # An optional nested section (`poison: PoisonSetting | None`) given a value is built like a section.
+            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
         else:

@@ -49,16 +49,17 @@ def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
 def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str) -> list[StagePlan]:
     """One plan per stage. Every StagePlan field that a config section has under the same name comes from it,
     so a stage's settings are written once, in cluster/config.py."""
-    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "link_token"}
+    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "poison_prefill_tokens", "link_token"}
     names = {f.name for f in dataclasses.fields(StagePlan)} - per_stage
     shared = {}
     for section in (config.model, config.pipeline, config.cache, config.transport):
         shared |= {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
     assert set(shared) == names, f"StagePlan fields without a config setting: {sorted(names - set(shared))}"
-    port, delays = config.transport.port, config.testing.stage_delay_ms
+    port, delays, poison = config.transport.port, config.testing.stage_delay_ms, config.testing.poison
     return [
         StagePlan(index=i, model_dir=str(config.model.path), layer_start=start, layer_end=end, port=port + i if port else 0,
-                  delay_ms=delays[i] if delays else 0.0, link_token=link_token, **shared)
+                  delay_ms=delays[i] if delays else 0.0, poison_prefill_tokens=poison.prefill_tokens if poison and poison.stage == i else None,
+                  link_token=link_token, **shared)
         for i, (start, end) in enumerate(ranges)
     ]
 
@@ -80,8 +81,11 @@ def open_pipeline(config: ClusterConfig):
         device = "cpu" if config.pipeline.device == "auto" else config.pipeline.device
         p = config.pipeline
         sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs) if compile_enabled(p.compile, device.split(":")[0]) else None
-        return LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks=cpu_num_blocks(c.num_blocks, c.max_tokens, c.block_size),
-                                  block_size=c.block_size, compile_batch_sizes=sizes)
+        pipeline = LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks=cpu_num_blocks(c.num_blocks, c.max_tokens, c.block_size),
+                                      block_size=c.block_size, compile_batch_sizes=sizes)
+        if config.testing.poison is not None:
+            pipeline.runners[config.testing.poison.stage].poison_prefill_tokens = config.testing.poison.prefill_tokens
+        return pipeline
     from stagecoach.cluster.ray_pipeline import RayPipeline, connect_ray
 
     p = config.pipeline
@@ -106,6 +110,14 @@ class _Inbox:
 
     def wake(self) -> None:
         self._inbox.put(_WAKE)
+
+
+class StageFailed(Exception):
+    """An in-process stage raised on a microbatch (LocalPipeline): which stage, and its error."""
+
+    def __init__(self, stage: int, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class LocalPipeline(_Inbox):
@@ -134,10 +146,14 @@ class LocalPipeline(_Inbox):
         return cls(runners, ranges)
 
     def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:
+        """Runs the microbatch through every stage; a stage's error is raised as StageFailed, naming the stage."""
         hidden = None
         for index, runner in enumerate(self.runners):
             start = time.monotonic_ns()
-            out = runner.execute(runner.prepare(batch, hidden))
+            try:
+                out = runner.execute(runner.prepare(batch, hidden))
+            except Exception as e:
+                raise StageFailed(index, f"stage {index}: {type(e).__name__}: {e}") from e
             hidden = out.hidden_states
             if timings is not None:
                 timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=time.monotonic_ns()))
@@ -145,8 +161,15 @@ class LocalPipeline(_Inbox):
         return out.samples
 
     def submit(self, batch: MicroBatch) -> None:
+        """Runs the microbatch now; a stage's error comes back as a failed delivery, as from stages over gRPC."""
         timings: list = []
-        samples = self.execute(batch, timings)
+        try:
+            samples = self.execute(batch, timings)
+        except StageFailed as e:
+            log.error("microbatch %d failed: %s", batch.batch_id, e)
+            log.debug("microbatch %d's traceback", batch.batch_id, exc_info=e.__cause__)
+            self._inbox.put(Delivered(batch.batch_id, [], timings, str(e), e.stage))
+            return
         self._inbox.put(Delivered(batch.batch_id, samples, timings))
 
     def health(self) -> list:
@@ -170,7 +193,8 @@ class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """One stage's deliveries, each acknowledged once queued for the engine."""
         for request in request_iterator:
             submit_ns = self.submit_times.pop(request.batch_id, 0)
-            self.inbox.put(Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error, submit_ns))
+            self.inbox.put(Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error,
+                                     request.error_stage if request.error else None, submit_ns))
             yield pb.LinkAck(batch_id=request.batch_id)
 
 
@@ -271,7 +295,7 @@ class GrpcPipeline(_Inbox):
         if error is None:
             self._submit_times[batch_id] = hop_ns
         else:
-            self._inbox.put(Delivered(batch_id, [], [], f"stage 0 did not accept microbatch {batch_id}: {error}"))
+            self._inbox.put(Delivered(batch_id, [], [], f"stage 0 did not accept microbatch {batch_id}: {error}", 0))
 
     def _close_channels(self) -> None:
         if self._first is not None:

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from stagecoach.errors import ConfigError, StagecoachError, error_kind
+from stagecoach.errors import ConfigError, StageComputeError, StagecoachError, error_kind
 
 
 DEFAULT_NEW_TOKENS = 64
@@ -131,6 +131,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         pipeline.shutdown()
     _print_results(args, tokenizer, seqs, [s.as_json() for s in pipeline.stages], engine.timings.rows())
+    failed = [i for i, seq in enumerate(seqs) if seq.finish_reason == "error"]
+    if failed:  # the others finished: their results are printed above
+        error = StageComputeError(f"completion(s) {', '.join(map(str, failed))} failed: a stage failed their microbatches again when "
+                                  f"retried on their own (the log names the stage and its error)")
+        print(f"stagecoach: error: {error}", file=sys.stderr)
+        return error_kind(error).exit_code
     return 0
 
 

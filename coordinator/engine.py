@@ -21,7 +21,7 @@ from typing import Protocol
 from stagecoach.coordinator.metrics import TimingStats
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Sequence
-from stagecoach.errors import PipelineError, StagecoachError
+from stagecoach.errors import PipelineError, StageComputeError, StagecoachError
 from stagecoach.proto.types import Delivered, MicroBatch, SamplingParams, StageSummary
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ class Engine:
         self.timings = TimingStats()
         self.recoveries: list[float] = []  # seconds each recovery took
         self.on_recovery: Callable[[float], None] | None = None
+        self.microbatch_failures = 0  # microbatches a stage failed while staying up
+        self.failed_requests: dict[str, int] = {"stage_error": 0}  # sequences ended with an error, by reason
+        self.on_microbatch_failure: Callable[[int | None, list[StagecoachError]], None] | None = None  # (stage, the errors it ended sequences with)
         self.failure: str | None = None  # why the pipeline cannot serve now (it is recovering); None when whole
         self._last_health_check = 0.0
         self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)
@@ -159,6 +162,9 @@ class Engine:
                 "recoveries": len(self.recoveries),
                 "recovery_seconds": [round(t, 3) for t in self.recoveries],
                 "recovering": self.recovering,
+                "microbatch_failures": self.microbatch_failures,
+                "isolating": s.num_suspects,
+                "requests_failed": dict(self.failed_requests),
             }
             if with_timings:
                 self._last_stats |= {"timings": self.timings.rows(), "coordinator_hop_ms": self.timings.coordinator_hop()}
@@ -249,9 +255,35 @@ class Engine:
             return []  # from before a recovery: its sequences have been re-prefilled since
         batch, _ = self.inflight.pop(done.batch_id)
         if done.error:
-            raise PipelineError(f"microbatch {done.batch_id} failed: {done.error}")
+            self._microbatch_failed(batch, done)
+            return []
         self.timings.add(done)
         return self.scheduler.process_results(batch, done.samples)
+
+    def _microbatch_failed(self, batch: MicroBatch, done: Delivered) -> None:
+        """A failed microbatch: a stage that does not answer starts a recovery (PipelineError); a stage that is
+        up failed this microbatch only. Then its sequences are retried, each alone, and a sequence that fails
+        again ends with StageComputeError (500) while every other goes on."""
+        where = "before stage 0" if done.error_stage is None else f"at stage {done.error_stage}"
+        dead = self._unanswered(self.pipeline.health())
+        if dead:
+            listing = ", ".join(f"stage {stage.index} ({error})" for stage, error in dead)
+            raise PipelineError(f"microbatch {done.batch_id} failed {where} ({done.error}), and {listing} does not answer")
+        self.microbatch_failures += 1
+        others = [b for b, _ in self.inflight.values()]
+        ended, void = self.scheduler.microbatch_failed(batch, others)
+        for batch_id in void:
+            self.inflight.pop(batch_id, None)
+        log.warning("microbatch %d (sequences %s) failed %s while every stage stayed up: %s; retrying them alone%s", done.batch_id,
+                    [c.seq_id for c in batch.seqs], where, done.error, f" (void too: microbatches {sorted(void)})" if len(void) > 1 else "")
+        errors = [StageComputeError(f"this request's microbatch failed {seq.num_failures} times, the last time on its own and {where}, "
+                                    f"while every stage stayed up: {done.error}") for seq in ended]
+        for seq, error in zip(ended, errors):
+            log.error("sequence %d ends after %d failed microbatches: %s", seq.seq_id, seq.num_failures, done.error)
+            self.failed_requests["stage_error"] += 1
+            self._publish(seq, error)
+        if self.on_microbatch_failure is not None:
+            self.on_microbatch_failure(done.error_stage, errors)
 
     def check_stall(self) -> None:
         """Raises PipelineError when a microbatch is overdue or, once one is late, a stage stops answering."""
@@ -314,14 +346,15 @@ class Engine:
             self._listeners[seq.seq_id] = (listener(seq.seq_id), 0)
         future.set_result(seqs)
 
-    def _publish(self, seq: Sequence) -> None:
+    def _publish(self, seq: Sequence, error: StagecoachError | None = None) -> None:
+        """The tokens its listener has not seen yet; a finished sequence's last update (with `error`, if it failed)."""
         entry = self._listeners.get(seq.seq_id)
         if entry is None:
             return
         listener, sent = entry
         n = len(seq.output_token_ids)
         update = TokenUpdate(seq.output_token_ids[sent:n], seq.output_logprobs[sent:n], seq.output_top_logprobs[sent:n],
-                             seq.is_finished, seq.finish_reason)
+                             seq.is_finished, None if error else seq.finish_reason, error)
         if seq.is_finished:
             del self._listeners[seq.seq_id]
         else:

@@ -3,7 +3,9 @@
 Plain Python, no torch. A sequence whose sampling chunk is in flight sits out until its token
 comes back; a long prompt's non-sampling chunks may follow each other down the pipe. When blocks
 run out, the youngest sequence that has nothing in flight is preempted: its blocks are freed and
-it is recomputed from prompt + tokens so far when blocks are free again.
+it is recomputed from prompt + tokens so far when blocks are free again. A microbatch that a stage
+failed (staying up) puts its sequences under suspicion: each is recomputed in a microbatch of its
+own until its next token comes back, and one that fails again ends (`microbatch_failed`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from stagecoach.coordinator.requests import RequestLimits, check_request
 from stagecoach.coordinator.sequence import Sequence, SequenceStatus
 from stagecoach.errors import ConfigError
 from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk
+
+MAX_RETRIES = 1  # a sequence in a failed microbatch is retried once, alone; failing again ends it
 
 
 @dataclass(slots=True)
@@ -47,6 +51,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._drops: list[int] = []  # finished, aborted or preempted since the last microbatch: the stages forget them
         self._pending_free: list[Sequence] = []  # finished while a chunk was in flight
+        self._suspects: set[int] = set()  # in a failed microbatch since their last token: each runs alone
         self._next_batch_id = 0
         self._seq_ids = itertools.count()
 
@@ -85,6 +90,8 @@ class Scheduler:
 
         max_seqs caps this microbatch below config.max_num_seqs, to spread sequences over several.
         """
+        if self._suspects and (batch := self._schedule_suspect()) is not None:
+            return batch
         budget = self.config.max_num_batched_tokens
         max_seqs = min(max_seqs or self.config.max_num_seqs, self.config.max_num_seqs)
         chunks: list[SeqChunk] = []
@@ -93,7 +100,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0 or len(chunks) >= max_seqs:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.is_awaiting_sample:
+            if seq.status is not SequenceStatus.RUNNING or seq.is_awaiting_sample or seq.num_failures:
                 continue
             n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
             if n == 0:
@@ -108,8 +115,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(chunks) < max_seqs and len(self.running) < max_running:
             seq = self.waiting[0]
             n = min(seq.num_tokens, budget)
-            if not self.block_manager.can_grow(seq, n):
-                break  # admission never preempts: the running sequences go first
+            if seq.num_failures or not self.block_manager.can_grow(seq, n):
+                break  # admission never preempts: the running sequences go first (and a suspect goes alone)
             self.waiting.popleft()
             self.block_manager.grow(seq, n)
             seq.status = SequenceStatus.RUNNING
@@ -118,8 +125,29 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
 
-        if not chunks:
-            return None
+        return self._batch(chunks) if chunks else None
+
+    def _schedule_suspect(self) -> MicroBatch | None:
+        """A microbatch holding only one suspect's next chunk, or None when no suspect can run now."""
+        budget = self.config.max_num_batched_tokens
+        for seq_id in sorted(self._suspects):
+            seq = self.sequences[seq_id]
+            if seq.status is SequenceStatus.RUNNING:
+                n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
+                if seq.is_awaiting_sample or n == 0 or not self._make_room(seq, seq.num_scheduled_tokens + n, {seq_id}):
+                    continue
+            else:
+                n = min(seq.num_tokens, budget)
+                if len(self.running) >= (self.config.max_running or self.config.num_blocks) or not self.block_manager.can_grow(seq, n):
+                    continue
+                self.waiting.remove(seq)
+                self.block_manager.grow(seq, n)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+            return self._batch([self._chunk(seq, n)])
+        return None
+
+    def _batch(self, chunks: list[SeqChunk]) -> MicroBatch:
         dropped, self._drops = self._drops, []
         return MicroBatch(
             batch_id=self._take_batch_id(),
@@ -162,6 +190,55 @@ class Scheduler:
             self._release(seq)
         self._pending_free.clear()
         return len(seqs)
+
+    def microbatch_failed(self, batch: MicroBatch, inflight: list[MicroBatch]) -> tuple[list[Sequence], set[int]]:
+        """A stage failed `batch` and stayed up. Returns the sequences that have now failed more than MAX_RETRIES
+        times (ended, finish_reason "error") and the ids of the microbatches whose results are void.
+
+        The stages before the failing one applied the microbatch and those after it never saw it, so its
+        sequences start again from position 0, recomputed from prompt + tokens so far, as after a preemption;
+        so do the sequences of every microbatch in `inflight` that shares one with them (transitively: those
+        may be refused downstream, or have applied state that is now void). Each sequence of `batch` itself
+        counts a failure and runs alone (see schedule) until its next token comes back.
+        """
+        void, seq_ids = {batch.batch_id}, {c.seq_id for c in batch.seqs}
+        grew = True
+        while grew:
+            grew = False
+            for other in inflight:
+                if other.batch_id not in void and any(c.seq_id in seq_ids for c in other.seqs):
+                    void.add(other.batch_id)
+                    seq_ids.update(c.seq_id for c in other.seqs)
+                    grew = True
+        for seq_id in sorted(seq_ids):
+            seq = self.sequences.get(seq_id)
+            if seq is None:
+                continue
+            seq.num_scheduled_tokens = seq.num_computed_tokens  # nothing of it is in flight any more
+            seq.is_awaiting_sample = False
+            if seq in self._pending_free:  # finished while in flight
+                self._pending_free.remove(seq)
+                self._release(seq)
+            elif seq.status is SequenceStatus.RUNNING:
+                self._requeue(seq)
+                self._drops.append(seq_id)  # the stages forget its partial state (its first chunk would replace it anyway)
+        ended = []
+        for chunk in batch.seqs:
+            seq = self.sequences.get(chunk.seq_id)
+            if seq is None or seq.is_finished:
+                continue
+            seq.num_failures += 1
+            if seq.num_failures > MAX_RETRIES:
+                self._finish(seq, "error")
+                ended.append(seq)
+            else:
+                self._suspects.add(seq.seq_id)
+        return ended, void
+
+    @property
+    def num_suspects(self) -> int:
+        """Sequences running alone because a microbatch of theirs failed."""
+        return len(self._suspects)
 
     def _preempt(self, seq: Sequence) -> None:
         seq.num_preemptions += 1
@@ -215,6 +292,9 @@ class Scheduler:
             seq = self.sequences[sample.seq_id]
             if seq.is_finished:  # aborted while its token was in flight
                 continue
+            if seq.num_failures:  # its microbatches go through again: no longer under suspicion
+                seq.num_failures = 0
+                self._suspects.discard(seq.seq_id)
             seq.output_token_ids.append(sample.token_id)
             seq.num_history_sent = seq.num_tokens  # the last stage appended the token to its history itself
             seq.output_logprobs.append(sample.logprob)
@@ -237,6 +317,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self._suspects.discard(seq.seq_id)
         if seq.is_in_flight:
             # Its blocks are still being written by a microbatch in flight: the pipeline hands
             # them back when that microbatch returns (see process_results).

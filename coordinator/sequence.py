@@ -30,7 +30,8 @@ class Sequence:
     num_blocks_sent: int = 0  # blocks of block_table the stages already hold
     num_history_sent: int = 0  # tokens the last stage holds in the sequence's history
     num_preemptions: int = 0
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_failures: int = 0  # failed microbatches since its last token: above 0, it runs in microbatches of its own
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -56,6 +56,13 @@ class EngineSupervisor:
             state.metrics.recovery_seconds.observe(seconds)
 
         engine.on_recovery = recovered
+
+        def microbatch_failed(stage: int | None, errors: list) -> None:
+            state.metrics.microbatch_failures.labels("unknown" if stage is None else str(stage)).inc()
+            if errors:
+                state.metrics.requests_failed.labels("stage_error").inc(len(errors))
+
+        engine.on_microbatch_failure = microbatch_failed
         state.max_model_len = max_model_len
         state.stages = pipeline.stages
         state.stage_states = ["ready"] * len(pipeline.stages)

@@ -32,6 +32,11 @@ class Metrics:
         self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
         self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
         self.recovery_seconds = Histogram("stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
+        self.requests_failed = Counter("stagecoach_requests_failed", "Sequences ended with an error while the pipeline kept serving, by reason",
+                                       ["reason"], registry=r)
+        self.microbatch_failures = Counter("stagecoach_microbatch_failures", "Microbatches a stage failed while staying up, by stage",
+                                           ["stage"], registry=r)
+        self.requests_failed.labels("stage_error")  # shown at 0 before the first
         self.engine_restarts = Counter("stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r)
         # Rolling views for /v1/stats and the terminal UI.
         self.ttft_window: deque = deque(maxlen=WINDOW)

@@ -109,6 +109,7 @@ class Delivered:
     samples: list[SampleResult]
     timings: list = field(default_factory=list)  # pb.StageTiming per stage, each on its stage's own clock
     error: str = ""
+    error_stage: int | None = None  # the stage that failed it (None: before any stage took it)
     submit_ns: int = 0  # the coordinator's send to stage 0, until stage 0 acknowledged it
 
 

@@ -48,6 +48,7 @@ class StageRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.compiled: CompiledDecode | None = None  # set by compile()
+        self.poison_prefill_tokens: int | None = None  # testing.poison: fail on a first prefill chunk of this many tokens
         if can_pack(self.device, self.dtype):
             model.pack()
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
@@ -118,6 +119,14 @@ class StageRunner:
     @torch.inference_mode()
     def execute(self, prepared: Prepared) -> StageOutput:
         """Runs an admitted microbatch: hidden states onward, or (the last stage) sampled tokens."""
+        out = self._execute(prepared)
+        poison = self.poison_prefill_tokens
+        if poison is not None and any(c.start_pos == 0 and c.num_tokens == poison for c in prepared.batch.seqs):
+            # After the work, like a fault in the middle of it: this microbatch's K/V and histories are already written.
+            raise RuntimeError(f"testing.poison: microbatch {prepared.batch.batch_id} holds a first prefill chunk of {poison} tokens")
+        return out
+
+    def _execute(self, prepared: Prepared) -> StageOutput:
         batch = prepared.batch
         x = prepared.inputs.to(device=self.device, dtype=torch.long if self.is_first else self.dtype)
         rows = self._compiled_rows(batch)

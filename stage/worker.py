@@ -52,6 +52,7 @@ class StagePlan:
     port: int  # 0: any free port
     max_message_mb: int
     delay_ms: float  # testing only: extra time added to every forward (a deliberately slow stage)
+    poison_prefill_tokens: int | None  # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
     link_token: str  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
     tls_cert: str | None
     tls_key: str | None
@@ -174,6 +175,7 @@ class StageWorker:
         p, c = self.plan, self.config
         cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.runner = StageRunner(self.model, cache)
+        self.runner.poison_prefill_tokens = p.poison_prefill_tokens
         if compile_enabled(p.compile, self.device.type):
             sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
             seconds = self.runner.compile(sizes, progress=lambda line: log.warning("stage %d: %s", p.index, line))

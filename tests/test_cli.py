@@ -93,3 +93,17 @@ def test_missing_model_folder(tmp_path):
 def test_token_id_outside_vocabulary(ckpt):
     path, _ = ckpt
     assert_clean_error(run("--model", str(path), "--prompt-ids", "1,100000", check_ok=False), "outside the vocabulary")
+
+
+def test_a_poisoned_prompt_fails_alone_with_exit_code_1(ckpt, tmp_path):
+    path, model = ckpt
+    config = tmp_path / "poison.yaml"
+    config.write_text(f"pipeline: {{num_stages: 2}}\ntesting: {{poison: {{stage: 1, prefill_tokens: 5}}}}\n")
+    proc = run("--config", str(config), "--model", str(path), "--prompt-ids", "1,2,3", "--prompt-ids", "5,9,200,31,77", "--temperature", "0",
+               "--repetition-penalty", "1", "--max-new-tokens", "4", "--ignore-eos", "--json", check_ok=False)
+    assert proc.returncode == 1 and "completion(s) 1 failed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    ok, failed = json.loads(proc.stdout)
+    assert failed["finish_reason"] == "error" and failed["token_ids"] == []
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([[1, 2, 3]]), do_sample=False, max_new_tokens=4, min_new_tokens=4, repetition_penalty=1.0)[0, 3:]
+    assert ok["finish_reason"] == "length" and ok["token_ids"] == ref.tolist()

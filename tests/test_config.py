@@ -93,6 +93,22 @@ def test_the_testing_section_holds_the_test_only_knobs():
         ClusterConfig.from_dict({"pipeline": {"stage_delay_ms": [1.0]}})
 
 
+def test_the_poison_knob_names_a_stage_and_a_prefill_length():
+    from stagecoach.cluster.pipelines import stage_plans
+
+    config = ClusterConfig.from_dict({"pipeline": {"num_stages": 3}, "testing": {"poison": {"stage": 1, "prefill_tokens": 37}}})
+    assert (config.testing.poison.stage, config.testing.poison.prefill_tokens) == (1, 37)
+    plans = stage_plans(config, [(0, 1), (1, 2), (2, 3)], link_token="t")
+    assert [p.poison_prefill_tokens for p in plans] == [None, 37, None]  # a replacement stage gets the same plan
+    assert ClusterConfig.from_dict({}).testing.poison is None
+    with pytest.raises(ConfigError, match="testing.poison.stage 3 is not a stage of this pipeline"):
+        ClusterConfig.from_dict({"pipeline": {"num_stages": 3}, "testing": {"poison": {"stage": 3, "prefill_tokens": 37}}})
+    with pytest.raises(ConfigError, match="prefill_tokens >= 1"):
+        ClusterConfig.from_dict({"testing": {"poison": {"prefill_tokens": 0}}})
+    with pytest.raises(ConfigError, match="unknown setting testing.poison.tokens"):
+        ClusterConfig.from_dict({"testing": {"poison": {"tokens": 3}}})
+
+
 def test_every_stage_plan_setting_comes_from_the_config():
     from stagecoach.cluster.pipelines import stage_plans
 

@@ -69,7 +69,8 @@ SCHEMA = {
     "pipeline_utilisation": float,
     "engine": {"running": int, "waiting": int, "kv_blocks_used": int, "kv_blocks_total": int, "block_size": int, "inflight": int,
                "peak_inflight": int, "max_inflight": int, "microbatches": int, "preemptions": int,
-               "recoveries": int, "recovery_seconds": list, "recovering": bool},
+               "recoveries": int, "recovery_seconds": list, "recovering": bool, "microbatch_failures": int, "isolating": int,
+               "requests_failed": {"stage_error": int}},
 }
 STAGE = {
     "index": int, "state": str, "layers": list, "node_id": str, "address": str, "pid": int, "device": str, "weight_bytes": int,

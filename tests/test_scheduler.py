@@ -129,3 +129,59 @@ def test_requests_that_can_never_fit_are_refused():
         sched.add_request([1] * 100, params())
     with pytest.raises(RequestError, match="empty"):
         sched.add_request([], params())
+
+
+def test_a_failed_microbatch_isolates_its_sequences_and_ends_the_one_that_fails_again():
+    sched = Scheduler(scheduler_config(32, block_size=4))
+    a, bad, c = (sched.add_request(p, params(max_tokens=3)) for p in ([1, 2], [3, 4, 5], [6]))
+    batch = sched.schedule()
+    assert [ch.seq_id for ch in batch.seqs] == [a.seq_id, bad.seq_id, c.seq_id]
+    ended, void = sched.microbatch_failed(batch, [])
+    assert ended == [] and void == {batch.batch_id} and sched.num_suspects == 3
+    assert sched.block_manager.num_free_blocks == 32 and len(sched.waiting) == 3  # every block back; all restart from position 0
+    # Each suspect runs alone, from position 0, and the stages are told to forget what they half applied.
+    alone = [sched.schedule() for _ in range(3)]
+    assert [[(ch.seq_id, ch.start_pos) for ch in b.seqs] for b in alone] == [[(a.seq_id, 0)], [(bad.seq_id, 0)], [(c.seq_id, 0)]]
+    assert sorted(alone[0].drop_seq_ids) == [a.seq_id, bad.seq_id, c.seq_id]
+    run_batch(sched, alone[0])
+    ended, void = sched.microbatch_failed(alone[1], [alone[2]])  # bad fails again; c's microbatch shares nothing with it
+    assert ended == [bad] and bad.finish_reason == "error" and void == {alone[1].batch_id}
+    run_batch(sched, alone[2])
+    assert sched.num_suspects == 0 and a.num_failures == c.num_failures == 0  # their tokens came back: batched together again
+    batch = sched.schedule()
+    assert [ch.seq_id for ch in batch.seqs] == [a.seq_id, c.seq_id] and bad.seq_id in batch.drop_seq_ids
+    run_batch(sched, batch)
+    while sched.has_unfinished:
+        run_batch(sched, sched.schedule())
+    assert a.output_token_ids == c.output_token_ids == [7, 7, 7]
+    assert sched.block_manager.num_free_blocks == 32 and bad.seq_id not in sched.sequences
+
+
+def test_a_failed_microbatch_voids_the_microbatches_in_flight_that_share_a_sequence():
+    sched = Scheduler(scheduler_config(32, block_size=4, max_num_batched_tokens=8))
+    long = sched.add_request(list(range(12)), params(max_tokens=2))
+    first = sched.schedule()  # long's first 8 tokens
+    other = sched.add_request([1, 2], params(max_tokens=2))
+    follower = sched.schedule()  # long's last 4 tokens, and other's prompt
+    solo = sched.add_request([3], params(max_tokens=2))
+    unrelated = sched.schedule()
+    assert [ch.seq_id for ch in follower.seqs] == [long.seq_id, other.seq_id] and [ch.seq_id for ch in unrelated.seqs] == [solo.seq_id]
+    ended, void = sched.microbatch_failed(first, [follower, unrelated])
+    # The follower continues a sequence the stages after the failing one never saw: void, and other restarts too.
+    assert ended == [] and void == {first.batch_id, follower.batch_id}
+    assert long.num_failures == 1 and other.num_failures == 0 and other in sched.waiting and other.num_computed_tokens == 0
+    run_batch(sched, unrelated)
+    assert solo.output_token_ids == [7]
+    while sched.has_unfinished:
+        run_batch(sched, sched.schedule())
+    assert long.output_token_ids == other.output_token_ids == solo.output_token_ids == [7, 7]
+    assert sched.block_manager.num_free_blocks == 32
+
+
+def test_a_sequence_finished_while_its_failed_microbatch_was_in_flight_is_freed():
+    sched = Scheduler(scheduler_config(8, block_size=4))
+    seq = sched.add_request([1, 2, 3], params())
+    batch = sched.schedule()
+    sched.abort(seq.seq_id)
+    assert sched.microbatch_failed(batch, []) == ([], {batch.batch_id})
+    assert sched.block_manager.num_free_blocks == 8 and not sched.has_unfinished and sched.num_suspects == 0
