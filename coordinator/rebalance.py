@@ -1,0 +1,129 @@
+"""The rebalancing planner: contiguous layer ranges from measured per-stage speeds, each stage's memory and the work mix; pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stagecoach.errors import PartitionError
+
+TIE = 1e-9  # relative: stage times this close count as equal (float noise)
+
+
+@dataclass(slots=True)
+class StageSpeed:
+    """One stage as measured over a window, and what it can hold.
+
+    Times are per decoder layer (the layer part) or per stage (the fixed part: embedding on the first
+    stage; final norm, lm_head and sampling on the last), for one decode microbatch or one prefill token.
+    """
+
+    decode_layer_s: float  # seconds per layer per decode microbatch
+    prefill_layer_s: float  # seconds per layer per prefill token
+    decode_fixed_s: float = 0.0  # seconds of fixed work per decode microbatch
+    prefill_fixed_s: float = 0.0  # seconds of fixed work per prefill token
+    memory_bytes: int | None = None  # budget for weights and KV cache; None: unbounded
+    fixed_bytes: int = 0  # weights it holds whatever its layers (embed_tokens on the first; norm and lm_head on the last)
+
+
+@dataclass(slots=True)
+class Workload:
+    """The window's work, the same for every stage (each microbatch crosses every stage)."""
+
+    decode_batches: float  # decode microbatches
+    prefill_tokens: float  # prefill tokens
+
+
+@dataclass(slots=True)
+class Plan:
+    counts: list[int]  # layers per stage
+    stage_seconds: list[float]  # each stage's predicted time for the window's work
+    current: list[int]  # the split it was planned from
+    current_seconds: list[float]  # each stage's predicted time with the current split
+
+    @property
+    def gain(self) -> float:
+        """Predicted speed-up of the pipeline's pace: the current slowest stage's time over the plan's, minus 1."""
+        slowest = max(self.stage_seconds)
+        return max(self.current_seconds) / slowest - 1 if slowest > 0 else 0.0
+
+    @property
+    def layers_moved(self) -> int:
+        """Layers that change stage: the boundaries' moves, added up."""
+        return sum(abs(sum(self.counts[:i]) - sum(self.current[:i])) for i in range(1, len(self.counts)))
+
+
+def stage_seconds(speed: StageSpeed, num_layers: int, work: Workload) -> float:
+    """A stage's time for the window's work with num_layers layers."""
+    decode = work.decode_batches * (speed.decode_fixed_s + num_layers * speed.decode_layer_s)
+    prefill = work.prefill_tokens * (speed.prefill_fixed_s + num_layers * speed.prefill_layer_s)
+    return decode + prefill
+
+
+def max_layers(speed: StageSpeed, layer_bytes: int, num_layers: int) -> int:
+    """How many layers (weights plus the KV cache each must keep) fit the stage's memory."""
+    if speed.memory_bytes is None:
+        return num_layers
+    return max(0, min(num_layers, (speed.memory_bytes - speed.fixed_bytes) // layer_bytes))
+
+
+def plan_split(num_layers: int, speeds: list[StageSpeed], work: Workload, layer_bytes: int, current: list[int]) -> Plan:
+    """Contiguous layer counts that minimise the slowest stage's time for `work`, never exceeding a stage's memory.
+
+    layer_bytes: one layer's weights plus the KV cache it must keep. Among the splits whose slowest stage
+    is that fast, the one that moves the fewest layers from `current` wins, then the most even. Raises
+    PartitionError with the numbers when a stage cannot hold one layer or the stages cannot hold the model.
+    """
+    num_stages = len(speeds)
+    if len(current) != num_stages or sum(current) != num_layers or min(current, default=0) < 1:
+        raise PartitionError(f"the current split {current} does not give {num_layers} layers to {num_stages} stages")
+    caps = [max_layers(s, layer_bytes, num_layers) for s in speeds]
+    for i, (cap, s) in enumerate(zip(caps, speeds)):
+        if cap < 1:
+            raise PartitionError(f"stage {i} cannot hold a single layer: of its {s.memory_bytes} bytes, {s.fixed_bytes} hold fixed weights, "
+                                 f"and one layer needs {layer_bytes} (weights and its KV cache)")
+    if sum(caps) < num_layers:
+        raise PartitionError(f"the stages hold at most {caps} layers ({sum(caps)} in all), but the model has {num_layers}")
+    # Pass 1: the lowest possible slowest-stage time. Pass 2: among splits within it, the fewest moves, then the most even.
+    fastest = _fastest(num_layers, speeds, work, caps)
+    limit = fastest * (1 + TIE)
+    boundaries = [sum(current[:i + 1]) for i in range(num_stages)]
+    counts = _counts(num_layers, speeds, work, caps, limit, boundaries)
+    return Plan(counts, [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts)], list(current),
+                [stage_seconds(sp, c, work) for sp, c in zip(speeds, current)])
+
+
+def _fastest(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: list[int]) -> float:
+    """The lowest slowest-stage time over every split that fits (a min-max over prefixes)."""
+    num_stages, inf = len(speeds), float("inf")
+    best = [0.0] + [inf] * num_layers  # best[n]: the first n layers over the stages so far
+    for s in range(num_stages):
+        nxt = [inf] * (num_layers + 1)
+        for n in range(s + 1, num_layers - (num_stages - s - 1) + 1):
+            for count in range(1, min(caps[s], n) + 1):
+                if best[n - count] < inf:
+                    nxt[n] = min(nxt[n], max(best[n - count], stage_seconds(speeds[s], count, work)))
+        best = nxt
+    return best[num_layers]
+
+
+def _counts(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: list[int], limit: float, boundaries: list[int]) -> list[int]:
+    """Among the splits with every stage within `limit`: the fewest layers moved from `boundaries`, then the least sum of squared times."""
+    num_stages, inf = len(speeds), (float("inf"), float("inf"))
+    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+    choice = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = (0, 0.0)
+    for s in range(1, num_stages + 1):
+        for n in range(s, num_layers - (num_stages - s) + 1):
+            moved = abs(n - boundaries[s - 1])
+            for count in range(1, min(caps[s - 1], n - (s - 1)) + 1):
+                prev, t = best[s - 1][n - count], stage_seconds(speeds[s - 1], count, work)
+                if prev == inf or t > limit:
+                    continue
+                cand = (prev[0] + moved, prev[1] + t * t)
+                if cand < best[s][n]:
+                    best[s][n], choice[s][n] = cand, count
+    counts, n = [], num_layers
+    for s in range(num_stages, 0, -1):
+        counts.append(choice[s][n])
+        n -= choice[s][n]
+    return counts[::-1]
