@@ -169,6 +169,10 @@ class TestingSection:
 
     stage_delay_ms: list[float] | None = setting(None, "extra milliseconds added to each stage's every forward (one value per stage): a slow stage")
     engine_crash_token_id: int | None = setting(None, "the engine loop raises an unexpected error when it schedules a prompt holding this token id")
+    layer_delay_ms: float | None = setting(None, "each decoder layer waits this many milliseconds per microbatch, inside its timed layers "
+                                           "(a slower device, without using the CPU)")
+    stage_slowdown: list[float] | None = setting(None, "per stage, a factor >= 1: its compute takes that many times its measured time "
+                                                 "(a slower device), e.g. [1, 3, 1, 1]")
     poison: PoisonSetting | None = setting(None, "a poisoned request: {stage, prefill_tokens}; that stage fails every microbatch holding a "
                                            "prefill chunk from position 0 of exactly prefill_tokens tokens, staying alive")
 
@@ -186,6 +190,11 @@ class ClusterConfig:
         delays = self.testing.stage_delay_ms
         if delays is not None and (len(delays) != self.pipeline.num_stages or min(delays) < 0):
             raise ConfigError(f"testing.stage_delay_ms needs one non-negative value per stage ({self.pipeline.num_stages}), got {delays}")
+        slowdown = self.testing.stage_slowdown
+        if slowdown is not None and (len(slowdown) != self.pipeline.num_stages or min(slowdown) < 1):
+            raise ConfigError(f"testing.stage_slowdown needs one factor >= 1 per stage ({self.pipeline.num_stages}), got {slowdown}")
+        if self.testing.layer_delay_ms is not None and self.testing.layer_delay_ms < 0:
+            raise ConfigError(f"testing.layer_delay_ms must be >= 0, got {self.testing.layer_delay_ms}")
         poison = self.testing.poison
         if poison is not None and poison.stage >= self.pipeline.num_stages:
             raise ConfigError(f"testing.poison.stage {poison.stage} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})")

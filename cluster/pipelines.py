@@ -49,17 +49,18 @@ def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
 def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str) -> list[StagePlan]:
     """One plan per stage. Every StagePlan field that a config section has under the same name comes from it,
     so a stage's settings are written once, in cluster/config.py."""
-    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "poison_prefill_tokens", "link_token"}
+    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "poison_prefill_tokens", "layer_delay_ms", "slowdown", "link_token"}
     names = {f.name for f in dataclasses.fields(StagePlan)} - per_stage
     shared = {}
     for section in (config.model, config.pipeline, config.cache, config.transport):
         shared |= {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
     assert set(shared) == names, f"StagePlan fields without a config setting: {sorted(names - set(shared))}"
-    port, delays, poison = config.transport.port, config.testing.stage_delay_ms, config.testing.poison
+    port, t = config.transport.port, config.testing
     return [
         StagePlan(index=i, model_dir=str(config.model.path), layer_start=start, layer_end=end, port=port + i if port else 0,
-                  delay_ms=delays[i] if delays else 0.0, poison_prefill_tokens=poison.prefill_tokens if poison and poison.stage == i else None,
-                  link_token=link_token, **shared)
+                  delay_ms=t.stage_delay_ms[i] if t.stage_delay_ms else 0.0,
+                  poison_prefill_tokens=t.poison.prefill_tokens if t.poison and t.poison.stage == i else None,
+                  layer_delay_ms=t.layer_delay_ms or 0.0, slowdown=t.stage_slowdown[i] if t.stage_slowdown else 1.0, link_token=link_token, **shared)
         for i, (start, end) in enumerate(ranges)
     ]
 

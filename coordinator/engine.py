@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from stagecoach.coordinator.metrics import TimingStats
+from stagecoach.coordinator.rebalance import StageRates
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Sequence
 from stagecoach.errors import PipelineError, StageComputeError, StagecoachError
@@ -83,6 +84,7 @@ class Engine:
         self.peak_inflight = 0
         self.num_batches = 0
         self.timings = TimingStats()
+        self.rates = StageRates()  # each stage's measured speed, for the rebalancing proposal
         self.recoveries: list[float] = []  # seconds each recovery took
         self.on_recovery: Callable[[float], None] | None = None
         self.microbatch_failures = 0  # microbatches a stage failed while staying up
@@ -167,7 +169,7 @@ class Engine:
                 "requests_failed": dict(self.failed_requests),
             }
             if with_timings:
-                self._last_stats |= {"timings": self.timings.rows(), "coordinator_hop_ms": self.timings.coordinator_hop()}
+                self._last_stats |= {"timings": self.timings.rows(), "coordinator_hop_ms": self.timings.coordinator_hop(), "rebalance": self.rates.proposal(self.layer_counts)}
             return dict(self._last_stats)
         finally:
             self._lock.release()
@@ -258,7 +260,12 @@ class Engine:
             self._microbatch_failed(batch, done)
             return []
         self.timings.add(done)
+        self.rates.add(batch, done.timings, self.layer_counts)
         return self.scheduler.process_results(batch, done.samples)
+
+    @property
+    def layer_counts(self) -> list[int]:
+        return [end - start for start, end in (s.layers for s in self.pipeline.stages)]
 
     def _microbatch_failed(self, batch: MicroBatch, done: Delivered) -> None:
         """A failed microbatch: a stage that does not answer starts a recovery (PipelineError); a stage that is

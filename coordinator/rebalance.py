@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from stagecoach.errors import PartitionError
+from stagecoach.proto.types import MicroBatch
 
 TIE = 1e-9  # relative: stage times this close count as equal (float noise)
 
@@ -127,3 +129,59 @@ def _counts(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: lis
         counts.append(choice[s][n])
         n -= choice[s][n]
     return counts[::-1]
+
+
+class StageRates:
+    """What the stages' timing records say of their speed, over the last `window` microbatches that measured it.
+
+    A microbatch is decode work when every chunk is one token, else prefill work, counted by its tokens.
+    Each record gives a stage's time in its decoder layers; the rest of its compute is its fixed work.
+    """
+
+    def __init__(self, window: int = 512) -> None:
+        self._records: deque[tuple[bool, int, list[tuple[int, float, float]]]] = deque(maxlen=window)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, batch: MicroBatch, timings: list, layer_counts: list[int]) -> None:
+        """timings: one pb.StageTiming per stage (any order); a record without layers_ns (a compiled step) is skipped."""
+        by_stage = {t.stage_index: t for t in timings}
+        if len(by_stage) != len(layer_counts) or any(t.layers_ns <= 0 for t in by_stage.values()):
+            return
+        is_decode = all(c.num_tokens == 1 for c in batch.seqs)
+        per_stage = [(n, by_stage[i].layers_ns / 1e9, max(0, by_stage[i].compute_end_ns - by_stage[i].compute_start_ns - by_stage[i].layers_ns) / 1e9)
+                     for i, n in enumerate(layer_counts)]
+        self._records.append((is_decode, 1 if is_decode else batch.num_tokens, per_stage))
+
+    def workload(self) -> Workload:
+        return Workload(decode_batches=sum(units for d, units, _ in self._records if d),
+                        prefill_tokens=sum(units for d, units, _ in self._records if not d))
+
+    def speeds(self) -> list[StageSpeed]:
+        """Each stage's mean seconds per layer and fixed seconds, per decode microbatch and per prefill token."""
+        if not self._records:
+            return []
+        out = []
+        for i in range(len(self._records[0][2])):
+            sums = {True: [0.0, 0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0, 0.0]}  # layer seconds, layer units, fixed seconds, units
+            for is_decode, units, per_stage in self._records:
+                layers, layer_s, fixed_s = per_stage[i]
+                acc = sums[is_decode]
+                acc[0], acc[1], acc[2], acc[3] = acc[0] + layer_s, acc[1] + layers * units, acc[2] + fixed_s, acc[3] + units
+            d, p = sums[True], sums[False]
+            out.append(StageSpeed(decode_layer_s=d[0] / d[1] if d[1] else 0.0, prefill_layer_s=p[0] / p[1] if p[1] else 0.0,
+                                  decode_fixed_s=d[2] / d[3] if d[3] else 0.0, prefill_fixed_s=p[2] / p[3] if p[3] else 0.0))
+        return out
+
+    def propose(self, current: list[int], min_records: int = 32) -> Plan | None:
+        """The planner's split for the window's work (no memory bounds yet), or None before min_records microbatches."""
+        if len(self._records) < min_records or len(self._records[-1][2]) != len(current):
+            return None
+        return plan_split(sum(current), self.speeds(), self.workload(), 1, current)
+
+    def proposal(self, current: list[int]) -> dict | None:
+        """The proposal as /v1/stats shows it (its `rebalance` object), or None before enough records."""
+        plan = self.propose(current)
+        return None if plan is None else {"layers": current, "proposed": plan.counts, "predicted_gain": round(plan.gain, 4),
+                                          "layers_moved": plan.layers_moved, "window_microbatches": len(self)}

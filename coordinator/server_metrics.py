@@ -98,6 +98,7 @@ def stats_document(state) -> dict:
     engine_stats = state.engine.engine.stats() if state.engine else {}
     timings = {row["stage"]: row for row in engine_stats.pop("timings", [])}
     coordinator_hop = engine_stats.pop("coordinator_hop_ms", None)
+    rebalance = engine_stats.pop("rebalance", None)
     stages = []
     for i, s in enumerate(state.stages):
         stage_state = "recovering" if engine_stats.get("recovering") else (state.stage_states[i] if i < len(state.stage_states) else "ready")
@@ -117,5 +118,6 @@ def stats_document(state) -> dict:
         "latency": {"ttft_ms": percentiles(m.ttft_window), "itl_ms": percentiles(m.itl_window), "coordinator_hop_ms": coordinator_hop},
         "pipeline_utilisation": round(sum(busy) / len(busy), 3) if busy else 0.0,
         "engine": engine_stats,
+        "rebalance": rebalance,
         "stages": stages,
     }

@@ -80,20 +80,22 @@ class SequenceChunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_blocks: _Optional[_Iterable[int]] = ..., do_sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage_index", "received_ns", "compute_start_ns", "compute_end_ns", "prev_send_batch_id", "prev_send_ns")
+    __slots__ = ("stage_index", "received_ns", "compute_start_ns", "compute_end_ns", "prev_send_batch_id", "prev_send_ns", "layers_ns")
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_START_NS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_END_NS_FIELD_NUMBER: _ClassVar[int]
     PREV_SEND_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     PREV_SEND_NS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_NS_FIELD_NUMBER: _ClassVar[int]
     stage_index: int
     received_ns: int
     compute_start_ns: int
     compute_end_ns: int
     prev_send_batch_id: int
     prev_send_ns: int
-    def __init__(self, stage_index: _Optional[int] = ..., received_ns: _Optional[int] = ..., compute_start_ns: _Optional[int] = ..., compute_end_ns: _Optional[int] = ..., prev_send_batch_id: _Optional[int] = ..., prev_send_ns: _Optional[int] = ...) -> None: ...
+    layers_ns: int
+    def __init__(self, stage_index: _Optional[int] = ..., received_ns: _Optional[int] = ..., compute_start_ns: _Optional[int] = ..., compute_end_ns: _Optional[int] = ..., prev_send_batch_id: _Optional[int] = ..., prev_send_ns: _Optional[int] = ..., layers_ns: _Optional[int] = ...) -> None: ...
 
 class MicroBatch(_message.Message):
     __slots__ = ("batch_id", "seqs", "tensor", "drop_seq_ids", "timings", "schema_version")

@@ -326,11 +326,21 @@ class StageModel(nn.Module):
         Returns hidden states [num_tokens, hidden], or on the last stage the logits
         [len(logits_rows), vocab] (all rows when logits_rows is None).
         """
-        hidden_states = self.model.embed_tokens(inputs) if self.is_first else inputs
+        return self.head(self.decoder_layers(self.embed(inputs), meta, kv_cache), logits_rows)
+
+    # The three parts of forward, which the runner times apart (the layers' share is what rebalancing moves).
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(inputs) if self.is_first else inputs
+
+    def decoder_layers(self, hidden_states: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         cos_sin = self.rotary_emb(meta.positions, hidden_states.dtype)
         for local_index, layer in enumerate(self.model.layers.values()):
             k_cache, v_cache = kv_cache.layer(local_index)
             hidden_states = layer(hidden_states, cos_sin, meta, k_cache, v_cache)
+        return hidden_states
+
+    def head(self, hidden_states: torch.Tensor, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The last stage's final norm and lm_head (for logits_rows only, when given); other stages pass through."""
         if not self.is_last:
             return hidden_states
         if logits_rows is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ class StageOutput:
     hidden_states: torch.Tensor | None = None  # [num_tokens, hidden] from every stage but the last
     samples: list[SampleResult] | None = None  # from the last stage
     logits: torch.Tensor | None = None  # last stage, when the microbatch asked for all rows
+    layers_ns: int = 0  # time in the decoder layers (0: not measured, a compiled step runs as one graph)
 
 
 @dataclass(slots=True)
@@ -49,6 +51,7 @@ class StageRunner:
         self.dtype = next(model.parameters()).dtype
         self.compiled: CompiledDecode | None = None  # set by compile()
         self.poison_prefill_tokens: int | None = None  # testing.poison: fail on a first prefill chunk of this many tokens
+        self.layer_delay_s = 0.0  # testing.layer_delay_ms: each decoder layer waits this long per microbatch (a slower device)
         if can_pack(self.device, self.dtype):
             model.pack()
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
@@ -141,7 +144,10 @@ class StageRunner:
                 self.device,
             )
         if not self.is_last:
-            return StageOutput(hidden_states=out if out is not None else self.model(x, meta, self.kv_cache))
+            if out is not None:
+                return StageOutput(hidden_states=out)
+            hidden, layers_ns = self._forward(x, meta)
+            return StageOutput(hidden_states=hidden, layers_ns=layers_ns)
 
         sampling = [c for c in batch.seqs if c.do_sample]
         row_ends, end = [], 0
@@ -149,18 +155,37 @@ class StageRunner:
             end += c.num_tokens
             if c.do_sample:
                 row_ends.append(end - 1)
+        layers_ns = 0
         if out is not None:
             logits = out if batch.want_all_logits else None
             sample_logits = out if len(row_ends) == len(batch.seqs) else out[row_ends]
         elif batch.want_all_logits:
-            logits = self.model(x, meta, self.kv_cache)
+            logits, layers_ns = self._forward(x, meta)
             sample_logits = logits[row_ends]
         else:
             logits = None
-            rows_t = torch.tensor(row_ends, dtype=torch.long, device=self.device)
-            sample_logits = self.model(x, meta, self.kv_cache, logits_rows=rows_t)
+            sample_logits, layers_ns = self._forward(x, meta, torch.tensor(row_ends, dtype=torch.long, device=self.device))
         self.sampler.forget(batch.drop_seq_ids)  # before this microbatch's chunks, which may start one of them again
         for chunk in batch.seqs:
             self.sampler.observe(chunk)
         samples = self.sampler.sample(sample_logits, sampling) if sampling else []
-        return StageOutput(samples=samples, logits=logits)
+        return StageOutput(samples=samples, logits=logits, layers_ns=layers_ns)
+
+    def _forward(self, x: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """The model's forward (eager), with the nanoseconds its decoder layers took."""
+        hidden = self.model.embed(x)
+        if self.device.type == "cuda":  # events, not a host clock: kernels run asynchronously
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            hidden = self.model.decoder_layers(hidden, meta, self.kv_cache)
+            end.record()
+            end.synchronize()
+            layers_ns = int(start.elapsed_time(end) * 1e6)
+        else:
+            begin = time.monotonic_ns()
+            hidden = self.model.decoder_layers(hidden, meta, self.kv_cache)
+            layers_ns = time.monotonic_ns() - begin
+        if self.layer_delay_s:
+            time.sleep(self.layer_delay_s * len(self.model.model.layers))
+            layers_ns += int(self.layer_delay_s * len(self.model.model.layers) * 1e9)
+        return self.model.head(hidden, logits_rows), layers_ns

@@ -48,12 +48,14 @@ class _Work:
 class StageLoop:
     """Runs queued microbatches through the runner and sends the results downstream."""
 
-    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int, delay_s: float = 0.0, security: LinkSecurity | None = None) -> None:
+    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int, delay_s: float = 0.0, security: LinkSecurity | None = None,
+                 slowdown: float = 1.0) -> None:
         self.runner = runner
         self.security = security
         self.index = index
         self.max_message_bytes = max_message_bytes
         self.delay_s = delay_s  # testing only: extra time added to every forward, to make a slow stage
+        self.slowdown = slowdown  # testing only: every compute takes this factor times its measured time (a slower device)
         self.batches_done = 0
         self.compute_ns_total = 0
         self.errors = 0
@@ -149,6 +151,10 @@ class StageLoop:
         work.timing.compute_start_ns = time.monotonic_ns()
         try:
             out = self.runner.execute(work.prepared)
+            work.timing.layers_ns = out.layers_ns
+            if self.slowdown > 1:  # the device as many times slower: its layers and its fixed work alike
+                time.sleep((self.slowdown - 1) * (time.monotonic_ns() - work.timing.compute_start_ns) / 1e9)
+                work.timing.layers_ns = int(out.layers_ns * self.slowdown)
             if self.delay_s:
                 time.sleep(self.delay_s)
         except Exception as e:  # reported to the coordinator, which owns the requests

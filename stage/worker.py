@@ -53,6 +53,8 @@ class StagePlan:
     max_message_mb: int
     delay_ms: float  # testing only: extra time added to every forward (a deliberately slow stage)
     poison_prefill_tokens: int | None  # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
+    layer_delay_ms: float  # testing only: each decoder layer waits this long per microbatch (testing.layer_delay_ms)
+    slowdown: float  # testing only: compute takes this factor times its measured time (testing.stage_slowdown)
     link_token: str  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
     tls_cert: str | None
     tls_key: str | None
@@ -176,12 +178,13 @@ class StageWorker:
         cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.runner = StageRunner(self.model, cache)
         self.runner.poison_prefill_tokens = p.poison_prefill_tokens
+        self.runner.layer_delay_s = p.layer_delay_ms / 1e3
         if compile_enabled(p.compile, self.device.type):
             sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
             seconds = self.runner.compile(sizes, progress=lambda line: log.warning("stage %d: %s", p.index, line))
             log.warning("stage %d: decode step compiled for batch sizes %s in %.1f s", p.index, sizes, seconds)
         security = p.security()
-        self.service = StageLoop(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security)
+        self.service = StageLoop(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security, slowdown=p.slowdown)
         host = p.host or node_address()
         servicer = StageServicer(self.service, self.info_message(num_blocks))
         self.server, self.address = start_server(servicer, host, p.port, p.max_message_bytes, security)

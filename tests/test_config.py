@@ -93,6 +93,19 @@ def test_the_testing_section_holds_the_test_only_knobs():
         ClusterConfig.from_dict({"pipeline": {"stage_delay_ms": [1.0]}})
 
 
+def test_the_slower_device_knobs_reach_each_stage_plan():
+    from stagecoach.cluster.pipelines import stage_plans
+
+    config = ClusterConfig.from_dict({"pipeline": {"num_stages": 2}, "testing": {"layer_delay_ms": 2, "stage_slowdown": [1, 3]}})
+    plans = stage_plans(config, [(0, 1), (1, 2)], link_token="t")
+    assert [(p.layer_delay_ms, p.slowdown) for p in plans] == [(2.0, 1.0), (2.0, 3.0)]
+    assert [(p.layer_delay_ms, p.slowdown) for p in stage_plans(ClusterConfig.from_dict({}), [(0, 1)], link_token="t")] == [(0.0, 1.0)]
+    with pytest.raises(ConfigError, match=r"testing.stage_slowdown needs one factor >= 1 per stage \(2\)"):
+        ClusterConfig.from_dict({"pipeline": {"num_stages": 2}, "testing": {"stage_slowdown": [1, 0.5]}})
+    with pytest.raises(ConfigError, match="testing.layer_delay_ms must be >= 0"):
+        ClusterConfig.from_dict({"testing": {"layer_delay_ms": -1}})
+
+
 def test_the_poison_knob_names_a_stage_and_a_prefill_length():
     from stagecoach.cluster.pipelines import stage_plans
 

@@ -71,6 +71,7 @@ SCHEMA = {
                "peak_inflight": int, "max_inflight": int, "microbatches": int, "preemptions": int,
                "recoveries": int, "recovery_seconds": list, "recovering": bool, "microbatch_failures": int, "isolating": int,
                "requests_failed": {"stage_error": int}},
+    "rebalance": (dict, type(None)),
 }
 STAGE = {
     "index": int, "state": str, "layers": list, "node_id": str, "address": str, "pid": int, "device": str, "weight_bytes": int,
