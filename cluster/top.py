@@ -73,7 +73,19 @@ def render(stats: dict | None, url: str, error: str | None, history: deque) -> G
             Text(s["state"], style="bold red" if bad else "green"), style="red" if bad else None,
         )
     footer = Text("latencies in ms · q quits", style="dim")
-    return Group(Panel(header, title="stagecoach top"), table, footer)
+    return Group(Panel(header, title="stagecoach top"), table, _rebalance_line(stats.get("rebalance"), eng), footer)
+
+
+def _rebalance_line(proposal: dict | None, eng: dict) -> Text:
+    """The planner's proposal for the measured stage speeds, and the microbatches failed while the stages stayed up."""
+    failed = f" · microbatches failed {eng.get('microbatch_failures', 0)}, requests ended {eng.get('requests_failed', {}).get('stage_error', 0)}"
+    if proposal is None:
+        return Text(f"rebalance: measuring stage speeds{failed}", style="dim")
+    split = ",".join(map(str, proposal["layers"]))
+    if proposal["proposed"] == proposal["layers"]:
+        return Text(f"rebalance: layers {split} are balanced for the measured speeds{failed}")
+    return Text(f"rebalance proposed: layers {split} → {','.join(map(str, proposal['proposed']))}, predicted "
+                f"{100 * proposal['predicted_gain']:+.0f} % ({proposal['layers_moved']} layers move){failed}", style="yellow")
 
 
 def _watch_for_q(stop: threading.Event) -> None:

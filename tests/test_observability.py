@@ -180,13 +180,15 @@ def test_top_in_tmux_shows_every_stage_under_load(loaded_server):
             screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "top"], capture_output=True, text=True).stdout
             rows = stage_rows(screen)
             out = re.search(r"out ([0-9.]+) tok/s", screen)
-            if (len(rows) == 3 and out and float(out.group(1)) > 0) or time.monotonic() > deadline:
+            if (len(rows) == 3 and out and float(out.group(1)) > 0 and "rebalance: layers" in screen) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert sorted(rows) == [0, 1, 2], screen
         assert all(r["compute p50"] > 0 and r["state"] == "ready" for r in rows.values()), screen
         assert float(out.group(1)) > 0, screen
         assert rows[1]["compute p50"] >= DELAY_MS > rows[0]["compute p50"], screen
+        # stage 1's delay is fixed work, not its layers': the measured split is balanced
+        assert re.search(r"rebalance: layers \S+ are balanced for the measured speeds · microbatches failed 0", screen), screen
         subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
         deadline = time.monotonic() + 10
         while subprocess.run([*tmux, "has-session", "-t", "top"], capture_output=True).returncode == 0 and time.monotonic() < deadline:
