@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stagecoach.coordinator.rebalance import StageSpeed, Workload, plan_split
 from stagecoach.errors import PartitionError
 from stagecoach.proto.types import LayerRange
 
@@ -49,30 +50,12 @@ def partition_layers(
     if num_stages > num_layers:
         raise PartitionError(f"{num_stages} stages cannot share {num_layers} layers: use at most {num_layers} stages")
 
-    def cost(stage: int, count: int) -> float:
-        extra = (first_stage_extra if stage == 0 else 0.0) + (last_stage_extra if stage == num_stages - 1 else 0.0)
-        return count + extra
-
-    # best[s][n]: (max cost, sum of squares) of splitting the first n layers into s stages.
-    inf = (float("inf"), float("inf"))
-    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
-    choice = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
-    best[0][0] = (0.0, 0.0)
-    for s in range(1, num_stages + 1):
-        for n in range(s, num_layers - (num_stages - s) + 1):
-            for count in range(1, n - (s - 1) + 1):
-                prev = best[s - 1][n - count]
-                if prev == inf:
-                    continue
-                c = cost(s - 1, count)
-                cand = (max(prev[0], c), prev[1] + c * c)
-                if cand < best[s][n]:
-                    best[s][n], choice[s][n] = cand, count
-    counts, n = [], num_layers
-    for s in range(num_stages, 0, -1):
-        counts.append(choice[s][n])
-        n -= choice[s][n]
-    return ranges_from_counts(counts[::-1], num_layers)
+    # The rebalancing planner with every layer costing 1 and the ends' extras as fixed costs: the slowest
+    # stage's cost as low as it goes, then the most even split.
+    speeds = [StageSpeed(decode_layer_s=1.0, prefill_layer_s=0.0,
+                         decode_fixed_s=(first_stage_extra if i == 0 else 0.0) + (last_stage_extra if i == num_stages - 1 else 0.0))
+              for i in range(num_stages)]
+    return ranges_from_counts(plan_split(num_layers, speeds, Workload(decode_batches=1, prefill_tokens=0), layer_bytes=1).counts, num_layers)
 
 
 def parse_layer_counts(text: str) -> list[int]:

@@ -68,15 +68,15 @@ def max_layers(speed: StageSpeed, layer_bytes: int, num_layers: int) -> int:
     return max(0, min(num_layers, (speed.memory_bytes - speed.fixed_bytes) // layer_bytes))
 
 
-def plan_split(num_layers: int, speeds: list[StageSpeed], work: Workload, layer_bytes: int, current: list[int]) -> Plan:
+def plan_split(num_layers: int, speeds: list[StageSpeed], work: Workload, layer_bytes: int, current: list[int] | None = None) -> Plan:
     """Contiguous layer counts that minimise the slowest stage's time for `work`, never exceeding a stage's memory.
 
     layer_bytes: one layer's weights plus the KV cache it must keep. Among the splits whose slowest stage
-    is that fast, the one that moves the fewest layers from `current` wins, then the most even. Raises
-    PartitionError with the numbers when a stage cannot hold one layer or the stages cannot hold the model.
+    is that fast, the one that moves the fewest layers from `current` (when given) wins, then the most even.
+    Raises PartitionError with the numbers when a stage cannot hold one layer or the stages cannot hold the model.
     """
     num_stages = len(speeds)
-    if len(current) != num_stages or sum(current) != num_layers or min(current, default=0) < 1:
+    if current is not None and (len(current) != num_stages or sum(current) != num_layers or min(current, default=0) < 1):
         raise PartitionError(f"the current split {current} does not give {num_layers} layers to {num_stages} stages")
     caps = [max_layers(s, layer_bytes, num_layers) for s in speeds]
     for i, (cap, s) in enumerate(zip(caps, speeds)):
@@ -88,8 +88,9 @@ def plan_split(num_layers: int, speeds: list[StageSpeed], work: Workload, layer_
     # Pass 1: the lowest possible slowest-stage time. Pass 2: among splits within it, the fewest moves, then the most even.
     fastest = _fastest(num_layers, speeds, work, caps)
     limit = fastest * (1 + TIE)
-    boundaries = [sum(current[:i + 1]) for i in range(num_stages)]
+    boundaries = None if current is None else [sum(current[:i + 1]) for i in range(num_stages)]
     counts = _counts(num_layers, speeds, work, caps, limit, boundaries)
+    current = counts if current is None else current
     return Plan(counts, [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts)], list(current),
                 [stage_seconds(sp, c, work) for sp, c in zip(speeds, current)])
 
@@ -108,15 +109,15 @@ def _fastest(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: li
     return best[num_layers]
 
 
-def _counts(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: list[int], limit: float, boundaries: list[int]) -> list[int]:
-    """Among the splits with every stage within `limit`: the fewest layers moved from `boundaries`, then the least sum of squared times."""
+def _counts(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: list[int], limit: float, boundaries: list[int] | None) -> list[int]:
+    """Among the splits with every stage within `limit`: the fewest layers moved from `boundaries` (if any), then the least sum of squared times."""
     num_stages, inf = len(speeds), (float("inf"), float("inf"))
     best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
     choice = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
     best[0][0] = (0, 0.0)
     for s in range(1, num_stages + 1):
         for n in range(s, num_layers - (num_stages - s) + 1):
-            moved = abs(n - boundaries[s - 1])
+            moved = 0 if boundaries is None else abs(n - boundaries[s - 1])
             for count in range(1, min(caps[s - 1], n - (s - 1)) + 1):
                 prev, t = best[s - 1][n - count], stage_seconds(speeds[s - 1], count, work)
                 if prev == inf or t > limit:
@@ -140,6 +141,8 @@ class StageRates:
 
     def __init__(self, window: int = 512) -> None:
         self._records: deque[tuple[bool, int, list[tuple[int, float, float]]]] = deque(maxlen=window)
+        self._added = 0  # records ever added
+        self._proposal: tuple[tuple, dict | None] = ((), None)  # (when and for what split it was planned, the proposal)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -153,6 +156,7 @@ class StageRates:
         per_stage = [(n, by_stage[i].layers_ns / 1e9, max(0, by_stage[i].compute_end_ns - by_stage[i].compute_start_ns - by_stage[i].layers_ns) / 1e9)
                      for i, n in enumerate(layer_counts)]
         self._records.append((is_decode, 1 if is_decode else batch.num_tokens, per_stage))
+        self._added += 1
 
     def workload(self) -> Workload:
         return Workload(decode_batches=sum(units for d, units, _ in self._records if d),
@@ -180,8 +184,15 @@ class StageRates:
             return None
         return plan_split(sum(current), self.speeds(), self.workload(), 1, current)
 
-    def proposal(self, current: list[int]) -> dict | None:
-        """The proposal as /v1/stats shows it (its `rebalance` object), or None before enough records."""
-        plan = self.propose(current)
-        return None if plan is None else {"layers": current, "proposed": plan.counts, "predicted_gain": round(plan.gain, 4),
-                                          "layers_moved": plan.layers_moved, "window_microbatches": len(self)}
+    def proposal(self, current: list[int], every: int = 64) -> dict | None:
+        """The proposal as /v1/stats shows it (its `rebalance` object), or None before enough records.
+
+        Planned again only after `every` new records or for another split: planning 64 layers takes milliseconds,
+        and the engine's stats hold its lock.
+        """
+        key = (self._added // every if len(self) >= 32 else -1, tuple(current))
+        if key != self._proposal[0]:
+            plan = self.propose(current)
+            self._proposal = (key, None if plan is None else {"layers": current, "proposed": plan.counts, "predicted_gain": round(plan.gain, 4),
+                                                              "layers_moved": plan.layers_moved, "window_microbatches": len(self)})
+        return self._proposal[1]

@@ -117,10 +117,7 @@ class Scheduler:
             n = min(seq.num_tokens, budget)
             if seq.num_failures or not self.block_manager.can_grow(seq, n):
                 break  # admission never preempts: the running sequences go first (and a suspect goes alone)
-            self.waiting.popleft()
-            self.block_manager.grow(seq, n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._admit(seq, n)
             chunks.append(self._chunk(seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -140,12 +137,16 @@ class Scheduler:
                 n = min(seq.num_tokens, budget)
                 if len(self.running) >= (self.config.max_running or self.config.num_blocks) or not self.block_manager.can_grow(seq, n):
                     continue
-                self.waiting.remove(seq)
-                self.block_manager.grow(seq, n)
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
+                self._admit(seq, n)
             return self._batch([self._chunk(seq, n)])
         return None
+
+    def _admit(self, seq: Sequence, num_tokens: int) -> None:
+        """A waiting sequence gets blocks for its first num_tokens and runs."""
+        self.waiting.remove(seq)  # the head, but for a suspect
+        self.block_manager.grow(seq, num_tokens)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _batch(self, chunks: list[SeqChunk]) -> MicroBatch:
         dropped, self._drops = self._drops, []

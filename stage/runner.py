@@ -185,7 +185,8 @@ class StageRunner:
             begin = time.monotonic_ns()
             hidden = self.model.decoder_layers(hidden, meta, self.kv_cache)
             layers_ns = time.monotonic_ns() - begin
-        if self.layer_delay_s:
-            time.sleep(self.layer_delay_s * len(self.model.model.layers))
-            layers_ns += int(self.layer_delay_s * len(self.model.model.layers) * 1e9)
+        if self.layer_delay_s:  # counted as layer time whatever the clock (a host sleep is no CUDA work)
+            delay_s = self.layer_delay_s * len(self.model.model.layers)
+            time.sleep(delay_s)
+            layers_ns += int(delay_s * 1e9)
         return self.model.head(hidden, logits_rows), layers_ns
