@@ -64,6 +64,10 @@ class AuthenticationError(StagecoachError):
     """A missing or wrong API key."""
 
 
+class ForbiddenError(StagecoachError):
+    """The endpoint is closed on this server (an admin endpoint without an API key)."""
+
+
 class QueueFullError(StagecoachError):
     """The server already holds as many requests as it admits."""
 
@@ -86,6 +90,10 @@ class PipelineError(StagecoachError):
 
 class StageComputeError(StagecoachError):
     """A stage failed a request's microbatches again after a retry on its own, while the stage stayed up: the request ends, others go on."""
+
+
+class ConflictError(StagecoachError):
+    """The call cannot run now: a recovery or another rebalance is under way."""
 
 
 class EngineFailure(StagecoachError):
@@ -124,6 +132,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     KVCacheError: ErrorKind(400, _CLIENT, "invalid_kv_address", "INVALID_ARGUMENT", 2),
     StaleBatchError: ErrorKind(409, _CLIENT, "stale_microbatch", "FAILED_PRECONDITION", 1),
     AuthenticationError: ErrorKind(401, "authentication_error", "invalid_api_key", "UNAUTHENTICATED", 2),
+    ForbiddenError: ErrorKind(403, "permission_error", "forbidden", "PERMISSION_DENIED", 2),
     QueueFullError: ErrorKind(429, "rate_limit_exceeded", "queue_full", "RESOURCE_EXHAUSTED", 1, retry_after_s=1),
     NotReadyError: ErrorKind(503, _SERVER, "not_ready", "UNAVAILABLE", 1, retry_after_s=5),
     ShuttingDownError: ErrorKind(503, _SERVER, "shutting_down", "UNAVAILABLE", 1),
@@ -131,6 +140,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     PipelineError: ErrorKind(503, _SERVER, "pipeline_failed", "UNAVAILABLE", 1, retry_after_s=5),
     StageComputeError: ErrorKind(500, _SERVER, "stage_error", "INTERNAL", 1),
     EngineFailure: ErrorKind(500, _SERVER, "engine_failed", "INTERNAL", 1),
+    ConflictError: ErrorKind(409, _CLIENT, "conflict", "FAILED_PRECONDITION", 1, retry_after_s=5),
 }
 
 

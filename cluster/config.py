@@ -25,6 +25,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("ray", "local")
 COMPILE_MODES = ("auto", "on", "off")
+REBALANCE_MODES = ("off", "suggest", "auto")
 SERVE_ONLY = "serve"  # a setting whose flag only `stagecoach serve` takes
 
 
@@ -72,6 +73,11 @@ class PipelineSection:
     recovery_timeout_s: float = setting(60.0, "seconds a failed stage has to come back before its requests end with 503")
     heartbeat_interval_s: float = setting(2.0, "seconds between health checks (also: how late a microbatch may be before the stages are asked)")
     heartbeat_timeout_s: float = setting(2.0, "seconds a stage has to answer a health check")
+    rebalance: str = setting("suggest", "moving layers between stages by their measured speed: off; suggest (the proposal in /v1/stats, /metrics "
+                             "and stagecoach top); auto (applied while serving when its predicted gain is at least rebalance_min_gain)",
+                             "--rebalance", REBALANCE_MODES)
+    rebalance_min_gain: float = setting(0.10, "auto: the least predicted speed-up (0.10: 10 %) worth a rebalance's pause", "--rebalance-min-gain")
+    rebalance_cooldown_s: float = setting(300.0, "auto: seconds after the start or a rebalance before the next one", "--rebalance-cooldown-s")
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -90,6 +96,9 @@ class PipelineSection:
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ConfigError("pipeline.max_batch_tokens and pipeline.max_num_seqs must be at least 1")
         _choose("pipeline.compile", self.compile, COMPILE_MODES)
+        _choose("pipeline.rebalance", self.rebalance, REBALANCE_MODES)
+        if self.rebalance_min_gain < 0 or self.rebalance_cooldown_s < 0:
+            raise ConfigError(f"pipeline.rebalance_min_gain and rebalance_cooldown_s must be >= 0, got {self.rebalance_min_gain} and {self.rebalance_cooldown_s}")
         if not self.compile_batch_sizes or min(self.compile_batch_sizes) < 1:
             raise ConfigError(f"pipeline.compile_batch_sizes must list batch sizes of at least 1, got {self.compile_batch_sizes}")
 
@@ -173,6 +182,8 @@ class TestingSection:
                                            "(a slower device, without using the CPU)")
     stage_slowdown: list[float] | None = setting(None, "per stage, a factor >= 1: its compute takes that many times its measured time "
                                                  "(a slower device), e.g. [1, 3, 1, 1]")
+    rebalance_crash_stage: int | None = setting(None, "this stage's process exits in the middle of a rebalance, after freeing what it "
+                                                "loses (Ray backend): a stage killed while applying one")
     poison: PoisonSetting | None = setting(None, "a poisoned request: {stage, prefill_tokens}; that stage fails every microbatch holding a "
                                            "prefill chunk from position 0 of exactly prefill_tokens tokens, staying alive")
 
@@ -195,6 +206,9 @@ class ClusterConfig:
             raise ConfigError(f"testing.stage_slowdown needs one factor >= 1 per stage ({self.pipeline.num_stages}), got {slowdown}")
         if self.testing.layer_delay_ms is not None and self.testing.layer_delay_ms < 0:
             raise ConfigError(f"testing.layer_delay_ms must be >= 0, got {self.testing.layer_delay_ms}")
+        crash = self.testing.rebalance_crash_stage
+        if crash is not None and not 0 <= crash < self.pipeline.num_stages:
+            raise ConfigError(f"testing.rebalance_crash_stage {crash} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})")
         poison = self.testing.poison
         if poison is not None and poison.stage >= self.pipeline.num_stages:
             raise ConfigError(f"testing.poison.stage {poison.stage} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})")
@@ -307,6 +321,8 @@ def _check_type(value, hint, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off (compile, rebalance) as a boolean
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):

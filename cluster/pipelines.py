@@ -12,12 +12,12 @@ import logging
 import os
 import queue
 import secrets
-import time
 from pathlib import Path
 
 import grpc
 
 from stagecoach.cluster.config import ClusterConfig, TransportSection
+from stagecoach.cluster.local_pipeline import Inbox, LocalPipeline
 from stagecoach.cluster.partition import partition_layers
 from stagecoach.errors import ConfigError, PipelineError
 from stagecoach.proto import stagecoach_pb2 as pb
@@ -27,17 +27,12 @@ from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options, start_server
-from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SampleResult, StageSummary
+from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, StageSummary
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
-from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
-from stagecoach.stage.loader import DTYPES, load_stage_model
-from stagecoach.stage.runner import StageRunner
+from stagecoach.stage.kv_cache import cpu_num_blocks
 from stagecoach.stage.worker import StagePlan, StageWorker
 
 log = logging.getLogger(__name__)
-
-_WAKE = object()
-
 
 def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
     """The layer ranges of the config's split (or its balanced default: the last stage also pays for lm_head)."""
@@ -49,7 +44,7 @@ def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
 def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str) -> list[StagePlan]:
     """One plan per stage. Every StagePlan field that a config section has under the same name comes from it,
     so a stage's settings are written once, in cluster/config.py."""
-    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "poison_prefill_tokens", "layer_delay_ms", "slowdown", "link_token"}
+    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "poison_prefill_tokens", "layer_delay_ms", "slowdown", "crash_in_rebalance", "link_token"}
     names = {f.name for f in dataclasses.fields(StagePlan)} - per_stage
     shared = {}
     for section in (config.model, config.pipeline, config.cache, config.transport):
@@ -60,7 +55,8 @@ def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str
         StagePlan(index=i, model_dir=str(config.model.path), layer_start=start, layer_end=end, port=port + i if port else 0,
                   delay_ms=t.stage_delay_ms[i] if t.stage_delay_ms else 0.0,
                   poison_prefill_tokens=t.poison.prefill_tokens if t.poison and t.poison.stage == i else None,
-                  layer_delay_ms=t.layer_delay_ms or 0.0, slowdown=t.stage_slowdown[i] if t.stage_slowdown else 1.0, link_token=link_token, **shared)
+                  layer_delay_ms=t.layer_delay_ms or 0.0, slowdown=t.stage_slowdown[i] if t.stage_slowdown else 1.0,
+                  crash_in_rebalance=t.rebalance_crash_stage == i, link_token=link_token, **shared)
         for i, (start, end) in enumerate(ranges)
     ]
 
@@ -95,96 +91,6 @@ def open_pipeline(config: ClusterConfig):
     return RayPipeline(config, ranges)
 
 
-class _Inbox:
-    """Finished microbatches in the order they come back; `wake` interrupts a waiting engine."""
-
-    def __init__(self) -> None:
-        self._inbox: queue.Queue = queue.Queue()
-
-    def wait(self, timeout: float | None = None) -> Delivered | None:
-        """The next finished microbatch; None after timeout seconds or when woken."""
-        try:
-            item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        return None if item is _WAKE else item
-
-    def wake(self) -> None:
-        self._inbox.put(_WAKE)
-
-
-class StageFailed(Exception):
-    """An in-process stage raised on a microbatch (LocalPipeline): which stage, and its error."""
-
-    def __init__(self, stage: int, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
-
-
-class LocalPipeline(_Inbox):
-    """All stages in this process, run one after another when submitted: the reference backend."""
-
-    def __init__(self, runners: list, ranges: list[LayerRange]) -> None:
-        super().__init__()
-        self.runners = runners
-        self.stages = [StageSummary(i, r) for i, r in enumerate(ranges)]
-        self.num_blocks = runners[0].kv_cache.num_blocks
-        self.block_size = runners[0].kv_cache.block_size
-        self.last_logits = None  # the last stage's full logits when a batch asked for them
-
-    @classmethod
-    def load(cls, model_dir: str | Path, ranges: list[LayerRange], dtype: str = "float32", device: str = "cpu", *,
-             num_blocks: int, block_size: int, compile_batch_sizes: list[int] | None = None) -> LocalPipeline:
-        """compile_batch_sizes: compile each stage's decode step for these batch sizes now (None: every step eager)."""
-        config = ModelConfig.from_pretrained(model_dir)
-        runners = []
-        for index, (start, end) in enumerate(ranges):
-            model = load_stage_model(model_dir, start, end, DTYPES[dtype], device, config)
-            cache = KVCache(end - start, num_blocks, block_size, config.num_key_value_heads, config.head_dim, DTYPES[dtype], device)
-            runners.append(StageRunner(model, cache))
-            if compile_batch_sizes:
-                runners[-1].compile(compile_batch_sizes, progress=lambda line, i=index: log.warning("stage %d: %s", i, line))
-        return cls(runners, ranges)
-
-    def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:
-        """Runs the microbatch through every stage; a stage's error is raised as StageFailed, naming the stage."""
-        hidden = None
-        for index, runner in enumerate(self.runners):
-            start = time.monotonic_ns()
-            try:
-                out = runner.execute(runner.prepare(batch, hidden))
-            except Exception as e:
-                raise StageFailed(index, f"stage {index}: {type(e).__name__}: {e}") from e
-            hidden = out.hidden_states
-            if timings is not None:
-                timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=time.monotonic_ns()))
-        self.last_logits = out.logits
-        return out.samples
-
-    def submit(self, batch: MicroBatch) -> None:
-        """Runs the microbatch now; a stage's error comes back as a failed delivery, as from stages over gRPC."""
-        timings: list = []
-        try:
-            samples = self.execute(batch, timings)
-        except StageFailed as e:
-            log.error("microbatch %d failed: %s", batch.batch_id, e)
-            log.debug("microbatch %d's traceback", batch.batch_id, exc_info=e.__cause__)
-            self._inbox.put(Delivered(batch.batch_id, [], timings, str(e), e.stage))
-            return
-        self._inbox.put(Delivered(batch.batch_id, samples, timings))
-
-    def health(self) -> list:
-        """In-process stages cannot stop answering."""
-        return [pb.HealthReply(serving=True) for _ in self.runners]
-
-    def recover(self, min_batch_id: int) -> None:
-        for runner in self.runners:
-            runner.reset()
-
-    def shutdown(self) -> None:
-        self.runners.clear()
-
-
 class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, inbox: queue.Queue, submit_times: dict[int, int]) -> None:
         self.inbox = inbox
@@ -199,7 +105,7 @@ class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.LinkAck(batch_id=request.batch_id)
 
 
-class GrpcPipeline(_Inbox):
+class GrpcPipeline(Inbox):
     """Stage servers somewhere on the network: microbatches go to stage 0 on a Link, tokens come back on Deliveries streams.
 
     Owns the coordinator's gRPC server. `attach` alone connects to stages someone else started;
@@ -222,6 +128,8 @@ class GrpcPipeline(_Inbox):
         self.stages: list[StageSummary] = []
         self.num_blocks = 0
         self.block_size = 0
+        self.target: list[LayerRange] | None = None  # the split the stages are brought onto (a rebalance's); None: the one they have
+        self.min_blocks = 1  # the fewest KV blocks the engine can serve with (its longest request)
         self._channels: list[grpc.Channel] = []
         self._first: LinkSender | None = None
         self.stubs: list[pb_grpc.StageStub] = []
@@ -247,20 +155,56 @@ class GrpcPipeline(_Inbox):
         self.attach(addresses)
 
     def recover(self, min_batch_id: int) -> None:
-        """Restarts every stage that does not answer (in place), fences off older microbatches everywhere, rewires."""
+        """Restarts every stage that does not answer (in place) and brings every stage onto the target split (a rebalance
+        that failed went back to the old one), fences off older microbatches everywhere, rewires."""
+        n, target = len(self.stages), self.target or [s.layers for s in self.stages]
         dead = [i for i, reply in enumerate(self.health()) if isinstance(reply, Exception)]
+        # Asked, not remembered: a rebalance that failed half-way left some stages on new layers, or without a KV cache.
+        infos = {i: self.stubs[i].Info(pb.InfoRequest(), timeout=30) for i in range(n) if i not in dead}
+        moved = [i for i, info in infos.items() if (info.layer_start, info.layer_end) != tuple(target[i]) or info.num_kv_blocks == 0]
         addresses = [s.address for s in self.stages]
+        capacity: dict[int, int] = {}
         if dead:
             log.warning("recovering: restarting stage(s) %s", ", ".join(map(str, dead)))
             self._replace(dead)
-            loads = self._call("load", {i: () for i in dead}, "load again")
-            short = [(i, r["kv_blocks"]) for i, r in zip(dead, loads) if r["kv_blocks"] < self.num_blocks]
-            if short:
-                raise ConfigError(f"restarted stage {short[0][0]} holds {short[0][1]} KV blocks, fewer than the pipeline's {self.num_blocks}")
-            for i, address in zip(dead, self._call("start", {i: (self.num_blocks,) for i in dead}, "start its server again")):
-                addresses[i] = address
-        self._call("reset", {i: (min_batch_id,) for i in range(len(addresses))}, "reset")
+            capacity |= {i: r["kv_blocks"] for i, r in zip(dead, self._call("load", {i: () for i in dead}, "load again"))}
+        if moved:
+            log.warning("stage(s) %s: layers %s → %s", ", ".join(map(str, moved)), [self.stages[i].layers for i in moved], [target[i] for i in moved])
+            capacity |= {i: r["kv_blocks"] for i, r in zip(moved, self._call("relayer", {i: (*target[i], min_batch_id) for i in moved}, "change its layers"))}
+        unchanged = [i for i in range(n) if i not in capacity]
+        blocks = min([self.num_blocks] * bool(unchanged) + list(capacity.values()))
+        if blocks < self.min_blocks:
+            short = min(capacity, key=capacity.get)
+            raise ConfigError(f"stage {short} holds {capacity[short]} KV blocks with layers {target[short]}, fewer than the {self.min_blocks} "
+                              f"the pipeline needs (its longest request)")
+        resize = moved + ([i for i in unchanged if blocks < self.num_blocks])
+        if resize:
+            self._call("resize", {i: (blocks, min_batch_id) for i in resize}, "size its KV cache")
+        for i, address in zip(dead, self._call("start", {i: (blocks,) for i in dead}, "start its server again")):
+            addresses[i] = address
+        self._call("reset", {i: (min_batch_id,) for i in range(n)}, "reset")
         self._wire(addresses)
+
+    def check_layers(self, ranges: list[LayerRange], min_blocks: int) -> None:
+        """A rebalance's check, before anything changes: ConfigError naming the stage and its numbers when one cannot hold
+        its new layers with a KV cache of min_blocks blocks."""
+        self._call("check_layers", {i: (*r, min_blocks) for i, r in enumerate(ranges)}, "check its new layers")
+
+    def rebalance(self, ranges: list[LayerRange], min_batch_id: int, min_blocks: int) -> None:
+        """Moves every stage onto `ranges` (microbatches before min_batch_id fenced off, min_blocks KV blocks at least).
+        A failure (a stage died, or came out short of KV blocks) sets the target back to the old split and raises
+        PipelineError: the recovery then brings every stage back onto one whole split, never a mix."""
+        old = [s.layers for s in self.stages]
+        self.min_blocks = min_blocks
+        self._set_target(list(ranges))
+        try:
+            self.recover(min_batch_id)
+        except Exception as e:
+            self._set_target(old)
+            raise PipelineError(f"the rebalance onto layers {list(ranges)} failed ({e}); going back to {old}") from None
+
+    def _set_target(self, ranges: list[LayerRange]) -> None:
+        self.target = ranges
 
     def _replace(self, dead: list[int]) -> None:
         raise PipelineError(f"stage(s) {dead} stopped answering, and this pipeline cannot replace them")
@@ -285,7 +229,7 @@ class GrpcPipeline(_Inbox):
         self.num_blocks, self.block_size = next(iter(blocks))
         self.stages = [
             StageSummary(i.index, (i.layer_start, i.layer_end), i.node_id, i.address, i.pid, i.device, i.num_kv_blocks, i.weight_bytes,
-                         i.memory_used_bytes, i.memory_total_bytes)
+                         i.memory_used_bytes, i.memory_total_bytes, layer_bytes=i.layer_bytes, kv_block_layer_bytes=i.kv_block_layer_bytes)
             for i in infos
         ]
         self._first = LinkSender(self._channels[0], on_ack=self._on_submit_ack)

@@ -153,6 +153,15 @@ class StageActor:
     def connect(self, next_address: str | None, coordinator_address: str) -> None:
         self.worker.connect(next_address, coordinator_address)
 
+    def check_layers(self, layer_start: int, layer_end: int, min_blocks: int) -> None:
+        self.worker.check_layers(layer_start, layer_end, min_blocks)
+
+    def relayer(self, layer_start: int, layer_end: int, min_batch_id: int) -> dict:
+        return self.worker.relayer(layer_start, layer_end, min_batch_id)
+
+    def resize(self, num_blocks: int, min_batch_id: int) -> None:
+        self.worker.resize(num_blocks, min_batch_id)
+
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
@@ -232,6 +241,12 @@ class RayPipeline(GrpcPipeline):
             super().recover(min_batch_id)
         finally:
             self._call_timeout_s = self.ready_timeout_s
+
+    def _set_target(self, ranges: list[LayerRange]) -> None:
+        """A stage started again (its actor replaced) loads its layers of this split."""
+        super()._set_target(ranges)
+        for plan, (start, end) in zip(self._plans, ranges):
+            plan["layer_start"], plan["layer_end"] = start, end
 
     def health(self) -> list:
         self._kill_fenced()

@@ -77,15 +77,26 @@ def render(stats: dict | None, url: str, error: str | None, history: deque) -> G
 
 
 def _rebalance_line(proposal: dict | None, eng: dict) -> Text:
-    """The planner's proposal for the measured stage speeds, and the microbatches failed while the stages stayed up."""
+    """The planner's proposal for the measured stage speeds (and the mode: off, suggest, auto), the last rebalance and its
+    pause, and the microbatches failed while the stages stayed up."""
     failed = f" · microbatches failed {eng.get('microbatch_failures', 0)}, requests ended {eng.get('requests_failed', {}).get('stage_error', 0)}"
     if proposal is None:
         return Text(f"rebalance: measuring stage speeds{failed}", style="dim")
+    mode = proposal.get("mode", "suggest")
+    history = proposal.get("history") or []
+    last = ""
+    if history:
+        h = history[-1]
+        last = f" · last {h['trigger']}: {','.join(map(str, h['from']))} → {','.join(map(str, h['to']))} {h['outcome'].split(':')[0]}, paused {h['pause_s']:.2f} s"
+    if proposal.get("applying"):
+        return Text(f"rebalance ({mode}): moving layers now{last}{failed}", style="bold yellow")
     split = ",".join(map(str, proposal["layers"]))
+    if "proposed" not in proposal:
+        return Text(f"rebalance ({mode}): layers {split}, measuring stage speeds{last}{failed}", style="dim")
     if proposal["proposed"] == proposal["layers"]:
-        return Text(f"rebalance: layers {split} are balanced for the measured speeds{failed}")
-    return Text(f"rebalance proposed: layers {split} → {','.join(map(str, proposal['proposed']))}, predicted "
-                f"{100 * proposal['predicted_gain']:+.0f} % ({proposal['layers_moved']} layers move){failed}", style="yellow")
+        return Text(f"rebalance ({mode}): layers {split} are balanced for the measured speeds{last}{failed}")
+    return Text(f"rebalance ({mode}) proposed: layers {split} → {','.join(map(str, proposal['proposed']))}, predicted "
+                f"{100 * proposal['predicted_gain']:+.0f} % ({proposal['layers_moved']} layers move){last}{failed}", style="yellow")
 
 
 def _watch_for_q(stop: threading.Event) -> None:

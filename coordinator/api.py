@@ -9,6 +9,7 @@ frees its sequence's KV blocks. Every error becomes its status through errors.ER
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from stagecoach.coordinator.sequence_stream import Choice, SequenceStream
 from stagecoach.coordinator.server_metrics import Metrics, stats_document
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import (
-    AuthenticationError, ModelNotFoundError, NotReadyError, QueueFullError, RequestError, RequestTimeoutError, ShuttingDownError,
+    AuthenticationError, ForbiddenError, ModelNotFoundError, NotReadyError, QueueFullError, RequestError, RequestTimeoutError, ShuttingDownError,
     StagecoachError, UnsupportedMediaTypeError, error_kind,
 )
 
@@ -232,6 +233,25 @@ async def _stream(request: web.Request, state: ServerState, req: GenerationReque
     return resp
 
 
+async def _admin_rebalance(request: web.Request, state: ServerState) -> web.Response:
+    """POST /v1/admin/rebalance: the current proposal, or the body's {"layers": [...]}, applied now (README, "Rebalancing")."""
+    # Moving layers pauses every stream: only a server with an API key lets anyone ask for it.
+    if state.api_key is None:
+        raise ForbiddenError("the admin endpoints exist only when the server has an API key: start it with --api-key-env NAME "
+                             "(server.api_key_env) and send 'Authorization: Bearer <key>'")
+    _check_auth(request, state)
+    engine = state.engine
+    if engine is None or engine.crashed is not None or state.draining:
+        _check_ready(state)  # 503; a recovery under way is the rebalancer's 409
+    layers = None
+    if request.can_read_body:
+        layers = (await _read_json(request)).get("layers")
+        if layers is None:
+            raise RequestError("the body may hold only {\"layers\": [one count per stage]}; send no body for the current proposal", param="layers")
+    record = await asyncio.wrap_future(engine.engine.rebalancer.request(layers))
+    return web.json_response(record | {"stages": [s.as_json() for s in state.stages]})
+
+
 def build_app(state: ServerState) -> web.Application:
     app = web.Application(middlewares=[errors_middleware(state.metrics)], client_max_size=MAX_BODY_BYTES)
     routes = web.RouteTableDef()
@@ -260,9 +280,8 @@ def build_app(state: ServerState) -> web.Application:
     @routes.get("/v1/models")
     async def models(request: web.Request):
         _check_auth(request, state)
-        return web.json_response(
-            {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "stagecoach", "max_model_len": state.max_model_len}]}
-        )
+        model = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "stagecoach", "max_model_len": state.max_model_len}
+        return web.json_response({"object": "list", "data": [model]})
 
     @routes.get("/health")
     async def health(request: web.Request):
@@ -291,4 +310,5 @@ def build_app(state: ServerState) -> web.Application:
         return web.json_response(stats_document(state))
 
     app.add_routes(routes)
+    app.router.add_post("/v1/admin/rebalance", functools.partial(_admin_rebalance, state=state))
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.engine import Engine, Pipeline
+from stagecoach.coordinator.rebalancing import RebalancePolicy
 from stagecoach.coordinator.scheduler import SchedulerConfig
 
 
@@ -26,4 +27,5 @@ def build_engine(pipeline: Pipeline, config: ClusterConfig, stop_token_ids: list
         heartbeat_interval_s=p.heartbeat_interval_s,
         recovery_timeout_s=p.recovery_timeout_s,
         crash_token_id=config.testing.engine_crash_token_id,
+        rebalance=RebalancePolicy(p.rebalance, p.rebalance_min_gain, p.rebalance_cooldown_s),
     )

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
 
 from stagecoach.coordinator.metrics import TimingStats
+from stagecoach.coordinator.pipeline import Pipeline
 from stagecoach.coordinator.rebalance import StageRates
+from stagecoach.coordinator.rebalancing import RebalancePolicy, Rebalancer
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Sequence
 from stagecoach.errors import PipelineError, StageComputeError, StagecoachError
@@ -30,26 +31,6 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # how long a serving loop waits on an idle pipe before it looks at its calls again
 RETRY_S = 2.0  # between recovery attempts
 RESULT_TIMEOUT_S = 300.0  # a microbatch not back within this has failed, whatever the stages say
-
-
-class Pipeline(Protocol):
-    """What the engine needs of a pipeline; cluster.pipelines has every backend (local, threads over gRPC, Ray)."""
-
-    stages: list[StageSummary]
-    num_blocks: int
-    block_size: int
-
-    def submit(self, batch: MicroBatch) -> None: ...
-
-    def wait(self, timeout: float | None = None) -> Delivered | None: ...
-
-    def wake(self) -> None: ...
-
-    def health(self) -> list: ...
-
-    def recover(self, min_batch_id: int) -> None: ...
-
-    def shutdown(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -72,7 +53,7 @@ class Engine:
 
     def __init__(self, pipeline: Pipeline, scheduler_config: SchedulerConfig, stop_token_ids: list[int] | None = None,
                  max_inflight: int = 1, heartbeat_interval_s: float | None = None, recovery_timeout_s: float | None = None,
-                 crash_token_id: int | None = None) -> None:
+                 crash_token_id: int | None = None, rebalance: RebalancePolicy | None = None) -> None:
         self.pipeline = pipeline
         self.scheduler = Scheduler(scheduler_config)
         self.stop_token_ids = list(stop_token_ids or [])
@@ -85,6 +66,7 @@ class Engine:
         self.num_batches = 0
         self.timings = TimingStats()
         self.rates = StageRates()  # each stage's measured speed, for the rebalancing proposal
+        self.rebalancer = Rebalancer(self, rebalance or RebalancePolicy())
         self.recoveries: list[float] = []  # seconds each recovery took
         self.on_recovery: Callable[[float], None] | None = None
         self.microbatch_failures = 0  # microbatches a stage failed while staying up
@@ -113,7 +95,11 @@ class Engine:
         return future
 
     def abort(self, seq_id: int) -> None:
-        self._calls.put(("abort", seq_id))
+        self.queue_call(("abort", seq_id))
+
+    def queue_call(self, call: tuple) -> None:
+        """For the loop's thread to carry out between microbatches (see _apply_calls)."""
+        self._calls.put(call)
         self.pipeline.wake()
 
     @property
@@ -125,8 +111,7 @@ class Engine:
         finished when the stages were asked; one finished since answers the report already."""
         recoveries = len(self.recoveries) if recoveries is None else recoveries
         if not self.recovering and recoveries == len(self.recoveries):
-            self._calls.put(("fail", reason, recoveries))
-            self.pipeline.wake()
+            self.queue_call(("fail", reason, recoveries))
 
     def check_stages(self) -> list[str]:
         """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery."""
@@ -147,7 +132,7 @@ class Engine:
         with_timings=False skips the per-stage percentiles (the /metrics gauges need only counters).
         """
         if not self._lock.acquire(timeout=0.05):
-            return self._last_stats | {"recovering": self.recovering}
+            return self._last_stats | {"recovering": self.recovering, "rebalancing": self.rebalancer.applying}
         try:
             s = self.scheduler
             self._last_stats = {
@@ -164,12 +149,14 @@ class Engine:
                 "recoveries": len(self.recoveries),
                 "recovery_seconds": [round(t, 3) for t in self.recoveries],
                 "recovering": self.recovering,
+                "rebalancing": self.rebalancer.applying,
                 "microbatch_failures": self.microbatch_failures,
                 "isolating": s.num_suspects,
                 "requests_failed": dict(self.failed_requests),
             }
+            self._last_stats["rebalance"] = self.rebalancer.stats()
             if with_timings:
-                self._last_stats |= {"timings": self.timings.rows(), "coordinator_hop_ms": self.timings.coordinator_hop(), "rebalance": self.rates.proposal(self.layer_counts)}
+                self._last_stats |= {"timings": self.timings.rows(), "coordinator_hop_ms": self.timings.coordinator_hop()}
             return dict(self._last_stats)
         finally:
             self._lock.release()
@@ -201,6 +188,8 @@ class Engine:
         self.inflight.clear()
         self.scheduler.recompute_all()
         self.pipeline.recover(self.scheduler.next_batch_id)
+        if self.pipeline.num_blocks != self.scheduler.block_manager.num_blocks:  # a stage started again holds fewer
+            self.scheduler.resize_blocks(self.pipeline.num_blocks)
         took = time.monotonic() - start
         self.recoveries.append(took)
         return took
@@ -215,6 +204,7 @@ class Engine:
             try:
                 with self._lock:
                     self._apply_calls()
+                    self.rebalancer.maybe_auto()
                 self.step(POLL_S if stop is not None else RESULT_TIMEOUT_S)
             except PipelineError as e:
                 self._recover_until_whole(e, stop)
@@ -334,6 +324,8 @@ class Engine:
         for call in self._take_calls():
             if call[0] == "add":
                 self._add_all(*call[1:])
+            elif call[0] == "rebalance":
+                self.rebalancer.run_call(*call[1:])
             elif call[0] == "fail":
                 if call[2] == len(self.recoveries):  # else a recovery since the report has answered it
                     raise PipelineError(call[1])

@@ -178,13 +178,17 @@ class StageRates:
                                   decode_fixed_s=d[2] / d[3] if d[3] else 0.0, prefill_fixed_s=p[2] / p[3] if p[3] else 0.0))
         return out
 
-    def propose(self, current: list[int], min_records: int = 32) -> Plan | None:
-        """The planner's split for the window's work (no memory bounds yet), or None before min_records microbatches."""
+    def propose(self, current: list[int], memory: StageMemory | None = None, min_records: int = 32) -> Plan | None:
+        """The planner's split for the window's work within each stage's memory, or None before min_records microbatches."""
         if len(self._records) < min_records or len(self._records[-1][2]) != len(current):
             return None
-        return plan_split(sum(current), self.speeds(), self.workload(), 1, current)
+        speeds = self.speeds()
+        if memory is not None:
+            for speed, budget, fixed in zip(speeds, memory.budgets, memory.fixed_bytes):
+                speed.memory_bytes, speed.fixed_bytes = budget, fixed
+        return plan_split(sum(current), speeds, self.workload(), memory.layer_bytes if memory else 1, current)
 
-    def proposal(self, current: list[int], every: int = 64) -> dict | None:
+    def proposal(self, current: list[int], memory: StageMemory | None = None, every: int = 64) -> dict | None:
         """The proposal as /v1/stats shows it (its `rebalance` object), or None before enough records.
 
         Planned again only after `every` new records or for another split: planning 64 layers takes milliseconds,
@@ -192,7 +196,30 @@ class StageRates:
         """
         key = (self._added // every if len(self) >= 32 else -1, tuple(current))
         if key != self._proposal[0]:
-            plan = self.propose(current)
+            try:
+                plan = self.propose(current, memory)
+            except PartitionError as e:  # the stages' memory holds no split (reported, not raised: serving goes on)
+                self._proposal = (key, {"layers": current, "proposed": current, "predicted_gain": 0.0, "layers_moved": 0,
+                                        "window_microbatches": len(self), "refused": str(e)})
+                return self._proposal[1]
             self._proposal = (key, None if plan is None else {"layers": current, "proposed": plan.counts, "predicted_gain": round(plan.gain, 4),
                                                               "layers_moved": plan.layers_moved, "window_microbatches": len(self)})
         return self._proposal[1]
+
+
+@dataclass(slots=True)
+class StageMemory:
+    """What the planner needs of the stages' memory: each one's budget (None: unbounded) and fixed weights, and the bytes
+    one layer takes on any stage (its weights plus its share of a KV cache of the pipeline's block count)."""
+
+    budgets: list[int | None]
+    fixed_bytes: list[int]
+    layer_bytes: int
+
+    @classmethod
+    def of(cls, stages: list, num_blocks: int) -> StageMemory | None:
+        """From the stages' Info (StageSummary); None when they did not report their sizes (the in-process backend)."""
+        if not stages or any(s.layer_bytes <= 0 or s.memory_total_bytes <= 0 for s in stages):
+            return None
+        return cls([s.memory_total_bytes for s in stages], [max(0, s.weight_bytes - (s.layers[1] - s.layers[0]) * s.layer_bytes) for s in stages],
+                   stages[0].layer_bytes + num_blocks * stages[0].kv_block_layer_bytes)

@@ -192,6 +192,12 @@ class Scheduler:
         self._pending_free.clear()
         return len(seqs)
 
+    def resize_blocks(self, num_blocks: int) -> None:
+        """The stages' new KV block count (after a rebalance or a recovery), once recompute_all has freed every block."""
+        assert self.block_manager.num_free_blocks == self.block_manager.num_blocks, "resize_blocks with blocks in use"
+        self.config.num_blocks = num_blocks
+        self.block_manager = BlockManager(num_blocks, self.config.block_size)
+
     def microbatch_failed(self, batch: MicroBatch, inflight: list[MicroBatch]) -> tuple[list[Sequence], set[int]]:
         """A stage failed `batch` and stayed up. Returns the sequences that have now failed more than MAX_RETRIES
         times (ended, finish_reason "error") and the ids of the microbatches whose results are void.

@@ -63,6 +63,13 @@ class EngineSupervisor:
                 state.metrics.requests_failed.labels("stage_error").inc(len(errors))
 
         engine.on_microbatch_failure = microbatch_failed
+
+        def rebalanced(record: dict) -> None:
+            state.stages = pipeline.stages  # new layer ranges and KV block counts
+            state.metrics.rebalances.labels(record["trigger"]).inc()
+            state.metrics.rebalance_pause.observe(record["pause_s"])
+
+        engine.rebalancer.on_applied = rebalanced
         state.max_model_len = max_model_len
         state.stages = pipeline.stages
         state.stage_states = ["ready"] * len(pipeline.stages)

@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from stagecoach.coordinator.metrics import WINDOW, Rate, percentiles
 
@@ -37,6 +38,10 @@ class Metrics:
         self.microbatch_failures = Counter("stagecoach_microbatch_failures", "Microbatches a stage failed while staying up, by stage",
                                            ["stage"], registry=r)
         self.requests_failed.labels("stage_error")  # shown at 0 before the first
+        self.rebalances = Counter("stagecoach_rebalances", "Rebalances applied while serving, by trigger (auto or admin)", ["trigger"], registry=r)
+        self.rebalance_pause = Histogram("stagecoach_rebalance_pause_seconds", "How long each rebalance paused the pipeline (before the re-prefill)",
+                                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        r.register(_ProposalCollector(engine_stats))
         self.engine_restarts = Counter("stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r)
         # Rolling views for /v1/stats and the terminal UI.
         self.ttft_window: deque = deque(maxlen=WINDOW)
@@ -54,6 +59,7 @@ class Metrics:
             ("stagecoach_kv_blocks_used", "kv_blocks_used", "KV cache blocks in use (per stage; every stage has the same layout)"),
             ("stagecoach_kv_blocks_total", "kv_blocks_total", "KV cache blocks per stage"),
             ("stagecoach_microbatches_inflight", "inflight", "Microbatches in the pipeline now"),
+            ("stagecoach_rebalancing", "rebalancing", "1 while a rebalance moves layers between stages"),
         ):
             Gauge(name, doc, registry=r).set_function(stat(key))
 
@@ -65,6 +71,25 @@ class Metrics:
             self.stage_queue.labels(label).observe(seconds)
         else:
             self.hop.labels(label).observe(seconds)
+
+
+class _ProposalCollector:
+    """The rebalancing planner's proposal, read at each scrape: the predicted gain and each stage's layers now and proposed."""
+
+    def __init__(self, engine_stats: Callable[[], dict]) -> None:
+        self.engine_stats = engine_stats
+
+    def collect(self):
+        proposal = self.engine_stats().get("rebalance") or {}
+        gain = GaugeMetricFamily("stagecoach_rebalance_predicted_gain", "The planner's predicted speed-up of the pipeline's pace for its proposed "
+                                 "split over the current one (0.25: 25 % faster); 0 while measuring or balanced")
+        gain.add_metric([], float(proposal.get("predicted_gain") or 0.0))
+        layers = GaugeMetricFamily("stagecoach_rebalance_layers", "Layers per stage: the current split and the planner's proposal",
+                                   labels=["stage", "split"])
+        for split in ("layers", "proposed"):
+            for i, n in enumerate(proposal.get(split) or []):
+                layers.add_metric([str(i), "current" if split == "layers" else "proposed"], n)
+        return [gain, layers]
 
 
 def _stage_row(s, state: str, t: dict, kv_blocks_used: int) -> dict:

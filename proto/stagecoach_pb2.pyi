@@ -176,7 +176,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("index", "layer_start", "layer_end", "device", "weight_bytes", "memory_total_bytes", "memory_used_bytes", "num_kv_blocks", "block_size", "address", "pid", "schema_version", "checkpoint_fingerprint", "node_id", "dtype")
+    __slots__ = ("index", "layer_start", "layer_end", "device", "weight_bytes", "memory_total_bytes", "memory_used_bytes", "num_kv_blocks", "block_size", "address", "pid", "schema_version", "checkpoint_fingerprint", "node_id", "dtype", "layer_bytes", "kv_block_layer_bytes")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class StageInfo(_message.Message):
     CHECKPOINT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
     index: int
     layer_start: int
     layer_end: int
@@ -207,7 +209,9 @@ class StageInfo(_message.Message):
     checkpoint_fingerprint: str
     node_id: str
     dtype: str
-    def __init__(self, index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ..., checkpoint_fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    layer_bytes: int
+    kv_block_layer_bytes: int
+    def __init__(self, index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ..., checkpoint_fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., layer_bytes: _Optional[int] = ..., kv_block_layer_bytes: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

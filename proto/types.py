@@ -131,6 +131,8 @@ class StageSummary:
     memory_used_bytes: int = 0
     memory_total_bytes: int = 0
     errors: int = 0  # from its latest health check
+    layer_bytes: int = 0  # one decoder layer's weights
+    kv_block_layer_bytes: int = 0  # one KV block of one layer
 
     def as_json(self) -> dict:
         out = {"index": self.index, "layers": list(self.layers)}

@@ -138,6 +138,12 @@ def stage_weight_bytes(config: ModelConfig, layer_start: int, layer_end: int, dt
     return sum(_numel(shape) for shape in specs.values()) * dtype.itemsize
 
 
+def layer_weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one decoder layer's weights in dtype."""
+    specs = stage_tensor_specs(config, 0, 1)
+    return sum(_numel(shape) for name, shape in specs.items() if name.startswith("model.layers.")) * dtype.itemsize
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -153,14 +159,17 @@ def load_stage_weights(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    only: set[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Reads the stage's tensors, shard by shard, converting to dtype and moving to device.
+    """Reads the stage's tensors (or those of them named in `only`), shard by shard, converting to dtype and moving to device.
 
     progress, if given, is called with the bytes of each tensor once it is loaded.
     """
     model_dir = Path(model_dir)
     weight_map = checkpoint_weight_map(model_dir)
     specs = stage_tensor_specs(config, layer_start, layer_end)
+    if only is not None:
+        specs = {name: shape for name, shape in specs.items() if name in only}
     source = {name: name for name in specs}
     if "lm_head.weight" in specs and config.tie_word_embeddings and "lm_head.weight" not in weight_map:
         source["lm_head.weight"] = "model.embed_tokens.weight"
@@ -216,6 +225,30 @@ def load_stage_model(
     with torch.device(device):
         model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
     return model.eval().requires_grad_(False)
+
+
+def change_layers(model: StageModel, layer_start: int, layer_end: int, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
+                  progress: Callable[[int], None] | None = None) -> StageModel:
+    """The stage's model for layers [layer_start, layer_end) (a rebalance): the layers and ends it keeps move over as
+    they are, only the tensors of the layers it gains are read, and those it loses go with the old model."""
+    config = model.config
+    with torch.device("meta"):
+        new = StageModel(config, layer_start, layer_end)
+    kept = {key: layer for key, layer in model.model.layers.items() if key in new.model.layers}
+    for key, layer in kept.items():
+        new.model.layers[key] = layer
+    if new.is_first and model.is_first:
+        new.model.embed_tokens = model.model.embed_tokens
+    if new.is_last and model.is_last:
+        new.model.norm, new.lm_head = model.model.norm, model.lm_head
+    owned = {name for name, p in new.named_parameters() if not p.is_meta}
+    gained = set(stage_tensor_specs(config, layer_start, layer_end)) - owned
+    state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress, only=gained)
+    new.load_state_dict(state, strict=False, assign=True)
+    still_meta = [name for name, p in new.named_parameters() if p.is_meta]
+    assert not still_meta, f"tensors neither kept nor loaded: {still_meta[:4]}"
+    new.rotary_emb = model.rotary_emb
+    return new.eval().requires_grad_(False)
 
 
 def checkpoint_fingerprint(model_dir: str | Path) -> str:

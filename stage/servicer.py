@@ -109,7 +109,8 @@ class StageLoop:
         cleared = threading.Event()
         with self._admit_lock:
             self.min_batch_id = min_batch_id
-            self.runner.sequences.clear()
+            if self.runner is not None:  # None while a rebalance changes this stage's layers
+                self.runner.sequences.clear()
             self._inbox.put(cleared)
         if not cleared.wait(SEND_TIMEOUT_S):
             log.error("stage %d: the compute thread did not reach the recovery's fence within %g s", self.index, SEND_TIMEOUT_S)
@@ -125,6 +126,8 @@ class StageLoop:
         with self._admit_lock:
             if self.is_stale(batch.batch_id):
                 raise StaleBatchError(f"microbatch {batch.batch_id} is from before a recovery")
+            if self.runner is None:
+                raise StaleBatchError(f"microbatch {batch.batch_id} came while this stage changes its layers (a rebalance)")
             work = _Work(self.runner.prepare(batch, inputs), list(timings))
             work.timing.stage_index = self.index
             work.timing.received_ns = received_ns
@@ -142,7 +145,7 @@ class StageLoop:
 
     def _compute(self, work: _Work | threading.Event) -> None:
         if isinstance(work, threading.Event):  # a recovery's fence (see reset)
-            if self.runner.sampler is not None:
+            if self.runner is not None and self.runner.sampler is not None:
                 self.runner.sampler.reset()
             work.set()
             return

@@ -17,7 +17,7 @@ from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.server import start_server
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
-from stagecoach.stage.loader import DTYPES, checkpoint_fingerprint, load_stage_model, stage_weight_bytes
+from stagecoach.stage.loader import DTYPES, change_layers, checkpoint_fingerprint, layer_weight_bytes, load_stage_model, stage_weight_bytes
 from stagecoach.stage.model import AttentionMetadata
 from stagecoach.stage.runner import StageRunner
 from stagecoach.stage.servicer import StageLoop, StageServicer
@@ -55,6 +55,7 @@ class StagePlan:
     poison_prefill_tokens: int | None  # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
     layer_delay_ms: float  # testing only: each decoder layer waits this long per microbatch (testing.layer_delay_ms)
     slowdown: float  # testing only: compute takes this factor times its measured time (testing.stage_slowdown)
+    crash_in_rebalance: bool  # testing only: the process exits while changing its layers (testing.rebalance_crash_stage)
     link_token: str  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
     tls_cert: str | None
     tls_key: str | None
@@ -107,6 +108,7 @@ class StageWorker:
         self.runner: StageRunner | None = None
         self.service: StageLoop | None = None
         self.server = None
+        self.servicer: StageServicer | None = None
         self.address = ""
         self.weight_bytes = stage_weight_bytes(self.config, plan.layer_start, plan.layer_end, self.dtype)
         self.loaded_bytes = 0  # grows while load() reads the weights
@@ -125,17 +127,20 @@ class StageWorker:
             return int(torch.cuda.get_device_properties(self.device).total_memory * self.plan.gpu_memory_fraction)
         return _available_ram()
 
-    def check_fits(self) -> None:
-        """Refuses, with the numbers, a stage whose weights and a minimal KV cache exceed its budget."""
-        min_blocks = -(-self.plan.max_batch_tokens // self.plan.block_size)
-        need = self.weight_bytes + min_blocks * self.bytes_per_block
+    def check_fits(self, layer_start: int | None = None, layer_end: int | None = None, min_blocks: int = 0) -> None:
+        """Refuses, with the numbers, a stage whose weights and a minimal KV cache (at least min_blocks) exceed its budget;
+        by default for the plan's layers, else for [layer_start, layer_end) (a rebalance's check)."""
+        p, c = self.plan, self.config
+        start, end = (p.layer_start, p.layer_end) if layer_start is None else (layer_start, layer_end)
+        weights = stage_weight_bytes(c, start, end, self.dtype)
+        blocks = max(min_blocks, -(-p.max_batch_tokens // p.block_size))
+        kv = blocks * KVCache.bytes_per_block(end - start, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype)
         budget = self.memory_budget()
-        if need > budget:
+        if weights + kv > budget:
             raise ConfigError(
-                f"stage {self.plan.index} (layers [{self.plan.layer_start}, {self.plan.layer_end}), {self.plan.dtype}) needs "
-                f"{self.weight_bytes / MIB:.1f} MiB of weights + {min_blocks * self.bytes_per_block / MIB:.1f} MiB for a minimal "
-                f"KV cache = {need / MIB:.1f} MiB, but its memory budget on {self.device.type} is {budget / MIB:.1f} MiB; "
-                f"use more stages, a smaller dtype, or a larger budget"
+                f"stage {p.index} (layers [{start}, {end}), {p.dtype}) needs {weights / MIB:.1f} MiB of weights + {kv / MIB:.1f} MiB "
+                f"for a KV cache of {blocks} blocks = {(weights + kv) / MIB:.1f} MiB, but its memory budget on {self.device.type} is "
+                f"{budget / MIB:.1f} MiB; use more stages, a smaller dtype, or a larger budget"
             )
 
     def load(self) -> dict:
@@ -174,22 +179,63 @@ class StageWorker:
     # -- serving ----------------------------------------------------------------------------
     def start(self, num_blocks: int) -> str:
         """Allocates the KV cache and starts the gRPC server; returns host:port."""
-        p, c = self.plan, self.config
-        cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
-        self.runner = StageRunner(self.model, cache)
-        self.runner.poison_prefill_tokens = p.poison_prefill_tokens
-        self.runner.layer_delay_s = p.layer_delay_ms / 1e3
-        if compile_enabled(p.compile, self.device.type):
-            sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
-            seconds = self.runner.compile(sizes, progress=lambda line: log.warning("stage %d: %s", p.index, line))
-            log.warning("stage %d: decode step compiled for batch sizes %s in %.1f s", p.index, sizes, seconds)
+        p = self.plan
+        self.runner = self._new_runner(num_blocks)
         security = p.security()
         self.service = StageLoop(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security, slowdown=p.slowdown)
         host = p.host or node_address()
-        servicer = StageServicer(self.service, self.info_message(num_blocks))
-        self.server, self.address = start_server(servicer, host, p.port, p.max_message_bytes, security)
-        servicer.info.address = self.address
+        self.servicer = StageServicer(self.service, self.info_message(num_blocks))
+        self.server, self.address = start_server(self.servicer, host, p.port, p.max_message_bytes, security)
+        self.servicer.info.address = self.address
         return self.address
+
+    def _new_runner(self, num_blocks: int) -> StageRunner:
+        """The KV cache of num_blocks blocks and a runner over it (its decode step compiled, where that is on)."""
+        p, c = self.plan, self.config
+        cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        runner = StageRunner(self.model, cache)
+        runner.poison_prefill_tokens = p.poison_prefill_tokens
+        runner.layer_delay_s = p.layer_delay_ms / 1e3
+        if compile_enabled(p.compile, self.device.type):
+            sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
+            seconds = runner.compile(sizes, progress=lambda line: log.warning("stage %d: %s", p.index, line))
+            log.warning("stage %d: decode step compiled for batch sizes %s in %.1f s", p.index, sizes, seconds)
+        return runner
+
+    # -- rebalancing: check, change layers, size the KV cache again -----------------------------
+    def check_layers(self, layer_start: int, layer_end: int, min_blocks: int) -> None:
+        """A rebalance's check before anything changes: ConfigError, with the numbers, when the new layers do not fit."""
+        self.check_fits(layer_start, layer_end, min_blocks)
+
+    def relayer(self, layer_start: int, layer_end: int, min_batch_id: int) -> dict:
+        """Takes layers [layer_start, layer_end): fences off older microbatches, frees the KV cache and the layers it
+        loses, then reads only the tensors of the layers it gains (free first, then load: the peak is the larger of
+        the two splits' weights, with no KV cache). Serves nothing until `resize`; returns its KV capacity."""
+        p = self.plan
+        self.service.reset(min_batch_id)
+        self.service.runner = self.runner = None  # the KV cache goes with it
+        self.servicer.info.num_kv_blocks = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if p.crash_in_rebalance:
+            log.error("stage %d: testing.rebalance_crash_stage: exiting while changing layers", p.index)
+            os._exit(1)
+        self.model = change_layers(self.model, layer_start, layer_end, p.model_dir, self.dtype, self.device)
+        p.layer_start, p.layer_end = layer_start, layer_end
+        self.servicer.info.layer_start, self.servicer.info.layer_end, self.servicer.info.num_kv_blocks = layer_start, layer_end, 0  # no cache yet
+        self.weight_bytes = stage_weight_bytes(self.config, layer_start, layer_end, self.dtype)
+        return {"weight_bytes": self.weight_bytes, "kv_blocks": self.kv_capacity(), "device": str(self.device)}
+
+    def resize(self, num_blocks: int, min_batch_id: int) -> None:
+        """A KV cache of num_blocks blocks for the layers it holds (after `relayer`, or when the pipeline's block count fell)."""
+        if self.runner is not None:
+            self.service.reset(min_batch_id)
+            self.service.runner = self.runner = None
+        self.runner = self._new_runner(num_blocks)
+        info = self.info_message(num_blocks)
+        info.address = self.address
+        self.servicer.info = info
+        self.service.runner = self.runner
 
     def connect(self, next_address: str | None, coordinator_address: str) -> None:
         self.service.connect(next_address, coordinator_address)
@@ -216,6 +262,8 @@ class StageWorker:
             checkpoint_fingerprint=self.fingerprint,
             node_id=self.node_id,
             dtype=self.plan.dtype,
+            layer_bytes=layer_weight_bytes(self.config, self.dtype),
+            kv_block_layer_bytes=KVCache.bytes_per_block(1, self.plan.block_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype),
         )
 
     def stop(self) -> None:

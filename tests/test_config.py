@@ -46,6 +46,9 @@ def test_yaml_round_trip(tmp_path):
         ({"pipeline": {"num_stages": 0}}, "pipeline.num_stages must be at least 1"),
         ({"pipeline": {"compile": "yes"}}, "pipeline.compile 'yes': use one of auto, on, off"),
         ({"pipeline": {"compile_batch_sizes": [4, 0]}}, r"pipeline.compile_batch_sizes must list batch sizes of at least 1"),
+        ({"pipeline": {"rebalance": "always"}}, "pipeline.rebalance 'always': use one of off, suggest, auto"),
+        ({"pipeline": {"rebalance_min_gain": -0.1}}, "pipeline.rebalance_min_gain and rebalance_cooldown_s must be >= 0"),
+        ({"pipeline": {"num_stages": 2}, "testing": {"rebalance_crash_stage": 2}}, "testing.rebalance_crash_stage 2 is not a stage"),
     ],
 )
 def test_mistakes_are_named(data, message):
@@ -104,6 +107,16 @@ def test_the_slower_device_knobs_reach_each_stage_plan():
         ClusterConfig.from_dict({"pipeline": {"num_stages": 2}, "testing": {"stage_slowdown": [1, 0.5]}})
     with pytest.raises(ConfigError, match="testing.layer_delay_ms must be >= 0"):
         ClusterConfig.from_dict({"testing": {"layer_delay_ms": -1}})
+
+
+def test_rebalance_modes_read_from_yaml_as_written(tmp_path):
+    # YAML 1.1 reads an unquoted off (or on) as a boolean: a mode setting takes it as the word.
+    path = tmp_path / "c.yaml"
+    path.write_text("pipeline:\n  rebalance: off\n  compile: on\n  rebalance_min_gain: 0.2\n  rebalance_cooldown_s: 60\n")
+    p = ClusterConfig.from_yaml(path).pipeline
+    assert (p.rebalance, p.compile, p.rebalance_min_gain, p.rebalance_cooldown_s) == ("off", "on", 0.2, 60.0)
+    d = ClusterConfig.from_dict({}).pipeline
+    assert (d.rebalance, d.rebalance_min_gain, d.rebalance_cooldown_s) == ("suggest", 0.10, 300.0)
 
 
 def test_the_poison_knob_names_a_stage_and_a_prefill_length():

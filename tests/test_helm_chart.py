@@ -77,6 +77,7 @@ def test_lint_does_report_a_broken_chart(tmp_path):
     ({"gpusPerStage": 2}, "at '/gpusPerStage'"),
     ({"replicas": 4}, "additional properties 'replicas' not allowed"),
     ({"worker": {"antiAffinity": "sometimes"}}, "at '/worker/antiAffinity'"),
+    ({"pipeline": {"rebalance": "always"}}, "at '/pipeline/rebalance'"),
     ({"worker": {"affinity": {"podAntiAffinity": {}}}}, "additional properties 'podAntiAffinity' not allowed"),
 ])
 def test_schema_rejects_with_helms_message(values, message):
@@ -282,6 +283,16 @@ def test_serve_command_and_config_match_values(profile):
             assert volume["hostPath"] == {"path": values["model"]["hostPath"], "type": "Directory"}
         ray_container = template["spec"]["containers"][0]
         assert {"name": "model", "mountPath": values["model"]["mountPath"], "readOnly": True} in ray_container["volumeMounts"]
+
+
+@pytest.mark.parametrize("rebalance", [{}, {"rebalance": "auto", "rebalanceMinGain": 0.25, "rebalanceCooldownSeconds": 60}, {"rebalance": "off"}])
+def test_rebalance_values_reach_the_config(rebalance):
+    from stagecoach.cluster.config import ClusterConfig
+
+    config = ClusterConfig.from_dict(yaml.safe_load(one(render({"pipeline": rebalance}), "ConfigMap")["data"]["stagecoach.yaml"]))
+    p = config.pipeline
+    assert (p.rebalance, p.rebalance_min_gain, p.rebalance_cooldown_s) == (rebalance.get("rebalance", "suggest"), rebalance.get("rebalanceMinGain", 0.1),
+                                                                           rebalance.get("rebalanceCooldownSeconds", 300))
 
 
 def test_extra_serve_args_are_passed_through():

@@ -69,7 +69,7 @@ SCHEMA = {
     "pipeline_utilisation": float,
     "engine": {"running": int, "waiting": int, "kv_blocks_used": int, "kv_blocks_total": int, "block_size": int, "inflight": int,
                "peak_inflight": int, "max_inflight": int, "microbatches": int, "preemptions": int,
-               "recoveries": int, "recovery_seconds": list, "recovering": bool, "microbatch_failures": int, "isolating": int,
+               "recoveries": int, "recovery_seconds": list, "recovering": bool, "rebalancing": bool, "microbatch_failures": int, "isolating": int,
                "requests_failed": {"stage_error": int}},
     "rebalance": (dict, type(None)),
 }
@@ -180,7 +180,7 @@ def test_top_in_tmux_shows_every_stage_under_load(loaded_server):
             screen = subprocess.run([*tmux, "capture-pane", "-p", "-t", "top"], capture_output=True, text=True).stdout
             rows = stage_rows(screen)
             out = re.search(r"out ([0-9.]+) tok/s", screen)
-            if (len(rows) == 3 and out and float(out.group(1)) > 0 and "rebalance: layers" in screen) or time.monotonic() > deadline:
+            if (len(rows) == 3 and out and float(out.group(1)) > 0 and "rebalance (suggest): layers" in screen and "measuring" not in screen) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert sorted(rows) == [0, 1, 2], screen
@@ -188,7 +188,7 @@ def test_top_in_tmux_shows_every_stage_under_load(loaded_server):
         assert float(out.group(1)) > 0, screen
         assert rows[1]["compute p50"] >= DELAY_MS > rows[0]["compute p50"], screen
         # stage 1's delay is fixed work, not its layers': the measured split is balanced
-        assert re.search(r"rebalance: layers \S+ are balanced for the measured speeds · microbatches failed 0", screen), screen
+        assert re.search(r"rebalance \(suggest\): layers \S+ are balanced for the measured speeds · microbatches failed 0", screen), screen
         subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
         deadline = time.monotonic() + 10
         while subprocess.run([*tmux, "has-session", "-t", "top"], capture_output=True).returncode == 0 and time.monotonic() < deadline:

@@ -94,3 +94,29 @@ def test_a_bad_current_split_is_refused():
     with pytest.raises(PartitionError, match="does not give 8 layers to 2 stages"):
         plan_split(8, speeds(1, 1), DECODE, 1, [4, 3])
     assert isinstance(plan_split(2, speeds(1, 1), DECODE, 1, [1, 1]), Plan)
+
+
+def test_the_stages_reported_memory_bounds_the_proposal():
+    """The proposal from measured records, within the budgets the stages report (weights per layer plus the KV cache each
+    layer keeps at the pipeline's block count), and the refusal reported, not raised, when no split fits."""
+    from stagecoach.coordinator.rebalance import StageMemory, StageRates
+    from stagecoach.proto import stagecoach_pb2 as pb
+    from stagecoach.proto.types import MicroBatch, SeqChunk, StageSummary
+
+    rates = StageRates()
+    batch = MicroBatch(0, [SeqChunk(seq_id=0, start_pos=5, num_tokens=1)], [7])
+    for _ in range(40):  # stage 0 three times slower per layer
+        timings = [pb.StageTiming(stage_index=i, compute_start_ns=0, compute_end_ns=n * 1_000_000, layers_ns=n * 1_000_000)
+                   for i, n in enumerate((9, 3, 3))]
+        rates.add(batch, timings, [3, 3, 3])
+    # Each layer: 100 bytes of weights + 10 blocks x 5 bytes of KV = 150; stage 2 also holds 200 bytes of fixed weights.
+    stages = [StageSummary(i, (3 * i, 3 * i + 3), weight_bytes=300 + 200 * (i == 2), memory_total_bytes=budget, layer_bytes=100,
+                           kv_block_layer_bytes=5) for i, budget in enumerate((10_000, 10_000, 650))]
+    memory = StageMemory.of(stages, num_blocks=10)
+    assert memory.layer_bytes == 150 and memory.fixed_bytes == [0, 0, 200] and memory.budgets == [10_000, 10_000, 650]
+    assert rates.propose([3, 3, 3]).counts == [1, 4, 4]  # unbounded
+    assert rates.propose([3, 3, 3], memory).counts == [1, 5, 3]  # stage 2 holds (650 - 200) // 150 = 3 layers
+    assert StageMemory.of([StageSummary(0, (0, 9))], 10) is None  # the in-process backend reports no sizes
+    stages[1].memory_total_bytes = stages[0].memory_total_bytes = 400  # 2 + 2 + 3 layers at most: 9 do not fit
+    refused = rates.proposal([3, 3, 3], StageMemory.of(stages, num_blocks=10))
+    assert refused["proposed"] == [3, 3, 3] and refused["predicted_gain"] == 0.0 and "hold at most [2, 2, 3] layers" in refused["refused"]

@@ -25,10 +25,11 @@ SAMPLING = [{"temperature": 0} if i % 2 == 0 else
             for i in range(len(PROMPTS))]
 
 
-def stream_text(port: int, body: dict, progress: list, index: int, out: dict) -> None:
+def stream_text(port: int, body: dict, progress: list, index: int, out: dict, key: str | None = None) -> None:
     """Reads one SSE stream to its end; progress[index] counts the chunks seen so far."""
     conn = HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request("POST", "/v1/completions", json.dumps(body | {"stream": True}), {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    conn.request("POST", "/v1/completions", json.dumps(body | {"stream": True}), headers)
     resp = conn.getresponse()
     text, events = [], []
     while line := resp.readline():

@@ -233,8 +233,10 @@ def test_a_slow_link_out_of_stage_0_shows_in_its_hop_only(bed, server):
           f"coordinator {before[2]}/{after[2]}")
     assert after[0] >= 10 * before[0], (before, after)
     assert after[0] >= 5 * before[0]
+    # The other hops do not grow with it (+ 0.5 ms: sub-millisecond hops jitter by that much here). Not the other way:
+    # a fresh server's first prefills make a "before" window now and then slower than the one after (5.5 ms against 2.3).
     for b, a in zip(before[1:], after[1:]):
-        assert a < 2 * b + 0.5 and b < 2 * a + 0.5, (before, after)  # + 0.5 ms: sub-millisecond hops jitter by that much here
+        assert a < 2 * b + 0.5, (before, after)
 
 
 @pytest.fixture(scope="module")

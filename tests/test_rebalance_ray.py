@@ -1,0 +1,103 @@
+"""A rebalance on Ray stages while 8 streams run: applied, the streams keep their text; a stage that dies in the middle of
+applying one is recovered onto the old split, and nothing is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import yaml
+
+from helpers import http, make_hf_checkpoint
+
+KEY = "test-key-123"  # tests/test_serve.Server puts it in STAGECOACH_TEST_KEY
+STREAMS = [[(11 * i + j) % 390 + 3 for j in range(12 + 3 * i)] for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tmp_path_factory):
+    from test_recovery import Server
+
+    tmp = tmp_path_factory.mktemp("rebalance_server")
+    make_hf_checkpoint(tmp / "model", num_hidden_layers=6, max_position_embeddings=256)
+    (tmp / "cluster.yaml").write_text(yaml.safe_dump({
+        "model": {"path": str(tmp / "model")},
+        "pipeline": {"layers": [2, 2, 2], "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 64},
+        # Stage 2 exits in the middle of any rebalance that changes its layers.
+        "testing": {"stage_delay_ms": [3.0, 3.0, 3.0], "rebalance_crash_stage": 2},
+        "cache": {"block_size": 8, "num_blocks": 256},
+        "transport": {"host": "127.0.0.1"},
+        "server": {"api_key_env": "STAGECOACH_TEST_KEY"},
+    }))
+    s = Server(["--config", str(tmp / "cluster.yaml"), "--ray-address", ray_cluster.address], tmp / "server.log")
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+class Streams:
+    """The 8 streams (greedy and seeded), read on threads."""
+
+    def __init__(self, server) -> None:
+        from test_recovery import stream_text
+
+        self.progress, self.out = [0] * len(STREAMS), {}
+        bodies = [{"prompt": p, "max_tokens": 100, "ignore_eos": True} | ({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})
+                  for i, p in enumerate(STREAMS)]
+        self.threads = [threading.Thread(target=stream_text, args=(server.port, body, self.progress, i, self.out, KEY))
+                        for i, body in enumerate(bodies)]
+        for t in self.threads:
+            t.start()
+
+    def wait_mid_stream(self, min_chunks: int = 5) -> None:
+        """Until every stream has shown min_chunks pieces of text (a detokenizer may hold a token back: chunks <= tokens)."""
+        deadline = time.monotonic() + 60
+        while min(self.progress) < min_chunks:
+            assert time.monotonic() < deadline, self.progress
+            time.sleep(0.01)
+        assert sum(t.is_alive() for t in self.threads) >= 6, "most streams should still be running"
+
+    def texts(self) -> list[str]:
+        for t in self.threads:
+            t.join(timeout=300)
+        for i in range(len(STREAMS)):
+            events = self.out[i][1]
+            assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        return [self.out[i][0] for i in range(len(STREAMS))]
+
+
+def stats(server) -> dict:
+    return http(server.port, "/v1/stats")[1]
+
+
+@pytest.mark.slow
+def test_a_rebalance_mid_stream_and_a_stage_dying_in_the_next_lose_nothing(server):
+    reference = Streams(server).texts()
+    before = stats(server)
+    assert [s["layers"] for s in before["stages"]] == [[0, 2], [2, 4], [4, 6]]
+    pids = [s["pid"] for s in before["stages"]]
+
+    # Applied mid-stream (stage 2 keeps its layers): the same text, no recovery, the same processes.
+    streams = Streams(server)
+    streams.wait_mid_stream()
+    status, record, _ = http(server.port, "/v1/admin/rebalance", {"layers": [1, 3, 2]}, timeout=120)
+    assert status == 200 and record["outcome"] == "applied", record
+    assert streams.texts() == reference
+    after = stats(server)
+    assert [s["layers"] for s in after["stages"]] == [[0, 1], [1, 4], [4, 6]] and [s["pid"] for s in after["stages"]] == pids
+    assert after["engine"]["recoveries"] == before["engine"]["recoveries"] and after["rebalance"]["history"][-1]["pause_s"] == record["pause_s"]
+    print(f"rebalance [2, 2, 2] → [1, 3, 2] mid-stream: paused {record['pause_s']:.3f} s, {record['reprefilled']} sequences re-prefilled")
+
+    # Stage 2 exits while changing layers: the rebalance fails (503) and the recovery brings every stage back onto
+    # the split before it, never a mix; the streams keep their text.
+    streams = Streams(server)
+    streams.wait_mid_stream()
+    status, body, _ = http(server.port, "/v1/admin/rebalance", {"layers": [2, 3, 1]}, timeout=120)
+    assert status == 503 and "going back to" in body["error"]["message"], body
+    assert streams.texts() == reference
+    end = stats(server)
+    assert [s["layers"] for s in end["stages"]] == [[0, 1], [1, 4], [4, 6]]
+    assert end["engine"]["recoveries"] == after["engine"]["recoveries"] + 1 and end["stages"][2]["pid"] != pids[2]
+    assert end["rebalance"]["failed"] == 1 and end["rebalance"]["applied"] == 1
+    assert http(server.port, "/health", key=None)[0] == 200
