@@ -5,16 +5,18 @@ microbatch (testing.layer_delay_ms: device time without using a core), stage 1 t
 (testing.stage_slowdown [1, 3, 1, 1]), starting from layers [2, 2, 2, 2]; 16 greedy requests in
 flight at all times (each one replaced by a new one as it finishes). On one pipeline, in one run:
 
-1. the starting split, rebalancing off (measured again at the end: the baseline is their mean);
+1. the starting split, rebalancing off;
 2. `auto` (cooldown 5 s, so that the run is short; min gain 10 %), once settled: at least one
    rebalance applied and none in the last 30 s;
-3. the planner's split and its six neighbours (one layer moved across one boundary), each applied
-   through the same rebalance path with auto off.
+3. the starting split, the planner's (where auto settled) and its neighbours (one layer moved across
+   one boundary; six where every stage keeps a layer), each applied through the same rebalance path
+   with auto off, in interleaved rounds (each split's tokens/s is the mean of its windows; auto's
+   split includes its window right after settling).
 
 Then a second pipeline without the slowdown serves the same load for 5 minutes with `auto` on
 (cooldown 5 s: sixty chances): it must apply nothing.
 
-    python bench/rebalance.py [--window 15] [--steady 300] [--out bench/results/rebalance.json]
+    python bench/rebalance.py [--window 20] [--steady 300] [--out bench/results/rebalance.json]
 """
 
 from __future__ import annotations
@@ -108,10 +110,16 @@ def neighbours(counts: list[int]) -> list[list[int]]:
     return out
 
 
-def slow_stage(engine, load: Load, window: float) -> dict:
+def slow_stage(engine, load: Load, window: float, rounds: int) -> dict:
     out: dict = {"start_split": START}
     time.sleep(5)  # the pipe fills, the first prompts are prefilled
-    first = load.rate(window)
+    rates: dict[str, list[float]] = {}
+
+    def measure(counts: list[int], settle: float = 3.0) -> None:
+        time.sleep(settle)
+        rates.setdefault(",".join(map(str, counts)), []).append(load.rate(window))
+
+    measure(START, settle=0)
     # auto: the planner's proposal is applied once its predicted gain is >= 10 %, then again only after the cooldown.
     r = engine.rebalancer
     r.policy.mode = "auto"  # the cooldown from the start has passed
@@ -121,32 +129,35 @@ def slow_stage(engine, load: Load, window: float) -> dict:
             raise RuntimeError(f"auto did not settle within 240 s: {r.history}")
         time.sleep(1)
     out["auto_settled_after_s"] = round(time.monotonic() - t0, 1)
-    out["auto_tokens_per_s"] = load.rate(window)
     r.policy.mode = "off"
     applied = [h for h in r.history if h["outcome"] == "applied"]
     out["auto_rebalances"] = [{k: h[k] for k in ("from", "to", "predicted_gain", "pause_s", "reprefilled")} for h in applied]
-    planner = applied[-1]["to"]
+    planner = applied[-1]["to"]  # where auto settled: its split is measured in the rounds below with the others
     out["planner_split"] = planner
-    candidates = {}
-    for counts in [planner, *neighbours(planner)]:
-        pause = apply(engine, counts)
-        time.sleep(3)
-        candidates[",".join(map(str, counts))] = {"tokens_per_s": load.rate(window), "pause_s": pause}
-    out["candidates"] = candidates
+    measure(planner, settle=0)
+    # Interleaved rounds over the starting split, the planner's and its neighbours (this machine's rates drift by tens of %).
+    splits = [START, planner, *neighbours(planner)]
+    pauses = []
+    for k in range(rounds):
+        for counts in splits[k % len(splits):] + splits[:k % len(splits)]:
+            pauses.append(apply(engine, counts))
+            measure(counts)
     apply(engine, START)
-    time.sleep(3)
-    last = load.rate(window)
-    out["start_tokens_per_s"] = [first, last]
-    baseline = (first + last) / 2
-    best = max(c["tokens_per_s"] for c in candidates.values())
-    out["auto_over_start"] = out["auto_tokens_per_s"] / baseline
-    out["auto_over_best_candidate"] = out["auto_tokens_per_s"] / best
+    out["tokens_per_s"] = {key: {"mean": sum(v) / len(v), "each": v} for key, v in rates.items()}
+    mean = {key: v["mean"] for key, v in out["tokens_per_s"].items()}
+    candidates = [",".join(map(str, c)) for c in splits[1:]]
+    key = ",".join(map(str, planner))
+    out["auto_over_start"] = mean[key] / mean[",".join(map(str, START))]
+    out["auto_over_best_candidate"] = mean[key] / max(mean[c] for c in candidates)
+    out["best_candidate"] = max(candidates, key=mean.get)
+    out["pause_s"] = {"auto": [h["pause_s"] for h in applied], "by_hand": pauses}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--window", type=float, default=15.0, help="seconds each tokens/s is measured over")
+    parser.add_argument("--window", type=float, default=20.0, help="seconds each tokens/s is measured over")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the splits compared")
     parser.add_argument("--steady", type=float, default=300.0, help="seconds of steady load without a slowdown")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rebalance.json")
     args = parser.parse_args(argv)
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         model = write_random_checkpoint(Path(tmp) / "model", num_hidden_layers=LAYERS, max_position_embeddings=512)
         engine, close = open_engine(model, [1, 3, 1, 1], "off")
         try:
-            result = {"slow_stage": slow_stage(engine, Load(engine), args.window)}
+            result = {"slow_stage": slow_stage(engine, Load(engine), args.window, args.rounds)}
         finally:
             close()
         engine, close = open_engine(model, None, "auto")
