@@ -143,7 +143,7 @@ def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict
         blocks = batch * (context + new_tokens + 2) // BLOCK + batch * 2
         pipe = LocalPipeline.load(path, ranges_from_counts([2], 2), num_blocks=blocks, block_size=BLOCK)
 
-        engine = Engine(pipe, SchedulerConfig(num_blocks=blocks, block_size=BLOCK, max_num_batched_tokens=context, max_num_seqs=batch,
+        engine = Engine(pipe, SchedulerConfig(num_blocks=blocks, block_size=BLOCK, max_num_batched_tokens=context, max_num_seqs=batch, prefix_caching=False,
                                               max_model_len=context + 64))
         steps: list[float] = []  # the decode microbatches' times (every sequence one token), through the stage's runner
         execute = pipe.execute

@@ -74,7 +74,9 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
     log = open(REPO / "bench" / "results" / "end_to_end_server.log", "w")
     env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     server = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--config", str(REPO / "configs" / "demo.yaml"), "--model", model,
-                               "--ray-address", "local", "--host", "127.0.0.1", "--port", str(port), "--compile", compile_mode], stdout=log, stderr=subprocess.STDOUT, env=env)
+                               "--ray-address", "local", "--host", "127.0.0.1", "--port", str(port), "--compile", compile_mode,
+                               "--no-prefix-caching"],  # rounds repeat prompts: transformers computes each whole, so do we here
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 300
         while True:

@@ -102,7 +102,7 @@ def correctness(device: str, smoke: bool) -> dict:
 
         rows: list = []
         pipe = Recording.load(model_dir, ranges_from_counts([2, 2], 4), "bfloat16", device, num_blocks=64, block_size=16)
-        engine = Engine(pipe, SchedulerConfig(num_blocks=64, block_size=16, max_num_batched_tokens=512, max_num_seqs=64, max_model_len=len(prompt) + steps), max_inflight=1)
+        engine = Engine(pipe, SchedulerConfig(num_blocks=64, block_size=16, max_num_batched_tokens=512, max_num_seqs=64, max_model_len=len(prompt) + steps, prefix_caching=False), max_inflight=1)
         (seq,) = engine.generate([prompt], [SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)])
         hf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
         ref16_ids, ref_rows = hf_greedy(hf16, prompt, steps, device)

@@ -128,7 +128,7 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
         real_submit(batch)
 
     pipeline.wait, pipeline.submit = recording_wait, recording_submit
-    engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256, max_model_len=32768), max_inflight=inflight)
+    engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256, max_model_len=32768, prefix_caching=False), max_inflight=inflight)
     prompts = [[3 + i % 50] * 8 for i in range(num_seqs)]
     start, cpu_start = time.perf_counter(), time.process_time()
     engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True) for _ in prompts])
@@ -209,7 +209,7 @@ def measure_prefill(num_stages: int, compute_s: float, microbatches: int, prompt
 
     pipeline, pipes, procs = start_stages(num_stages, compute_s)
     try:
-        engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=prompt_tokens, max_num_seqs=256, max_model_len=32768),
+        engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=prompt_tokens, max_num_seqs=256, max_model_len=32768, prefix_caching=False),
                         max_inflight=microbatches)
         engine.generate([[5] * 8], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])  # warm the links
         prompts = [[3 + i] * prompt_tokens for i in range(microbatches)]

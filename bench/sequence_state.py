@@ -46,7 +46,7 @@ def checkpoint(directory: Path, dims: dict) -> Path:
 def scheduler_config(num_blocks: int, block_size: int, max_tokens: int, max_seqs: int = 256):
     from stagecoach.coordinator.scheduler import SchedulerConfig
 
-    return SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs, max_model_len=8192)
+    return SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs, max_model_len=8192, prefix_caching=False)
 
 
 # -- (a) the distribution overhead, through the HTTP API ----------------------------------------------
@@ -81,7 +81,7 @@ def serve_gaps(model: Path, args: list[str], batches: list[int], tokens: int, ro
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--model", str(model), "--port", str(port), "--kv-blocks", "512", *args],
+    server = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--model", str(model), "--port", str(port), "--kv-blocks", "512", "--no-prefix-caching", *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 300

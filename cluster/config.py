@@ -109,6 +109,8 @@ class CacheSection:
     num_blocks: int | None = setting(None, "CPU stages: KV cache blocks per stage; unset: from cache.max_tokens", "--kv-blocks")
     max_tokens: int = setting(8192, "CPU stages: KV capacity in tokens when num_blocks is unset")
     gpu_memory_fraction: float = setting(0.9, "GPU stages: share of device memory for weights + activations + KV cache")
+    prefix_caching: bool = setting(True, "reuse the K/V of full blocks a request shares with an earlier one (a system prompt, a "
+                                   "conversation's history): only the rest of its prompt is prefilled", "--prefix-caching")
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -296,6 +298,9 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
             target = groups[meta["group"]]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "" if default in (None, "") else f" (default: {default})"
+        if hint is bool:  # --name and --no-name
+            target.add_argument(meta["flag"], action=argparse.BooleanOptionalAction, default=None, help=f"{meta['help']}{shown} [{section}.{f.name}]")
+            continue
         target.add_argument(meta["flag"], type=_arg_type(hint), choices=meta["choices"], default=None,
                             help=f"{meta['help']}{shown} [{section}.{f.name}]")
 

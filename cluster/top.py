@@ -60,6 +60,7 @@ def render(stats: dict | None, url: str, error: str | None, history: deque) -> G
         f"in flight {eng.get('inflight', 0)}/{eng.get('max_inflight', 0)}",
         f"out tok/s {sparkline(history)}",
     )
+    header.add_row(_prefix_cache(eng.get("prefix_cache")), "", "", "")
     table = Table(expand=True)
     for col in ("stage", "node", "device", "layers", "weights GB", "KV use", "compute p50", "compute p99", "queue p50", "hop p50", "hop p99", "mb/s", "errors", "state"):
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col) if col in ("stage", "state") else None)
@@ -74,6 +75,13 @@ def render(stats: dict | None, url: str, error: str | None, history: deque) -> G
         )
     footer = Text("latencies in ms · q quits", style="dim")
     return Group(Panel(header, title="stagecoach top"), table, _rebalance_line(stats.get("rebalance"), eng), footer)
+
+
+def _prefix_cache(cache: dict | None) -> str:
+    """The prefix cache: hit rate (prompt tokens reused over prompt tokens) and blocks cached, or off."""
+    if not cache or not cache.get("enabled"):
+        return "prefix cache off"
+    return f"prefix hits {100 * cache['hit_rate']:.0f} % ({cache['cached_blocks']} blocks)"
 
 
 def _rebalance_line(proposal: dict | None, eng: dict) -> Text:

@@ -19,6 +19,7 @@ def build_engine(pipeline: Pipeline, config: ClusterConfig, stop_token_ids: list
         max_model_len=max_model_len,
         max_running=config.server.max_running,
         vocab_size=vocab_size,
+        prefix_caching=config.cache.prefix_caching,
     )
     # In-process stages run one after another: a second microbatch in flight would only wait.
     return Engine(

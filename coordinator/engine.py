@@ -43,6 +43,7 @@ class TokenUpdate:
     finished: bool = False
     finish_reason: str | None = None
     error: StagecoachError | None = None  # the request cannot finish (mapped to a status by errors.ERROR_TABLE)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
 
 
 Listener = Callable[[TokenUpdate], None]
@@ -153,6 +154,9 @@ class Engine:
                 "microbatch_failures": self.microbatch_failures,
                 "isolating": s.num_suspects,
                 "requests_failed": dict(self.failed_requests),
+                "prefix_cache": {"enabled": s.block_manager.prefix_caching, "cached_blocks": s.block_manager.num_cached_blocks,
+                                 "prompt_tokens": s.prefix_cache_queries, "cached_tokens": s.prefix_cache_hits,
+                                 "hit_rate": round(s.prefix_cache_hits / s.prefix_cache_queries, 4) if s.prefix_cache_queries else 0.0},
             }
             self._last_stats["rebalance"] = self.rebalancer.stats()
             if with_timings:
@@ -353,7 +357,7 @@ class Engine:
         listener, sent = entry
         n = len(seq.output_token_ids)
         update = TokenUpdate(seq.output_token_ids[sent:n], seq.output_logprobs[sent:n], seq.output_top_logprobs[sent:n],
-                             seq.is_finished, None if error else seq.finish_reason, error)
+                             seq.is_finished, None if error else seq.finish_reason, error, seq.num_cached_tokens or 0)
         if seq.is_finished:
             del self._listeners[seq.seq_id]
         else:

@@ -24,7 +24,9 @@ def _piece(tokenizer: Tokenizer, token_id: int) -> str:
 def usage(prompts: list[list[int]], n: int, choices: list[Choice]) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     completion = sum(c.num_tokens for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    cached = sum(c.cached_tokens for c in choices[::n])  # each prompt's first choice (choices run prompt by prompt, n each)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def chat_logprobs(tokenizer: Tokenizer, choice: Choice, start: int, end: int) -> dict:

@@ -34,6 +34,7 @@ class SchedulerConfig:
     max_model_len: int  # prompt + generated tokens of one sequence at most
     max_running: int | None = None  # sequences admitted (holding KV blocks) at once; None: as many as fit
     vocab_size: int | None = None  # prompts' token ids must be below this; None: not checked here
+    prefix_caching: bool = True  # full blocks shared by content between requests (cache.prefix_caching)
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_running"):
@@ -44,7 +45,9 @@ class SchedulerConfig:
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.block_manager = BlockManager(config.num_blocks, config.block_size)
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
+        self.prefix_cache_queries = 0  # prompt tokens of first admissions
+        self.prefix_cache_hits = 0  # of them, found in the prefix cache (not prefilled)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.sequences: dict[int, Sequence] = {}
@@ -114,10 +117,9 @@ class Scheduler:
         max_running = self.config.max_running or self.config.num_blocks
         while self.waiting and budget > 0 and len(chunks) < max_seqs and len(self.running) < max_running:
             seq = self.waiting[0]
-            n = min(seq.num_tokens, budget)
-            if seq.num_failures or not self.block_manager.can_grow(seq, n):
-                break  # admission never preempts: the running sequences go first (and a suspect goes alone)
-            self._admit(seq, n)
+            # Admission never preempts: the running sequences go first (and a suspect goes alone).
+            if seq.num_failures or (n := self._admit(seq, budget)) is None:
+                break
             chunks.append(self._chunk(seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -133,20 +135,31 @@ class Scheduler:
                 n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
                 if seq.is_awaiting_sample or n == 0 or not self._make_room(seq, seq.num_scheduled_tokens + n, {seq_id}):
                     continue
-            else:
-                n = min(seq.num_tokens, budget)
-                if len(self.running) >= (self.config.max_running or self.config.num_blocks) or not self.block_manager.can_grow(seq, n):
-                    continue
-                self._admit(seq, n)
+            elif len(self.running) >= (self.config.max_running or self.config.num_blocks) or (n := self._admit(seq, budget)) is None:
+                continue
             return self._batch([self._chunk(seq, n)])
         return None
 
-    def _admit(self, seq: Sequence, num_tokens: int) -> None:
-        """A waiting sequence gets blocks for its first num_tokens and runs."""
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """A waiting sequence takes its cached prefix and blocks for a first chunk of at most `budget` tokens, and runs;
+        returns that chunk's length, or None (nothing changes) when its blocks do not fit."""
+        cached, keys = self.block_manager.match(seq)
+        start = len(cached) * self.block_manager.block_size
+        n = min(seq.num_tokens - start, budget)
+        if not self.block_manager.can_adopt(cached, start + n):
+            return None
         self.waiting.remove(seq)  # the head, but for a suspect
-        self.block_manager.grow(seq, num_tokens)
+        self.block_manager.adopt(seq, cached, keys)
+        self.block_manager.grow(seq, start + n)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+        seq.num_scheduled_tokens = seq.num_computed_tokens = start  # the stages hold the prefix's K/V already
+        seq.num_blocks_sent = seq.num_history_sent = 0  # its first chunk starts it (again) on every stage
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = min(start, seq.num_prompt_tokens)
+            self.prefix_cache_queries += seq.num_prompt_tokens
+            self.prefix_cache_hits += seq.num_cached_tokens
+        return n
 
     def _batch(self, chunks: list[SeqChunk]) -> MicroBatch:
         dropped, self._drops = self._drops, []
@@ -190,13 +203,14 @@ class Scheduler:
             seq.num_scheduled_tokens = seq.num_computed_tokens
             self._release(seq)
         self._pending_free.clear()
+        self.block_manager.drop_cache()  # a replaced stage, or one with new layers, holds none of that K/V
         return len(seqs)
 
     def resize_blocks(self, num_blocks: int) -> None:
         """The stages' new KV block count (after a rebalance or a recovery), once recompute_all has freed every block."""
         assert self.block_manager.num_free_blocks == self.block_manager.num_blocks, "resize_blocks with blocks in use"
         self.config.num_blocks = num_blocks
-        self.block_manager = BlockManager(num_blocks, self.config.block_size)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.prefix_caching)
 
     def microbatch_failed(self, batch: MicroBatch, inflight: list[MicroBatch]) -> tuple[list[Sequence], set[int]]:
         """A stage failed `batch` and stayed up. Returns the sequences that have now failed more than MAX_RETRIES
@@ -268,17 +282,16 @@ class Scheduler:
         start = seq.num_scheduled_tokens
         end = start + n
         do_sample = end == seq.num_tokens
-        if start == 0:  # the stages start the sequence (again) from this chunk
-            seq.num_blocks_sent = seq.num_history_sent = 0
+        first = seq.num_blocks_sent == 0  # the stages start the sequence (again) from this chunk: at 0, or after its cached prefix
         chunk = SeqChunk(
             seq_id=seq.seq_id,
             start_pos=start,
             num_tokens=n,
             new_blocks=seq.block_table[seq.num_blocks_sent :],
             do_sample=do_sample,
-            sampling=seq.sampling if start == 0 else None,
-            num_prompt_tokens=seq.num_prompt_tokens if start == 0 else 0,
-            token_ids=seq.tokens(max(start, seq.num_history_sent), end),
+            sampling=seq.sampling if first else None,
+            num_prompt_tokens=seq.num_prompt_tokens if first else 0,
+            token_ids=seq.tokens(seq.num_history_sent, end),  # a first chunk: the whole history, cached prompt included
         )
         seq.num_blocks_sent = len(seq.block_table)
         seq.num_history_sent = max(seq.num_history_sent, end)
@@ -294,6 +307,8 @@ class Scheduler:
             seq.num_computed_tokens += chunk.num_tokens
             if chunk.do_sample:
                 seq.is_awaiting_sample = False
+            if not seq.is_finished:
+                self.block_manager.commit(seq, seq.num_computed_tokens)
         updated = []
         for sample in samples:
             seq = self.sequences[sample.seq_id]

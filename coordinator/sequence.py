@@ -24,6 +24,8 @@ class Sequence:
     output_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of the table's full blocks (block_manager.commit)
+    num_cached_tokens: int | None = None  # prompt tokens its first admission found cached (None: not admitted yet)
     num_scheduled_tokens: int = 0  # tokens sent into the pipeline (their K/V will be written)
     num_computed_tokens: int = 0  # tokens whose microbatch has come back
     is_awaiting_sample: bool = False  # a chunk that samples is in flight: wait for its token

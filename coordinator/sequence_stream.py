@@ -22,6 +22,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
+    cached_tokens: int = 0  # of its prompt, found in the prefix cache
 
     @property
     def text(self) -> str:
@@ -83,6 +84,7 @@ class SequenceStream:
         update = await self.updates.get()
         if update.error is not None:
             raise update.error
+        self.choice.cached_tokens = update.cached_tokens
         if update.token_ids:
             self._observe(len(update.token_ids))
         before = self.choice.num_tokens

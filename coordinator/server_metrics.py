@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from stagecoach.coordinator.metrics import WINDOW, Rate, percentiles
 
@@ -41,7 +41,7 @@ class Metrics:
         self.rebalances = Counter("stagecoach_rebalances", "Rebalances applied while serving, by trigger (auto or admin)", ["trigger"], registry=r)
         self.rebalance_pause = Histogram("stagecoach_rebalance_pause_seconds", "How long each rebalance paused the pipeline (before the re-prefill)",
                                          buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
-        r.register(_ProposalCollector(engine_stats))
+        r.register(_EngineCollector(engine_stats))
         self.engine_restarts = Counter("stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r)
         # Rolling views for /v1/stats and the terminal UI.
         self.ttft_window: deque = deque(maxlen=WINDOW)
@@ -73,14 +73,24 @@ class Metrics:
             self.hop.labels(label).observe(seconds)
 
 
-class _ProposalCollector:
-    """The rebalancing planner's proposal, read at each scrape: the predicted gain and each stage's layers now and proposed."""
+class _EngineCollector:
+    """Read from the engine at each scrape: the prefix cache's counters, and the rebalancing planner's proposal (the
+    predicted gain and each stage's layers now and proposed)."""
 
     def __init__(self, engine_stats: Callable[[], dict]) -> None:
         self.engine_stats = engine_stats
 
     def collect(self):
-        proposal = self.engine_stats().get("rebalance") or {}
+        stats = self.engine_stats()
+        cache = stats.get("prefix_cache") or {}
+        prompt = CounterMetricFamily("stagecoach_prefix_cache_queries", "Prompt tokens of admitted requests, looked up in the prefix cache")
+        prompt.add_metric([], cache.get("prompt_tokens", 0))
+        hits = CounterMetricFamily("stagecoach_prefix_cache_hits", "Of them, tokens found cached: their K/V reused, not prefilled")
+        hits.add_metric([], cache.get("cached_tokens", 0))
+        blocks = GaugeMetricFamily("stagecoach_prefix_cache_blocks", "KV blocks whose content a new request can reuse")
+        blocks.add_metric([], cache.get("cached_blocks", 0))
+        yield from (prompt, hits, blocks)
+        proposal = stats.get("rebalance") or {}
         gain = GaugeMetricFamily("stagecoach_rebalance_predicted_gain", "The planner's predicted speed-up of the pipeline's pace for its proposed "
                                  "split over the current one (0.25: 25 % faster); 0 while measuring or balanced")
         gain.add_metric([], float(proposal.get("predicted_gain") or 0.0))
@@ -89,7 +99,7 @@ class _ProposalCollector:
         for split in ("layers", "proposed"):
             for i, n in enumerate(proposal.get(split) or []):
                 layers.add_metric([str(i), "current" if split == "layers" else "proposed"], n)
-        return [gain, layers]
+        yield from (gain, layers)
 
 
 def _stage_row(s, state: str, t: dict, kv_blocks_used: int) -> dict:

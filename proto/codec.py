@@ -118,10 +118,10 @@ def decode_microbatch(msg: pb.MicroBatch, data: bytes | memoryview | None = None
     seqs = []
     for i, c in enumerate(msg.seqs):
         sampling = None
-        if c.start_pos == 0:
-            if not c.HasField("sampling"):
-                raise WireError(f"seqs[{i}].sampling is missing: a sequence's first chunk (start_pos 0) brings its sampling parameters")
+        if c.HasField("sampling"):  # a sequence's first chunk: at 0, or after a cached prefix (with num_prompt_tokens)
             sampling = _sampling_from_proto(c.sampling, f"seqs[{i}].sampling")
+        elif c.start_pos == 0:
+            raise WireError(f"seqs[{i}].sampling is missing: a sequence's first chunk (start_pos 0) brings its sampling parameters")
         seqs.append(SeqChunk(c.seq_id, c.start_pos, c.num_tokens, list(c.new_blocks), c.do_sample, sampling, c.num_prompt_tokens, list(c.token_ids)))
     batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], drop_seq_ids=list(msg.drop_seq_ids))
     return batch, tensor_from_proto(msg.tensor, data=data)

@@ -67,7 +67,7 @@ class SeqChunk:
     """One sequence's part of a microbatch: tokens [start_pos, start_pos + num_tokens), and only what it adds.
 
     Every stage keeps the sequence's block table and length (stage/sequences.py); the last stage also
-    its sampling parameters and token history. start_pos 0 starts (or restarts) the sequence.
+    its sampling parameters and token history. The first chunk (`is_first`) starts (or restarts) the sequence.
     """
 
     seq_id: int
@@ -78,6 +78,12 @@ class SeqChunk:
     sampling: SamplingParams | None = None  # with start_pos 0
     num_prompt_tokens: int = 0  # with start_pos 0: the first num_prompt_tokens tokens are the prompt
     token_ids: list[int] = field(default_factory=list)  # tokens the last stage's history lacks (prefill chunks)
+
+    @property
+    def is_first(self) -> bool:
+        """It starts (or restarts) the sequence on every stage: at 0, or after a cached prefix of whole blocks (whose K/V
+        the stages hold already, in the blocks it lists first), bringing the sampling parameters and the prompt's length."""
+        return self.start_pos == 0 or (self.sampling is not None and self.num_prompt_tokens > 0)
 
 
 @dataclass(slots=True)

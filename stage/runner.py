@@ -105,8 +105,9 @@ class StageRunner:
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 bad = next(t for t in ids if not 0 <= t < vocab)
                 raise RequestError(f"seqs[{i}].token_ids holds token id {bad}, outside the vocabulary of {vocab}")
-            if len(ids) > chunk.num_tokens:
-                raise RequestError(f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens}")
+            most = chunk.start_pos + chunk.num_tokens if chunk.is_first else chunk.num_tokens  # a first chunk: the whole history
+            if len(ids) > most:
+                raise RequestError(f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens} at {chunk.start_pos}")
 
     def compile(self, batch_sizes: list[int], progress: Callable[[str], None] | None = None) -> float:
         """Compiles the decode step for these batch sizes now; decode microbatches run compiled from then on. Returns seconds."""
@@ -124,7 +125,7 @@ class StageRunner:
         """Runs an admitted microbatch: hidden states onward, or (the last stage) sampled tokens."""
         out = self._execute(prepared)
         poison = self.poison_prefill_tokens
-        if poison is not None and any(c.start_pos == 0 and c.num_tokens == poison for c in prepared.batch.seqs):
+        if poison is not None and any(c.is_first and c.start_pos == 0 and c.num_tokens == poison for c in prepared.batch.seqs):
             # After the work, like a fault in the middle of it: this microbatch's K/V and histories are already written.
             raise RuntimeError(f"testing.poison: microbatch {prepared.batch.batch_id} holds a first prefill chunk of {poison} tokens")
         return out

@@ -203,7 +203,7 @@ def from_candidates(values: torch.Tensor, ids: torch.Tensor, params: list[Sampli
 class Sampler:
     """Keeps each live sequence's sampling parameters and, where it has penalties, its seen tokens; turns logits into tokens.
 
-    A sequence's first chunk (start_pos 0) brings its parameters and its first tokens; later chunks
+    A sequence's first chunk brings its parameters and its history so far; later chunks
     bring the tokens the history lacks (prefill chunks); sampled tokens are appended here.
     """
 
@@ -213,7 +213,7 @@ class Sampler:
 
     def observe(self, chunk: SeqChunk) -> None:
         """Records what a chunk adds to its sequence's history (a first chunk starts it anew)."""
-        if chunk.start_pos == 0:
+        if chunk.is_first:  # its token_ids: the whole history so far, a cached prompt prefix included
             params = self._params[chunk.seq_id] = chunk.sampling or self._params.get(chunk.seq_id) or _GREEDY
             self._seen.pop(chunk.seq_id, None)
             if has_penalties(params):

@@ -1,8 +1,9 @@
 """What a stage remembers of each running sequence: its block table and how many tokens it holds.
 
 A microbatch's chunk says only what it adds (the idea of vLLM V1's scheduler output: a new
-request's data once, then what changed): start_pos 0 starts a sequence with its first blocks, a
-later chunk must continue exactly where the stage's copy ends and may append blocks. Every chunk
+request's data once, then what changed): a first chunk (it brings the sampling parameters) starts a
+sequence with its blocks, at 0 or after a cached prefix whose blocks it lists first; a later chunk
+must continue exactly where the stage's copy ends and may append blocks. Every chunk
 of a microbatch is checked before any is applied, with the field and index of the first fault;
 the checks are C loops over the microbatch (min, max, set), so they cost per new token and block, not per token of context.
 """
@@ -51,7 +52,7 @@ class SequenceTable:
             self._seqs.pop(seq_id, None)  # a sequence that never reached the stages is fine to drop
         tables = []
         for chunk in batch.seqs:
-            if chunk.start_pos == 0:
+            if chunk.is_first:
                 seq = self._seqs[chunk.seq_id] = _Sequence(list(chunk.new_blocks), 0)
             else:
                 seq = self._seqs[chunk.seq_id]
@@ -84,10 +85,16 @@ class SequenceTable:
         dropped = set(batch.drop_seq_ids)
         for i, (c, end) in enumerate(zip(chunks, ends)):  # a dictionary look-up per sequence, nothing per token
             held = len_table = 0
-            if c.start_pos != 0:
+            if c.is_first:  # at 0, or after a cached prefix of whole blocks, listed first in its new_blocks
+                held = c.start_pos
+                if held % self.block_size:
+                    raise RequestError(f"seqs[{i}].start_pos {held}: a first chunk starts at 0 or after a cached prefix of whole "
+                                       f"{self.block_size}-token blocks")
+            else:
                 seq = self._seqs.get(c.seq_id)
                 if seq is None or c.seq_id in dropped:
-                    raise RequestError(f"seqs[{i}].seq_id {c.seq_id} is not a sequence this stage holds: its first chunk must have start_pos 0")
+                    raise RequestError(f"seqs[{i}].seq_id {c.seq_id} is not a sequence this stage holds: its first chunk must bring "
+                                       f"its sampling parameters")
                 held, len_table = seq.num_tokens, len(seq.block_table)
             if c.start_pos != held:
                 raise RequestError(f"seqs[{i}].start_pos {c.start_pos}: this stage holds {held} tokens of sequence {c.seq_id}")

@@ -87,6 +87,17 @@ def test_flags_are_derived_from_the_fields_and_override_the_yaml(tmp_path):
     assert not hasattr(generate, "request_timeout"), "serve-only settings are not generate's flags"
 
 
+def test_prefix_caching_is_on_and_a_flag_turns_it_off(tmp_path):
+    from stagecoach.coordinator.cli import build_parser
+
+    (tmp_path / "c.yaml").write_text("cache:\n  prefix_caching: true\n")
+    parse = build_parser().parse_args
+    assert ClusterConfig.from_dict({}).cache.prefix_caching is True
+    assert ClusterConfig.load(tmp_path / "c.yaml", parse(["serve", "--no-prefix-caching"])).cache.prefix_caching is False
+    assert ClusterConfig.load(None, parse(["generate", "--prompt", "x", "--prefix-caching"])).cache.prefix_caching is True
+    assert ClusterConfig.load(tmp_path / "c.yaml", parse(["serve"])).cache.prefix_caching is True
+
+
 def test_the_testing_section_holds_the_test_only_knobs():
     config = ClusterConfig.from_dict({"pipeline": {"num_stages": 2}, "testing": {"stage_delay_ms": [1.0, 0.0], "engine_crash_token_id": 5}})
     assert config.testing.stage_delay_ms == [1.0, 0.0] and config.testing.engine_crash_token_id == 5

@@ -295,6 +295,14 @@ def test_rebalance_values_reach_the_config(rebalance):
                                                                            rebalance.get("rebalanceCooldownSeconds", 300))
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_prefix_caching_value_reaches_the_config(on):
+    from stagecoach.cluster.config import ClusterConfig
+
+    configmap = one(render({"cache": {"prefixCaching": on}}), "ConfigMap")
+    assert ClusterConfig.from_dict(yaml.safe_load(configmap["data"]["stagecoach.yaml"])).cache.prefix_caching is on
+
+
 def test_extra_serve_args_are_passed_through():
     command = serve_command(one(render({"serve": {"extraArgs": ["--max-batch-tokens", "1024"]}}), "RayCluster"))
     assert command[-2:] == ["--max-batch-tokens", "1024"]

@@ -70,6 +70,7 @@ SCHEMA = {
     "engine": {"running": int, "waiting": int, "kv_blocks_used": int, "kv_blocks_total": int, "block_size": int, "inflight": int,
                "peak_inflight": int, "max_inflight": int, "microbatches": int, "preemptions": int,
                "recoveries": int, "recovery_seconds": list, "recovering": bool, "rebalancing": bool, "microbatch_failures": int, "isolating": int,
+               "prefix_cache": {"enabled": bool, "cached_blocks": int, "prompt_tokens": int, "cached_tokens": int, "hit_rate": float},
                "requests_failed": {"stage_error": int}},
     "rebalance": (dict, type(None)),
 }
@@ -189,6 +190,7 @@ def test_top_in_tmux_shows_every_stage_under_load(loaded_server):
         assert rows[1]["compute p50"] >= DELAY_MS > rows[0]["compute p50"], screen
         # stage 1's delay is fixed work, not its layers': the measured split is balanced
         assert re.search(r"rebalance \(suggest\): layers \S+ are balanced for the measured speeds · microbatches failed 0", screen), screen
+        assert re.search(r"prefix hits \d+ % \(\d+ blocks\)", screen), screen
         subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
         deadline = time.monotonic() + 10
         while subprocess.run([*tmux, "has-session", "-t", "top"], capture_output=True).returncode == 0 and time.monotonic() < deadline:

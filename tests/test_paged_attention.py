@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -103,8 +104,7 @@ def test_scattered_blocks_match_hf(hf_checkpoint, budget):
     engine = Engine(pipe, scheduler_config(num_blocks, block_size=block_size, max_num_batched_tokens=budget))
     free = list(engine.scheduler.block_manager._free)
     random.Random(7).shuffle(free)
-    engine.scheduler.block_manager._free.clear()
-    engine.scheduler.block_manager._free.extend(free)
+    engine.scheduler.block_manager._free = OrderedDict.fromkeys(free)  # the free list, in that order
     tables: dict[int, list[int]] = {}  # every sequence's block table, as its chunks grew it
     submit = pipe.submit
 

@@ -84,32 +84,12 @@ def engine_stats(server) -> dict:
     return http(server.port, "/v1/stats", key=None)[1]["engine"]
 
 
-class Streams:
-    """The 8 greedy streams, read on threads; `progress` counts the chunks each has seen."""
+def Streams(server):
+    """The 8 greedy streams, read on threads."""
+    from test_recovery import StreamSet
 
-    def __init__(self, server) -> None:
-        from test_recovery import stream_text
-
-        self.progress, self.out = [0] * len(STREAMS), {}
-        body = {"max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
-        self.threads = [threading.Thread(target=stream_text, args=(server.port, body | {"prompt": p}, self.progress, i, self.out))
-                        for i, p in enumerate(STREAMS)]
-        for t in self.threads:
-            t.start()
-
-    def wait_mid_stream(self, server, min_tokens: int = 15) -> None:
-        deadline = time.monotonic() + 60
-        while min(self.progress) < min_tokens:
-            assert time.monotonic() < deadline and all(t.is_alive() for t in self.threads), self.progress
-            time.sleep(0.01)
-
-    def texts(self) -> list[str]:
-        for t in self.threads:
-            t.join(timeout=300)
-        for i in range(len(STREAMS)):
-            events = self.out[i][1]
-            assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
-        return [self.out[i][0] for i in range(len(STREAMS))]
+    body = {"max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
+    return StreamSet(server.port, [body | {"prompt": p} for p in STREAMS])
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +145,7 @@ def test_poisoned_requests_fail_alone_and_the_streams_keep_their_text(server, re
     before, stage_pids, failed = engine_stats(server), pids(server), failed_total(server)
     streams = Streams(server)
     if when != "with the streams":
-        streams.wait_mid_stream(server)
+        streams.wait_mid_stream(15)
     requests = [Poisoned(server, k, stream) for k, stream in enumerate(poisoned)]
     for r in requests:
         r.check()
@@ -184,7 +164,7 @@ def test_poisoned_requests_fail_alone_and_the_streams_keep_their_text(server, re
 def test_a_stage_killed_during_isolation_is_recovered_and_nothing_is_lost(server, reference):
     before = engine_stats(server)
     streams = Streams(server)
-    streams.wait_mid_stream(server)
+    streams.wait_mid_stream(15)
     request = Poisoned(server, 7, stream=True)
     deadline = time.monotonic() + 30
     while engine_stats(server)["microbatch_failures"] == before["microbatch_failures"]:  # the first failure: isolation begins

@@ -177,6 +177,7 @@ def test_the_admin_endpoint_needs_an_api_key_and_reports_the_split_pause_and_pro
         assert rebalance["mode"] == "suggest" and rebalance["layers"] == [3, 5] and rebalance["history"][-1]["pause_s"] == applied["pause_s"]
         gauges = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(replies[5][1]) for s in f.samples}
         assert gauges[("stagecoach_rebalance_predicted_gain", ())] == 0.0 and gauges[("stagecoach_rebalancing", ())] == 0.0
+        assert gauges[("stagecoach_prefix_cache_queries_total", ())] == gauges[("stagecoach_prefix_cache_hits_total", ())] == 0
         engine.engine.failure = "a test's recovery"  # what a recovery under way sets
         ((status, body),) = call(state, [("POST", "/v1/admin/rebalance", {"layers": [4, 4]}, KEY)])
         assert status == 409 and "recovery" in body["error"]["message"]

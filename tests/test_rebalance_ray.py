@@ -3,8 +3,6 @@ applying one is recovered onto the old split, and nothing is lost."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import pytest
 import yaml
@@ -36,35 +34,13 @@ def server(ray_cluster, tmp_path_factory):
     s.stop()
 
 
-class Streams:
+def Streams(server):
     """The 8 streams (greedy and seeded), read on threads."""
+    from test_recovery import StreamSet
 
-    def __init__(self, server) -> None:
-        from test_recovery import stream_text
-
-        self.progress, self.out = [0] * len(STREAMS), {}
-        bodies = [{"prompt": p, "max_tokens": 100, "ignore_eos": True} | ({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})
-                  for i, p in enumerate(STREAMS)]
-        self.threads = [threading.Thread(target=stream_text, args=(server.port, body, self.progress, i, self.out, KEY))
-                        for i, body in enumerate(bodies)]
-        for t in self.threads:
-            t.start()
-
-    def wait_mid_stream(self, min_chunks: int = 5) -> None:
-        """Until every stream has shown min_chunks pieces of text (a detokenizer may hold a token back: chunks <= tokens)."""
-        deadline = time.monotonic() + 60
-        while min(self.progress) < min_chunks:
-            assert time.monotonic() < deadline, self.progress
-            time.sleep(0.01)
-        assert sum(t.is_alive() for t in self.threads) >= 6, "most streams should still be running"
-
-    def texts(self) -> list[str]:
-        for t in self.threads:
-            t.join(timeout=300)
-        for i in range(len(STREAMS)):
-            events = self.out[i][1]
-            assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
-        return [self.out[i][0] for i in range(len(STREAMS))]
+    bodies = [{"prompt": p, "max_tokens": 100, "ignore_eos": True} | ({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})
+              for i, p in enumerate(STREAMS)]
+    return StreamSet(server.port, bodies, KEY)
 
 
 def stats(server) -> dict:
@@ -80,7 +56,7 @@ def test_a_rebalance_mid_stream_and_a_stage_dying_in_the_next_lose_nothing(serve
 
     # Applied mid-stream (stage 2 keeps its layers): the same text, no recovery, the same processes.
     streams = Streams(server)
-    streams.wait_mid_stream()
+    streams.wait_mid_stream(5, min_running=6)
     status, record, _ = http(server.port, "/v1/admin/rebalance", {"layers": [1, 3, 2]}, timeout=120)
     assert status == 200 and record["outcome"] == "applied", record
     assert streams.texts() == reference
@@ -92,7 +68,7 @@ def test_a_rebalance_mid_stream_and_a_stage_dying_in_the_next_lose_nothing(serve
     # Stage 2 exits while changing layers: the rebalance fails (503) and the recovery brings every stage back onto
     # the split before it, never a mix; the streams keep their text.
     streams = Streams(server)
-    streams.wait_mid_stream()
+    streams.wait_mid_stream(5, min_running=6)
     status, body, _ = http(server.port, "/v1/admin/rebalance", {"layers": [2, 3, 1]}, timeout=120)
     assert status == 503 and "going back to" in body["error"]["message"], body
     assert streams.texts() == reference

@@ -45,6 +45,34 @@ def stream_text(port: int, body: dict, progress: list, index: int, out: dict, ke
     out[index] = ("".join(text), events)
 
 
+class StreamSet:
+    """Streams read on threads, one per body; `progress` counts the pieces of text each has shown."""
+
+    def __init__(self, port: int, bodies: list[dict], key: str | None = None) -> None:
+        self.progress, self.out = [0] * len(bodies), {}
+        self.threads = [threading.Thread(target=stream_text, args=(port, body, self.progress, i, self.out, key)) for i, body in enumerate(bodies)]
+        for t in self.threads:
+            t.start()
+
+    def wait_mid_stream(self, min_chunks: int, min_running: int | None = None) -> None:
+        """Until every stream has shown min_chunks pieces (a detokenizer may hold a token back: pieces <= tokens), with
+        at least min_running (default: all) still running."""
+        deadline = time.monotonic() + 60
+        while min(self.progress) < min_chunks:
+            assert time.monotonic() < deadline, self.progress
+            time.sleep(0.01)
+        assert sum(t.is_alive() for t in self.threads) >= (min_running or len(self.threads)), self.progress
+
+    def texts(self) -> list[str]:
+        """Each stream's text, once all have ended with [DONE] and no error event."""
+        for t in self.threads:
+            t.join(timeout=300)
+        for i in range(len(self.threads)):
+            events = self.out[i][1]
+            assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        return [self.out[i][0] for i in range(len(self.threads))]
+
+
 def config_file(tmp, model, **pipeline) -> str:
     path = tmp / f"cluster-{len(list(tmp.glob('cluster-*')))}.yaml"
     path.write_text(yaml.safe_dump({
@@ -139,3 +167,27 @@ def test_stage_killed_during_a_long_prefill(server):
     text, events = out[0]
     assert events[-1] == "[DONE]" and text == ref
     print(f"recovery during prefill: {http(server.port, '/v1/stats', key=None)[1]['engine']['recovery_seconds'][-1]:.2f} s")
+
+
+def test_a_prefix_cached_before_a_stage_was_replaced_gives_the_same_output(server):
+    """The replaced stage holds no K/V: the recovery drops the prefix cache, and the request computes it all again."""
+    prompt = [(29 * j) % 390 + 3 for j in range(45)]  # 5 full blocks of 8 are reused (the last token is always computed)
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+    def complete() -> tuple[str, int]:
+        status, reply, _ = http(server.port, "/v1/completions", body, key=None)
+        assert status == 200, reply
+        return reply["choices"][0]["text"], reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    first, cached = complete()
+    assert cached == 0 and complete() == (first, 40)  # the second hit the cache
+    engine = http(server.port, "/v1/stats", key=None)[1]["engine"]
+    os.kill(stage_pid(server.port, 1), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (http(server.port, "/v1/stats", key=None)[1]["engine"]["recoveries"] == engine["recoveries"]
+           or http(server.port, "/health", key=None)[0] != 200):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert http(server.port, "/v1/stats", key=None)[1]["engine"]["prefix_cache"]["cached_blocks"] == 0
+    assert complete() == (first, 0)  # computed again on the new stage
+    assert complete() == (first, 40)  # and cached again

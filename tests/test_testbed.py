@@ -208,10 +208,12 @@ def test_every_socket_is_on_loopback_or_a_testbed_address(bed, server):
 
 def test_a_slow_link_out_of_stage_0_shows_in_its_hop_only(bed, server):
     """Runs first of the traffic: /v1/stats' windows hold only these prefills (one microbatch each, max_tokens 1)."""
-    prompt = [(13 * j) % 390 + 3 for j in range(1000)]
+    sent = [0]
 
     def prefills(n: int) -> None:
         for _ in range(n):
+            sent[0] += 1  # each prompt its own first token: no prefix to share, every prefill sends all 1000 tokens' states
+            prompt = [sent[0] % 390 + 3] + [(13 * j) % 390 + 3 for j in range(999)]
             status, body, _ = http(server.port, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0}, key=None, timeout=120)
             assert status == 200, body
 
