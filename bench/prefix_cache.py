@@ -18,11 +18,12 @@ measured with caching on and off in one run, the two engines taking turns.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
+
+from report import finish
 
 SYSTEM_TOKENS, QUESTION_TOKENS, TURN_QUESTION, TURN_ANSWER = 2000, 20, 100, 100
 
@@ -125,17 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     for engine in engines.values():
         engine.pipeline.shutdown()
     result["kv_pressure"] = pressure(model_dir, rng, vocab)
-    result["targets"] = {
+    targets = {
         "second request ttft >= 5x lower": result["system_prompt"]["on"]["speedup"] >= 5,
         "chat turn 4 ttft <= 1.5x turn 1": result["chat"]["on"]["turn4_over_turn1"] <= 1.5,
         "no more preemptions with caching": result["kv_pressure"]["on"]["preemptions"] <= result["kv_pressure"]["off"]["preemptions"],
         "same tokens under pressure": result["kv_pressure"]["same_tokens"],
     }
-    result["seconds"] = round(time.monotonic() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0 if all(result["targets"].values()) else 1
+    return finish(result, targets, started, args.out)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ Then a second pipeline without the slowdown serves the same load for 5 minutes w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from report import finish
 
 LAYERS, STAGES, START = 8, 4, [2, 2, 2, 2]
 CONCURRENT, NEW_TOKENS, PROMPT = 16, 48, 16
@@ -187,16 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             close()
         ray.shutdown()
     s = result["slow_stage"]
-    result["targets"] = {
+    targets = {
         "auto >= 1.4x start split": s["auto_over_start"] >= 1.4,
         "auto >= 0.9x best of planner split and neighbours": s["auto_over_best_candidate"] >= 0.9,
         "no slowdown: nothing applied": result["no_slowdown"]["rebalances_applied"] == 0,
     }
-    result["seconds"] = round(time.monotonic() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return 0 if all(result["targets"].values()) else 1
+    return finish(result, targets, started, args.out)
 
 
 if __name__ == "__main__":
