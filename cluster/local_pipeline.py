@@ -48,9 +48,10 @@ class StageFailed(Exception):
 class LocalPipeline(Inbox):
     """All stages in this process, run one after another when submitted: the reference backend."""
 
-    def __init__(self, runners: list, ranges: list[LayerRange], model_dir: str | Path = "") -> None:
+    def __init__(self, runners: list, ranges: list[LayerRange], model_dir: str | Path = "", compile_batch_sizes: list[int] | None = None) -> None:
         super().__init__()
         self.model_dir = model_dir  # where a rebalance reads the layers a stage gains
+        self.compile_batch_sizes = compile_batch_sizes
         self.runners = runners
         self.stages = [StageSummary(i, r) for i, r in enumerate(ranges)]
         self.num_blocks = runners[0].kv_cache.num_blocks
@@ -62,14 +63,8 @@ class LocalPipeline(Inbox):
              num_blocks: int, block_size: int, compile_batch_sizes: list[int] | None = None) -> LocalPipeline:
         """compile_batch_sizes: compile each stage's decode step for these batch sizes now (None: every step eager)."""
         config = ModelConfig.from_pretrained(model_dir)
-        runners = []
-        for index, (start, end) in enumerate(ranges):
-            model = load_stage_model(model_dir, start, end, DTYPES[dtype], device, config)
-            cache = KVCache(end - start, num_blocks, block_size, config.num_key_value_heads, config.head_dim, DTYPES[dtype], device)
-            runners.append(StageRunner(model, cache))
-            if compile_batch_sizes:
-                runners[-1].compile(compile_batch_sizes, progress=lambda line, i=index: log.warning("stage %d: %s", i, line))
-        return cls(runners, ranges, model_dir)
+        models = [load_stage_model(model_dir, start, end, DTYPES[dtype], device, config) for start, end in ranges]
+        return cls([_runner(i, m, num_blocks, block_size, compile_batch_sizes) for i, m in enumerate(models)], ranges, model_dir, compile_batch_sizes)
 
     def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:
         """Runs the microbatch through every stage; a stage's error is raised as StageFailed, naming the stage."""
@@ -114,13 +109,20 @@ class LocalPipeline(Inbox):
         for i, (runner, stage, new) in enumerate(zip(self.runners, self.stages, ranges)):
             if tuple(stage.layers) != tuple(new):
                 model = change_layers(runner.model, *new, self.model_dir, runner.dtype, runner.device)
-                c, old = model.config, runner.kv_cache
-                cache = KVCache(new[1] - new[0], old.num_blocks, old.block_size, c.num_key_value_heads, c.head_dim, runner.dtype, runner.device)
-                fresh = StageRunner(model, cache)
-                fresh.poison_prefill_tokens = runner.poison_prefill_tokens
-                self.runners[i] = fresh
+                self.runners[i] = _runner(i, model, self.num_blocks, self.block_size, self.compile_batch_sizes)
+                self.runners[i].poison_prefill_tokens = runner.poison_prefill_tokens
             self.stages[i] = StageSummary(i, tuple(new))
         self.recover(min_batch_id)
 
     def shutdown(self) -> None:
         self.runners.clear()
+
+
+def _runner(index: int, model, num_blocks: int, block_size: int, compile_batch_sizes: list[int] | None) -> StageRunner:
+    """A stage's runner over a fresh KV cache for its layers, its decode step compiled for compile_batch_sizes (None: eager)."""
+    c = model.config
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    runner = StageRunner(model, KVCache(model.layer_end - model.layer_start, num_blocks, block_size, c.num_key_value_heads, c.head_dim, dtype, device))
+    if compile_batch_sizes:
+        runner.compile(compile_batch_sizes, progress=lambda line: log.warning("stage %d: %s", index, line))
+    return runner

@@ -230,12 +230,15 @@ def load_stage_model(
 def change_layers(model: StageModel, layer_start: int, layer_end: int, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
                   progress: Callable[[int], None] | None = None) -> StageModel:
     """The stage's model for layers [layer_start, layer_end) (a rebalance): the layers and ends it keeps move over as
-    they are, only the tensors of the layers it gains are read, and those it loses go with the old model."""
+    they are, those it loses are dropped from `model` first (which is spent), and only the gained layers' tensors are read."""
     config = model.config
     with torch.device("meta"):
         new = StageModel(config, layer_start, layer_end)
-    kept = {key: layer for key, layer in model.model.layers.items() if key in new.model.layers}
-    for key, layer in kept.items():
+    for key in [key for key in model.model.layers if key not in new.model.layers]:
+        del model.model.layers[key]  # freed before the gained layers are read: the peak is the larger split, not both
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    for key, layer in model.model.layers.items():
         new.model.layers[key] = layer
     if new.is_first and model.is_first:
         new.model.embed_tokens = model.model.embed_tokens

@@ -214,7 +214,7 @@ class StageWorker:
         p = self.plan
         self.service.reset(min_batch_id)
         self.service.runner = self.runner = None  # the KV cache goes with it
-        self.servicer.info.num_kv_blocks = 0
+        self.servicer.info.num_kv_blocks = 0  # no cache until `resize` (a recovery asks for it)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if p.crash_in_rebalance:
@@ -222,7 +222,7 @@ class StageWorker:
             os._exit(1)
         self.model = change_layers(self.model, layer_start, layer_end, p.model_dir, self.dtype, self.device)
         p.layer_start, p.layer_end = layer_start, layer_end
-        self.servicer.info.layer_start, self.servicer.info.layer_end, self.servicer.info.num_kv_blocks = layer_start, layer_end, 0  # no cache yet
+        self.servicer.info.layer_start, self.servicer.info.layer_end = layer_start, layer_end
         self.weight_bytes = stage_weight_bytes(self.config, layer_start, layer_end, self.dtype)
         return {"weight_bytes": self.weight_bytes, "kv_blocks": self.kv_capacity(), "device": str(self.device)}
 
