@@ -298,11 +298,12 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
             target = groups[meta["group"]]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "" if default in (None, "") else f" (default: {default})"
+        # argparse %-formats help texts; the settings' texts are plain (they also go to docs and the chart).
+        text = f"{meta['help']}{shown} [{section}.{f.name}]".replace("%", "%%")
         if hint is bool:  # --name and --no-name
-            target.add_argument(meta["flag"], action=argparse.BooleanOptionalAction, default=None, help=f"{meta['help']}{shown} [{section}.{f.name}]")
+            target.add_argument(meta["flag"], action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
-        target.add_argument(meta["flag"], type=_arg_type(hint), choices=meta["choices"], default=None,
-                            help=f"{meta['help']}{shown} [{section}.{f.name}]")
+        target.add_argument(meta["flag"], type=_arg_type(hint), choices=meta["choices"], default=None, help=text)
 
 
 # -- YAML → dataclasses -----------------------------------------------------------------------
