@@ -23,7 +23,7 @@ from stagecoach.errors import ConfigError
 PLACEMENTS = ("auto", "strict_spread", "spread", "pack")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("ray", "local")
+BACKENDS = ("ray", "thread", "local")
 COMPILE_MODES = ("auto", "on", "off")
 REBALANCE_MODES = ("off", "suggest", "auto")
 SERVE_ONLY = "serve"  # a setting whose flag only `stagecoach serve` takes
@@ -53,7 +53,8 @@ class ModelSection:
 
 @dataclass(slots=True)
 class PipelineSection:
-    backend: str = setting("ray", "ray: stages as Ray actors over gRPC; local: every stage in this process", "--backend", BACKENDS)
+    backend: str = setting("ray", "ray: stages as Ray actors over gRPC; thread: every stage in this process behind its own gRPC server; "
+                                "local: every stage in this process, called directly", "--backend", BACKENDS)
     ray_address: str | None = setting(None, "'local' starts a new Ray, 'auto' or host:port joins one; unset: a running one, else a new local one", "--ray-address")
     num_stages: int = setting(1, "number of pipeline stages, balanced by time (the last one also runs lm_head)", "--stages", group="split")
     layers: list[int] | None = setting(None, "explicit layer counts per stage, e.g. 17,16,16,15", "--layers", group="split")

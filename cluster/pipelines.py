@@ -83,6 +83,8 @@ def open_pipeline(config: ClusterConfig):
         if config.testing.poison is not None:
             pipeline.runners[config.testing.poison.stage].poison_prefill_tokens = config.testing.poison.prefill_tokens
         return pipeline
+    if config.pipeline.backend == "thread":
+        return ThreadPipeline(config.model.path, ranges, config.transport.host or "127.0.0.1", config)
     from stagecoach.cluster.ray_pipeline import RayPipeline, connect_ray
 
     p = config.pipeline
