@@ -7,11 +7,13 @@ order they complete. The gRPC backends share one wiring (`GrpcPipeline._bring_up
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import queue
 import secrets
+import threading
 from pathlib import Path
 
 import grpc
@@ -107,6 +109,21 @@ class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.LinkAck(batch_id=request.batch_id)
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Links:
+    """One attach's channels to the stages, their stubs and the stages' summaries, replaced together."""
+
+    channels: list[grpc.Channel]
+    stubs: list[pb_grpc.StageStub]
+    stages: list[StageSummary]
+    calls: int = 0  # calls holding these links now (GrpcPipeline._using_links)
+    retired: bool = False  # replaced: closes when calls reaches 0
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+
+
 class GrpcPipeline(Inbox):
     """Stage servers somewhere on the network: microbatches go to stage 0 on a Link, tokens come back on Deliveries streams.
 
@@ -127,14 +144,48 @@ class GrpcPipeline(Inbox):
         self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security,
                                                  max_workers=80)
         self._channel_options = channel_options(max_message_bytes)
-        self.stages: list[StageSummary] = []
         self.num_blocks = 0
         self.block_size = 0
         self.target: list[LayerRange] | None = None  # the split the stages are brought onto (a rebalance's); None: the one they have
         self.min_blocks = 1  # the fewest KV blocks the engine can serve with (its longest request)
-        self._channels: list[grpc.Channel] = []
+        self._links = _Links([], [], [])  # the stages as last attached; replaced whole by `attach`
+        self._links_lock = threading.Lock()  # guards _links and every _Links' count of calls
         self._first: LinkSender | None = None
-        self.stubs: list[pb_grpc.StageStub] = []
+
+    @property
+    def stages(self) -> list[StageSummary]:
+        return self._links.stages
+
+    @property
+    def stubs(self) -> list[pb_grpc.StageStub]:
+        """The current stubs, for the thread that attaches (the engine's); any other thread calls through `_using_links`."""
+        return self._links.stubs
+
+    @contextlib.contextmanager
+    def _using_links(self):
+        """The current links, held open for the calls made inside: a concurrent `attach` replaces them, and the
+        replaced channels close once the last such call has returned (closing a channel while another thread starts
+        a call on it has crashed the process inside gRPC)."""
+        with self._links_lock:
+            links = self._links
+            links.calls += 1
+        try:
+            yield links
+        finally:
+            with self._links_lock:
+                links.calls -= 1
+                close = links.retired and links.calls == 0
+            if close:
+                links.close()
+
+    def _replace_links(self, links: _Links) -> None:
+        """Makes `links` current; the old ones close now, or when the last call holding them returns."""
+        with self._links_lock:
+            old, self._links = self._links, links
+            old.retired = True
+            close = old.calls == 0
+        if close:
+            old.close()
 
     # -- stages this pipeline starts (subclasses) -------------------------------------------------
     def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
@@ -213,11 +264,27 @@ class GrpcPipeline(Inbox):
 
     # -- the coordinator's side -------------------------------------------------------------------
     def attach(self, addresses: list[str]) -> list[pb.StageInfo]:
-        """Opens channels to the stages and reads their Info; refuses stages that disagree."""
-        self._close_channels()
-        self._channels = [open_channel(a, self._channel_options, self.security) for a in addresses]
-        self.stubs = [pb_grpc.StageStub(ch) for ch in self._channels]
-        infos = [stub.Info(pb.InfoRequest(), timeout=30) for stub in self.stubs]
+        """Opens channels to the stages and reads their Info; refuses stages that disagree. Other threads' health
+        checks go on over the old channels meanwhile; those close once the new ones are in place and the last such
+        check has returned."""
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+        channels = [open_channel(a, self._channel_options, self.security) for a in addresses]
+        try:
+            stubs = [pb_grpc.StageStub(ch) for ch in channels]
+            infos = [stub.Info(pb.InfoRequest(), timeout=30) for stub in stubs]
+            stages = self._check_infos(infos)
+        except BaseException:
+            for ch in channels:
+                ch.close()
+            raise
+        self._replace_links(_Links(channels, stubs, stages))
+        self._first = LinkSender(channels[0], on_ack=self._on_submit_ack)
+        return infos
+
+    def _check_infos(self, infos: list[pb.StageInfo]) -> list[StageSummary]:
+        """The stages' summaries; PipelineError when they disagree (wire schema, checkpoint, KV cache layout)."""
         for info in infos:
             if info.schema_version != SCHEMA_VERSION:
                 raise PipelineError(f"stage {info.index} at {info.address} speaks wire schema {info.schema_version}; this coordinator speaks {SCHEMA_VERSION}")
@@ -229,13 +296,11 @@ class GrpcPipeline(Inbox):
         if len(blocks) > 1:
             raise PipelineError(f"the stages' KV caches differ: {sorted(blocks)}")
         self.num_blocks, self.block_size = next(iter(blocks))
-        self.stages = [
+        return [
             StageSummary(i.index, (i.layer_start, i.layer_end), i.node_id, i.address, i.pid, i.device, i.num_kv_blocks, i.weight_bytes,
                          i.memory_used_bytes, i.memory_total_bytes, layer_bytes=i.layer_bytes, kv_block_layer_bytes=i.kv_block_layer_bytes)
             for i in infos
         ]
-        self._first = LinkSender(self._channels[0], on_ack=self._on_submit_ack)
-        return infos
 
     def _on_submit_ack(self, batch_id: int, hop_ns: int, error: Exception | None) -> None:
         """Stage 0's answer to a submitted microbatch; a refusal or a broken link fails it like a stage's error."""
@@ -243,14 +308,6 @@ class GrpcPipeline(Inbox):
             self._submit_times[batch_id] = hop_ns
         else:
             self._inbox.put(Delivered(batch_id, [], [], f"stage 0 did not accept microbatch {batch_id}: {error}", 0))
-
-    def _close_channels(self) -> None:
-        if self._first is not None:
-            self._first.close()
-            self._first = None
-        for ch in self._channels:
-            ch.close()
-        self._channels.clear()
 
     def submit(self, batch: MicroBatch) -> None:
         """Queues the microbatch on the Link to stage 0; its acknowledgement (or refusal) comes back by _on_submit_ack."""
@@ -260,19 +317,24 @@ class GrpcPipeline(Inbox):
             raise PipelineError(f"stage 0 cannot take microbatch {batch.batch_id}: {e}") from None
 
     def health(self) -> list:
-        """Each stage's HealthReply, or the error that came instead; updates each StageSummary's error count."""
+        """Each stage's HealthReply, or the error that came instead (one per stage of the links it asked, which a
+        concurrent attach may have replaced since); updates each StageSummary's error count. Safe from any thread."""
         replies: list = []
-        for stage, stub in zip(self.stages, self.stubs):
-            try:
-                reply = stub.Health(pb.HealthRequest(), timeout=self.heartbeat_timeout_s)
-                stage.errors = reply.errors
-                replies.append(reply)
-            except grpc.RpcError as e:
-                replies.append(PipelineError(e.code().name))
+        with self._using_links() as links:
+            for stage, stub in zip(links.stages, links.stubs):
+                try:
+                    reply = stub.Health(pb.HealthRequest(), timeout=self.heartbeat_timeout_s)
+                    stage.errors = reply.errors
+                    replies.append(reply)
+                except grpc.RpcError as e:
+                    replies.append(PipelineError(e.code().name))
         return replies
 
     def shutdown(self) -> None:
-        self._close_channels()
+        if self._first is not None:
+            self._first.close()
+            self._first = None
+        self._replace_links(_Links([], [], list(self.stages)))  # the stage list stays readable
         self.server.stop(grace=1).wait()
 
 

@@ -33,6 +33,10 @@ from stagecoach.errors import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 2**20  # larger requests get 413
+CLIENT_CLOSED = "499"  # the status label of a request whose client went away before its response ended (nginx's code)
+# Prompts with fewer characters are tokenised on the event loop: below about 1,000 the hop to a thread costs more than
+# the tokenising (0.08 against 0.2 ms at 100 characters; even at 1,000), and the loop stalls for under a millisecond.
+INLINE_TOKENIZE_CHARS = 1000
 
 
 @dataclass
@@ -52,6 +56,9 @@ class ServerState:
     gave_up: str | None = None  # the engine failed too often: /live answers 503 so that the pod is restarted
     metrics: Metrics | None = None
     stage_states: list[str] = field(default_factory=list)  # per stage: ready | failed (recovering comes with recovery)
+    health_polls: int = 0  # heartbeat rounds completed (a round while the engine is starting or recovering asks nobody)
+    health_poll_errors: int = 0  # rounds that ended with an error (logged; the next round runs)
+    last_health_poll: float | None = None  # Unix time the last round completed
     started_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -83,6 +90,14 @@ def errors_middleware(metrics: Metrics):
         """The one place where errors become HTTP statuses with OpenAI's error body; every response is counted."""
         try:
             response = await handler(request)
+        except (ConnectionResetError, asyncio.CancelledError) as e:
+            # The client went away: a stream's write found the connection reset, or aiohttp cancelled the handler. Not
+            # an error of ours: one line, counted as 499; the handler's cleanup has aborted its sequences.
+            log.warning("%s %s: the client closed the connection before the response ended", request.method, request.path)
+            metrics.responses.labels(CLIENT_CLOSED, _route(request)).inc()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return web.Response(status=int(CLIENT_CLOSED))  # aiohttp finds the connection gone and drops it quietly
         except StagecoachError as e:
             response = _json_error(e)
         except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
@@ -128,6 +143,25 @@ def _check_model(body: dict, state: ServerState) -> None:
     model = body.get("model")
     if model is not None and model != state.model_name:
         raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves '{state.model_name}'", param="model")
+
+
+async def _tokenize(state: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Text prompts to ids. Long ones on a thread with `encode_batch`, which releases the GIL (`encode` holds it for the
+    whole call: a 2 MB prompt stalled every other request for seconds), so the loop keeps serving meanwhile."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    if sum(map(len, texts)) < INLINE_TOKENIZE_CHARS:
+        ids = iter([state.tokenizer.encode(t) for t in texts])
+    else:
+        ids = iter(await asyncio.get_running_loop().run_in_executor(None, state.tokenizer.encode_batch, texts))
+    return [next(ids) if isinstance(p, str) else p for p in prompts]
+
+
+async def _tokenize_chat(state: ServerState, messages: list[dict]) -> list[int]:
+    """The chat template rendered and tokenised: on a thread (the GIL released while tokenising) for long messages."""
+    if sum(len(m["content"]) for m in messages) < INLINE_TOKENIZE_CHARS:  # parse_messages made every content a string
+        return state.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    work = functools.partial(state.tokenizer.encode_chat, messages, add_generation_prompt=True, release_gil=True)
+    return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
 def _per_choice(req: GenerationRequest, state: ServerState) -> list[tuple[list[int], object]]:
@@ -179,6 +213,9 @@ async def _generate(request: web.Request, state: ServerState, req: GenerationReq
         return web.json_response(full_response(state.tokenizer, state.model_name, req, chat, [s.choice for s in streams]))
     except StagecoachError as e:
         state.metrics.requests.labels(str(error_kind(e).http_status)).inc()
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        state.metrics.requests.labels(CLIENT_CLOSED).inc()
         raise
     finally:
         state.active -= 1
@@ -252,6 +289,11 @@ async def _admin_rebalance(request: web.Request, state: ServerState) -> web.Resp
     return web.json_response(record | {"stages": [s.as_json() for s in state.stages]})
 
 
+def build_runner(state: ServerState) -> web.AppRunner:
+    """The app as `stagecoach serve` runs it: a handler is cancelled when its client disconnects (the abort path)."""
+    return web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+
+
 def build_app(state: ServerState) -> web.Application:
     app = web.Application(middlewares=[errors_middleware(state.metrics)], client_max_size=MAX_BODY_BYTES)
     routes = web.RouteTableDef()
@@ -265,7 +307,7 @@ def build_app(state: ServerState) -> web.Application:
     @routes.post("/v1/chat/completions")
     async def chat_completions(request: web.Request):
         body, req = await parse(request, chat=True)
-        req.prompts = [state.tokenizer.encode_chat(parse_messages(body), add_generation_prompt=True)]
+        req.prompts = [await _tokenize_chat(state, parse_messages(body))]
         return await _generate(request, state, req, chat=True)
 
     @routes.post("/v1/completions")
@@ -274,7 +316,7 @@ def build_app(state: ServerState) -> web.Application:
         if not req.max_tokens_given:
             req.sampling.max_tokens = 16  # OpenAI's default for text completions
             req.max_tokens_given = True
-        req.prompts = parse_prompt(body, state.tokenizer.encode)
+        req.prompts = await _tokenize(state, parse_prompt(body))
         return await _generate(request, state, req, chat=False)
 
     @routes.get("/v1/models")

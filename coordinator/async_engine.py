@@ -12,8 +12,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from stagecoach.coordinator.engine import Engine, TokenUpdate
-from stagecoach.coordinator.sequence import Sequence
+from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.sequence import Sequence, TokenUpdate
 from stagecoach.errors import EngineFailure
 from stagecoach.proto.types import SamplingParams
 

@@ -3,11 +3,13 @@
 Up to `max_inflight` microbatches travel at once (one per stage keeps every stage busy); each
 holds about 1/max_inflight of the running sequences, so their sizes stay even. The loop runs on
 one thread, which alone touches the scheduler; other threads call `submit_request`, `abort`,
-`report_failure`, `stats` and `check_stages`, which are safe from anywhere.
+`report_failure`, `stats` and `check_stages`, which are safe from anywhere. A health check that overlaps a
+reconfiguration (recovery, rebalance, isolation: each runs inside `reconfiguring()`) is discarded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -15,14 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 from stagecoach.coordinator.metrics import TimingStats
 from stagecoach.coordinator.pipeline import Pipeline
 from stagecoach.coordinator.rebalance import StageRates
 from stagecoach.coordinator.rebalancing import RebalancePolicy, Rebalancer
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
-from stagecoach.coordinator.sequence import Sequence
+from stagecoach.coordinator.sequence import Listener, Sequence, TokenUpdate
 from stagecoach.errors import PipelineError, StageComputeError, StagecoachError
 from stagecoach.proto.types import Delivered, MicroBatch, SamplingParams, StageSummary
 
@@ -31,22 +32,6 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # how long a serving loop waits on an idle pipe before it looks at its calls again
 RETRY_S = 2.0  # between recovery attempts
 RESULT_TIMEOUT_S = 300.0  # a microbatch not back within this has failed, whatever the stages say
-
-
-@dataclass(slots=True)
-class TokenUpdate:
-    """New tokens of one sequence since the last update; finished=True carries its finish reason."""
-
-    token_ids: list[int]
-    logprobs: list[float | None]
-    top_logprobs: list[list[tuple[int, float]] | None]
-    finished: bool = False
-    finish_reason: str | None = None
-    error: StagecoachError | None = None  # the request cannot finish (mapped to a status by errors.ERROR_TABLE)
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
-
-
-Listener = Callable[[TokenUpdate], None]
 
 
 class Engine:
@@ -74,6 +59,8 @@ class Engine:
         self.failed_requests: dict[str, int] = {"stage_error": 0}  # sequences ended with an error, by reason
         self.on_microbatch_failure: Callable[[int | None, list[StagecoachError]], None] | None = None  # (stage, the errors it ended sequences with)
         self.failure: str | None = None  # why the pipeline cannot serve now (it is recovering); None when whole
+        self.reconfigurations = 0  # reconfigurations begun (recoveries, rebalances, isolations): health checks spanning one are void
+        self._reconfiguring = 0  # how many are under way now (a rebalance that fails is followed by a recovery)
         self._last_health_check = 0.0
         self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -107,20 +94,35 @@ class Engine:
     def recovering(self) -> bool:
         return self.failure is not None
 
-    def report_failure(self, reason: str, recoveries: int | None = None) -> None:
-        """A missed heartbeat while the pipe may be idle: have the loop recover. `recoveries`: how many had
-        finished when the stages were asked; one finished since answers the report already."""
-        recoveries = len(self.recoveries) if recoveries is None else recoveries
-        if not self.recovering and recoveries == len(self.recoveries):
-            self.queue_call(("fail", reason, recoveries))
+    @contextlib.contextmanager
+    def reconfiguring(self):
+        """Marks a reconfiguration (on the loop's thread): health checks that overlap it are discarded."""
+        self.reconfigurations += 1
+        self._reconfiguring += 1
+        try:
+            yield
+        finally:
+            self._reconfiguring -= 1
 
-    def check_stages(self) -> list[str]:
-        """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery."""
-        recoveries = len(self.recoveries)  # a check that spans a recovery asked the stages that recovery replaced
+    def report_failure(self, reason: str, reconfigurations: int | None = None) -> None:
+        """A missed heartbeat while the pipe may be idle: have the loop recover. `reconfigurations`: how many had
+        begun when the stages were asked; one begun since answers the report already."""
+        reconfigurations = self.reconfigurations if reconfigurations is None else reconfigurations
+        if not self.recovering and reconfigurations == self.reconfigurations:
+            self.queue_call(("fail", reason, reconfigurations))
+
+    def check_stages(self) -> list[str] | None:
+        """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery.
+        None when a reconfiguration was under way or began meanwhile: the answers may be those of stages it replaced."""
+        begun = self.reconfigurations
+        if self._reconfiguring:
+            return None
         replies = self.pipeline.health()
+        if self._reconfiguring or self.reconfigurations != begun:  # it may have asked stages since replaced
+            return None
         dead = self._unanswered(replies)
         if dead:
-            self.report_failure(f"stage {', '.join(str(stage.index) for stage, _ in dead)} missed its heartbeat", recoveries)
+            self.report_failure(f"stage {', '.join(str(stage.index) for stage, _ in dead)} missed its heartbeat", begun)
         return ["failed" if isinstance(r, Exception) else "ready" for r in replies]
 
     def _unanswered(self, replies: list) -> list[tuple[StageSummary, Exception]]:
@@ -251,7 +253,8 @@ class Engine:
             return []  # from before a recovery: its sequences have been re-prefilled since
         batch, _ = self.inflight.pop(done.batch_id)
         if done.error:
-            self._microbatch_failed(batch, done)
+            with self.reconfiguring():
+                self._microbatch_failed(batch, done)
             return []
         self.timings.add(done)
         self.rates.add(batch, done.timings, self.layer_counts)
@@ -331,7 +334,7 @@ class Engine:
             elif call[0] == "rebalance":
                 self.rebalancer.run_call(*call[1:])
             elif call[0] == "fail":
-                if call[2] == len(self.recoveries):  # else a recovery since the report has answered it
+                if call[2] == self.reconfigurations:  # else a reconfiguration since the report has answered it
                     raise PipelineError(call[1])
             else:
                 seq = self.scheduler.sequences.get(call[1])
@@ -370,25 +373,26 @@ class Engine:
         log.warning("the pipeline failed (%s): recovering", cause)
         self.failure = f"the pipeline is recovering from: {cause}"
         deadline = time.monotonic() + (self.recovery_timeout_s or 0.0)
-        failed_open_requests = False
-        while stop is None or not stop.is_set():
-            try:
-                with self._lock:
-                    took = self.recover()
-                log.warning("recovered in %.2f s; re-prefilling %d sequences", took, len(self.scheduler.waiting))
-                if self.on_recovery is not None:
-                    self.on_recovery(took)
-                self.failure = None
-                return
-            except Exception as e:  # Ray, gRPC and load errors alike: try again until the deadline
-                log.warning("recovery attempt failed: %s", e)
-                if time.monotonic() > deadline and not failed_open_requests:
-                    error = PipelineError(f"stage failure: the pipeline did not recover within {self.recovery_timeout_s or 0:g} s ({e})")
-                    if stop is None:
-                        raise error from None
-                    self.fail_all(error)
-                    failed_open_requests = True
-            if stop is None:
-                time.sleep(RETRY_S)
-            elif stop.wait(RETRY_S):
-                return
+        failed_open_requests, took = False, None
+        with self.reconfiguring():
+            while stop is None or not stop.is_set():
+                try:
+                    with self._lock:
+                        took = self.recover()
+                    log.warning("recovered in %.2f s; re-prefilling %d sequences", took, len(self.scheduler.waiting))
+                    self.failure = None
+                    break
+                except Exception as e:  # Ray, gRPC and load errors alike: try again until the deadline
+                    log.warning("recovery attempt failed: %s", e)
+                    if time.monotonic() > deadline and not failed_open_requests:
+                        error = PipelineError(f"stage failure: the pipeline did not recover within {self.recovery_timeout_s or 0:g} s ({e})")
+                        if stop is None:
+                            raise error from None
+                        self.fail_all(error)
+                        failed_open_requests = True
+                if stop is None:
+                    time.sleep(RETRY_S)
+                elif stop.wait(RETRY_S):
+                    return
+        if took is not None and self.on_recovery is not None:  # once the mark is off: the server's fresh state is for good
+            self.on_recovery(took)

@@ -155,13 +155,14 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_prompt(body: dict, encode) -> list[list[int]]:
-    """'prompt' as text, token ids, or a list of either."""
+def parse_prompt(body: dict) -> list[str | list[int]]:
+    """'prompt' as text, token ids, or a list of either; texts stay texts (the caller tokenises them, off the event
+    loop when they are long)."""
     prompt = body.get("prompt")
 
-    def one(p, where: str) -> list[int]:
+    def one(p, where: str) -> str | list[int]:
         if isinstance(p, str):
-            return encode(p)
+            return p
         if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             return list(p)
         raise bad("prompt", f"{where} must be a string or a non-empty list of token ids")

@@ -142,19 +142,20 @@ class Rebalancer:
         log.warning("rebalancing (%s): layers %s → %s, predicted gain %s; running sequences are re-prefilled", trigger, current, counts,
                     "unknown" if predicted_gain is None else f"{100 * predicted_gain:+.1f} %")
         start, self.applying = time.monotonic(), True
-        e.inflight.clear()
-        requeued = s.recompute_all()
-        try:
-            e.pipeline.rebalance(ranges, s.next_batch_id, min_blocks)
-        except PipelineError as err:
-            self.failed += 1
-            self._record(current, counts, trigger, predicted_gain, time.monotonic() - start, f"failed: {err}")
-            raise
-        finally:
-            self.applying = False
-            self._since = time.monotonic()
-        if e.pipeline.num_blocks != s.block_manager.num_blocks:
-            s.resize_blocks(e.pipeline.num_blocks)
+        with e.reconfiguring():
+            e.inflight.clear()
+            requeued = s.recompute_all()
+            try:
+                e.pipeline.rebalance(ranges, s.next_batch_id, min_blocks)
+            except PipelineError as err:
+                self.failed += 1
+                self._record(current, counts, trigger, predicted_gain, time.monotonic() - start, f"failed: {err}")
+                raise
+            finally:
+                self.applying = False
+                self._since = time.monotonic()
+            if e.pipeline.num_blocks != s.block_manager.num_blocks:
+                s.resize_blocks(e.pipeline.num_blocks)
         self.applied += 1
         record = self._record(current, counts, trigger, predicted_gain, time.monotonic() - start, "applied", requeued)
         log.warning("rebalanced in %.2f s: layers %s, %d KV blocks; re-prefilling %d sequences", record["pause_s"], counts, s.block_manager.num_blocks, requeued)

@@ -1,10 +1,13 @@
-"""A request's sequence as the coordinator tracks it: tokens, progress through the pipeline, KV blocks."""
+"""A request's sequence as the coordinator tracks it (tokens, progress through the pipeline, KV blocks), and the updates
+its listener gets."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from stagecoach.errors import StagecoachError
 from stagecoach.proto.types import SamplingParams
 
 
@@ -63,3 +66,19 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclass(slots=True)
+class TokenUpdate:
+    """New tokens of one sequence since the last update; finished=True carries its finish reason."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: StagecoachError | None = None  # the request cannot finish (mapped to a status by errors.ERROR_TABLE)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
+
+
+Listener = Callable[[TokenUpdate], None]

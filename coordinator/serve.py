@@ -1,5 +1,6 @@
 """`stagecoach serve` (part of the composition root): the HTTP API up at once, the pipeline behind it when its stages are
-ready, an engine loop started anew when it dies on a bug (at most 3 times in 10 minutes), and a draining shutdown."""
+ready, heartbeats that no error stops, an engine loop started anew when it dies on a bug (at most 3 times in 10 minutes),
+and a draining shutdown."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.pipelines import open_pipeline
-from stagecoach.coordinator.api import ServerState, build_app
+from stagecoach.coordinator.api import ServerState, build_runner
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.compose import build_engine
 from stagecoach.coordinator.requests import sampling_defaults
@@ -52,6 +53,7 @@ class EngineSupervisor:
 
         def recovered(seconds: float) -> None:
             state.stages = pipeline.stages  # restarted stages have new addresses and pids
+            self._all_ready()  # every stage answered the recovery: no poll needed to say so
             state.metrics.recoveries.inc()
             state.metrics.recovery_seconds.observe(seconds)
 
@@ -66,15 +68,24 @@ class EngineSupervisor:
 
         def rebalanced(record: dict) -> None:
             state.stages = pipeline.stages  # new layer ranges and KV block counts
+            self._all_ready()
             state.metrics.rebalances.labels(record["trigger"]).inc()
             state.metrics.rebalance_pause.observe(record["pause_s"])
 
         engine.rebalancer.on_applied = rebalanced
         state.max_model_len = max_model_len
         state.stages = pipeline.stages
-        state.stage_states = ["ready"] * len(pipeline.stages)
+        self._all_ready()
         state.engine = AsyncEngine(engine, on_crash=lambda e: self._loop.call_soon_threadsafe(self._crashed, e))
         log.warning("ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name)
+
+    def _all_ready(self) -> None:
+        self._set_stage_states(["ready"] * len(self.state.stages))
+
+    def _set_stage_states(self, states: list[str]) -> None:
+        self.state.stage_states = states
+        for stage, s in zip(self.state.stages, states):
+            self.state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
 
     def _crashed(self, error: BaseException) -> None:
         """On the event loop, after the engine thread has ended every open request with a 500."""
@@ -109,15 +120,27 @@ class EngineSupervisor:
             self.pipeline = None
 
     async def poll_health(self, interval_s: float) -> None:
-        """Heartbeats: keeps each stage's state fresh; the engine starts a recovery when one stops answering."""
+        """Heartbeats: keeps each stage's state fresh; the engine starts a recovery when one stops answering.
+        No error ends it: one poll's is logged with its traceback and counted, and the next poll runs."""
         while True:
-            engine = self.state.engine
-            if engine is not None and engine.unavailable is None:
-                states = await self._loop.run_in_executor(None, engine.engine.check_stages)
-                self.state.stage_states = states
-                for stage, s in zip(self.state.stages, states):
-                    self.state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
+            try:
+                await self.poll_once()
+            except Exception:
+                self.state.health_poll_errors += 1
+                self.state.metrics.health_poll_errors.inc()
+                log.exception("a health poll failed (%d so far); polling goes on", self.state.health_poll_errors)
             await asyncio.sleep(interval_s)
+
+    async def poll_once(self) -> None:
+        """One heartbeat. Its answers are dropped when the engine was replaced (a restart) or reconfigured meanwhile."""
+        engine = self.state.engine
+        if engine is not None and engine.unavailable is None:
+            states = await self._loop.run_in_executor(None, engine.engine.check_stages)
+            if states is not None and self.state.engine is engine:
+                self._set_stage_states(states)
+        self.state.health_polls += 1
+        self.state.last_health_poll = time.time()
+        self.state.metrics.last_health_poll.set(self.state.last_health_poll)
 
     async def stop(self) -> None:
         if self._restarting is not None:
@@ -149,7 +172,7 @@ def server_state(config: ClusterConfig, tokenizer: Tokenizer, model: ModelConfig
 async def serve(config: ClusterConfig) -> int:
     tokenizer, model = Tokenizer(Path(config.model.path)), ModelConfig.from_pretrained(config.model.path)
     state = server_state(config, tokenizer, model)
-    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    runner = build_runner(state)
     await runner.setup()
     await web.TCPSite(runner, config.server.host, config.server.port).start()
     log.warning("listening on http://%s:%d (model %s; /health is 503 until the stages are ready)", config.server.host, config.server.port, state.model_name)

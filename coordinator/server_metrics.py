@@ -31,6 +31,10 @@ class Metrics:
         self.hop = Histogram("stagecoach_hop_seconds", "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
                              ["sender"], buckets=FINE_BUCKETS, registry=r)
         self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
+        self.health_poll_errors = Counter("stagecoach_health_poll_errors", "Health-check rounds that ended with an error (logged; the next one runs)",
+                                          registry=r)
+        self.last_health_poll = Gauge("stagecoach_health_last_poll_timestamp_seconds", "Unix time the last health-check round completed "
+                                      "(alert when it falls behind by several heartbeat intervals)", registry=r)
         self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
         self.recovery_seconds = Histogram("stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
         self.requests_failed = Counter("stagecoach_requests_failed", "Sequences ended with an error while the pipeline kept serving, by reason",
@@ -152,6 +156,12 @@ def stats_document(state) -> dict:
         },
         "latency": {"ttft_ms": percentiles(m.ttft_window), "itl_ms": percentiles(m.itl_window), "coordinator_hop_ms": coordinator_hop},
         "pipeline_utilisation": round(sum(busy) / len(busy), 3) if busy else 0.0,
+        "health": {
+            "polls": state.health_polls,
+            "poll_errors": state.health_poll_errors,
+            "last_poll_at": None if state.last_health_poll is None else round(state.last_health_poll, 3),
+            "last_poll_age_s": None if state.last_health_poll is None else round(max(0.0, time.time() - state.last_health_poll), 3),
+        },
         "engine": engine_stats,
         "rebalance": rebalance,
         "stages": stages,

@@ -84,6 +84,11 @@ class Tokenizer:
         # Qwen2 adds no BOS; special-token text such as <|im_start|> maps to its id.
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """The same ids as `encode`, for several texts; `tokenizers` releases the GIL for this call (not for `encode`),
+        so it can run on a thread beside an event loop without stalling it."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
@@ -116,8 +121,10 @@ class Tokenizer:
             # e.g. content None, a number or a list where the template concatenates strings
             raise RequestError(f"the chat template cannot render the messages (check each message's content type): {e}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, release_gil: bool = False) -> list[int]:
+        """The rendered chat's ids; release_gil: tokenise with `encode_batch` (for a thread beside an event loop)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode_batch([text])[0] if release_gil else self.encode(text)
 
 
 class IncrementalDetokenizer:

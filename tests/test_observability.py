@@ -73,6 +73,7 @@ SCHEMA = {
                "prefix_cache": {"enabled": bool, "cached_blocks": int, "prompt_tokens": int, "cached_tokens": int, "hit_rate": float},
                "requests_failed": {"stage_error": int}},
     "rebalance": (dict, type(None)),
+    "health": {"polls": int, "poll_errors": int, "last_poll_at": float, "last_poll_age_s": float},
 }
 STAGE = {
     "index": int, "state": str, "layers": list, "node_id": str, "address": str, "pid": int, "device": str, "weight_bytes": int,

@@ -191,7 +191,7 @@ def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model
     acks = []
     try:
         # A second sender into stage 1, beside stage 0's; small chunks so a 4 KiB tensor goes in pieces.
-        sender = LinkSender(pipeline._channels[1], on_ack=lambda *a: acks.append(a), chunk_bytes=1000)
+        sender = LinkSender(pipeline._links.channels[1], on_ack=lambda *a: acks.append(a), chunk_bytes=1000)
         sender.send(*link_message(MicroBatch(1000, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], []), torch.zeros(2, 7)))
         sender.send(*link_message(MicroBatch(1001, [SeqChunk(0, 0, 2, [999], False, SamplingParams())], []), torch.zeros(2, 512)))
         sender.send(*link_message(MicroBatch(1002, [SeqChunk(7, 0, 2, [1], False, SamplingParams())], []), torch.zeros(2, 512)))
