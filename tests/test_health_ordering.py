@@ -112,7 +112,7 @@ if __name__ == "__main__":
     _child(sys.argv[1])
 
 
-def test_an_error_in_one_poll_is_logged_with_its_traceback_counted_and_the_next_poll_runs(model, caplog):
+def test_an_error_in_one_poll_is_logged_counted_and_the_next_poll_runs_and_a_recovery_leaves_every_stage_ready(model, caplog):
     from prometheus_client import generate_latest
 
     from stagecoach.coordinator.server_metrics import stats_document
@@ -134,6 +134,10 @@ def test_an_error_in_one_poll_is_logged_with_its_traceback_counted_and_the_next_
             while len(calls) < 6:
                 assert not poller.done(), poller
                 await asyncio.sleep(INTERVAL_S)
+            poller.cancel()
+            # A recovery's end makes every stage ready at once (the stage that failed was replaced), not at the next poll.
+            supervisor._set_stage_states(["ready", "failed"])
+            engine.on_recovery(0.5)
             return stats_document(state), generate_latest(state.metrics.registry).decode()
         finally:
             poller.cancel()
@@ -147,4 +151,5 @@ def test_an_error_in_one_poll_is_logged_with_its_traceback_counted_and_the_next_
     assert health["poll_errors"] == 1 and health["polls"] >= 4 and 0 <= health["last_poll_age_s"] < 60, health
     assert [s["state"] for s in stats["stages"]] == ["ready", "ready"]
     assert "stagecoach_health_poll_errors_total 1.0" in metrics
-    assert "stagecoach_health_last_poll_timestamp_seconds" in metrics and 'stagecoach_stage_up{stage="0"} 1.0' in metrics
+    assert "stagecoach_health_last_poll_timestamp_seconds" in metrics and "stagecoach_recoveries_total 1.0" in metrics
+    assert 'stagecoach_stage_up{stage="0"} 1.0' in metrics and 'stagecoach_stage_up{stage="1"} 1.0' in metrics
