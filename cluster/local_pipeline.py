@@ -97,22 +97,20 @@ class LocalPipeline(Inbox):
         """In-process stages cannot stop answering."""
         return [pb.HealthReply(serving=True) for _ in self.runners]
 
-    def recover(self, min_batch_id: int) -> None:
-        for runner in self.runners:
-            runner.reset()
-
     def check_layers(self, ranges: list[LayerRange], min_blocks: int) -> None:
         """In-process stages share this process's memory, and their caches keep their block count."""
 
-    def rebalance(self, ranges: list[LayerRange], min_batch_id: int, min_blocks: int) -> None:
-        """Each stage whose layers change keeps the layers it still owns and reads only those it gains; every stage forgets its sequences."""
-        for i, (runner, stage, new) in enumerate(zip(self.runners, self.stages, ranges)):
+    def reconfigure(self, min_batch_id: int, target: list[LayerRange] | None = None, min_blocks: int = 1) -> None:
+        """Every stage forgets its sequences (submit runs each microbatch to its end: none is in flight to fence); with a
+        target, each stage whose layers change keeps the layers it still owns and reads only those it gains."""
+        for i, (runner, stage, new) in enumerate(zip(self.runners, self.stages, target or [])):
             if tuple(stage.layers) != tuple(new):
                 model = change_layers(runner.model, *new, self.model_dir, runner.dtype, runner.device)
                 self.runners[i] = _runner(i, model, self.num_blocks, self.block_size, self.compile_batch_sizes)
                 self.runners[i].poison_prefill_tokens = runner.poison_prefill_tokens
             self.stages[i] = StageSummary(i, tuple(new))
-        self.recover(min_batch_id)
+        for runner in self.runners:
+            runner.forget_all()
 
     def shutdown(self) -> None:
         self.runners.clear()

@@ -1,8 +1,9 @@
 """Every way to run the stages behind the engine's `Pipeline` interface: in this process, on threads over gRPC, as Ray actors.
 
 A pipeline takes microbatches with `submit` and hands back finished ones with `wait`, in the
-order they complete. The gRPC backends share one wiring (`GrpcPipeline._bring_up`, `_wire`,
-`recover`); a backend that starts stages says only how to call them (`_call`).
+order they complete. The gRPC backends share one wiring (`GrpcPipeline._bring_up`, `_wire`) and
+one way to change running stages (`reconfigure`); a backend that starts stages gives one
+`StageControl` per stage (`controls`) and says how to replace a dead one (`_replace`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import os
 import queue
 import secrets
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -25,6 +29,7 @@ from stagecoach.errors import ConfigError, PipelineError
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.proto.codec import SCHEMA_VERSION, decode_samples
+from stagecoach.proto.control import Loaded, StageControl, Wiring
 from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.proto.security import LinkSecurity, open_channel
@@ -35,6 +40,8 @@ from stagecoach.stage.kv_cache import cpu_num_blocks
 from stagecoach.stage.worker import StagePlan, StageWorker
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
     """The layer ranges of the config's split (or its balanced default: the last stage also pays for lm_head)."""
@@ -128,7 +135,7 @@ class GrpcPipeline(Inbox):
     """Stage servers somewhere on the network: microbatches go to stage 0 on a Link, tokens come back on Deliveries streams.
 
     Owns the coordinator's gRPC server. `attach` alone connects to stages someone else started;
-    a subclass that starts its own stages implements `_call` and gets the wiring and recovery.
+    a subclass that starts its own stages gives their `controls` and gets the wiring and `reconfigure`.
     """
 
     def __init__(self, host: str, port: int = 0, max_message_bytes: int | None = None, security: LinkSecurity | None = None,
@@ -146,8 +153,7 @@ class GrpcPipeline(Inbox):
         self._channel_options = channel_options(max_message_bytes)
         self.num_blocks = 0
         self.block_size = 0
-        self.target: list[LayerRange] | None = None  # the split the stages are brought onto (a rebalance's); None: the one they have
-        self.min_blocks = 1  # the fewest KV blocks the engine can serve with (its longest request)
+        self.controls: list[StageControl] = []  # the stages this pipeline started (none: it only attaches)
         self._links = _Links([], [], [])  # the stages as last attached; replaced whole by `attach`
         self._links_lock = threading.Lock()  # guards _links and every _Links' count of calls
         self._first: LinkSender | None = None
@@ -188,78 +194,75 @@ class GrpcPipeline(Inbox):
             old.close()
 
     # -- stages this pipeline starts (subclasses) -------------------------------------------------
-    def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
-        """Calls `method` on each stage index in args with its arguments; the results in that order."""
-        raise PipelineError("this pipeline cannot restart stages it did not start")
+    def _each(self, calls: dict[int, Callable[[StageControl], T]]) -> list[T]:
+        """Each stage's call on its control, all at once; the results in the order of `calls`, the first error raised."""
+        if not self.controls:
+            raise PipelineError("this pipeline cannot restart or change stages it did not start")
+        if len(calls) == 1:
+            ((i, call),) = calls.items()
+            return [call(self.controls[i])]
+        with ThreadPoolExecutor(max(1, len(calls))) as pool:
+            futures = [pool.submit(call, self.controls[i]) for i, call in calls.items()]
+            return [f.result() for f in futures]
 
-    def _bring_up(self, loads: list[dict]) -> None:
+    def _bring_up(self, loads: list[Loaded]) -> None:
         """After every stage has loaded: all take the smallest KV capacity, start their servers, and are wired."""
-        capacity = min(r["kv_blocks"] for r in loads)
+        capacity = min(r.kv_blocks for r in loads)
         if capacity < 1:
             raise ConfigError("a stage has no memory left for the KV cache after its weights; use more stages or a smaller dtype")
-        smallest = min(range(len(loads)), key=lambda i: loads[i]["kv_blocks"])
+        smallest = min(range(len(loads)), key=lambda i: loads[i].kv_blocks)
         log.warning("KV cache: %d blocks on every stage (stage %d holds the fewest)", capacity, smallest)
-        self._wire(self._call("start", {i: (capacity,) for i in range(len(loads))}, "start its server"))
+        self._wire(self._each({i: lambda c: c.start(capacity) for i in range(len(loads))}))
 
     def _wire(self, addresses: list[str]) -> None:
         """The one wiring: stage i to stage i+1, every stage to this coordinator (errors; the last one's tokens), then attach."""
         n = len(addresses)
-        self._call("connect", {i: (addresses[i + 1] if i + 1 < n else None, self.address) for i in range(n)}, "connect")
+        wirings = [Wiring(addresses[i + 1] if i + 1 < n else None, self.address) for i in range(n)]
+        self._each({i: lambda c, w=w: c.connect(w) for i, w in enumerate(wirings)})
         self.attach(addresses)
 
-    def recover(self, min_batch_id: int) -> None:
-        """Restarts every stage that does not answer (in place) and brings every stage onto the target split (a rebalance
-        that failed went back to the old one), fences off older microbatches everywhere, rewires."""
-        n, target = len(self.stages), self.target or [s.layers for s in self.stages]
+    def reconfigure(self, min_batch_id: int, target: list[LayerRange] | None = None, min_blocks: int = 1) -> None:
+        """The one way to change running stages: starts again every stage that does not answer, brings every stage onto
+        `target` (None: the split of the last attach, so that a change that failed half-way is undone), sizes every KV
+        cache to one block count (at least min_blocks, the longest request's), fences off microbatches before
+        min_batch_id everywhere, and rewires. An error leaves the last attached split in force: call it again."""
+        n = len(self.stages)
+        target = list(target or [s.layers for s in self.stages])
         dead = [i for i, reply in enumerate(self.health()) if isinstance(reply, Exception)]
-        # Asked, not remembered: a rebalance that failed half-way left some stages on new layers, or without a KV cache.
+        # Asked, not remembered: a change that failed half-way left some stages on other layers, or without a KV cache.
         infos = {i: self.stubs[i].Info(pb.InfoRequest(), timeout=30) for i in range(n) if i not in dead}
         moved = [i for i, info in infos.items() if (info.layer_start, info.layer_end) != tuple(target[i]) or info.num_kv_blocks == 0]
         addresses = [s.address for s in self.stages]
         capacity: dict[int, int] = {}
         if dead:
-            log.warning("recovering: restarting stage(s) %s", ", ".join(map(str, dead)))
-            self._replace(dead)
-            capacity |= {i: r["kv_blocks"] for i, r in zip(dead, self._call("load", {i: () for i in dead}, "load again"))}
+            log.warning("restarting stage(s) %s", ", ".join(map(str, dead)))
+            self._replace(dead, target)
+            capacity |= {i: r.kv_blocks for i, r in zip(dead, self._each({i: lambda c: c.load() for i in dead}))}
         if moved:
             log.warning("stage(s) %s: layers %s → %s", ", ".join(map(str, moved)), [self.stages[i].layers for i in moved], [target[i] for i in moved])
-            capacity |= {i: r["kv_blocks"] for i, r in zip(moved, self._call("relayer", {i: (*target[i], min_batch_id) for i in moved}, "change its layers"))}
+            loads = self._each({i: lambda c, r=tuple(target[i]): c.set_layers(r, min_batch_id) for i in moved})
+            capacity |= {i: r.kv_blocks for i, r in zip(moved, loads)}
         unchanged = [i for i in range(n) if i not in capacity]
         blocks = min([self.num_blocks] * bool(unchanged) + list(capacity.values()))
-        if blocks < self.min_blocks:
+        if blocks < min_blocks:
             short = min(capacity, key=capacity.get)
-            raise ConfigError(f"stage {short} holds {capacity[short]} KV blocks with layers {target[short]}, fewer than the {self.min_blocks} "
+            raise ConfigError(f"stage {short} holds {capacity[short]} KV blocks with layers {target[short]}, fewer than the {min_blocks} "
                               f"the pipeline needs (its longest request)")
         resize = moved + ([i for i in unchanged if blocks < self.num_blocks])
         if resize:
-            self._call("resize", {i: (blocks, min_batch_id) for i in resize}, "size its KV cache")
-        for i, address in zip(dead, self._call("start", {i: (blocks,) for i in dead}, "start its server again")):
+            self._each({i: lambda c: c.resize(blocks, min_batch_id) for i in resize})
+        for i, address in zip(dead, self._each({i: lambda c: c.start(blocks) for i in dead})):
             addresses[i] = address
-        self._call("reset", {i: (min_batch_id,) for i in range(n)}, "reset")
+        self._each({i: lambda c: c.fence(min_batch_id) for i in range(n)})
         self._wire(addresses)
 
     def check_layers(self, ranges: list[LayerRange], min_blocks: int) -> None:
         """A rebalance's check, before anything changes: ConfigError naming the stage and its numbers when one cannot hold
         its new layers with a KV cache of min_blocks blocks."""
-        self._call("check_layers", {i: (*r, min_blocks) for i, r in enumerate(ranges)}, "check its new layers")
+        self._each({i: lambda c, r=tuple(r): c.check_layers(r, min_blocks) for i, r in enumerate(ranges)})
 
-    def rebalance(self, ranges: list[LayerRange], min_batch_id: int, min_blocks: int) -> None:
-        """Moves every stage onto `ranges` (microbatches before min_batch_id fenced off, min_blocks KV blocks at least).
-        A failure (a stage died, or came out short of KV blocks) sets the target back to the old split and raises
-        PipelineError: the recovery then brings every stage back onto one whole split, never a mix."""
-        old = [s.layers for s in self.stages]
-        self.min_blocks = min_blocks
-        self._set_target(list(ranges))
-        try:
-            self.recover(min_batch_id)
-        except Exception as e:
-            self._set_target(old)
-            raise PipelineError(f"the rebalance onto layers {list(ranges)} failed ({e}); going back to {old}") from None
-
-    def _set_target(self, ranges: list[LayerRange]) -> None:
-        self.target = ranges
-
-    def _replace(self, dead: list[int]) -> None:
+    def _replace(self, dead: list[int], layers: list[LayerRange]) -> None:
+        """New stages for the dead ones, to load layers[i] (a backend that starts stages)."""
         raise PipelineError(f"stage(s) {dead} stopped answering, and this pipeline cannot replace them")
 
     # -- the coordinator's side -------------------------------------------------------------------
@@ -351,15 +354,12 @@ class ThreadPipeline(GrpcPipeline):
         token = plan_overrides.pop("link_token", None) or link_security(config).token
         plans = [dataclasses.replace(p, model_dir=str(model_dir), **plan_overrides) for p in stage_plans(config, ranges, token)]
         super().__init__(host, 0, plans[0].max_message_bytes, plans[0].security(), config.pipeline.heartbeat_timeout_s)
-        self.workers = [StageWorker(plan) for plan in plans]
+        self.workers = self.controls = [StageWorker(plan) for plan in plans]
         try:
-            self._bring_up(self._call("load", {i: () for i in range(len(plans))}, "load"))
+            self._bring_up(self._each({i: lambda c: c.load() for i in range(len(plans))}))
         except BaseException:
             self.shutdown()
             raise
-
-    def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
-        return [getattr(self.workers[i], method)(*a) for i, a in args.items()]
 
     def shutdown(self) -> None:
         for w in self.workers:

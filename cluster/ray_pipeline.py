@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import ray
@@ -20,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.pipelines import GrpcPipeline, link_security, stage_plans
 from stagecoach.errors import ConfigError, PipelineError, StagecoachError
+from stagecoach.proto.control import Loaded, Wiring
 from stagecoach.proto.types import LayerRange
 
 log = logging.getLogger(__name__)
@@ -126,7 +129,7 @@ def check_resources(num_stages: int, cpus: float, gpus: float, strategy: str) ->
 
 @ray.remote(max_concurrency=2)  # load_progress() answers while load() runs
 class StageActor:
-    """Hosts one StageWorker inside a Ray worker process."""
+    """Hosts one StageWorker inside a Ray worker process; each method is the worker's (see proto.control.StageControl)."""
 
     def __init__(self, plan: dict) -> None:
         from stagecoach.stage.worker import StagePlan
@@ -134,30 +137,30 @@ class StageActor:
         self.plan = StagePlan(**plan)
         self.worker = None  # made in load(), so that its errors come back as that call's
 
-    def load(self) -> dict:
+    def load(self) -> Loaded:
         from stagecoach.stage.worker import StageWorker
 
         self.worker = StageWorker(self.plan, node_id=ray.get_runtime_context().get_node_id())
-        return self.worker.load() | {"node_id": self.worker.node_id, "pid": os.getpid()}
-
-    def reset(self, min_batch_id: int) -> None:
-        self.worker.reset(min_batch_id)
+        return self.worker.load()
 
     def load_progress(self) -> tuple[int, int]:
         worker = self.worker
-        return (worker.loaded_bytes, worker.weight_bytes) if worker is not None else (0, 0)
+        return worker.load_progress() if worker is not None else (0, 0)
 
     def start(self, num_blocks: int) -> str:
         return self.worker.start(num_blocks)
 
-    def connect(self, next_address: str | None, coordinator_address: str) -> None:
-        self.worker.connect(next_address, coordinator_address)
+    def connect(self, wiring: Wiring) -> None:
+        self.worker.connect(wiring)
 
-    def check_layers(self, layer_start: int, layer_end: int, min_blocks: int) -> None:
-        self.worker.check_layers(layer_start, layer_end, min_blocks)
+    def fence(self, min_batch_id: int) -> None:
+        self.worker.fence(min_batch_id)
 
-    def relayer(self, layer_start: int, layer_end: int, min_batch_id: int) -> dict:
-        return self.worker.relayer(layer_start, layer_end, min_batch_id)
+    def check_layers(self, layers: LayerRange, min_blocks: int) -> None:
+        self.worker.check_layers(layers, min_blocks)
+
+    def set_layers(self, layers: LayerRange, min_batch_id: int) -> Loaded:
+        return self.worker.set_layers(layers, min_batch_id)
 
     def resize(self, num_blocks: int, min_batch_id: int) -> None:
         self.worker.resize(num_blocks, min_batch_id)
@@ -165,6 +168,53 @@ class StageActor:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+
+
+class RayStage:
+    """A stage actor's handle as a `StageControl`: each call waits for its answer within the pipeline's deadline of the
+    moment (`timeout()`), and an error names the stage and what it was asked to do."""
+
+    def __init__(self, actor, index: int, timeout: Callable[[], float]) -> None:
+        self.actor, self.index, self.timeout = actor, index, timeout
+
+    def _get(self, ref, what: str, timeout: float | None = None):
+        timeout = self.timeout() if timeout is None else timeout
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(f"stage {self.index} did not {what} within {timeout:g} s") from None
+        except ray.exceptions.RayError as e:
+            cause = _unwrap(e)
+            if isinstance(cause, StagecoachError):
+                raise type(cause)(str(cause)) from None
+            raise ConfigError(f"stage {self.index} failed to {what}: {cause}") from None
+
+    def load(self) -> Loaded:
+        return self._get(self.actor.load.remote(), "load")
+
+    def load_progress(self) -> tuple[int, int]:
+        return self._get(self.actor.load_progress.remote(), "report its loading", timeout=5)
+
+    def start(self, num_blocks: int) -> str:
+        return self._get(self.actor.start.remote(num_blocks), "start its server")
+
+    def connect(self, wiring: Wiring) -> None:
+        self._get(self.actor.connect.remote(wiring), "connect")
+
+    def fence(self, min_batch_id: int) -> None:
+        self._get(self.actor.fence.remote(min_batch_id), "fence off older microbatches")
+
+    def check_layers(self, layers: LayerRange, min_blocks: int) -> None:
+        self._get(self.actor.check_layers.remote(layers, min_blocks), "check its new layers")
+
+    def set_layers(self, layers: LayerRange, min_batch_id: int) -> Loaded:
+        return self._get(self.actor.set_layers.remote(layers, min_batch_id), "change its layers")
+
+    def resize(self, num_blocks: int, min_batch_id: int) -> None:
+        self._get(self.actor.resize.remote(num_blocks, min_batch_id), "size its KV cache")
+
+    def stop(self) -> None:
+        self._get(self.actor.stop.remote(), "stop", timeout=10)
 
 
 def _reachable(node: dict | None) -> bool:
@@ -202,12 +252,12 @@ class RayPipeline(GrpcPipeline):
         self.moved: dict[int, object] = {}  # stage index → the one-bundle placement group it moved to (off a lost node)
         self.fenced: list = []  # actors replaced while unreachable: killed again until Ray has them gone
         self._plans = [dataclasses.asdict(plan) for plan in stage_plans(config, ranges, security.token)]
-        self.actors: list = []
+        self.controls: list[RayStage] = []
         self.pg = None
         try:
             self._place()
-            self.actors = [self._new_actor(i) for i in range(len(ranges))]
-            self._bring_up(self._load_with_progress(self.ready_timeout_s))
+            self.controls = [self._new_stage(i) for i in range(len(ranges))]
+            self._bring_up(self._load_with_progress())
         except BaseException:
             self.shutdown()
             raise
@@ -222,31 +272,24 @@ class RayPipeline(GrpcPipeline):
                 f"was not placed within {timeout:g} s; the cluster has {cluster_gpus():g} GPUs on {len(ray.nodes())} nodes"
             )
 
-    def _new_actor(self, index: int):
-        """Stage `index`'s actor on its bundle: the pipeline's bundle `index`, or the group it moved to."""
+    def _new_stage(self, index: int) -> RayStage:
+        """Stage `index`'s actor on its bundle (the pipeline's bundle `index`, or the group it moved to), as a StageControl."""
         pg, bundle = (self.moved[index], 0) if index in self.moved else (self.pg, index)
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
-        return StageActor.options(num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy=strategy).remote(self._plans[index])
+        actor = StageActor.options(num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy=strategy).remote(self._plans[index])
+        return RayStage(actor, index, lambda: self._call_timeout_s)
 
-    def _call(self, method: str, args: dict[int, tuple], what: str) -> list:
-        refs = {i: getattr(self.actors[i], method).remote(*a) for i, a in args.items()}
-        return self._gather(refs, what, self._call_timeout_s)
-
-    def recover(self, min_batch_id: int) -> None:
-        """GrpcPipeline's recovery, each call bounded by the recovery's deadline so that a stage that cannot
+    def reconfigure(self, min_batch_id: int, target: list[LayerRange] | None = None, min_blocks: int = 1) -> None:
+        """GrpcPipeline's reconfiguration, each call bounded by the recovery's deadline so that a stage that cannot
         come back fails the attempt (and is tried again) instead of holding it for ready_timeout_s."""
         self._kill_fenced()
         self._call_timeout_s = min(self.ready_timeout_s, self._recovery_timeout_s)
         try:
-            super().recover(min_batch_id)
+            super().reconfigure(min_batch_id, target, min_blocks)
         finally:
             self._call_timeout_s = self.ready_timeout_s
-
-    def _set_target(self, ranges: list[LayerRange]) -> None:
-        """A stage started again (its actor replaced) loads its layers of this split."""
-        super()._set_target(ranges)
-        for plan, (start, end) in zip(self._plans, ranges):
-            plan["layer_start"], plan["layer_end"] = start, end
+        for plan, (start, end) in zip(self._plans, (s.layers for s in self.stages)):
+            plan["layer_start"], plan["layer_end"] = start, end  # what a stage started again loads
 
     def health(self) -> list:
         self._kill_fenced()
@@ -257,19 +300,20 @@ class RayPipeline(GrpcPipeline):
         for actor in self.fenced:
             ray.kill(actor, no_restart=True)
 
-    def _replace(self, dead: list[int]) -> None:
-        """A new actor for each dead stage: on its own bundle when its node still answers (the process died);
-        off the node when the node is lost or unreachable (a silent link): on the pipeline's bundle where Ray
+    def _replace(self, dead: list[int], layers: list[LayerRange]) -> None:
+        """A new actor for each dead stage, to load layers[i]: on its own bundle when its node still answers (the process
+        died); off the node when the node is lost or unreachable (a silent link): on the pipeline's bundle where Ray
         re-placed it, else on a spare node. With neither, PipelineError: the recovery tries again later."""
         nodes = {n["NodeID"]: n for n in ray.nodes()}
         for i in dead:
-            old = self.actors[i]
+            old = self.controls[i].actor
             ray.kill(old, no_restart=True)
             lost = self.stages[i].node_id if i < len(self.stages) else ""
             if lost and not _reachable(nodes.get(lost)):
                 self.fenced.append(old)  # it may come back with the link: never wired in again, killed until gone
                 self._move(i, lost, nodes)
-            self.actors[i] = self._new_actor(i)
+            self._plans[i]["layer_start"], self._plans[i]["layer_end"] = layers[i]
+            self.controls[i] = self._new_stage(i)
 
     def _move(self, index: int, lost: str, nodes: dict[str, dict]) -> None:
         """Points stage `index` at a bundle on a live, reachable node other than `lost`."""
@@ -302,62 +346,44 @@ class RayPipeline(GrpcPipeline):
         if pg is not None:
             remove_placement_group(pg)
 
-    def _load_with_progress(self, timeout: float) -> list[dict]:
-        """Loads every stage, showing each stage's bytes loaded (a 32B stage takes minutes)."""
+    def _load_with_progress(self) -> list[Loaded]:
+        """Loads every stage (each within ready_timeout_s), showing each stage's bytes loaded (a 32B stage takes minutes)."""
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-        refs = {i: a.load.remote() for i, a in enumerate(self.actors)}
         console = Console(stderr=True)
         columns = (TextColumn("stage {task.fields[stage]} weights"), BarColumn(), DownloadColumn(binary_units=True), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=not console.is_terminal) as bar:
-            tasks = [bar.add_task("", stage=i, total=None) for i in range(len(refs))]
-            pending = list(refs.values())
-            deadline = time.monotonic() + timeout
+        with ThreadPoolExecutor(len(self.controls)) as pool, Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+            loads = [pool.submit(control.load) for control in self.controls]
+            tasks = [bar.add_task("", stage=i, total=None) for i in range(len(loads))]
             next_line = time.monotonic() + LOAD_LOG_EVERY_S
-            while pending and time.monotonic() < deadline:
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            while not all(f.done() for f in loads):
+                time.sleep(0.5)
                 progress = []
-                for task, actor in zip(tasks, self.actors):
+                for task, control in zip(tasks, self.controls):
                     try:
-                        done, total = ray.get(actor.load_progress.remote(), timeout=5)
-                    except ray.exceptions.RayError:
+                        done, total = control.load_progress()
+                    except StagecoachError:
                         continue  # the load itself reports what went wrong
                     bar.update(task, completed=done, total=total or None)
                     progress.append(f"stage {len(progress)}: {done / 1e9:.2f}/{total / 1e9:.2f} GB")
-                if not console.is_terminal and pending and time.monotonic() >= next_line:
+                if not console.is_terminal and time.monotonic() >= next_line:
                     # A log file gets a line now and then instead of a redrawn bar.
                     log.warning("loading weights: %s", ", ".join(progress))
                     next_line = time.monotonic() + LOAD_LOG_EVERY_S
-        results = self._gather(refs, "load", max(1.0, deadline - time.monotonic()))
+        results = [f.result() for f in loads]
         for i, r in enumerate(results):
-            log.warning("stage %d loaded %.2f GB of weights on %s", i, r["weight_bytes"] / 1e9, r["device"])
-        return results
-
-    def _gather(self, refs: dict, what: str, timeout: float) -> list:
-        """ray.get of each stage's ref, with per-stage errors: names the stage that failed or did not answer in time."""
-        deadline = time.monotonic() + timeout
-        results = []
-        for i, ref in refs.items():
-            try:
-                results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except ray.exceptions.GetTimeoutError:
-                raise ConfigError(f"stage {i} did not {what} within {timeout:g} s") from None
-            except ray.exceptions.RayError as e:
-                cause = _unwrap(e)
-                if isinstance(cause, StagecoachError):
-                    raise type(cause)(str(cause)) from None
-                raise ConfigError(f"stage {i} failed to {what}: {cause}") from None
+            log.warning("stage %d loaded %.2f GB of weights on %s", i, r.weight_bytes / 1e9, r.device)
         return results
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        for control in self.controls:
             try:
-                ray.get(actor.stop.remote(), timeout=10)
-            except ray.exceptions.RayError:
+                control.stop()
+            except StagecoachError:
                 pass  # already gone: nothing of it left to stop
-            ray.kill(actor)
-        self.actors = []
+            ray.kill(control.actor)
+        self.controls = []
         self._kill_fenced()
         self.fenced = []
         for index in list(self.moved):

@@ -21,9 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_crash: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(self, engine: Engine, on_crash: Callable[[BaseException], None] | None = None,
+                 run: Callable[[Engine, threading.Event], None] = Engine.run) -> None:
+        """run: the loop to run on the thread (`supervisor.run_engine` recovers stage failures; the default does not)."""
         self.engine = engine
         self.on_crash = on_crash
+        self._run_loop = run
         self.crashed: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -58,7 +61,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            self.engine.run(self._stop)
+            self._run_loop(self.engine, self._stop)
         except Exception as e:  # a bug: every open request gets a 500, and the server decides whether to start anew
             log.exception("the engine loop failed")
             self.crashed = e

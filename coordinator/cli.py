@@ -107,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stagecoach.cluster.pipelines import open_pipeline
     from stagecoach.coordinator.compose import build_engine
     from stagecoach.coordinator.requests import RequestLimits, check_request
+    from stagecoach.coordinator.supervisor import run_engine
     from stagecoach.coordinator.tokenizer import Tokenizer
     from stagecoach.proto.model_config import ModelConfig
 
@@ -127,7 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipeline = open_pipeline(config)
     try:
         engine = build_engine(pipeline, config, tokenizer.stop_token_ids, model.max_position_embeddings, model.vocab_size)
-        seqs = engine.generate([p for p, _ in choices], [s for _, s in choices])
+        seqs = engine.add_requests(choices)
+        run_engine(engine)  # a stage that fails meanwhile is recovered, as when serving
     finally:
         pipeline.shutdown()
     _print_results(args, tokenizer, seqs, [s.as_json() for s in pipeline.stages], engine.timings.rows())

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
+from stagecoach.coordinator.commands import Abort, AddRequests, Command, Rebalance, StageFailed
 from stagecoach.coordinator.metrics import TimingStats
 from stagecoach.coordinator.pipeline import Pipeline
 from stagecoach.coordinator.rebalance import StageRates
@@ -25,12 +26,11 @@ from stagecoach.coordinator.rebalancing import RebalancePolicy, Rebalancer
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Listener, Sequence, TokenUpdate
 from stagecoach.errors import PipelineError, StageComputeError, StagecoachError
-from stagecoach.proto.types import Delivered, MicroBatch, SamplingParams, StageSummary
+from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SamplingParams, StageSummary
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how long a serving loop waits on an idle pipe before it looks at its calls again
-RETRY_S = 2.0  # between recovery attempts
 RESULT_TIMEOUT_S = 300.0  # a microbatch not back within this has failed, whatever the stages say
 
 
@@ -78,14 +78,14 @@ class Engine:
             if self._closed is not None:
                 future.set_exception(self._closed)
                 return future
-            self._calls.put(("add", requests, listener, future))
+            self._calls.put(AddRequests(requests, listener, future))
         self.pipeline.wake()
         return future
 
     def abort(self, seq_id: int) -> None:
-        self.queue_call(("abort", seq_id))
+        self.queue_call(Abort(seq_id))
 
-    def queue_call(self, call: tuple) -> None:
+    def queue_call(self, call: Command) -> None:
         """For the loop's thread to carry out between microbatches (see _apply_calls)."""
         self._calls.put(call)
         self.pipeline.wake()
@@ -109,7 +109,7 @@ class Engine:
         begun when the stages were asked; one begun since answers the report already."""
         reconfigurations = self.reconfigurations if reconfigurations is None else reconfigurations
         if not self.recovering and reconfigurations == self.reconfigurations:
-            self.queue_call(("fail", reason, reconfigurations))
+            self.queue_call(StageFailed(reason, reconfigurations))
 
     def check_stages(self) -> list[str] | None:
         """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery.
@@ -183,37 +183,54 @@ class Engine:
         return self.scheduler.add_requests(requests)
 
     def generate(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> list[Sequence]:
+        """Runs the prompts to their end on this thread; a stage failure raises (`supervisor.run_engine` recovers it)."""
         seqs = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
         self.run()
         return seqs
 
-    def recover(self) -> float:
-        """After a stage failure: restart what died, rewire, and re-prefill every running sequence from
-        its prompt plus the tokens it already has. Returns the seconds it took."""
+    def reconfigure(self, target: list[LayerRange] | None = None) -> tuple[float, int]:
+        """The one place that changes running stages (a recovery: target None; a rebalance: its split): voids what is in
+        flight, sends every running sequence back to be re-prefilled from its prompt plus the tokens it has, has the
+        pipeline whole again on `target`, and sizes the block manager to the stages' caches. (seconds, sequences sent
+        back). A rebalance that fails raises PipelineError: the recovery that follows goes back to the old split."""
         start = time.monotonic()
-        self.inflight.clear()
-        self.scheduler.recompute_all()
-        self.pipeline.recover(self.scheduler.next_batch_id)
-        if self.pipeline.num_blocks != self.scheduler.block_manager.num_blocks:  # a stage started again holds fewer
-            self.scheduler.resize_blocks(self.pipeline.num_blocks)
-        took = time.monotonic() - start
-        self.recoveries.append(took)
+        with self.reconfiguring():
+            self.inflight.clear()
+            requeued = self.scheduler.recompute_all()
+            try:
+                self.pipeline.reconfigure(self.scheduler.next_batch_id, target, self.min_blocks)
+            except Exception as e:
+                if target is None:
+                    raise
+                raise PipelineError(f"the rebalance onto layers {list(target)} failed ({e}); going back to "
+                                    f"{[s.layers for s in self.pipeline.stages]}") from None
+            if self.pipeline.num_blocks != self.scheduler.block_manager.num_blocks:  # a stage started again holds fewer
+                self.scheduler.resize_blocks(self.pipeline.num_blocks)
+        return time.monotonic() - start, requeued
+
+    def recover(self) -> float:
+        """One recovery attempt (supervisor.recover_until_whole retries): the pipeline whole again on its split, every
+        running sequence re-prefilled. The seconds it took, also kept in `recoveries`."""
+        with self._lock:
+            took, _ = self.reconfigure()
+            self.recoveries.append(took)
         return took
+
+    @property
+    def min_blocks(self) -> int:
+        """The KV blocks of the longest request the engine admits: no reconfiguration may leave a stage with fewer."""
+        bm = self.scheduler.block_manager
+        return -(-min(self.scheduler.config.max_model_len, bm.num_blocks * bm.block_size) // bm.block_size)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
-        """The engine loop: serving until `stop` is set, or (without one) until every request has finished.
-
-        A failed stage is recovered in place; any other exception ends the loop (the caller decides what then).
-        """
+        """The engine loop: serving until `stop` is set, or (without one) until every request has finished. A stage
+        failure raises PipelineError (`supervisor.run_engine` recovers the pipeline and runs the loop again)."""
         while not stop.is_set() if stop is not None else self.scheduler.has_unfinished:
-            try:
-                with self._lock:
-                    self._apply_calls()
-                    self.rebalancer.maybe_auto()
-                self.step(POLL_S if stop is not None else RESULT_TIMEOUT_S)
-            except PipelineError as e:
-                self._recover_until_whole(e, stop)
+            with self._lock:
+                self._apply_calls()
+                self.rebalancer.maybe_auto()
+            self.step(POLL_S if stop is not None else RESULT_TIMEOUT_S)
 
     def step(self, timeout: float) -> list[Sequence]:
         """Tops up the pipe, then applies the next microbatch that comes back within timeout seconds.
@@ -307,8 +324,8 @@ class Engine:
         with self._calls_lock:
             self._closed = error
             for call in self._take_calls():
-                if call[0] == "add":
-                    call[3].set_exception(error)
+                if isinstance(call, (AddRequests, Rebalance)):
+                    call.future.set_exception(error)
         self.fail_all(error)
 
     def fail_all(self, error: StagecoachError) -> None:
@@ -329,18 +346,21 @@ class Engine:
 
     def _apply_calls(self) -> None:
         for call in self._take_calls():
-            if call[0] == "add":
-                self._add_all(*call[1:])
-            elif call[0] == "rebalance":
-                self.rebalancer.run_call(*call[1:])
-            elif call[0] == "fail":
-                if call[2] == self.reconfigurations:  # else a reconfiguration since the report has answered it
-                    raise PipelineError(call[1])
-            else:
-                seq = self.scheduler.sequences.get(call[1])
-                if seq is not None and not seq.is_finished:
-                    self.scheduler.abort(seq.seq_id)
-                    self._publish(seq)
+            match call:
+                case AddRequests(requests, listener, future):
+                    self._add_all(requests, listener, future)
+                case Abort(seq_id):
+                    seq = self.scheduler.sequences.get(seq_id)
+                    if seq is not None and not seq.is_finished:
+                        self.scheduler.abort(seq_id)
+                        self._publish(seq)
+                case Rebalance(layers, future):
+                    self.rebalancer.run_call(layers, future)
+                case StageFailed(reason, reconfigurations):
+                    if reconfigurations == self.reconfigurations:  # else a reconfiguration since the report has answered it
+                        raise PipelineError(reason)
+                case _:
+                    raise AssertionError(f"unknown engine command {call!r}")
 
     def _add_all(self, requests: list, listener: Callable[[int], Listener], future: Future) -> None:
         try:
@@ -366,33 +386,3 @@ class Engine:
         else:
             self._listeners[seq.seq_id] = (listener, n)
         listener(update)
-
-    def _recover_until_whole(self, cause: Exception, stop: threading.Event | None) -> None:
-        """Brings the pipeline back; past the deadline, open requests end with PipelineError (503) and new ones
-        are refused until it is whole again. Requests that survive see a pause, not an error."""
-        log.warning("the pipeline failed (%s): recovering", cause)
-        self.failure = f"the pipeline is recovering from: {cause}"
-        deadline = time.monotonic() + (self.recovery_timeout_s or 0.0)
-        failed_open_requests, took = False, None
-        with self.reconfiguring():
-            while stop is None or not stop.is_set():
-                try:
-                    with self._lock:
-                        took = self.recover()
-                    log.warning("recovered in %.2f s; re-prefilling %d sequences", took, len(self.scheduler.waiting))
-                    self.failure = None
-                    break
-                except Exception as e:  # Ray, gRPC and load errors alike: try again until the deadline
-                    log.warning("recovery attempt failed: %s", e)
-                    if time.monotonic() > deadline and not failed_open_requests:
-                        error = PipelineError(f"stage failure: the pipeline did not recover within {self.recovery_timeout_s or 0:g} s ({e})")
-                        if stop is None:
-                            raise error from None
-                        self.fail_all(error)
-                        failed_open_requests = True
-                if stop is None:
-                    time.sleep(RETRY_S)
-                elif stop.wait(RETRY_S):
-                    return
-        if took is not None and self.on_recovery is not None:  # once the mark is off: the server's fresh state is for good
-            self.on_recovery(took)

@@ -20,12 +20,14 @@ class Pipeline(Protocol):
 
     def wake(self) -> None: ...
 
-    def health(self) -> list: ...
+    def health(self) -> list:
+        """Each stage's HealthReply, or the error that came instead; safe from any thread."""
 
-    def recover(self, min_batch_id: int) -> None: ...
+    def reconfigure(self, min_batch_id: int, target: list[LayerRange] | None = None, min_blocks: int = 1) -> None:
+        """Whole again and on `target` (None: the split it had): dead stages started again, layers moved, every KV cache
+        of one size (at least min_blocks), microbatches before min_batch_id fenced off, every stage's sequences forgotten."""
 
-    def check_layers(self, ranges: list[LayerRange], min_blocks: int) -> None: ...
-
-    def rebalance(self, ranges: list[LayerRange], min_batch_id: int, min_blocks: int) -> None: ...
+    def check_layers(self, ranges: list[LayerRange], min_blocks: int) -> None:
+        """ConfigError when a stage cannot hold ranges[i] with min_blocks KV blocks; changes nothing."""
 
     def shutdown(self) -> None: ...

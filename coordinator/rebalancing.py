@@ -1,4 +1,5 @@
-"""Rebalancing while serving: the admin call, auto mode's trigger, the pause, and what /v1/stats shows of them.
+"""Rebalancing while serving: the admin call, auto mode's trigger, the pause, and what /v1/stats shows of them (policy,
+proposal and history; `Engine.reconfigure` does the change).
 
 A rebalance is a recovery onto another split: the pipe is emptied (what is in flight is fenced
 off), every running sequence goes back to waiting to be re-prefilled from its prompt and tokens so
@@ -16,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from stagecoach.coordinator.commands import Rebalance
 from stagecoach.coordinator.rebalance import StageMemory
 from stagecoach.errors import ConfigError, ConflictError, PipelineError, RequestError, StagecoachError
 
@@ -62,7 +64,7 @@ class Rebalancer:
                 raise ConflictError("a rebalance is already under way")
             self.busy = True
         future: Future = Future()
-        self.engine.queue_call(("rebalance", layers, future))
+        self.engine.queue_call(Rebalance(layers, future))
         return future
 
     def proposal(self) -> dict | None:
@@ -133,32 +135,25 @@ class Rebalancer:
         if counts == current:
             return self._record(current, counts, trigger, predicted_gain, 0.0, "unchanged")
         ranges = [(sum(counts[:i]), sum(counts[:i + 1])) for i in range(len(counts))]
-        s = e.scheduler
-        min_blocks = -(-min(s.config.max_model_len, s.block_manager.num_blocks * s.block_manager.block_size) // s.block_manager.block_size)
         try:
-            e.pipeline.check_layers(ranges, min_blocks)
+            e.pipeline.check_layers(ranges, e.min_blocks)
         except ConfigError as err:
             raise RequestError(f"the split {counts} does not fit the stages' memory: {err}", param="layers") from None
         log.warning("rebalancing (%s): layers %s → %s, predicted gain %s; running sequences are re-prefilled", trigger, current, counts,
                     "unknown" if predicted_gain is None else f"{100 * predicted_gain:+.1f} %")
         start, self.applying = time.monotonic(), True
-        with e.reconfiguring():
-            e.inflight.clear()
-            requeued = s.recompute_all()
-            try:
-                e.pipeline.rebalance(ranges, s.next_batch_id, min_blocks)
-            except PipelineError as err:
-                self.failed += 1
-                self._record(current, counts, trigger, predicted_gain, time.monotonic() - start, f"failed: {err}")
-                raise
-            finally:
-                self.applying = False
-                self._since = time.monotonic()
-            if e.pipeline.num_blocks != s.block_manager.num_blocks:
-                s.resize_blocks(e.pipeline.num_blocks)
+        try:
+            pause, requeued = e.reconfigure(ranges)
+        except PipelineError as err:
+            self.failed += 1
+            self._record(current, counts, trigger, predicted_gain, time.monotonic() - start, f"failed: {err}")
+            raise
+        finally:
+            self.applying = False
+            self._since = time.monotonic()
         self.applied += 1
-        record = self._record(current, counts, trigger, predicted_gain, time.monotonic() - start, "applied", requeued)
-        log.warning("rebalanced in %.2f s: layers %s, %d KV blocks; re-prefilling %d sequences", record["pause_s"], counts, s.block_manager.num_blocks, requeued)
+        record = self._record(current, counts, trigger, predicted_gain, pause, "applied", requeued)
+        log.warning("rebalanced in %.2f s: layers %s, %d KV blocks; re-prefilling %d sequences", pause, counts, e.pipeline.num_blocks, requeued)
         if self.on_applied is not None:
             self.on_applied(record)
         return record

@@ -66,11 +66,11 @@ class StageRunner:
     def is_last(self) -> bool:
         return self.model.is_last
 
-    def reset(self) -> None:
-        """After a recovery: forget every sequence (the re-prefill brings them again)."""
+    def forget_all(self) -> None:
+        """After a fence: forget every sequence (the re-prefill brings them again)."""
         self.sequences.clear()
         if self.sampler is not None:
-            self.sampler.reset()
+            self.sampler.forget_all()
 
     def prepare(self, batch: MicroBatch, inputs: torch.Tensor | None = None) -> Prepared:
         """Raises RequestError naming the field of anything in the microbatch this stage cannot run, else admits it.

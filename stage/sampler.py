@@ -232,7 +232,7 @@ class Sampler:
             self._params.pop(seq_id, None)
             self._seen.pop(seq_id, None)
 
-    def reset(self) -> None:
+    def forget_all(self) -> None:
         self._params.clear()
         self._seen.clear()
 

@@ -98,7 +98,7 @@ class StageLoop:
     def queue_depth(self) -> int:
         return self._inbox.qsize()
 
-    def reset(self, min_batch_id: int) -> None:
+    def fence(self, min_batch_id: int) -> None:
         """Fences off everything from before a recovery: queued work older than min_batch_id is dropped,
         and the stage forgets its sequences (the re-prefill brings them again).
 
@@ -144,9 +144,9 @@ class StageLoop:
             self._compute(work)
 
     def _compute(self, work: _Work | threading.Event) -> None:
-        if isinstance(work, threading.Event):  # a recovery's fence (see reset)
+        if isinstance(work, threading.Event):  # a fence (see `fence`)
             if self.runner is not None and self.runner.sampler is not None:
-                self.runner.sampler.reset()
+                self.runner.sampler.forget_all()
             work.set()
             return
         if self.is_stale(work.batch.batch_id):

@@ -12,9 +12,11 @@ import torch
 from stagecoach.errors import ConfigError
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto.codec import SCHEMA_VERSION
+from stagecoach.proto.control import Loaded, Wiring
 from stagecoach.proto.model_config import ModelConfig
 from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.server import start_server
+from stagecoach.proto.types import LayerRange
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
 from stagecoach.stage.loader import DTYPES, change_layers, checkpoint_fingerprint, layer_weight_bytes, load_stage_model, stage_weight_bytes
@@ -91,6 +93,8 @@ def _available_ram() -> int:
 
 
 class StageWorker:
+    """One stage in its own process (or thread): its layers, KV cache and gRPC server; a `StageControl`."""
+
     def __init__(self, plan: StagePlan, node_id: str = "") -> None:
         self.plan = plan
         self.node_id = node_id
@@ -143,15 +147,18 @@ class StageWorker:
                 f"{budget / MIB:.1f} MiB; use more stages, a smaller dtype, or a larger budget"
             )
 
-    def load(self) -> dict:
-        """Checks the plan fits, loads the weights, and returns how many KV blocks this stage can hold."""
+    def load(self) -> Loaded:
+        """Checks the plan fits, loads the weights, and says how many KV blocks this stage can hold."""
         self.check_fits()
         p = self.plan
         self.model = load_stage_model(p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config, progress=self._loaded)
-        return {"weight_bytes": self.weight_bytes, "kv_blocks": self.kv_capacity(), "device": str(self.device)}
+        return Loaded(self.weight_bytes, self.kv_capacity(), str(self.device))
 
     def _loaded(self, nbytes: int) -> None:
         self.loaded_bytes += nbytes
+
+    def load_progress(self) -> tuple[int, int]:
+        return self.loaded_bytes, self.weight_bytes
 
     def kv_capacity(self) -> int:
         p = self.plan
@@ -203,16 +210,17 @@ class StageWorker:
         return runner
 
     # -- rebalancing: check, change layers, size the KV cache again -----------------------------
-    def check_layers(self, layer_start: int, layer_end: int, min_blocks: int) -> None:
+    def check_layers(self, layers: LayerRange, min_blocks: int) -> None:
         """A rebalance's check before anything changes: ConfigError, with the numbers, when the new layers do not fit."""
-        self.check_fits(layer_start, layer_end, min_blocks)
+        self.check_fits(*layers, min_blocks)
 
-    def relayer(self, layer_start: int, layer_end: int, min_batch_id: int) -> dict:
-        """Takes layers [layer_start, layer_end): fences off older microbatches, frees the KV cache and the layers it
-        loses, then reads only the tensors of the layers it gains (free first, then load: the peak is the larger of
-        the two splits' weights, with no KV cache). Serves nothing until `resize`; returns its KV capacity."""
+    def set_layers(self, layers: LayerRange, min_batch_id: int) -> Loaded:
+        """Takes layers [start, end): fences off older microbatches, frees the KV cache and the layers it loses, then
+        reads only the tensors of the layers it gains (free first, then load: the peak is the larger of the two splits'
+        weights, with no KV cache). Serves nothing until `resize`; says its KV capacity."""
         p = self.plan
-        self.service.reset(min_batch_id)
+        layer_start, layer_end = layers
+        self.service.fence(min_batch_id)
         self.service.runner = self.runner = None  # the KV cache goes with it
         self.servicer.info.num_kv_blocks = 0  # no cache until `resize` (a recovery asks for it)
         if self.device.type == "cuda":
@@ -224,12 +232,12 @@ class StageWorker:
         p.layer_start, p.layer_end = layer_start, layer_end
         self.servicer.info.layer_start, self.servicer.info.layer_end = layer_start, layer_end
         self.weight_bytes = stage_weight_bytes(self.config, layer_start, layer_end, self.dtype)
-        return {"weight_bytes": self.weight_bytes, "kv_blocks": self.kv_capacity(), "device": str(self.device)}
+        return Loaded(self.weight_bytes, self.kv_capacity(), str(self.device))
 
     def resize(self, num_blocks: int, min_batch_id: int) -> None:
-        """A KV cache of num_blocks blocks for the layers it holds (after `relayer`, or when the pipeline's block count fell)."""
+        """A KV cache of num_blocks blocks for the layers it holds (after `set_layers`, or when the pipeline's block count fell)."""
         if self.runner is not None:
-            self.service.reset(min_batch_id)
+            self.service.fence(min_batch_id)
             self.service.runner = self.runner = None
         self.runner = self._new_runner(num_blocks)
         info = self.info_message(num_blocks)
@@ -237,11 +245,11 @@ class StageWorker:
         self.servicer.info = info
         self.service.runner = self.runner
 
-    def connect(self, next_address: str | None, coordinator_address: str) -> None:
-        self.service.connect(next_address, coordinator_address)
+    def connect(self, wiring: Wiring) -> None:
+        self.service.connect(wiring.next_address, wiring.coordinator_address)
 
-    def reset(self, min_batch_id: int) -> None:
-        self.service.reset(min_batch_id)
+    def fence(self, min_batch_id: int) -> None:
+        self.service.fence(min_batch_id)
 
     def info_message(self, num_blocks: int) -> pb.StageInfo:
         mem_total = self.memory_budget()

@@ -37,7 +37,8 @@ def _config(model_dir: str):
 
 async def _supervised(model_dir: str):
     """The server's own supervisor over in-process gRPC stages (no HTTP listener): (supervisor, state)."""
-    from stagecoach.coordinator.serve import EngineSupervisor, server_state
+    from stagecoach.coordinator.serve import server_state
+    from stagecoach.coordinator.supervisor import EngineSupervisor
     from stagecoach.coordinator.tokenizer import Tokenizer
     from stagecoach.proto.model_config import ModelConfig
 

@@ -75,7 +75,7 @@ def test_a_recovery_rebuilds_every_stage_state_and_outputs_stay_equal(model):
         while min(len(s.output_token_ids) for s in seqs) < 5:
             engine.step(30)
         assert all(len(w.runner.sequences) == 3 for w in pipeline.workers)
-        engine.recover()  # fences off what is in flight: every stage forgets every sequence
+        engine.reconfigure()  # fences off what is in flight: every stage forgets every sequence
         assert all(len(w.runner.sequences) == 0 for w in pipeline.workers) and pipeline.workers[-1].runner.sampler.num_sequences == 0
         engine.run()  # the re-prefill's first chunks rebuild the tables and the last stage's histories
         assert [s.output_token_ids for s in seqs] == expected
