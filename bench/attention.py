@@ -128,7 +128,7 @@ def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict
     from transformers import Qwen2ForCausalLM
 
     from stagecoach.cluster.partition import ranges_from_counts
-    from stagecoach.cluster.pipelines import LocalPipeline
+    from stagecoach.cluster.backends import LocalPipeline
     from stagecoach.coordinator.engine import Engine
     from stagecoach.coordinator.random_checkpoint import write_random_checkpoint
     from stagecoach.coordinator.scheduler import SchedulerConfig

@@ -142,7 +142,7 @@ def demo_model(batches: list[int], rounds: int) -> dict | None:
     import torch
 
     from stagecoach.cluster.config import ClusterConfig, PipelineSection
-    from stagecoach.cluster.pipelines import plan_layers
+    from stagecoach.cluster.backends import plan_layers
     from stagecoach.coordinator.demo_model import default_model_dir
     from stagecoach.proto.model_config import ModelConfig
 

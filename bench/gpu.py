@@ -63,7 +63,7 @@ def correctness(device: str, smoke: bool) -> dict:
 
     from stagecoach.coordinator.engine import Engine
     from stagecoach.cluster.partition import ranges_from_counts
-    from stagecoach.cluster.pipelines import LocalPipeline
+    from stagecoach.cluster.backends import LocalPipeline
     from stagecoach.coordinator.random_checkpoint import write_random_checkpoint
     from stagecoach.coordinator.scheduler import SchedulerConfig
     from stagecoach.proto.types import SamplingParams

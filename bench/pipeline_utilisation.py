@@ -61,7 +61,8 @@ def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
     torch.set_num_threads(1)  # as Ray does for a 1-CPU actor; idle OpenMP threads would spin on shared cores
     from stagecoach.proto import stagecoach_pb2 as pb
     from stagecoach.proto.server import start_server
-    from stagecoach.stage.servicer import StageLoop, StageServicer
+    from stagecoach.stage.loop import StageLoop
+    from stagecoach.stage.servicer import StageServicer
 
     runner = SyntheticRunner(compute_s, index == 0, index == num_stages - 1)
     service = StageLoop(runner, index, 1 << 30)
@@ -78,7 +79,7 @@ def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
 
 def start_stages(num_stages: int, compute_s: float):
     """The stage processes and a GrpcPipeline wired to them; returns (pipeline, pipes, processes)."""
-    from stagecoach.cluster.pipelines import GrpcPipeline
+    from stagecoach.cluster.backends import GrpcPipeline
 
     ctx = mp.get_context("spawn")
     pipes, procs = [], []

@@ -67,7 +67,7 @@ class Load:
 
 def open_engine(model: Path, slowdown: list[float] | None, mode: str):
     from stagecoach.cluster.config import ClusterConfig
-    from stagecoach.cluster.pipelines import open_pipeline
+    from stagecoach.cluster.backends import open_pipeline
     from stagecoach.coordinator.compose import build_engine
 
     config = ClusterConfig.from_dict({

@@ -225,7 +225,7 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
 
     from stagecoach.cluster.config import ClusterConfig
     from stagecoach.cluster.partition import ranges_from_counts
-    from stagecoach.cluster.pipelines import GrpcPipeline, stage_plans
+    from stagecoach.cluster.backends import GrpcPipeline, stage_plans
     from stagecoach.coordinator.engine import Engine
     from stagecoach.proto.types import SamplingParams
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stagecoach.coordinator.rebalance import StageSpeed, Workload, plan_split
+from stagecoach.coordinator.planner import StageSpeed, Workload, plan_split
 from stagecoach.errors import PartitionError
 from stagecoach.proto.types import LayerRange
 

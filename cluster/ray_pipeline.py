@@ -20,7 +20,7 @@ from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from stagecoach.cluster.config import ClusterConfig
-from stagecoach.cluster.pipelines import GrpcPipeline, link_security, stage_plans
+from stagecoach.cluster.backends import GrpcPipeline, link_security, stage_plans
 from stagecoach.errors import ConfigError, PipelineError, StagecoachError
 from stagecoach.proto.control import Loaded, Wiring
 from stagecoach.proto.types import LayerRange

@@ -63,7 +63,7 @@ class ServerState:
     started_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: self.engine.engine.stats(with_timings=False) if self.engine else {})
+        self.metrics = Metrics(lambda: self.engine.core.stats(with_timings=False) if self.engine else {})
 
     def unavailable(self) -> str | None:
         """Why no generation can be served now (draining aside), or None."""
@@ -286,7 +286,7 @@ async def _admin_rebalance(request: web.Request, state: ServerState) -> web.Resp
         layers = (await _read_json(request)).get("layers")
         if layers is None:
             raise RequestError("the body may hold only {\"layers\": [one count per stage]}; send no body for the current proposal", param="layers")
-    record = await asyncio.wrap_future(engine.engine.rebalancer.request(layers))
+    record = await asyncio.wrap_future(engine.core.rebalancer.request(layers))
     return web.json_response(record | {"stages": [s.as_json() for s in state.stages]})
 
 

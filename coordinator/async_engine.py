@@ -24,7 +24,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine, on_crash: Callable[[BaseException], None] | None = None,
                  run: Callable[[Engine, threading.Event], None] = Engine.run) -> None:
         """run: the loop to run on the thread (`supervisor.run_engine` recovers stage failures; the default does not)."""
-        self.engine = engine
+        self.core = engine  # the Engine: its loop runs on this object's thread
         self.on_crash = on_crash
         self._run_loop = run
         self.crashed: BaseException | None = None
@@ -41,30 +41,30 @@ class AsyncEngine:
             updates = queues[seq_id] = asyncio.Queue()
             return lambda update: loop.call_soon_threadsafe(updates.put_nowait, update)
 
-        seqs = await asyncio.wrap_future(self.engine.submit_request(requests, listener))
+        seqs = await asyncio.wrap_future(self.core.submit_request(requests, listener))
         return [(seq, queues[seq.seq_id]) for seq in seqs]
 
     def abort(self, seq_id: int) -> None:
-        self.engine.abort(seq_id)
+        self.core.abort(seq_id)
 
     @property
     def unavailable(self) -> str | None:
         """Why no request can be served now (recovering, or the loop died), or None."""
         if self.crashed is not None:
             return f"the engine failed: {self.crashed}"
-        return self.engine.failure
+        return self.core.failure
 
     def stop(self) -> None:
         self._stop.set()
-        self.engine.pipeline.wake()
+        self.core.pipeline.wake()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
         try:
-            self._run_loop(self.engine, self._stop)
+            self._run_loop(self.core, self._stop)
         except Exception as e:  # a bug: every open request gets a 500, and the server decides whether to start anew
             log.exception("the engine loop failed")
             self.crashed = e
-            self.engine.close(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
+            self.core.close(EngineFailure(f"the engine failed: {type(e).__name__}: {e}"))
             if self.on_crash is not None:
                 self.on_crash(e)

@@ -83,7 +83,7 @@ def load_config(args: argparse.Namespace):
 
 def _sampling(args: argparse.Namespace, model_dir: Path):
     """The request's SamplingParams: generation_config.json's defaults, then the flags; refused values name their flag's parameter."""
-    from stagecoach.coordinator.requests import sampling_defaults
+    from stagecoach.coordinator.request_checks import sampling_defaults
     from stagecoach.proto.types import SamplingParams
 
     overrides = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
@@ -104,9 +104,9 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from stagecoach.cluster.pipelines import open_pipeline
+    from stagecoach.cluster.backends import open_pipeline
     from stagecoach.coordinator.compose import build_engine
-    from stagecoach.coordinator.requests import RequestLimits, check_request
+    from stagecoach.coordinator.request_checks import RequestLimits, check_request
     from stagecoach.coordinator.supervisor import run_engine
     from stagecoach.coordinator.tokenizer import Tokenizer
     from stagecoach.proto.model_config import ModelConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.engine import Engine, Pipeline
-from stagecoach.coordinator.rebalancing import RebalancePolicy
+from stagecoach.coordinator.rebalancer import RebalancePolicy
 from stagecoach.coordinator.scheduler import SchedulerConfig
 
 

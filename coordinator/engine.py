@@ -19,10 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from stagecoach.coordinator.commands import Abort, AddRequests, Command, Rebalance, StageFailed
-from stagecoach.coordinator.metrics import TimingStats
+from stagecoach.coordinator.timings import TimingStats
 from stagecoach.coordinator.pipeline import Pipeline
-from stagecoach.coordinator.rebalance import StageRates
-from stagecoach.coordinator.rebalancing import RebalancePolicy, Rebalancer
+from stagecoach.coordinator.planner import StageRates
+from stagecoach.coordinator.rebalancer import RebalancePolicy, Rebalancer
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Listener, Sequence, TokenUpdate
 from stagecoach.errors import PipelineError, StageComputeError, StagecoachError

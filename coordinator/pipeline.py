@@ -1,4 +1,4 @@
-"""What the engine needs of a pipeline: cluster/pipelines.py has every backend (local, threads over gRPC, Ray)."""
+"""What the engine needs of a pipeline: cluster/backends.py has every backend (local, threads over gRPC, Ray)."""
 
 from __future__ import annotations
 

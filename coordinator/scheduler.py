@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from stagecoach.coordinator.block_manager import BlockManager
-from stagecoach.coordinator.requests import RequestLimits, check_request
+from stagecoach.coordinator.request_checks import RequestLimits, check_request
 from stagecoach.coordinator.sequence import Sequence, SequenceStatus
 from stagecoach.errors import ConfigError
 from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.api import ServerState, build_runner
-from stagecoach.coordinator.requests import sampling_defaults
+from stagecoach.coordinator.request_checks import sampling_defaults
 from stagecoach.coordinator.supervisor import EngineSupervisor
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ConfigError

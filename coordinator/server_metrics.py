@@ -9,7 +9,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from stagecoach.coordinator.metrics import WINDOW, Rate, percentiles
+from stagecoach.coordinator.timings import WINDOW, Rate, percentiles
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 FINE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -134,7 +134,7 @@ def _stage_row(s, state: str, t: dict, kv_blocks_used: int) -> dict:
 def stats_document(state) -> dict:
     """The /v1/stats document (schema in docs/stats.md; the terminal UI reads it). state: the server's ServerState."""
     m = state.metrics
-    engine_stats = state.engine.engine.stats() if state.engine else {}
+    engine_stats = state.engine.core.stats() if state.engine else {}
     timings = {row["stage"]: row for row in engine_stats.pop("timings", [])}
     coordinator_hop = engine_stats.pop("coordinator_hop_ms", None)
     rebalance = engine_stats.pop("rebalance", None)

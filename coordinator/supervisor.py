@@ -15,7 +15,7 @@ import time
 from collections import deque
 
 from stagecoach.cluster.config import ClusterConfig
-from stagecoach.cluster.pipelines import open_pipeline
+from stagecoach.cluster.backends import open_pipeline
 from stagecoach.coordinator.api import ServerState
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.compose import build_engine
@@ -180,7 +180,7 @@ class EngineSupervisor:
         """One heartbeat. Its answers are dropped when the engine was replaced (a restart) or reconfigured meanwhile."""
         engine = self.state.engine
         if engine is not None and engine.unavailable is None:
-            states = await self._loop.run_in_executor(None, engine.engine.check_stages)
+            states = await self._loop.run_in_executor(None, engine.core.check_stages)
             if states is not None and self.state.engine is engine:
                 self._set_stage_states(states)
         self.state.health_polls += 1

@@ -22,7 +22,8 @@ from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
 from stagecoach.stage.loader import DTYPES, change_layers, checkpoint_fingerprint, layer_weight_bytes, load_stage_model, stage_weight_bytes
 from stagecoach.stage.model import AttentionMetadata
 from stagecoach.stage.runner import StageRunner
-from stagecoach.stage.servicer import StageLoop, StageServicer
+from stagecoach.stage.loop import StageLoop
+from stagecoach.stage.servicer import StageServicer
 
 MIB = 2**20
 log = logging.getLogger(__name__)

@@ -89,7 +89,7 @@ def test_a_client_that_disconnects_mid_stream_is_a_499_logged_in_one_line_and_it
                 m = samples(server.port)
                 route = ("route", "/v1/completions")
                 closed = m.get(("stagecoach_http_responses_total", (route, ("status", "499"))), 0)
-                stats = engine.engine.stats()
+                stats = engine.core.stats()
                 if closed == 1 and stats["running"] == 0 and stats["kv_blocks_used"] == 0:
                     break
                 assert time.monotonic() < deadline, (closed, stats)

@@ -8,7 +8,7 @@ import torch
 from defaults import scheduler_config
 from helpers import http, make_hf_checkpoint
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline
+from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes

@@ -108,7 +108,7 @@ def test_the_testing_section_holds_the_test_only_knobs():
 
 
 def test_the_slower_device_knobs_reach_each_stage_plan():
-    from stagecoach.cluster.pipelines import stage_plans
+    from stagecoach.cluster.backends import stage_plans
 
     config = ClusterConfig.from_dict({"pipeline": {"num_stages": 2}, "testing": {"layer_delay_ms": 2, "stage_slowdown": [1, 3]}})
     plans = stage_plans(config, [(0, 1), (1, 2)], link_token="t")
@@ -131,7 +131,7 @@ def test_rebalance_modes_read_from_yaml_as_written(tmp_path):
 
 
 def test_the_poison_knob_names_a_stage_and_a_prefill_length():
-    from stagecoach.cluster.pipelines import stage_plans
+    from stagecoach.cluster.backends import stage_plans
 
     config = ClusterConfig.from_dict({"pipeline": {"num_stages": 3}, "testing": {"poison": {"stage": 1, "prefill_tokens": 37}}})
     assert (config.testing.poison.stage, config.testing.poison.prefill_tokens) == (1, 37)
@@ -147,7 +147,7 @@ def test_the_poison_knob_names_a_stage_and_a_prefill_length():
 
 
 def test_every_stage_plan_setting_comes_from_the_config():
-    from stagecoach.cluster.pipelines import stage_plans
+    from stagecoach.cluster.backends import stage_plans
 
     config = ClusterConfig.from_dict({"model": {"path": "/m", "dtype": "bfloat16"}, "cache": {"block_size": 8, "num_blocks": 9},
                                       "transport": {"port": 7000, "max_message_mb": 64}, "pipeline": {"num_stages": 2, "max_batch_tokens": 99},

@@ -10,7 +10,7 @@ import torch
 from defaults import scheduler_config
 from helpers import GOLDEN_DIR, QWEN_DIR, hf_greedy, require_shared
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline
+from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.coordinator import demo_model
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline
+from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.coordinator import cli
 from stagecoach.coordinator.api import ServerState, build_app
 from stagecoach.coordinator.async_engine import AsyncEngine

@@ -53,7 +53,7 @@ async def _supervised(model_dir: str):
 async def _race(model_dir: str) -> dict:
     supervisor, state = await _supervised(model_dir)
     poller = asyncio.ensure_future(supervisor.poll_health(INTERVAL_S))
-    pipeline, engine = supervisor.pipeline, state.engine.engine
+    pipeline, engine = supervisor.pipeline, state.engine.core
     addresses = [s.address for s in pipeline.stages]
     loop = asyncio.get_running_loop()
 
@@ -120,7 +120,7 @@ def test_an_error_in_one_poll_is_logged_counted_and_the_next_poll_runs_and_a_rec
 
     async def go() -> tuple[dict, str]:
         supervisor, state = await _supervised(str(model))
-        engine = state.engine.engine
+        engine = state.engine.core
         check, calls = engine.check_stages, []
 
         def failing_once() -> list[str] | None:

@@ -96,7 +96,7 @@ def test_prefill_kernel_equals_the_gather_path(dtype, heads, kv_heads):
 def test_scattered_blocks_match_hf(hf_checkpoint, budget):
     """Small blocks handed out in a shuffled order: every context spans many non-contiguous blocks. With a budget of 12
     tokens per microbatch each prompt is prefilled in chunks, each over a prefix of several cached blocks."""
-    from stagecoach.cluster.pipelines import LocalPipeline
+    from stagecoach.cluster.backends import LocalPipeline
 
     model_dir, hf_model = hf_checkpoint("gqa5_untied", **CONFIGS["gqa5_untied"])
     num_blocks, block_size = 96, 4

@@ -16,7 +16,7 @@ import yaml
 from defaults import scheduler_config
 from helpers import hf_greedy, http, make_hf_checkpoint
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline
+from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
 

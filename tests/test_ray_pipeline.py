@@ -14,7 +14,7 @@ from defaults import scheduler_config
 from helpers import hf_greedy
 from stagecoach.cluster.config import CacheSection, ClusterConfig, ModelSection, PipelineSection, TransportSection
 from stagecoach.cluster.partition import partition_layers, ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline
+from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.coordinator.engine import Engine
 from stagecoach.errors import ConfigError
 from stagecoach.proto.types import SamplingParams

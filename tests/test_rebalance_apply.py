@@ -15,11 +15,11 @@ from defaults import scheduler_config
 from helpers import make_hf_checkpoint
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline, ThreadPipeline
+from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.coordinator.api import ServerState, build_app
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.engine import Engine
-from stagecoach.coordinator.rebalancing import RebalancePolicy
+from stagecoach.coordinator.rebalancer import RebalancePolicy
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ConflictError, RequestError
 from stagecoach.proto.model_config import ModelConfig
@@ -159,7 +159,7 @@ def test_the_admin_endpoint_needs_an_api_key_and_reports_the_split_pause_and_pro
     state.engine, state.stages = engine, pipeline.stages
     try:
         ((status, body),) = call(state, [("POST", "/v1/admin/rebalance", {"layers": [3, 5]}, None)])
-        assert status == 403 and "--api-key-env" in body["error"]["message"] and engine.engine.layer_counts == [4, 4]
+        assert status == 403 and "--api-key-env" in body["error"]["message"] and engine.core.layer_counts == [4, 4]
         state.api_key = KEY
         replies = call(state, [
             ("POST", "/v1/admin/rebalance", {"layers": [3, 5]}, "wrong"),
@@ -178,7 +178,7 @@ def test_the_admin_endpoint_needs_an_api_key_and_reports_the_split_pause_and_pro
         gauges = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(replies[5][1]) for s in f.samples}
         assert gauges[("stagecoach_rebalance_predicted_gain", ())] == 0.0 and gauges[("stagecoach_rebalancing", ())] == 0.0
         assert gauges[("stagecoach_prefix_cache_queries_total", ())] == gauges[("stagecoach_prefix_cache_hits_total", ())] == 0
-        engine.engine.failure = "a test's recovery"  # what a recovery under way sets
+        engine.core.failure = "a test's recovery"  # what a recovery under way sets
         ((status, body),) = call(state, [("POST", "/v1/admin/rebalance", {"layers": [4, 4]}, KEY)])
         assert status == 409 and "recovery" in body["error"]["message"]
     finally:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from stagecoach.coordinator.rebalance import Plan, StageSpeed, Workload, plan_split, stage_seconds
+from stagecoach.coordinator.planner import Plan, StageSpeed, Workload, plan_split, stage_seconds
 from stagecoach.errors import PartitionError
 
 DECODE = Workload(decode_batches=1000, prefill_tokens=0)
@@ -28,7 +28,7 @@ def brute_force(num_layers: int, sp: list[StageSpeed], work: Workload, layer_byt
 
 
 def test_the_planner_does_not_import_torch():
-    code = "import sys\nimport stagecoach.coordinator.rebalance\nassert 'torch' not in sys.modules\n"
+    code = "import sys\nimport stagecoach.coordinator.planner\nassert 'torch' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -99,7 +99,7 @@ def test_a_bad_current_split_is_refused():
 def test_the_stages_reported_memory_bounds_the_proposal():
     """The proposal from measured records, within the budgets the stages report (weights per layer plus the KV cache each
     layer keeps at the pipeline's block count), and the refusal reported, not raised, when no split fits."""
-    from stagecoach.coordinator.rebalance import StageMemory, StageRates
+    from stagecoach.coordinator.planner import StageMemory, StageRates
     from stagecoach.proto import stagecoach_pb2 as pb
     from stagecoach.proto.types import MicroBatch, SeqChunk, StageSummary
 

@@ -7,7 +7,7 @@ import torch
 
 from defaults import scheduler_config
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline, ThreadPipeline
+from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.scheduler import Scheduler
 from stagecoach.errors import RequestError

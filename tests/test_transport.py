@@ -11,7 +11,7 @@ import torch
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.pipelines import LocalPipeline, ThreadPipeline
+from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto import codec
 from stagecoach.proto import generate
@@ -122,7 +122,7 @@ def test_stages_of_different_checkpoints_are_refused(tmp_path):
     from dataclasses import replace
 
     from stagecoach.cluster.config import ClusterConfig
-    from stagecoach.cluster.pipelines import GrpcPipeline, PipelineError, stage_plans
+    from stagecoach.cluster.backends import GrpcPipeline, PipelineError, stage_plans
     from stagecoach.stage.worker import StageWorker
 
     make_hf_checkpoint(tmp_path / "a", num_hidden_layers=2, seed=1)
@@ -215,7 +215,7 @@ def test_delivery_stream_survives_a_restarted_coordinator():
     import threading
     import time
 
-    from stagecoach.cluster.pipelines import GrpcPipeline
+    from stagecoach.cluster.backends import GrpcPipeline
     from stagecoach.proto.link import DeliverySender
 
     def sample(batch_id):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stagecoach.coordinator.commands import Rebalance
-from stagecoach.coordinator.rebalance import StageMemory
+from stagecoach.coordinator.planner import StageMemory
 from stagecoach.errors import ConfigError, ConflictError, PipelineError, RequestError, StagecoachError
 
 if TYPE_CHECKING:
