@@ -79,7 +79,7 @@ def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
 
 def start_stages(num_stages: int, compute_s: float):
     """The stage processes and a GrpcPipeline wired to them; returns (pipeline, pipes, processes)."""
-    from stagecoach.cluster.backends import GrpcPipeline
+    from stagecoach.cluster.grpc_pipeline import GrpcPipeline
 
     ctx = mp.get_context("spawn")
     pipes, procs = [], []

@@ -225,7 +225,8 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
 
     from stagecoach.cluster.config import ClusterConfig
     from stagecoach.cluster.partition import ranges_from_counts
-    from stagecoach.cluster.backends import GrpcPipeline, stage_plans
+    from stagecoach.cluster.backends import stage_plans
+    from stagecoach.cluster.grpc_pipeline import GrpcPipeline
     from stagecoach.coordinator.engine import Engine
     from stagecoach.proto.types import SamplingParams
 

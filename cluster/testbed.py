@@ -9,7 +9,6 @@ listens there: the Ray head sits in a namespace of its own and drivers join it a
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -22,9 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stagecoach.errors import ConfigError
+from stagecoach.cluster.netns import (
+    PREFIX, TestbedError, kill_namespace_processes, namespaces, no_ipv6, require_root, run_cmd, veth,
+)
 
-PREFIX = "sctb"
 BRIDGE = f"{PREFIX}-br"
 HEAD_NS = f"{PREFIX}-head"
 STATE_DIR = Path("/tmp/stagecoach-testbed")  # short: Ray's socket paths live under it
@@ -36,12 +36,6 @@ FIRST_NODE_HOST = 10  # node i gets <subnet>.(10 + i); .1 is the bridge (the mac
 NODE_DEATH_S = 5
 UP_TIMEOUT_S = 120.0
 BIN_DIR = Path(sys.executable).parent  # this venv's `ray`, also on the PATH of Ray's workers
-
-
-class TestbedError(ConfigError):
-    """The testbed cannot be made or changed here (not root, not Linux, no `ip`, no such node)."""
-
-    __test__ = False
 
 
 @dataclass(slots=True)
@@ -101,45 +95,6 @@ class Testbed:
 
 
 # -- plumbing -------------------------------------------------------------------------------------
-def require_root() -> None:
-    if sys.platform != "linux":
-        raise TestbedError(f"the testbed needs Linux network namespaces; this is {sys.platform}")
-    if os.geteuid() != 0:
-        raise TestbedError("the testbed makes network namespaces and links: run it as root")
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        raise TestbedError("the testbed needs iproute2's `ip` and `tc` (apt-get install iproute2)")
-
-
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise TestbedError(f"`{' '.join(cmd)}` failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done
-
-
-def _veth(index: int | str) -> str:
-    return f"{PREFIX}-v{index}"  # the machine's end; the namespace's end is its eth0
-
-
-def _namespaces() -> list[str]:
-    names = [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()]
-    return [n for n in names if n.startswith(f"{PREFIX}-")]
-
-
-def _kill_namespace_processes(namespace: str) -> None:
-    """Every process whose network namespace is this one (Ray daemonises its own: they stay inside)."""
-    for _ in range(50):
-        pids = [int(p) for p in _run("ip", "netns", "pids", namespace, check=False).stdout.split()]
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-
-
 def _ray_env(bed: Testbed) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     # "0" (set for single-machine clusters on 127.0.0.1) makes `ray start` refuse to join nodes together.
@@ -187,23 +142,19 @@ def _wait_alive(bed: Testbed, addresses: set[str], timeout: float) -> None:
         time.sleep(0.3)
 
 
-def _no_ipv6(link: str) -> None:
-    Path(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6").write_text("1")
-
-
 def _shape(node: Node) -> None:
     """The node's egress qdisc from its state: blackhole while cut, tbf while limited, else the default."""
     ns_side = ("ip", "netns", "exec", node.namespace, "tc", "qdisc")
     if node.cut:
         # Both ends: what the node sends and what is sent to it vanish, with no reset and no error.
-        _run(*ns_side, "replace", "dev", "eth0", "root", "blackhole")
-        _run("tc", "qdisc", "replace", "dev", _veth(node.index), "root", "blackhole")
+        run_cmd(*ns_side, "replace", "dev", "eth0", "root", "blackhole")
+        run_cmd("tc", "qdisc", "replace", "dev", veth(node.index), "root", "blackhole")
         return
-    _run("tc", "qdisc", "del", "dev", _veth(node.index), "root", check=False)
+    run_cmd("tc", "qdisc", "del", "dev", veth(node.index), "root", check=False)
     if node.limit:
-        _run(*ns_side, "replace", "dev", "eth0", "root", "tbf", "rate", node.limit, "burst", "32kb", "latency", "1s")
+        run_cmd(*ns_side, "replace", "dev", "eth0", "root", "tbf", "rate", node.limit, "burst", "32kb", "latency", "1s")
     else:
-        _run(*ns_side, "del", "dev", "eth0", "root", check=False)
+        run_cmd(*ns_side, "del", "dev", "eth0", "root", check=False)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -232,20 +183,20 @@ def _make(net, nodes: int, spare: int, bandwidth: str | None, node_death_s: int)
     (STATE_DIR / "auth_token").write_text(secrets.token_hex(32))
     (STATE_DIR / "auth_token").chmod(0o600)
     bed.save()
-    _run("ip", "link", "add", BRIDGE, "type", "bridge")
-    _run("ip", "addr", "add", f"{bed.bridge_address}/24", "dev", BRIDGE)
-    _no_ipv6(BRIDGE)
-    _run("ip", "link", "set", BRIDGE, "up")
-    for name, veth, address in [(HEAD_NS, _veth("h"), bed.head_address)] + [(n.namespace, _veth(n.index), n.address) for n in bed.nodes]:
-        _run("ip", "netns", "add", name)
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name)
-        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
-        _run("ip", "-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
-        _run("ip", "-n", name, "link", "set", "eth0", "up")
-        _run("ip", "-n", name, "link", "set", "lo", "up")
+    run_cmd("ip", "link", "add", BRIDGE, "type", "bridge")
+    run_cmd("ip", "addr", "add", f"{bed.bridge_address}/24", "dev", BRIDGE)
+    no_ipv6(BRIDGE)
+    run_cmd("ip", "link", "set", BRIDGE, "up")
+    for name, link, address in [(HEAD_NS, veth("h"), bed.head_address)] + [(n.namespace, veth(n.index), n.address) for n in bed.nodes]:
+        run_cmd("ip", "netns", "add", name)
+        run_cmd("ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
+        run_cmd("ip", "link", "set", link, "master", BRIDGE, "up")
+        run_cmd("ip", "-n", name, "addr", "add", f"{address}/24", "dev", "eth0")
+        run_cmd("ip", "-n", name, "link", "set", "eth0", "up")
+        run_cmd("ip", "-n", name, "link", "set", "lo", "up")
         # IPv4 only: no link-local IPv6 address appears that a wildcard listener would also cover.
-        _run("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-        _no_ipv6(veth)
+        run_cmd("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        no_ipv6(link)
     for n in bed.nodes:
         _shape(n)
     # The head holds no GPU, like the chart's head pod: stages land on the nodes.
@@ -286,7 +237,7 @@ def heal(index: int, after_s: float = 0.0) -> Testbed:
     # Give the raylet a moment to hear from the GCS: alive, or told it was declared dead and exiting.
     time.sleep(1.5)
     if node.address not in _alive_addresses(bed):
-        _kill_namespace_processes(node.namespace)
+        kill_namespace_processes(node.namespace)
         _start_worker(bed, node)
         _wait_alive(bed, {node.address}, UP_TIMEOUT_S)
     return bed
@@ -315,57 +266,12 @@ def down() -> None:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    for name in _namespaces():
-        _kill_namespace_processes(name)
-        _run("ip", "netns", "del", name, check=False)
-    links = _run("ip", "-o", "link", "show", check=False).stdout
+    for name in namespaces():
+        kill_namespace_processes(name)
+        run_cmd("ip", "netns", "del", name, check=False)
+    links = run_cmd("ip", "-o", "link", "show", check=False).stdout
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(f"{PREFIX}-"):
-            _run("ip", "link", "del", name, check=False)
+            run_cmd("ip", "link", "del", name, check=False)
     shutil.rmtree(STATE_DIR, ignore_errors=True)
-
-
-# -- the command line -----------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    tb = sub.add_parser("testbed", help="many hosts on one Linux machine (root): network namespaces, a Ray node in each, link cuts",
-                        description=__doc__)
-    cmds = tb.add_subparsers(dest="testbed_command", required=True)
-    p = cmds.add_parser("up", help="(re)make the testbed: N nodes + K spare ones, a Ray head outside them; prints its JSON")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--spare", type=int, default=0, help="extra nodes no stage is placed on at first: where a stage on a lost node moves")
-    p.add_argument("--bandwidth", default=None, help="shape every node's egress to this rate (tc units: 1gbit, 100mbit)")
-    p.add_argument("--subnet", default="10.213.7.0/24", help="the private /24 the testbed's addresses come from")
-    p.add_argument("--node-death-s", type=int, default=NODE_DEATH_S,
-                   help="seconds of silence after which Ray declares a node dead (its GCS pings each raylet every second)")
-    p = cmds.add_parser("cut", help="node NODE's link drops every packet silently (no reset, no closed socket)")
-    p.add_argument("node", type=int)
-    p.add_argument("--for", dest="for_s", type=float, default=None, help="heal it by itself after this many seconds")
-    p = cmds.add_parser("heal", help="restore node NODE's link (and its Ray worker, if Ray declared the node dead meanwhile)")
-    p.add_argument("node", type=int)
-    p.add_argument("--after", type=float, default=0.0, help=argparse.SUPPRESS)
-    p = cmds.add_parser("limit", help="shape what node NODE sends to RATE (tbf on its egress; tc units: 20mbit); RATE off removes it")
-    p.add_argument("node", type=int)
-    p.add_argument("rate")
-    cmds.add_parser("status", help="print the testbed's JSON (with each node's link and Ray state)")
-    cmds.add_parser("down", help="remove every namespace, link, bridge and process the testbed made")
-
-
-def run(args: argparse.Namespace) -> int:
-    c = args.testbed_command
-    if c == "down":
-        down()
-        return 0
-    if c == "up":
-        bed = up(args.nodes, args.spare, args.bandwidth, args.subnet, args.node_death_s)
-    elif c == "cut":
-        bed = cut(args.node, args.for_s)
-    elif c == "heal":
-        bed = heal(args.node, args.after)
-    elif c == "limit":
-        bed = limit(args.node, args.rate)
-    else:
-        require_root()
-        bed = Testbed.load()
-    print(json.dumps(bed.summary()))
-    return 0

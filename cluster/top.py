@@ -40,6 +40,13 @@ def _ms(latency: dict | None, key: str) -> str:
 def render(stats: dict | None, url: str, error: str | None, history: deque) -> Group:
     if stats is None:
         return Group(Panel(Text(f"cannot reach {url}: {error}\nretrying …", style="bold red"), title="stagecoach top"))
+    footer = Text("latencies in ms · q quits", style="dim")
+    return Group(Panel(_header(stats, history), title="stagecoach top"), _stage_table(stats["stages"]),
+                 _rebalance_line(stats.get("rebalance"), stats["engine"]), footer)
+
+
+def _header(stats: dict, history: deque) -> Table:
+    """The whole pipeline: model, state, requests, throughput and latencies, utilisation, KV cache, prefix cache."""
     t, lat, eng = stats["throughput"], stats["latency"], stats["engine"]
     state = "draining" if stats["draining"] else ("ready" if stats["ready"] else "not ready")
     header = Table.grid(padding=(0, 3))
@@ -61,10 +68,15 @@ def render(stats: dict | None, url: str, error: str | None, history: deque) -> G
         f"out tok/s {sparkline(history)}",
     )
     header.add_row(_prefix_cache(eng.get("prefix_cache")), "", "", "")
+    return header
+
+
+def _stage_table(stages: list[dict]) -> Table:
+    """A row per stage: where it runs, its layers and memory, its times, and its state."""
     table = Table(expand=True)
     for col in ("stage", "node", "device", "layers", "weights GB", "KV use", "compute p50", "compute p99", "queue p50", "hop p50", "hop p99", "mb/s", "errors", "state"):
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col) if col in ("stage", "state") else None)
-    for s in stats["stages"]:
+    for s in stages:
         bad = s["state"] != "ready"
         table.add_row(
             str(s["index"]), (s["node_id"] or "-")[:8], s["device"], f"{s['layers'][0]}-{s['layers'][1]}",
@@ -73,8 +85,7 @@ def render(stats: dict | None, url: str, error: str | None, history: deque) -> G
             _ms(s["hop_ms"], "p50"), _ms(s["hop_ms"], "p99"), f"{s['microbatches_per_s']:.1f}", str(s["errors"]),
             Text(s["state"], style="bold red" if bad else "green"), style="red" if bad else None,
         )
-    footer = Text("latencies in ms · q quits", style="dim")
-    return Group(Panel(header, title="stagecoach top"), table, _rebalance_line(stats.get("rebalance"), eng), footer)
+    return table
 
 
 def _prefix_cache(cache: dict | None) -> str:

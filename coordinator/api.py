@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -24,7 +24,7 @@ from stagecoach.coordinator.openai_requests import GenerationRequest, parse_comm
 from stagecoach.coordinator.openai_responses import ChunkMaker, choice_item, error_body, full_response, usage
 from stagecoach.coordinator.sequence_stream import Choice, SequenceStream
 from stagecoach.coordinator.server_metrics import Metrics, stats_document
-from stagecoach.coordinator.tokenizer import Tokenizer
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.errors import (
     AuthenticationError, ForbiddenError, ModelNotFoundError, NotReadyError, QueueFullError, RequestError, RequestTimeoutError, ShuttingDownError,
     StagecoachError, UnsupportedMediaTypeError, error_kind,
@@ -38,40 +38,6 @@ CLIENT_CLOSED = "499"  # the status label of a request whose client went away be
 # than a thread's hop adds (bench/tokenizing.py: 0.06 ms inline against 0.16 on a thread at 100 characters, 0.46 against
 # 0.59 at 1,000). Longer ones go to a thread: inline stays a little cheaper up to about 16,000, but blocks every other request.
 INLINE_TOKENIZE_CHARS = 1000
-
-
-@dataclass
-class ServerState:
-    tokenizer: Tokenizer
-    model_name: str
-    max_model_len: int
-    sampling_defaults: dict
-    api_key: str | None = None
-    max_active: int | None = None  # requests running + queued; beyond this: 429
-    request_timeout_s: float = 600.0  # a generation request taking longer ends with 408
-    engine: AsyncEngine | None = None  # set once every stage is ready
-    stages: list = field(default_factory=list)
-    draining: bool = False
-    active: int = 0
-    startup_error: str | None = None
-    gave_up: str | None = None  # the engine failed too often: /live answers 503 so that the pod is restarted
-    metrics: Metrics | None = None
-    stage_states: list[str] = field(default_factory=list)  # per stage: ready | failed (recovering comes with recovery)
-    health_polls: int = 0  # heartbeat rounds completed (a round while the engine is starting or recovering asks nobody)
-    health_poll_errors: int = 0  # rounds that ended with an error (logged; the next round runs)
-    last_health_poll: float | None = None  # Unix time the last round completed
-    started_at: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: self.engine.core.stats(with_timings=False) if self.engine else {})
-
-    def unavailable(self) -> str | None:
-        """Why no generation can be served now (draining aside), or None."""
-        if self.startup_error or self.gave_up:
-            return self.startup_error or self.gave_up
-        if self.engine is None:
-            return "the pipeline's stages are still starting"
-        return self.engine.unavailable
 
 
 def _json_error(error: BaseException, message: str | None = None) -> web.Response:
@@ -298,6 +264,15 @@ def build_runner(state: ServerState) -> web.AppRunner:
 def build_app(state: ServerState) -> web.Application:
     app = web.Application(middlewares=[errors_middleware(state.metrics)], client_max_size=MAX_BODY_BYTES)
     routes = web.RouteTableDef()
+    _generation_routes(routes, state)
+    _server_routes(routes, state)
+    app.add_routes(routes)
+    app.router.add_post("/v1/admin/rebalance", functools.partial(_admin_rebalance, state=state))
+    return app
+
+
+def _generation_routes(routes: web.RouteTableDef, state: ServerState) -> None:
+    """The OpenAI routes that generate: chat and text completions."""
 
     async def parse(request: web.Request, chat: bool) -> tuple[dict, GenerationRequest]:
         _check_auth(request, state)
@@ -319,6 +294,10 @@ def build_app(state: ServerState) -> web.Application:
             req.max_tokens_given = True
         req.prompts = await _tokenize(state, parse_prompt(body))
         return await _generate(request, state, req, chat=False)
+
+
+def _server_routes(routes: web.RouteTableDef, state: ServerState) -> None:
+    """What the server says of itself: the model, health and liveness, metrics and stats."""
 
     @routes.get("/v1/models")
     async def models(request: web.Request):
@@ -351,7 +330,3 @@ def build_app(state: ServerState) -> web.Application:
     async def stats(request: web.Request):
         _check_auth(request, state)
         return web.json_response(stats_document(state))
-
-    app.add_routes(routes)
-    app.router.add_post("/v1/admin/rebalance", functools.partial(_admin_rebalance, state=state))
-    return app

@@ -16,10 +16,27 @@ DEFAULT_NEW_TOKENS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stagecoach.cluster.config import SERVE_ONLY, add_flags, int_list
+    from stagecoach.cluster.config import SERVE_ONLY, add_flags
+    from stagecoach.cluster.testbed_cli import add_parser as add_testbed
 
     parser = argparse.ArgumentParser(prog="stagecoach", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    srv = sub.add_parser("serve", help="serve the model behind an OpenAI-compatible HTTP API")
+    add_flags(srv, SERVE_ONLY)
+    _add_tools(sub)
+    add_testbed(sub)
+    rnd = sub.add_parser("make-random-model", help="write a small random Qwen2 checkpoint folder (for trying things out)")
+    rnd.add_argument("--dir", required=True)
+    rnd.add_argument("--layers", type=int, default=4)
+    rnd.add_argument("--hidden-size", type=int, default=64)
+    rnd.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_generate(sub) -> None:
+    from stagecoach.cluster.config import add_flags
+    from stagecoach.cluster.config_mapping import int_list
 
     gen = sub.add_parser("generate", help="generate text from one or more prompts")
     add_flags(gen, "generate")
@@ -39,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the checkpoint's stop tokens")
     gen.add_argument("--json", action="store_true", help="print one JSON object per completion (a list for several)")
 
-    srv = sub.add_parser("serve", help="serve the model behind an OpenAI-compatible HTTP API")
-    add_flags(srv, SERVE_ONLY)
 
+def _add_tools(sub) -> None:
+    """The commands around serving: the terminal UI, the chart's submitter, the demo model's fetch."""
     top = sub.add_parser("top", help="a live terminal view of a serving pipeline (per-stage and per-hop latency)")
     top.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
@@ -58,17 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct")
     fetch.add_argument("--dir", default=None, help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)")
     fetch.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-
-    from stagecoach.cluster.testbed import add_parser as add_testbed
-
-    add_testbed(sub)
-
-    rnd = sub.add_parser("make-random-model", help="write a small random Qwen2 checkpoint folder (for trying things out)")
-    rnd.add_argument("--dir", required=True)
-    rnd.add_argument("--layers", type=int, default=4)
-    rnd.add_argument("--hidden-size", type=int, default=64)
-    rnd.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def load_config(args: argparse.Namespace):
@@ -228,7 +234,7 @@ def cmd_make_random_model(args: argparse.Namespace) -> int:
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
-    from stagecoach.cluster.testbed import run
+    from stagecoach.cluster.testbed_cli import run
 
     return run(args)
 

@@ -3,13 +3,12 @@
 Up to `max_inflight` microbatches travel at once (one per stage keeps every stage busy); each
 holds about 1/max_inflight of the running sequences, so their sizes stay even. The loop runs on
 one thread, which alone touches the scheduler; other threads call `submit_request`, `abort`,
-`report_failure`, `stats` and `check_stages`, which are safe from anywhere. A health check that overlaps a
-reconfiguration (recovery, rebalance, isolation: each runs inside `reconfiguring()`) is discarded.
+`report_failure`, `stats` and `check_stages`, which are safe from anywhere (coordinator/stage_health.py orders
+heartbeats against the engine's reconfigurations).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import random
@@ -25,13 +24,13 @@ from stagecoach.coordinator.planner import StageRates
 from stagecoach.coordinator.rebalancer import RebalancePolicy, Rebalancer
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Listener, Sequence, TokenUpdate
+from stagecoach.coordinator.stage_health import RESULT_TIMEOUT_S, StageHealth
 from stagecoach.errors import PipelineError, StageComputeError, StagecoachError
-from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SamplingParams, StageSummary
+from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SamplingParams
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how long a serving loop waits on an idle pipe before it looks at its calls again
-RESULT_TIMEOUT_S = 300.0  # a microbatch not back within this has failed, whatever the stages say
 
 
 class Engine:
@@ -44,7 +43,6 @@ class Engine:
         self.scheduler = Scheduler(scheduler_config)
         self.stop_token_ids = list(stop_token_ids or [])
         self.max_inflight = max_inflight
-        self.heartbeat_interval_s = heartbeat_interval_s  # a microbatch this late makes the engine ask every stage whether it is alive
         self.recovery_timeout_s = recovery_timeout_s  # requests waiting longer than this for a recovery end with 503
         self.crash_token_id = crash_token_id  # testing.engine_crash_token_id
         self.inflight: dict[int, tuple[MicroBatch, float]] = {}  # batch id → (batch, monotonic send time)
@@ -59,9 +57,7 @@ class Engine:
         self.failed_requests: dict[str, int] = {"stage_error": 0}  # sequences ended with an error, by reason
         self.on_microbatch_failure: Callable[[int | None, list[StagecoachError]], None] | None = None  # (stage, the errors it ended sequences with)
         self.failure: str | None = None  # why the pipeline cannot serve now (it is recovering); None when whole
-        self.reconfigurations = 0  # reconfigurations begun (recoveries, rebalances, isolations): health checks spanning one are void
-        self._reconfiguring = 0  # how many are under way now (a rebalance that fails is followed by a recovery)
-        self._last_health_check = 0.0
+        self.health = StageHealth(pipeline, heartbeat_interval_s)  # heartbeats, ordered against reconfigurations
         self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._calls_lock = threading.Lock()  # orders submit_request against close
@@ -94,40 +90,25 @@ class Engine:
     def recovering(self) -> bool:
         return self.failure is not None
 
-    @contextlib.contextmanager
-    def reconfiguring(self):
-        """Marks a reconfiguration (on the loop's thread): health checks that overlap it are discarded."""
-        self.reconfigurations += 1
-        self._reconfiguring += 1
-        try:
-            yield
-        finally:
-            self._reconfiguring -= 1
-
     def report_failure(self, reason: str, reconfigurations: int | None = None) -> None:
         """A missed heartbeat while the pipe may be idle: have the loop recover. `reconfigurations`: how many had
         begun when the stages were asked; one begun since answers the report already."""
-        reconfigurations = self.reconfigurations if reconfigurations is None else reconfigurations
-        if not self.recovering and reconfigurations == self.reconfigurations:
+        current = self.health.reconfigurations
+        reconfigurations = current if reconfigurations is None else reconfigurations
+        if not self.recovering and reconfigurations == current:
             self.queue_call(StageFailed(reason, reconfigurations))
 
     def check_stages(self) -> list[str] | None:
         """Asks every stage whether it is alive: 'ready' or 'failed' per stage; a failed one starts a recovery.
         None when a reconfiguration was under way or began meanwhile: the answers may be those of stages it replaced."""
-        begun = self.reconfigurations
-        if self._reconfiguring:
+        heard = self.health.heartbeat()
+        if heard is None:
             return None
-        replies = self.pipeline.health()
-        if self._reconfiguring or self.reconfigurations != begun:  # it may have asked stages since replaced
-            return None
-        dead = self._unanswered(replies)
-        if dead:
-            self.report_failure(f"stage {', '.join(str(stage.index) for stage, _ in dead)} missed its heartbeat", begun)
-        return ["failed" if isinstance(r, Exception) else "ready" for r in replies]
-
-    def _unanswered(self, replies: list) -> list[tuple[StageSummary, Exception]]:
-        """The stages whose health check came back as an error, with the error."""
-        return [(stage, reply) for stage, reply in zip(self.pipeline.stages, replies) if isinstance(reply, Exception)]
+        states, begun = heard
+        failed = [str(i) for i, state in enumerate(states) if state == "failed"]
+        if failed:
+            self.report_failure(f"stage {', '.join(failed)} missed its heartbeat", begun)
+        return states
 
     def stats(self, with_timings: bool = True) -> dict:
         """A snapshot for /v1/stats and /metrics; during a recovery (which holds the lock) the last one.
@@ -137,28 +118,17 @@ class Engine:
         if not self._lock.acquire(timeout=0.05):
             return self._last_stats | {"recovering": self.recovering, "rebalancing": self.rebalancer.applying}
         try:
-            s = self.scheduler
-            self._last_stats = {
-                "running": len(s.running),
-                "waiting": len(s.waiting),
-                "kv_blocks_total": s.block_manager.num_blocks,
-                "kv_blocks_used": s.block_manager.num_blocks - s.block_manager.num_free_blocks,
-                "block_size": s.block_manager.block_size,
+            self._last_stats = self.scheduler.stats() | {
                 "inflight": len(self.inflight),
                 "peak_inflight": self.peak_inflight,
                 "max_inflight": self.max_inflight,
                 "microbatches": self.num_batches,
-                "preemptions": s.num_preemptions,
                 "recoveries": len(self.recoveries),
                 "recovery_seconds": [round(t, 3) for t in self.recoveries],
                 "recovering": self.recovering,
                 "rebalancing": self.rebalancer.applying,
                 "microbatch_failures": self.microbatch_failures,
-                "isolating": s.num_suspects,
                 "requests_failed": dict(self.failed_requests),
-                "prefix_cache": {"enabled": s.block_manager.prefix_caching, "cached_blocks": s.block_manager.num_cached_blocks,
-                                 "prompt_tokens": s.prefix_cache_queries, "cached_tokens": s.prefix_cache_hits,
-                                 "hit_rate": round(s.prefix_cache_hits / s.prefix_cache_queries, 4) if s.prefix_cache_queries else 0.0},
             }
             self._last_stats["rebalance"] = self.rebalancer.stats()
             if with_timings:
@@ -194,7 +164,7 @@ class Engine:
         pipeline whole again on `target`, and sizes the block manager to the stages' caches. (seconds, sequences sent
         back). A rebalance that fails raises PipelineError: the recovery that follows goes back to the old split."""
         start = time.monotonic()
-        with self.reconfiguring():
+        with self.health.reconfiguring():
             self.inflight.clear()
             requeued = self.scheduler.recompute_all()
             try:
@@ -270,7 +240,7 @@ class Engine:
             return []  # from before a recovery: its sequences have been re-prefilled since
         batch, _ = self.inflight.pop(done.batch_id)
         if done.error:
-            with self.reconfiguring():
+            with self.health.reconfiguring():
                 self._microbatch_failed(batch, done)
             return []
         self.timings.add(done)
@@ -286,7 +256,7 @@ class Engine:
         up failed this microbatch only. Then its sequences are retried, each alone, and a sequence that fails
         again ends with StageComputeError (500) while every other goes on."""
         where = "before stage 0" if done.error_stage is None else f"at stage {done.error_stage}"
-        dead = self._unanswered(self.pipeline.health())
+        dead = self.health.unanswered()
         if dead:
             listing = ", ".join(f"stage {stage.index} ({error})" for stage, error in dead)
             raise PipelineError(f"microbatch {done.batch_id} failed {where} ({done.error}), and {listing} does not answer")
@@ -308,16 +278,8 @@ class Engine:
 
     def check_stall(self) -> None:
         """Raises PipelineError when a microbatch is overdue or, once one is late, a stage stops answering."""
-        if not self.inflight:
-            return
-        now = time.monotonic()
-        waited = now - min(sent for _, sent in self.inflight.values())
-        if waited > RESULT_TIMEOUT_S:
-            raise PipelineError(f"a microbatch has not come back within {RESULT_TIMEOUT_S:g} s")
-        if self.heartbeat_interval_s is not None and waited > self.heartbeat_interval_s and now - self._last_health_check > self.heartbeat_interval_s:
-            self._last_health_check = now
-            for stage, error in self._unanswered(self.pipeline.health()):
-                raise PipelineError(f"stage {stage.index} at {stage.address} does not answer: {error}")
+        if self.inflight:
+            self.health.check_late(min(sent for _, sent in self.inflight.values()))
 
     def close(self, error: StagecoachError) -> None:
         """The loop has ended for good: every open request, queued or running, and every later one gets the error."""
@@ -357,7 +319,7 @@ class Engine:
                 case Rebalance(layers, future):
                     self.rebalancer.run_call(layers, future)
                 case StageFailed(reason, reconfigurations):
-                    if reconfigurations == self.reconfigurations:  # else a reconfiguration since the report has answered it
+                    if reconfigurations == self.health.reconfigurations:  # else one since the report has answered it
                         raise PipelineError(reason)
                 case _:
                     raise AssertionError(f"unknown engine command {call!r}")

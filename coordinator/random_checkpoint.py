@@ -155,7 +155,13 @@ def write_random_checkpoint(
         "torch_dtype": "float32",
     }
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {
+    (model_dir / "generation_config.json").write_text(json.dumps(_generation_config(special), indent=2))
+    return model_dir
+
+
+def _generation_config(special: dict[str, int]) -> dict:
+    """Qwen1.5-Chat's sampling defaults, with this tokenizer's stop and pad ids."""
+    return {
         "do_sample": True,
         "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]],
         "pad_token_id": special["<|endoftext|>"],
@@ -164,5 +170,3 @@ def write_random_checkpoint(
         "top_k": 20,
         "repetition_penalty": 1.05,
     }
-    (model_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    return model_dir

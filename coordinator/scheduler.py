@@ -256,6 +256,22 @@ class Scheduler:
                 self._suspects.add(seq.seq_id)
         return ended, void
 
+    def stats(self) -> dict:
+        """The scheduler's part of /v1/stats' `engine` object (docs/stats.md)."""
+        bm = self.block_manager
+        queries, hits = self.prefix_cache_queries, self.prefix_cache_hits
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "block_size": bm.block_size,
+            "preemptions": self.num_preemptions,
+            "isolating": self.num_suspects,
+            "prefix_cache": {"enabled": bm.prefix_caching, "cached_blocks": bm.num_cached_blocks, "prompt_tokens": queries,
+                             "cached_tokens": hits, "hit_rate": round(hits / queries, 4) if queries else 0.0},
+        }
+
     @property
     def num_suspects(self) -> int:
         """Sequences running alone because a microbatch of theirs failed."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from aiohttp import web
 
 from stagecoach.cluster.config import ClusterConfig
-from stagecoach.coordinator.api import ServerState, build_runner
+from stagecoach.coordinator.api import build_runner
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.request_checks import sampling_defaults
 from stagecoach.coordinator.supervisor import EngineSupervisor
 from stagecoach.coordinator.tokenizer import Tokenizer

@@ -20,33 +20,10 @@ class Metrics:
 
     def __init__(self, engine_stats: Callable[[], dict]) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("stagecoach_requests", "Finished HTTP generation requests by status code", ["status"], registry=r)
-        self.responses = Counter("stagecoach_http_responses", "Every HTTP response, by status code and route", ["status", "route"], registry=r)
-        self.prompt_tokens = Counter("stagecoach_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("stagecoach_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("stagecoach_time_to_first_token_seconds", "Time from request to its first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("stagecoach_inter_token_latency_seconds", "Time between consecutive tokens of a sequence", buckets=LATENCY_BUCKETS, registry=r)
-        self.stage_compute = Histogram("stagecoach_stage_compute_seconds", "A stage's compute time per microbatch", ["stage"], buckets=FINE_BUCKETS, registry=r)
-        self.stage_queue = Histogram("stagecoach_stage_queue_seconds", "Time a microbatch waited in a stage's queue", ["stage"], buckets=FINE_BUCKETS, registry=r)
-        self.hop = Histogram("stagecoach_hop_seconds", "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
-                             ["sender"], buckets=FINE_BUCKETS, registry=r)
-        self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
-        self.health_poll_errors = Counter("stagecoach_health_poll_errors", "Health-check rounds that ended with an error (logged; the next one runs)",
-                                          registry=r)
-        self.last_health_poll = Gauge("stagecoach_health_last_poll_timestamp_seconds", "Unix time the last health-check round completed "
-                                      "(alert when it falls behind by several heartbeat intervals)", registry=r)
-        self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
-        self.recovery_seconds = Histogram("stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300), registry=r)
-        self.requests_failed = Counter("stagecoach_requests_failed", "Sequences ended with an error while the pipeline kept serving, by reason",
-                                       ["reason"], registry=r)
-        self.microbatch_failures = Counter("stagecoach_microbatch_failures", "Microbatches a stage failed while staying up, by stage",
-                                           ["stage"], registry=r)
-        self.requests_failed.labels("stage_error")  # shown at 0 before the first
-        self.rebalances = Counter("stagecoach_rebalances", "Rebalances applied while serving, by trigger (auto or admin)", ["trigger"], registry=r)
-        self.rebalance_pause = Histogram("stagecoach_rebalance_pause_seconds", "How long each rebalance paused the pipeline (before the re-prefill)",
-                                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        self._requests(r)
+        self._stages(r)
+        self._faults(r)
         r.register(_EngineCollector(engine_stats))
-        self.engine_restarts = Counter("stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r)
         # Rolling views for /v1/stats and the terminal UI.
         self.ttft_window: deque = deque(maxlen=WINDOW)
         self.itl_window: deque = deque(maxlen=WINDOW)
@@ -66,6 +43,45 @@ class Metrics:
             ("stagecoach_rebalancing", "rebalancing", "1 while a rebalance moves layers between stages"),
         ):
             Gauge(name, doc, registry=r).set_function(stat(key))
+
+    def _requests(self, r: CollectorRegistry) -> None:
+        """Requests and responses, tokens, and the latencies a client sees."""
+        self.requests = Counter("stagecoach_requests", "Finished HTTP generation requests by status code", ["status"], registry=r)
+        self.responses = Counter("stagecoach_http_responses", "Every HTTP response, by status code and route", ["status", "route"], registry=r)
+        self.prompt_tokens = Counter("stagecoach_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("stagecoach_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("stagecoach_time_to_first_token_seconds", "Time from request to its first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("stagecoach_inter_token_latency_seconds", "Time between consecutive tokens of a sequence", buckets=LATENCY_BUCKETS,
+                             registry=r)
+
+    def _stages(self, r: CollectorRegistry) -> None:
+        """Each stage's times and whether it answers."""
+        self.stage_compute = Histogram("stagecoach_stage_compute_seconds", "A stage's compute time per microbatch", ["stage"], buckets=FINE_BUCKETS,
+                                       registry=r)
+        self.stage_queue = Histogram("stagecoach_stage_queue_seconds", "Time a microbatch waited in a stage's queue", ["stage"], buckets=FINE_BUCKETS,
+                                     registry=r)
+        self.hop = Histogram("stagecoach_hop_seconds", "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
+                             ["sender"], buckets=FINE_BUCKETS, registry=r)
+        self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
+        self.health_poll_errors = Counter("stagecoach_health_poll_errors", "Health-check rounds that ended with an error (logged; the next one runs)",
+                                          registry=r)
+        self.last_health_poll = Gauge("stagecoach_health_last_poll_timestamp_seconds", "Unix time the last health-check round completed "
+                                      "(alert when it falls behind by several heartbeat intervals)", registry=r)
+
+    def _faults(self, r: CollectorRegistry) -> None:
+        """Recoveries, failed microbatches and requests, rebalances and engine restarts."""
+        self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
+        self.recovery_seconds = Histogram("stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300),
+                                          registry=r)
+        self.requests_failed = Counter("stagecoach_requests_failed", "Sequences ended with an error while the pipeline kept serving, by reason",
+                                       ["reason"], registry=r)
+        self.microbatch_failures = Counter("stagecoach_microbatch_failures", "Microbatches a stage failed while staying up, by stage",
+                                           ["stage"], registry=r)
+        self.requests_failed.labels("stage_error")  # shown at 0 before the first
+        self.rebalances = Counter("stagecoach_rebalances", "Rebalances applied while serving, by trigger (auto or admin)", ["trigger"], registry=r)
+        self.rebalance_pause = Histogram("stagecoach_rebalance_pause_seconds", "How long each rebalance paused the pipeline (before the re-prefill)",
+                                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        self.engine_restarts = Counter("stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r)
 
     def observe_timing(self, kind: str, label: str, seconds: float) -> None:
         """TimingStats' observer: every stage record lands in the labelled histograms."""

@@ -16,7 +16,7 @@ from collections import deque
 
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.backends import open_pipeline
-from stagecoach.coordinator.api import ServerState
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.compose import build_engine
 from stagecoach.coordinator.engine import Engine
@@ -52,7 +52,7 @@ def recover_until_whole(engine: Engine, cause: Exception, stop: threading.Event 
     engine.failure = f"the pipeline is recovering from: {cause}"
     deadline = time.monotonic() + (engine.recovery_timeout_s or 0.0)
     failed_open_requests, took = False, None
-    with engine.reconfiguring():
+    with engine.health.reconfiguring():
         while stop is None or not stop.is_set():
             try:
                 took = engine.recover()

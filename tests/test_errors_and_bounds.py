@@ -17,7 +17,8 @@ from helpers import make_hf_checkpoint
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.coordinator import cli
-from stagecoach.coordinator.api import ServerState, build_app
+from stagecoach.coordinator.api import build_app
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.tokenizer import Tokenizer

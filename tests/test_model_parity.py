@@ -8,7 +8,8 @@ import torch
 from defaults import scheduler_config
 from helpers import hf_greedy
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.backends import Delivered, LocalPipeline
+from stagecoach.cluster.backends import LocalPipeline
+from stagecoach.proto.types import Delivered
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
 

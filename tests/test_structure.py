@@ -68,7 +68,8 @@ def test_proto_init_imports_nothing():
 
 
 def test_the_composition_root_is_small():
-    assert sum(len((ROOT / p).read_text().splitlines()) for p in COMPOSITION_ROOT) < 600
+    # 700 formatted lines (ruff format) for the four modules: 600 before formatting and before supervisor.py joined.
+    assert sum(len((ROOT / p).read_text().splitlines()) for p in COMPOSITION_ROOT) < 700
 
 
 def test_model_config_and_the_wire_types_do_not_import_torch():

@@ -122,7 +122,9 @@ def test_stages_of_different_checkpoints_are_refused(tmp_path):
     from dataclasses import replace
 
     from stagecoach.cluster.config import ClusterConfig
-    from stagecoach.cluster.backends import GrpcPipeline, PipelineError, stage_plans
+    from stagecoach.cluster.backends import stage_plans
+    from stagecoach.cluster.grpc_pipeline import GrpcPipeline
+    from stagecoach.errors import PipelineError
     from stagecoach.stage.worker import StageWorker
 
     make_hf_checkpoint(tmp_path / "a", num_hidden_layers=2, seed=1)
@@ -215,7 +217,7 @@ def test_delivery_stream_survives_a_restarted_coordinator():
     import threading
     import time
 
-    from stagecoach.cluster.backends import GrpcPipeline
+    from stagecoach.cluster.grpc_pipeline import GrpcPipeline
     from stagecoach.proto.link import DeliverySender
 
     def sample(batch_id):
