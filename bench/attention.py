@@ -61,7 +61,11 @@ def measure(contexts: list[int]) -> dict:
         q = torch.randn(BATCH, HEADS, HEAD_DIM, generator=g)
         floor = 2 * BATCH * context * KV_HEADS * HEAD_DIM * 4 / bandwidth
         repeats = 5 if context <= 4096 else 2
-        row = {"context": context, "kv_bytes": 2 * BATCH * context * KV_HEADS * HEAD_DIM * 4, "floor_ms": round(floor * 1e3, 2)}
+        row = {
+            "context": context,
+            "kv_bytes": 2 * BATCH * context * KV_HEADS * HEAD_DIM * 4,
+            "floor_ms": round(floor * 1e3, 2),
+        }
         kernel = paged_decode(q, k, v, tables, lens, HEAD_DIM**-0.5)
         if kernel is not None:
             t = timed(lambda: paged_decode(q, k, v, tables, lens, HEAD_DIM**-0.5), repeats)
@@ -70,12 +74,28 @@ def measure(contexts: list[int]) -> dict:
             t = timed(lambda: gathered_decode(q, k, v, tables, lens, HEAD_DIM**-0.5), repeats)
             row |= {"gather_ms": round(t * 1e3, 2), "gather_over_floor": round(t / floor, 2)}
             if kernel is not None:
-                row["max_abs_diff"] = float((kernel - gathered_decode(q, k, v, tables, lens, HEAD_DIM**-0.5)).abs().max())
+                row["max_abs_diff"] = float(
+                    (kernel - gathered_decode(q, k, v, tables, lens, HEAD_DIM**-0.5)).abs().max()
+                )
         rows.append(row)
-        print(f"  context {context:>6}: floor {row['floor_ms']} ms; kernel {row.get('kernel_ms')} ms (x{row.get('kernel_over_floor')}); "
-              f"gather + SDPA {row.get('gather_ms', 'not run')} ms (x{row.get('gather_over_floor', '-')})", flush=True)
-    return {"shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": BATCH, "block_size": BLOCK, "dtype": "float32"},
-            "threads": torch.get_num_threads(), "read_gb_per_s": round(bandwidth / 1e9, 2), "rows": rows}
+        print(
+            f"  context {context:>6}: floor {row['floor_ms']} ms; kernel {row.get('kernel_ms')} ms (x{row.get('kernel_over_floor')}); "
+            f"gather + SDPA {row.get('gather_ms', 'not run')} ms (x{row.get('gather_over_floor', '-')})",
+            flush=True,
+        )
+    return {
+        "shape": {
+            "heads": HEADS,
+            "kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "batch": BATCH,
+            "block_size": BLOCK,
+            "dtype": "float32",
+        },
+        "threads": torch.get_num_threads(),
+        "read_gb_per_s": round(bandwidth / 1e9, 2),
+        "rows": rows,
+    }
 
 
 def gemm_rate() -> float:
@@ -103,18 +123,38 @@ def prefill_chunk(prefix: int = 16384, n: int = 512) -> dict:
     kv_bytes = 2 * (prefix + n) * KV_HEADS * HEAD_DIM * 4
     flops = 4 * HEADS * HEAD_DIM * sum(prefix + i + 1 for i in range(n))  # Q K^T and P V over each query's causal keys
     floor = max(kv_bytes / bandwidth, flops / rate)
-    row = {"prefix": prefix, "chunk": n, "kv_bytes": kv_bytes, "gflop": round(flops / 1e9, 1), "gemm_gflop_per_s": round(rate / 1e9, 1),
-           "read_ms": round(kv_bytes / bandwidth * 1e3, 2), "floor_ms": round(floor * 1e3, 1)}
+    row = {
+        "prefix": prefix,
+        "chunk": n,
+        "kv_bytes": kv_bytes,
+        "gflop": round(flops / 1e9, 1),
+        "gemm_gflop_per_s": round(rate / 1e9, 1),
+        "read_ms": round(kv_bytes / bandwidth * 1e3, 2),
+        "floor_ms": round(floor * 1e3, 1),
+    }
     if paged_prefill(q[:1], k, v, table, 0, HEAD_DIM**-0.5) is not None:
         t = timed(lambda: paged_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5), 2)
-        row |= {"kernel_ms": round(t * 1e3, 1), "kernel_over_floor": round(t / floor, 2), "kernel_gflop_per_s": round(flops / t / 1e9, 1)}
-        row["max_abs_diff"] = float((paged_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5)
-                                     - gathered_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5)).abs().max())
+        row |= {
+            "kernel_ms": round(t * 1e3, 1),
+            "kernel_over_floor": round(t / floor, 2),
+            "kernel_gflop_per_s": round(flops / t / 1e9, 1),
+        }
+        row["max_abs_diff"] = float(
+            (
+                paged_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5)
+                - gathered_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5)
+            )
+            .abs()
+            .max()
+        )
     t = timed(lambda: gathered_prefill(q, k, v, table, prefix, HEAD_DIM**-0.5), 2)
     row |= {"gather_ms": round(t * 1e3, 1), "gather_over_floor": round(t / floor, 2)}
-    print(f"  prefill chunk of {n} over a {prefix}-token prefix: floor {row['floor_ms']} ms ({row['gflop']} GFLOP at "
-          f"{row['gemm_gflop_per_s']} GFLOP/s; K/V read {row['read_ms']} ms); kernel {row.get('kernel_ms')} ms "
-          f"(x{row.get('kernel_over_floor')}); gather + SDPA {row['gather_ms']} ms (x{row['gather_over_floor']})", flush=True)
+    print(
+        f"  prefill chunk of {n} over a {prefix}-token prefix: floor {row['floor_ms']} ms ({row['gflop']} GFLOP at "
+        f"{row['gemm_gflop_per_s']} GFLOP/s; K/V read {row['read_ms']} ms); kernel {row.get('kernel_ms')} ms "
+        f"(x{row.get('kernel_over_floor')}); gather + SDPA {row['gather_ms']} ms (x{row['gather_over_floor']})",
+        flush=True,
+    )
     return row
 
 
@@ -134,8 +174,14 @@ def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict
     from stagecoach.coordinator.scheduler import SchedulerConfig
     from stagecoach.proto.types import SamplingParams
 
-    dims = dict(hidden_size=HEADS * HEAD_DIM, intermediate_size=512, num_hidden_layers=2, num_attention_heads=HEADS,
-                num_key_value_heads=KV_HEADS, vocab_size=1000)
+    dims = dict(
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=1000,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(Path(tmp) / "model", max_position_embeddings=context + 64, **dims)
         g = torch.Generator().manual_seed(1)
@@ -143,8 +189,17 @@ def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict
         blocks = batch * (context + new_tokens + 2) // BLOCK + batch * 2
         pipe = LocalPipeline.load(path, ranges_from_counts([2], 2), num_blocks=blocks, block_size=BLOCK)
 
-        engine = Engine(pipe, SchedulerConfig(num_blocks=blocks, block_size=BLOCK, max_num_batched_tokens=context, max_num_seqs=batch, prefix_caching=False,
-                                              max_model_len=context + 64))
+        engine = Engine(
+            pipe,
+            SchedulerConfig(
+                num_blocks=blocks,
+                block_size=BLOCK,
+                max_num_batched_tokens=context,
+                max_num_seqs=batch,
+                prefix_caching=False,
+                max_model_len=context + 64,
+            ),
+        )
         steps: list[float] = []  # the decode microbatches' times (every sequence one token), through the stage's runner
         execute = pipe.execute
 
@@ -156,7 +211,9 @@ def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict
             return out
 
         pipe.execute = timed_execute
-        engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=new_tokens + 1, ignore_eos=True) for _ in prompts])
+        engine.generate(
+            prompts, [SamplingParams(temperature=0, max_tokens=new_tokens + 1, ignore_eos=True) for _ in prompts]
+        )
         step_ours = statistics.median(steps)
 
         hf = Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
@@ -170,10 +227,18 @@ def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 hf_steps.append(time.perf_counter() - start)
         step_hf = statistics.median(hf_steps)
-    print(f"  2-layer model, batch {batch}, context {context}: decode step {step_ours * 1e3:.1f} ms, transformers {step_hf * 1e3:.1f} ms "
-          f"(x{step_ours / step_hf:.2f})", flush=True)
-    return {"context": context, "batch": batch, "step_ms": round(step_ours * 1e3, 2), "transformers_step_ms": round(step_hf * 1e3, 2),
-            "ratio": round(step_ours / step_hf, 3)}
+    print(
+        f"  2-layer model, batch {batch}, context {context}: decode step {step_ours * 1e3:.1f} ms, transformers {step_hf * 1e3:.1f} ms "
+        f"(x{step_ours / step_hf:.2f})",
+        flush=True,
+    )
+    return {
+        "context": context,
+        "batch": batch,
+        "step_ms": round(step_ours * 1e3, 2),
+        "transformers_step_ms": round(step_hf * 1e3, 2),
+        "ratio": round(step_ours / step_hf, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -27,7 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import read_bandwidth, timed  # noqa: E402
 
-WIDE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, vocab_size=400)
+WIDE = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=400,
+)
 CONTEXT = 64
 BLOCK = 16
 
@@ -126,13 +133,18 @@ def wide_model(workdir: Path, batches: list[int], rounds: int) -> dict:
         ms = {k: v * 1e3 for k, v in interleaved(steps, rounds, 10).items()}
         floor_ms = weight_bytes / bandwidth * 1e3
         out["batches"][batch] = {f"{k}_ms": round(v, 3) for k, v in ms.items()} | {
-            "floor_ms": round(floor_ms, 3), "compile_s": round(compile_s, 1),
+            "floor_ms": round(floor_ms, 3),
+            "compile_s": round(compile_s, 1),
             "compiled_over_transformers": round(ms["compiled"] / ms["transformers"], 3),
             "eager_over_transformers": round(ms["eager"] / ms["transformers"], 3),
             "eager_mkl_over_transformers": round(ms["eager_mkl"] / ms["transformers"], 3),
-            "compiled_over_floor": round(ms["compiled"] / floor_ms, 3)}
-        print(f"  hidden 512 x 8, batch {batch}: transformers {ms['transformers']:.2f} ms, eager (MKL) {ms['eager_mkl']:.2f}, "
-              f"eager {ms['eager']:.2f}, compiled {ms['compiled']:.2f} (floor {floor_ms:.2f}; compile {compile_s:.0f} s)", flush=True)
+            "compiled_over_floor": round(ms["compiled"] / floor_ms, 3),
+        }
+        print(
+            f"  hidden 512 x 8, batch {batch}: transformers {ms['transformers']:.2f} ms, eager (MKL) {ms['eager_mkl']:.2f}, "
+            f"eager {ms['eager']:.2f}, compiled {ms['compiled']:.2f} (floor {floor_ms:.2f}; compile {compile_s:.0f} s)",
+            flush=True,
+        )
         torch._dynamo.reset()
     out["read_gb_per_s"] = round(bandwidth / 1e9, 1)
     return out
@@ -160,7 +172,10 @@ def demo_model(batches: list[int], rounds: int) -> dict | None:
             eager, blocks = stage_runner(path, start, end, batch, packed=True)
             compiled, _ = stage_runner(path, start, end, batch, packed=True)
             # From nothing, as on a fresh machine: inductor's on-disk caches would make a second compile seconds.
-            with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+            with (
+                torch._inductor.config.patch(fx_graph_cache=False),
+                torch._functorch.config.patch(enable_autograd_cache=False),
+            ):
                 out["compile_s_per_batch_size"].append(round(compiled.compile([batch]), 1))
             pe, pc = decode_batch(eager, batch, blocks), decode_batch(compiled, batch, blocks)
             t = interleaved({"eager": lambda: eager.execute(pe), "compiled": lambda: compiled.execute(pc)}, rounds, 5)
@@ -168,15 +183,26 @@ def demo_model(batches: list[int], rounds: int) -> dict | None:
                 ms[k] += t[k] * 1e3
             del eager, compiled
             torch._dynamo.reset()
-        out["batches"][batch] = {"eager_ms": round(ms["eager"], 2), "compiled_ms": round(ms["compiled"], 2),
-                                 "speedup": round(ms["eager"] / ms["compiled"], 3)}
-        print(f"  demo model (both stages), batch {batch}: eager {ms['eager']:.1f} ms, compiled {ms['compiled']:.1f} ms "
-              f"({ms['eager'] / ms['compiled']:.2f}x)", flush=True)
+        out["batches"][batch] = {
+            "eager_ms": round(ms["eager"], 2),
+            "compiled_ms": round(ms["compiled"], 2),
+            "speedup": round(ms["eager"] / ms["compiled"], 3),
+        }
+        print(
+            f"  demo model (both stages), batch {batch}: eager {ms['eager']:.1f} ms, compiled {ms['compiled']:.1f} ms "
+            f"({ms['eager'] / ms['compiled']:.2f}x)",
+            flush=True,
+        )
     per_size = max(out["compile_s_per_batch_size"])
     out["warm_up_s_configured"] = round(per_size * configured, 1)  # the slower stage, times the configured sizes
-    out["auto_would_compile_cpu"] = all(b["speedup"] >= 1.2 for b in out["batches"].values()) and out["warm_up_s_configured"] < 60
-    print(f"  warm-up: up to {per_size:.0f} s per batch size, ~{out['warm_up_s_configured']:.0f} s for the {configured} configured; "
-          f"auto on CPU: {'on' if out['auto_would_compile_cpu'] else 'off'}", flush=True)
+    out["auto_would_compile_cpu"] = (
+        all(b["speedup"] >= 1.2 for b in out["batches"].values()) and out["warm_up_s_configured"] < 60
+    )
+    print(
+        f"  warm-up: up to {per_size:.0f} s per batch size, ~{out['warm_up_s_configured']:.0f} s for the {configured} configured; "
+        f"auto on CPU: {'on' if out['auto_would_compile_cpu'] else 'off'}",
+        flush=True,
+    )
     return out
 
 
@@ -188,8 +214,15 @@ def gemm_shapes() -> dict:
     flops = 2 * 16 * 896 * 4864
     mkl = timed(lambda: torch.nn.functional.linear(x, w), 50)
     onednn = timed(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], ""), 50)
-    out = {"shape": "[16, 896] x [896, 4864]", "mkl_gflops": round(flops / mkl / 1e9, 1), "onednn_gflops": round(flops / onednn / 1e9, 1)}
-    print(f"  [16, 896] x [896, 4864]: MKL {out['mkl_gflops']} GFLOP/s, oneDNN prepacked {out['onednn_gflops']}", flush=True)
+    out = {
+        "shape": "[16, 896] x [896, 4864]",
+        "mkl_gflops": round(flops / mkl / 1e9, 1),
+        "onednn_gflops": round(flops / onednn / 1e9, 1),
+    }
+    print(
+        f"  [16, 896] x [896, 4864]: MKL {out['mkl_gflops']} GFLOP/s, oneDNN prepacked {out['onednn_gflops']}",
+        flush=True,
+    )
     return out
 
 
@@ -204,7 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = 2 if args.quick else 4
     with tempfile.TemporaryDirectory() as tmp:
         print("decode step, one process, one thread", flush=True)
-        result = {"gemm": gemm_shapes(), "wide": wide_model(Path(tmp), [1, 16], rounds), "demo": demo_model([1, 16], rounds)}
+        result = {
+            "gemm": gemm_shapes(),
+            "wide": wide_model(Path(tmp), [1, 16], rounds),
+            "demo": demo_model([1, 16], rounds),
+        }
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result

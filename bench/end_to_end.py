@@ -45,8 +45,16 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def stream_one(port: int, prompt: list[int], out: dict) -> None:
     """One streaming completion; records the send time and every chunk's arrival."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"prompt": prompt, "max_tokens": OUTPUT_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
-                       "stream_options": {"include_usage": True}})
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": OUTPUT_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     out["start"] = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -73,14 +81,34 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
         port = s.getsockname()[1]
     log = open(REPO / "bench" / "results" / "end_to_end_server.log", "w")
     env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    server = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--config", str(REPO / "configs" / "demo.yaml"), "--model", model,
-                               "--ray-address", "local", "--host", "127.0.0.1", "--port", str(port), "--compile", compile_mode,
-                               "--no-prefix-caching"],  # rounds repeat prompts: transformers computes each whole, so do we here
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(
+        [
+            str(BIN / "stagecoach"),
+            "serve",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--model",
+            model,
+            "--ray-address",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--compile",
+            compile_mode,
+            "--no-prefix-caching",
+        ],  # rounds repeat prompts: transformers computes each whole, so do we here
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not come up (bench/results/end_to_end_server.log)"
+            assert server.poll() is None and time.monotonic() < deadline, (
+                "the server did not come up (bench/results/end_to_end_server.log)"
+            )
             try:
                 if urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
                     break
@@ -93,7 +121,10 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
             walls, ttft, itl = [], [], []
             for r in range(rounds):
                 outs = [{} for _ in range(c)]
-                threads = [threading.Thread(target=stream_one, args=(port, p, o)) for p, o in zip(prompts(c, vocab, seed=r), outs)]
+                threads = [
+                    threading.Thread(target=stream_one, args=(port, p, o))
+                    for p, o in zip(prompts(c, vocab, seed=r), outs)
+                ]
                 t0 = time.perf_counter()
                 for t in threads:
                     t.start()
@@ -105,11 +136,17 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
                     ttft.append(o["arrivals"][0] - o["start"])
                     itl += [b - a for a, b in zip(o["arrivals"], o["arrivals"][1:])]
             wall = statistics.median(walls)
-            results[c] = {"tokens_per_s": c * OUTPUT_TOKENS / wall, "wall_s": wall,
-                          "ttft_ms": {"p50": percentile(ttft, 0.5) * 1e3, "p99": percentile(ttft, 0.99) * 1e3},
-                          "itl_ms": {"p50": percentile(itl, 0.5) * 1e3, "p99": percentile(itl, 0.99) * 1e3}}
-            print(f"  stagecoach c={c}: {results[c]['tokens_per_s']:.1f} tok/s, TTFT p50 {results[c]['ttft_ms']['p50']:.0f} ms, "
-                  f"ITL p50 {results[c]['itl_ms']['p50']:.1f} ms p99 {results[c]['itl_ms']['p99']:.1f} ms", flush=True)
+            results[c] = {
+                "tokens_per_s": c * OUTPUT_TOKENS / wall,
+                "wall_s": wall,
+                "ttft_ms": {"p50": percentile(ttft, 0.5) * 1e3, "p99": percentile(ttft, 0.99) * 1e3},
+                "itl_ms": {"p50": percentile(itl, 0.5) * 1e3, "p99": percentile(itl, 0.99) * 1e3},
+            }
+            print(
+                f"  stagecoach c={c}: {results[c]['tokens_per_s']:.1f} tok/s, TTFT p50 {results[c]['ttft_ms']['p50']:.0f} ms, "
+                f"ITL p50 {results[c]['itl_ms']['p50']:.1f} ms p99 {results[c]['itl_ms']['p99']:.1f} ms",
+                flush=True,
+            )
         return results
     finally:
         server.terminate()
@@ -123,7 +160,7 @@ def run_transformers(model: str, concurrency: list[int], threads: int, rounds: i
     """transformers' generate in a fresh process with `threads` intra-op threads."""
     code = f"""
 import json, sys, time, statistics, torch
-sys.path.insert(0, {str(REPO / 'bench')!r})
+sys.path.insert(0, {str(REPO / "bench")!r})
 from end_to_end import prompts, OUTPUT_TOKENS
 from transformers import AutoModelForCausalLM
 torch.set_num_threads({threads})
@@ -154,22 +191,42 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=None, help="the demo checkpoint (default: stagecoach fetch-demo-model)")
-    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="pipeline.compile of the stages")
+    parser.add_argument(
+        "--compile", default="auto", choices=("auto", "on", "off"), help="pipeline.compile of the stages"
+    )
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
-    model = args.model or subprocess.run([str(BIN / "stagecoach"), "fetch-demo-model"], capture_output=True, text=True, check=True).stdout.strip()
+    model = (
+        args.model
+        or subprocess.run(
+            [str(BIN / "stagecoach"), "fetch-demo-model"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     stages = 2  # configs/demo.yaml
     ours = run_stagecoach(model, args.concurrency, args.rounds, args.compile)
     hf_all = run_transformers(model, args.concurrency, cores, args.rounds)
     hf_share = run_transformers(model, [1], max(1, cores // stages), args.rounds)
-    result = {"model": Path(model).name, "dtype": "float32", "compile": args.compile, "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS,
-              "cores": cores, "stages": stages, "stagecoach": ours, "transformers_all_cores": hf_all,
-              "transformers_stage_share": {"threads": max(1, cores // stages), **hf_share}}
+    result = {
+        "model": Path(model).name,
+        "dtype": "float32",
+        "compile": args.compile,
+        "prompt_tokens": PROMPT_TOKENS,
+        "output_tokens": OUTPUT_TOKENS,
+        "cores": cores,
+        "stages": stages,
+        "stagecoach": ours,
+        "transformers_all_cores": hf_all,
+        "transformers_stage_share": {"threads": max(1, cores // stages), **hf_share},
+    }
     for c in args.concurrency:
-        print(f"  transformers c={c}: {hf_all[c]:.1f} tok/s ({cores} threads); ratio {ours[c]['tokens_per_s'] / hf_all[c]:.2f}")
-    print(f"  transformers c=1, {max(1, cores // stages)} thread(s): {hf_share[1]:.1f} tok/s; ratio {ours[1]['tokens_per_s'] / hf_share[1]:.2f}")
+        print(
+            f"  transformers c={c}: {hf_all[c]:.1f} tok/s ({cores} threads); ratio {ours[c]['tokens_per_s'] / hf_all[c]:.2f}"
+        )
+    print(
+        f"  transformers c=1, {max(1, cores // stages)} thread(s): {hf_share[1]:.1f} tok/s; ratio {ours[1]['tokens_per_s'] / hf_share[1]:.2f}"
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -28,8 +28,15 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-REAL = dict(hidden_size=5120, intermediate_size=27392, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
-            rope_theta=1e6, max_position_embeddings=32768)  # Qwen1.5-32B-Chat's config.json
+REAL = dict(
+    hidden_size=5120,
+    intermediate_size=27392,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    vocab_size=152064,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+)  # Qwen1.5-32B-Chat's config.json
 
 
 def sync(device: str) -> None:
@@ -71,17 +78,54 @@ def correctness(device: str, smoke: bool) -> dict:
     steps = 16
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_random_checkpoint(Path(tmp) / "model", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=512, std=0.08)
+        model_dir = write_random_checkpoint(
+            Path(tmp) / "model",
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            std=0.08,
+        )
         prompt = [(7 * i) % 500 + 3 for i in range(24)]
 
         # float32 through Ray: two stages sharing the GPU, 0.5 of it each.
         gpus = "0" if device == "cpu" else "0.5"
-        run = subprocess.run([str(BIN / "stagecoach"), "generate", "--model", str(model_dir), "--stages", "2", "--ray-address", "local",
-                              "--placement", "pack", "--device", device, "--gpus-per-stage", gpus, "--dtype", "float32",
-                              "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(steps), "--temperature", "0", "--repetition-penalty", "1.0",
-                              "--ignore-eos", "--json"], capture_output=True, text=True, timeout=300,
-                             env=os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        run = subprocess.run(
+            [
+                str(BIN / "stagecoach"),
+                "generate",
+                "--model",
+                str(model_dir),
+                "--stages",
+                "2",
+                "--ray-address",
+                "local",
+                "--placement",
+                "pack",
+                "--device",
+                device,
+                "--gpus-per-stage",
+                gpus,
+                "--dtype",
+                "float32",
+                "--prompt-ids",
+                ",".join(map(str, prompt)),
+                "--max-new-tokens",
+                str(steps),
+                "--temperature",
+                "0",
+                "--repetition-penalty",
+                "1.0",
+                "--ignore-eos",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         ours = json.loads(run.stdout.strip().splitlines()[-1])
         hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -89,8 +133,11 @@ def correctness(device: str, smoke: bool) -> dict:
         devices = {s.get("device") for s in ours["stages"]}
         result["float32_ray_greedy_equal"] = ours["token_ids"] == ref_ids
         result["float32_ray_stage_devices"] = sorted(d for d in devices if d)
-        print(f"  float32, 2 Ray stages at {gpus} GPU each on {result['float32_ray_stage_devices']}: greedy ids equal HF's: "
-              f"{result['float32_ray_greedy_equal']}", flush=True)
+        print(
+            f"  float32, 2 Ray stages at {gpus} GPU each on {result['float32_ray_stage_devices']}: greedy ids equal HF's: "
+            f"{result['float32_ray_greedy_equal']}",
+            flush=True,
+        )
 
         # bfloat16: every logits row of our two stages (in this process) against HF's in bfloat16.
         class Recording(LocalPipeline):
@@ -101,8 +148,21 @@ def correctness(device: str, smoke: bool) -> dict:
                 return out
 
         rows: list = []
-        pipe = Recording.load(model_dir, ranges_from_counts([2, 2], 4), "bfloat16", device, num_blocks=64, block_size=16)
-        engine = Engine(pipe, SchedulerConfig(num_blocks=64, block_size=16, max_num_batched_tokens=512, max_num_seqs=64, max_model_len=len(prompt) + steps, prefix_caching=False), max_inflight=1)
+        pipe = Recording.load(
+            model_dir, ranges_from_counts([2, 2], 4), "bfloat16", device, num_blocks=64, block_size=16
+        )
+        engine = Engine(
+            pipe,
+            SchedulerConfig(
+                num_blocks=64,
+                block_size=16,
+                max_num_batched_tokens=512,
+                max_num_seqs=64,
+                max_model_len=len(prompt) + steps,
+                prefix_caching=False,
+            ),
+            max_inflight=1,
+        )
         (seq,) = engine.generate([prompt], [SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)])
         hf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
         ref16_ids, ref_rows = hf_greedy(hf16, prompt, steps, device)
@@ -116,8 +176,11 @@ def correctness(device: str, smoke: bool) -> dict:
         result["bfloat16_max_abs_diff_over_max_logit"] = round(rel, 5)
         result["bfloat16_greedy_ids_agree_for"] = agree
         result["bfloat16_logits_close"] = rel < 0.03
-        print(f"  bfloat16, 2 stages: logits max |diff| / max |logit| = {rel:.4f} over {n} positions "
-              f"(close: {result['bfloat16_logits_close']}); greedy ids agree for {agree} of {steps}", flush=True)
+        print(
+            f"  bfloat16, 2 stages: logits max |diff| / max |logit| = {rel:.4f} over {n} positions "
+            f"(close: {result['bfloat16_logits_close']}); greedy ids agree for {agree} of {steps}",
+            flush=True,
+        )
     return result
 
 
@@ -146,7 +209,11 @@ def decode_steps(device: str, layers: int, batches: list[int], smoke: bool) -> d
     from stagecoach.stage.model import ModelConfig, StageModel
     from stagecoach.stage.runner import Prepared, StageRunner
 
-    dims = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024) if smoke else REAL
+    dims = (
+        dict(hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)
+        if smoke
+        else REAL
+    )
     config = ModelConfig(num_hidden_layers=layers + 2, **dims)
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -162,12 +229,23 @@ def decode_steps(device: str, layers: int, batches: list[int], smoke: bool) -> d
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     block_size, context = 16, 512
     blocks_per_seq = context // block_size
-    kv = KVCache(layers, max(batches) * blocks_per_seq, block_size, config.num_key_value_heads, config.head_dim, dtype, device)
+    kv = KVCache(
+        layers, max(batches) * blocks_per_seq, block_size, config.num_key_value_heads, config.head_dim, dtype, device
+    )
     runner = StageRunner(model, kv)
     bandwidth = copy_bandwidth(device, (64 << 20) if smoke else (2 << 30))
     floor_ms = weight_bytes / bandwidth * 1e3
-    out = {"layers": layers, "weight_bytes": weight_bytes, "copy_gb_per_s": round(bandwidth / 1e9, 1), "floor_ms": round(floor_ms, 3), "batches": {}}
-    print(f"  {layers} layers, {weight_bytes / 1e9:.2f} GB of weights; copies at {bandwidth / 1e9:.0f} GB/s: floor {floor_ms:.2f} ms a step", flush=True)
+    out = {
+        "layers": layers,
+        "weight_bytes": weight_bytes,
+        "copy_gb_per_s": round(bandwidth / 1e9, 1),
+        "floor_ms": round(floor_ms, 3),
+        "batches": {},
+    }
+    print(
+        f"  {layers} layers, {weight_bytes / 1e9:.2f} GB of weights; copies at {bandwidth / 1e9:.0f} GB/s: floor {floor_ms:.2f} ms a step",
+        flush=True,
+    )
     pos = context - 1  # each sequence decodes its last position, attending over the whole context
     # The attention's own floor (issue 13's): each sequence's K and V read once, every layer.
     kv_token_bytes = 2 * layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
@@ -200,11 +278,19 @@ def decode_steps(device: str, layers: int, batches: list[int], smoke: bool) -> d
     for b in batches:
         kv_floor_ms = b * context * kv_token_bytes / bandwidth * 1e3
         best = min(eager[b], compiled[b])
-        out["batches"][b] = {"eager_ms": round(eager[b], 3), "compiled_ms": round(compiled[b], 3), "step_ms": round(best, 3),
-                             "over_floor": round(best / (floor_ms + kv_floor_ms), 3), "compiled_over_eager": round(compiled[b] / eager[b], 3),
-                             "kv_floor_ms": round(kv_floor_ms, 3)}
-        print(f"  batch {b}: eager {eager[b]:.2f} ms, compiled {compiled[b]:.2f} ms a step; floor {floor_ms:.2f} + K/V {kv_floor_ms:.2f} ms: "
-              f"{best / (floor_ms + kv_floor_ms):.2f} x", flush=True)
+        out["batches"][b] = {
+            "eager_ms": round(eager[b], 3),
+            "compiled_ms": round(compiled[b], 3),
+            "step_ms": round(best, 3),
+            "over_floor": round(best / (floor_ms + kv_floor_ms), 3),
+            "compiled_over_eager": round(compiled[b] / eager[b], 3),
+            "kv_floor_ms": round(kv_floor_ms, 3),
+        }
+        print(
+            f"  batch {b}: eager {eager[b]:.2f} ms, compiled {compiled[b]:.2f} ms a step; floor {floor_ms:.2f} + K/V {kv_floor_ms:.2f} ms: "
+            f"{best / (floor_ms + kv_floor_ms):.2f} x",
+            flush=True,
+        )
     return out
 
 
@@ -219,7 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run with --smoke to check the script on CPU")
-    result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)", "torch": torch.__version__}
+    result = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__,
+    }
     print("correctness of the CUDA path" if device == "cuda" else "correctness (smoke, CPU)", flush=True)
     result["correctness"] = correctness(device, args.smoke)
     print("decode step against the floor", flush=True)

@@ -66,7 +66,15 @@ def stage_process(index: int, num_stages: int, compute_s: float, conn) -> None:
 
     runner = SyntheticRunner(compute_s, index == 0, index == num_stages - 1)
     service = StageLoop(runner, index, 1 << 30)
-    server, address = start_server(StageServicer(service, pb.StageInfo(index=index, num_kv_blocks=100000, block_size=16, schema_version=pb.SCHEMA_VERSION_CURRENT)), "127.0.0.1", 0, 1 << 30)
+    server, address = start_server(
+        StageServicer(
+            service,
+            pb.StageInfo(index=index, num_kv_blocks=100000, block_size=16, schema_version=pb.SCHEMA_VERSION_CURRENT),
+        ),
+        "127.0.0.1",
+        0,
+        1 << 30,
+    )
     conn.send(address)
     next_address, coordinator_address = conn.recv()
     service.connect(next_address, coordinator_address)
@@ -129,7 +137,18 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
         real_submit(batch)
 
     pipeline.wait, pipeline.submit = recording_wait, recording_submit
-    engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=4096, max_num_seqs=256, max_model_len=32768, prefix_caching=False), max_inflight=inflight)
+    engine = Engine(
+        pipeline,
+        SchedulerConfig(
+            num_blocks=100000,
+            block_size=16,
+            max_num_batched_tokens=4096,
+            max_num_seqs=256,
+            max_model_len=32768,
+            prefix_caching=False,
+        ),
+        max_inflight=inflight,
+    )
     prompts = [[3 + i % 50] * 8 for i in range(num_seqs)]
     start, cpu_start = time.perf_counter(), time.process_time()
     engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True) for _ in prompts])
@@ -162,8 +181,10 @@ def measure(num_stages: int, compute_s: float, inflight: int, num_seqs: int, new
         "hop_ms_median": round(statistics.median(hops), 3) if hops else None,
         "round_ms": round_breakdown(window, submitted, arrived),
         # What the transport costs in CPU on a machine whose cores every process shares (the compute is a sleep).
-        "cpu_us_per_microbatch": {"stages": [round(c / max(1, b) * 1e6) for c, b in stage_cpu],
-                                  "coordinator": round(coordinator_cpu / max(1, engine.num_batches) * 1e6)},
+        "cpu_us_per_microbatch": {
+            "stages": [round(c / max(1, b) * 1e6) for c, b in stage_cpu],
+            "coordinator": round(coordinator_cpu / max(1, engine.num_batches) * 1e6),
+        },
         "tokens_per_s": round(num_seqs * new_tokens / elapsed, 1),
     }
 
@@ -210,8 +231,18 @@ def measure_prefill(num_stages: int, compute_s: float, microbatches: int, prompt
 
     pipeline, pipes, procs = start_stages(num_stages, compute_s)
     try:
-        engine = Engine(pipeline, SchedulerConfig(num_blocks=100000, block_size=16, max_num_batched_tokens=prompt_tokens, max_num_seqs=256, max_model_len=32768, prefix_caching=False),
-                        max_inflight=microbatches)
+        engine = Engine(
+            pipeline,
+            SchedulerConfig(
+                num_blocks=100000,
+                block_size=16,
+                max_num_batched_tokens=prompt_tokens,
+                max_num_seqs=256,
+                max_model_len=32768,
+                prefix_caching=False,
+            ),
+            max_inflight=microbatches,
+        )
         engine.generate([[5] * 8], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])  # warm the links
         prompts = [[3 + i] * prompt_tokens for i in range(microbatches)]
         start = time.perf_counter()
@@ -243,13 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = []
-    print(f"{'stages':>6} {'compute':>8} {'inflight':>8} {'efficiency':>10} {'per-stage utilisation':>30} {'ideal':>6} {'min/ideal':>9} {'hop ms':>7} {'tok/s':>8}")
+    print(
+        f"{'stages':>6} {'compute':>8} {'inflight':>8} {'efficiency':>10} {'per-stage utilisation':>30} {'ideal':>6} {'min/ideal':>9} {'hop ms':>7} {'tok/s':>8}"
+    )
     for compute_ms in args.compute_ms:
         for inflight in args.inflight:
             r = measure(args.stages, compute_ms / 1e3, inflight, args.seqs, args.new_tokens)
             rows.append(r)
             util = " ".join(f"{u:.3f}" for u in r["utilisation"])
-            print(f"{r['stages']:>6} {compute_ms:>6.1f}ms {inflight:>8} {r['efficiency']:>10.3f} {util:>30} {r['ideal']:>6.2f} {r['min_ratio_to_ideal']:>9.3f} {r['hop_ms_median']:>7.3f} {r['tokens_per_s']:>8.1f}", flush=True)
+            print(
+                f"{r['stages']:>6} {compute_ms:>6.1f}ms {inflight:>8} {r['efficiency']:>10.3f} {util:>30} {r['ideal']:>6.2f} {r['min_ratio_to_ideal']:>9.3f} {r['hop_ms_median']:>7.3f} {r['tokens_per_s']:>8.1f}",
+                flush=True,
+            )
             print("    round (ms):", ", ".join(f"{k} {v}" for k, v in r["round_ms"].items()), flush=True)
             print("    CPU per microbatch (us):", r["cpu_us_per_microbatch"], flush=True)
     if args.json_out:

@@ -37,9 +37,18 @@ def engine_for(model_dir: Path, caching: bool, num_blocks: int = 1024):
 
     config = ModelConfig.from_pretrained(model_dir)
     layers = config.num_hidden_layers
-    pipeline = LocalPipeline.load(model_dir, ranges_from_counts([layers // 2, layers - layers // 2], layers), num_blocks=num_blocks, block_size=16)
-    scheduler = SchedulerConfig(num_blocks=num_blocks, block_size=16, max_num_batched_tokens=512, max_num_seqs=64, max_model_len=4096,
-                                vocab_size=config.vocab_size, prefix_caching=caching)
+    pipeline = LocalPipeline.load(
+        model_dir, ranges_from_counts([layers // 2, layers - layers // 2], layers), num_blocks=num_blocks, block_size=16
+    )
+    scheduler = SchedulerConfig(
+        num_blocks=num_blocks,
+        block_size=16,
+        max_num_batched_tokens=512,
+        max_num_seqs=64,
+        max_model_len=4096,
+        vocab_size=config.vocab_size,
+        prefix_caching=caching,
+    )
     return Engine(pipeline, scheduler)
 
 
@@ -64,14 +73,22 @@ def shared_system_prompt(engines: dict, rng: random.Random, vocab: int) -> dict:
         questions = [[rng.randrange(1000, vocab) for _ in range(QUESTION_TOKENS)] for _ in range(2)]
         first, _, _ = ttft(engine, system + questions[0])
         second, _, cached = ttft(engine, system + questions[1])
-        out[name] = {"first_ttft_s": first, "second_ttft_s": second, "second_cached_tokens": cached, "speedup": first / second}
+        out[name] = {
+            "first_ttft_s": first,
+            "second_ttft_s": second,
+            "second_cached_tokens": cached,
+            "speedup": first / second,
+        }
     return out
 
 
 def chat(engines: dict, rng: random.Random, vocab: int) -> dict:
     out = {name: {"ttft_s": [], "prompt_tokens": [], "cached_tokens": []} for name in engines}
     history = {name: [] for name in engines}
-    questions = [[rng.randrange(1000, vocab) for _ in range(TURN_QUESTION + (TURN_ANSWER if turn == 0 else 0))] for turn in range(4)]
+    questions = [
+        [rng.randrange(1000, vocab) for _ in range(TURN_QUESTION + (TURN_ANSWER if turn == 0 else 0))]
+        for turn in range(4)
+    ]
     for turn in range(4):
         for name, engine in engines.items():  # taking turns: both see the machine in the same state
             prompt = history[name] + questions[turn]
@@ -97,9 +114,14 @@ def pressure(model_dir: Path, rng: random.Random, vocab: int) -> dict:
     for name, caching in (("on", True), ("off", False)):
         engine = engine_for(model_dir, caching, num_blocks=64)
         start = time.perf_counter()
-        seqs = engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True) for _ in prompts])
-        out[name] = {"preemptions": engine.scheduler.num_preemptions, "seconds": time.perf_counter() - start,
-                     "tokens": [s.output_token_ids for s in seqs]}
+        seqs = engine.generate(
+            prompts, [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True) for _ in prompts]
+        )
+        out[name] = {
+            "preemptions": engine.scheduler.num_preemptions,
+            "seconds": time.perf_counter() - start,
+            "tokens": [s.output_token_ids for s in seqs],
+        }
         engine.pipeline.shutdown()
     out["same_tokens"] = out["on"].pop("tokens") == out["off"].pop("tokens")
     return out
@@ -129,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = {
         "second request ttft >= 5x lower": result["system_prompt"]["on"]["speedup"] >= 5,
         "chat turn 4 ttft <= 1.5x turn 1": result["chat"]["on"]["turn4_over_turn1"] <= 1.5,
-        "no more preemptions with caching": result["kv_pressure"]["on"]["preemptions"] <= result["kv_pressure"]["off"]["preemptions"],
+        "no more preemptions with caching": result["kv_pressure"]["on"]["preemptions"]
+        <= result["kv_pressure"]["off"]["preemptions"],
         "same tokens under pressure": result["kv_pressure"]["same_tokens"],
     }
     return finish(result, targets, started, args.out)

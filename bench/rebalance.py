@@ -70,14 +70,24 @@ def open_engine(model: Path, slowdown: list[float] | None, mode: str):
     from stagecoach.cluster.backends import open_pipeline
     from stagecoach.coordinator.compose import build_engine
 
-    config = ClusterConfig.from_dict({
-        "model": {"path": str(model)},
-        "pipeline": {"layers": START, "gpus_per_stage": 0, "cpus_per_stage": 0.5, "placement": "pack", "ray_address": "local",
-                     "rebalance": mode, "rebalance_min_gain": 0.10, "rebalance_cooldown_s": 5.0},
-        "cache": {"block_size": 16, "num_blocks": 512},
-        "transport": {"host": "127.0.0.1"},
-        "testing": {"layer_delay_ms": 2.0, "stage_slowdown": slowdown},
-    })
+    config = ClusterConfig.from_dict(
+        {
+            "model": {"path": str(model)},
+            "pipeline": {
+                "layers": START,
+                "gpus_per_stage": 0,
+                "cpus_per_stage": 0.5,
+                "placement": "pack",
+                "ray_address": "local",
+                "rebalance": mode,
+                "rebalance_min_gain": 0.10,
+                "rebalance_cooldown_s": 5.0,
+            },
+            "cache": {"block_size": 16, "num_blocks": 512},
+            "transport": {"host": "127.0.0.1"},
+            "testing": {"layer_delay_ms": 2.0, "stage_slowdown": slowdown},
+        }
+    )
     pipeline = open_pipeline(config)
     engine = build_engine(pipeline, config, [], 512, 512)
     stop = threading.Event()
@@ -132,7 +142,9 @@ def slow_stage(engine, load: Load, window: float, rounds: int) -> dict:
     out["auto_settled_after_s"] = round(time.monotonic() - t0, 1)
     r.policy.mode = "off"
     applied = [h for h in r.history if h["outcome"] == "applied"]
-    out["auto_rebalances"] = [{k: h[k] for k in ("from", "to", "predicted_gain", "pause_s", "reprefilled")} for h in applied]
+    out["auto_rebalances"] = [
+        {k: h[k] for k in ("from", "to", "predicted_gain", "pause_s", "reprefilled")} for h in applied
+    ]
     planner = applied[-1]["to"]  # where auto settled: its split is measured in the rounds below with the others
     out["planner_split"] = planner
     measure(planner, settle=0)
@@ -140,7 +152,7 @@ def slow_stage(engine, load: Load, window: float, rounds: int) -> dict:
     splits = [START, planner, *neighbours(planner)]
     pauses = []
     for k in range(rounds):
-        for counts in splits[k % len(splits):] + splits[:k % len(splits)]:
+        for counts in splits[k % len(splits) :] + splits[: k % len(splits)]:
             pauses.append(apply(engine, counts))
             measure(counts)
     apply(engine, START)
@@ -182,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             load = Load(engine)
             time.sleep(args.steady)
             r = engine.rebalancer
-            result["no_slowdown"] = {"seconds": args.steady, "tokens_generated": load.tokens, "rebalances_applied": r.applied,
-                                     "proposal": r.stats()}
+            result["no_slowdown"] = {
+                "seconds": args.steady,
+                "tokens_generated": load.tokens,
+                "rebalances_applied": r.applied,
+                "proposal": r.stats(),
+            }
         finally:
             close()
         ray.shutdown()

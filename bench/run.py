@@ -26,15 +26,31 @@ def machine() -> dict:
 
     cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "date": time.strftime("%Y-%m-%d")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def figure(name: str, value: float | None, goal: str, passed: bool | None, unit: str = "") -> dict:
-    return {"figure": name, "value": value, "unit": unit, "goal": goal, "status": "n/a" if passed is None else ("pass" if passed else "miss")}
+    return {
+        "figure": name,
+        "value": value,
+        "unit": unit,
+        "goal": goal,
+        "status": "n/a" if passed is None else ("pass" if passed else "miss"),
+    }
 
 
 def run_transport() -> tuple[list[dict], list[dict]]:
@@ -45,14 +61,52 @@ def run_transport() -> tuple[list[dict], list[dict]]:
     (RESULTS / "transport.json").write_text(json.dumps(rows, indent=2) + "\n")
     small, big = rows[0], rows[-1]
     figs = [
-        figure("hop 10 KiB: added one-way latency vs raw TCP (Link)", small["link"]["added_one_way_us"], "(reference)", None, "us"),
-        figure("hop 10 KiB: Link - bare gRPC stream, one-way", round(small["link"]["one_way_p50_us"] - small["floor"]["one_way_p50_us"], 1),
-               "<= 60 us", small["link"]["one_way_p50_us"] - small["floor"]["one_way_p50_us"] <= 60, "us"),
-        figure("hop 10 KiB: added one-way latency vs raw TCP (unary Forward, before)", small["unary"]["added_one_way_us"], "(reference)", None, "us"),
-        figure("hop 10 KiB: added one-way latency vs raw TCP (bare gRPC stream, floor)", small["floor"]["added_one_way_us"], "(floor)", None, "us"),
-        figure("hop 40 MiB: throughput / raw TCP (Link)", big["link"]["throughput_vs_raw"], ">= 0.5", big["link"]["throughput_vs_raw"] >= 0.5),
-        figure("hop 40 MiB: throughput / raw TCP (unary Forward, before)", big["unary"]["throughput_vs_raw"], "(reference)", None),
-        figure("hop 40 MiB: throughput / raw TCP (bare gRPC stream, floor)", big["floor"]["throughput_vs_raw"], "(floor)", None),
+        figure(
+            "hop 10 KiB: added one-way latency vs raw TCP (Link)",
+            small["link"]["added_one_way_us"],
+            "(reference)",
+            None,
+            "us",
+        ),
+        figure(
+            "hop 10 KiB: Link - bare gRPC stream, one-way",
+            round(small["link"]["one_way_p50_us"] - small["floor"]["one_way_p50_us"], 1),
+            "<= 60 us",
+            small["link"]["one_way_p50_us"] - small["floor"]["one_way_p50_us"] <= 60,
+            "us",
+        ),
+        figure(
+            "hop 10 KiB: added one-way latency vs raw TCP (unary Forward, before)",
+            small["unary"]["added_one_way_us"],
+            "(reference)",
+            None,
+            "us",
+        ),
+        figure(
+            "hop 10 KiB: added one-way latency vs raw TCP (bare gRPC stream, floor)",
+            small["floor"]["added_one_way_us"],
+            "(floor)",
+            None,
+            "us",
+        ),
+        figure(
+            "hop 40 MiB: throughput / raw TCP (Link)",
+            big["link"]["throughput_vs_raw"],
+            ">= 0.5",
+            big["link"]["throughput_vs_raw"] >= 0.5,
+        ),
+        figure(
+            "hop 40 MiB: throughput / raw TCP (unary Forward, before)",
+            big["unary"]["throughput_vs_raw"],
+            "(reference)",
+            None,
+        ),
+        figure(
+            "hop 40 MiB: throughput / raw TCP (bare gRPC stream, floor)",
+            big["floor"]["throughput_vs_raw"],
+            "(floor)",
+            None,
+        ),
         figure("hop 320 KiB: throughput / raw TCP (Link)", rows[1]["link"]["throughput_vs_raw"], "(no goal)", None),
     ]
     return rows, figs
@@ -66,26 +120,51 @@ def run_pipeline(quick: bool) -> tuple[dict, list[dict]]:
     for compute_ms, inflight in ((10, 4), (3, 4), (10, 6)):
         r = pu.measure(4, compute_ms / 1e3, inflight, 32, 24 if quick else 40)
         steady.append(r)
-        print(f"  {compute_ms} ms, {inflight} in flight: efficiency {r['efficiency']}, utilisation {r['utilisation']}; round {r['round_ms']}; "
-              f"CPU per microbatch {r['cpu_us_per_microbatch']} us", flush=True)
+        print(
+            f"  {compute_ms} ms, {inflight} in flight: efficiency {r['efficiency']}, utilisation {r['utilisation']}; round {r['round_ms']}; "
+            f"CPU per microbatch {r['cpu_us_per_microbatch']} us",
+            flush=True,
+        )
     prefill = []
     for m in (1, 4, 8, 16):
         r = pu.measure_prefill(4, 0.02, m)
         prefill.append(r)
-        print(f"  prefill, {m} microbatches of 20 ms: wall {r['wall_ms']} ms, GPipe {r['gpipe_wall_ms']} ms; "
-              f"bubble {r['measured_bubble']} vs GPipe's {r['gpipe_bubble']}", flush=True)
+        print(
+            f"  prefill, {m} microbatches of 20 ms: wall {r['wall_ms']} ms, GPipe {r['gpipe_wall_ms']} ms; "
+            f"bubble {r['measured_bubble']} vs GPipe's {r['gpipe_bubble']}",
+            flush=True,
+        )
     result = {"steady": steady, "prefill": prefill}
     (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
     goals = {(10, 4): 0.92, (3, 4): 0.85}  # pipeline efficiency: microbatches per second x stage compute time
     figs = []
     for r in steady:
         goal = goals.get((round(r["compute_ms"]), r["inflight"]))
-        figs.append(figure(f"pipeline {r['compute_ms']:g} ms stages, {r['inflight']} in flight: efficiency", r["efficiency"],
-                           f">= {goal}" if goal else "(no goal)", r["efficiency"] >= goal if goal else None))
-        figs.append(figure(f"pipeline {r['compute_ms']:g} ms stages, {r['inflight']} in flight: worst stage busy / ideal", r["min_ratio_to_ideal"],
-                           "(secondary view)", None))
-    figs += [figure(f"prefill {r['microbatches']} microbatches: GPipe wall / measured wall", r["gpipe_over_measured"], "(no goal; 1.0 = GPipe)", None)
-             for r in prefill]
+        figs.append(
+            figure(
+                f"pipeline {r['compute_ms']:g} ms stages, {r['inflight']} in flight: efficiency",
+                r["efficiency"],
+                f">= {goal}" if goal else "(no goal)",
+                r["efficiency"] >= goal if goal else None,
+            )
+        )
+        figs.append(
+            figure(
+                f"pipeline {r['compute_ms']:g} ms stages, {r['inflight']} in flight: worst stage busy / ideal",
+                r["min_ratio_to_ideal"],
+                "(secondary view)",
+                None,
+            )
+        )
+    figs += [
+        figure(
+            f"prefill {r['microbatches']} microbatches: GPipe wall / measured wall",
+            r["gpipe_over_measured"],
+            "(no goal; 1.0 = GPipe)",
+            None,
+        )
+        for r in prefill
+    ]
     return result, figs
 
 
@@ -98,10 +177,26 @@ def run_sequence_state(quick: bool) -> tuple[dict, list[dict]]:
     size_ratio, cpu_ratio = round(size["4000"] / size["64"], 4), round(cpu["4000"] / cpu["64"], 3)
     tiny_ratio = round(tiny["4 stages, batch 256"] / tiny["4 stages, batch 1"], 3)
     figs = [
-        figure("distribution overhead per token, batch 1 (2 Ray stages - 1 process)", round(over["1"]["overhead_ms"], 2), "<= 3 ms",
-               over["1"]["overhead_ms"] <= 3, "ms"),
-        figure("distribution overhead per token, batch 8", round(over["8"]["overhead_ms"], 2), "<= 4 ms", over["8"]["overhead_ms"] <= 4, "ms"),
-        figure("decode microbatch bytes, stage 0 -> 1, context 4,000 / context 64", size_ratio, "<= 1.05", size_ratio <= 1.05),
+        figure(
+            "distribution overhead per token, batch 1 (2 Ray stages - 1 process)",
+            round(over["1"]["overhead_ms"], 2),
+            "<= 3 ms",
+            over["1"]["overhead_ms"] <= 3,
+            "ms",
+        ),
+        figure(
+            "distribution overhead per token, batch 8",
+            round(over["8"]["overhead_ms"], 2),
+            "<= 4 ms",
+            over["8"]["overhead_ms"] <= 4,
+            "ms",
+        ),
+        figure(
+            "decode microbatch bytes, stage 0 -> 1, context 4,000 / context 64",
+            size_ratio,
+            "<= 1.05",
+            size_ratio <= 1.05,
+        ),
         figure("coordinator CPU per decode step, context 4,000 / context 64", cpu_ratio, "<= 1.1", cpu_ratio <= 1.1),
         figure("tiny model, 4 stages: step time at batch 256 / at batch 1", tiny_ratio, "<= 2.5", tiny_ratio <= 2.5),
     ]
@@ -112,22 +207,56 @@ def run_attention(quick: bool) -> tuple[dict, list[dict]]:
     import attention
 
     print("attention: decode over the paged cache, Qwen1.5-32B's attention shape, batch 16", flush=True)
-    r = attention.main(["--json-out", str(RESULTS / "attention.json")] + (["--contexts", "1024", "4096"] if quick else []))
+    r = attention.main(
+        ["--json-out", str(RESULTS / "attention.json")] + (["--contexts", "1024", "4096"] if quick else [])
+    )
     figs = []
     for row in r["rows"]:
         ratio = row.get("kernel_over_floor")
         goal = "<= 2" if row["context"] >= 4096 else "(no goal)"
-        figs.append(figure(f"decode attention, 32B shape, batch 16, context {row['context']}: time / K-V-read floor", ratio, goal,
-                           (ratio is not None and ratio <= 2) if row["context"] >= 4096 else None))
+        figs.append(
+            figure(
+                f"decode attention, 32B shape, batch 16, context {row['context']}: time / K-V-read floor",
+                ratio,
+                goal,
+                (ratio is not None and ratio <= 2) if row["context"] >= 4096 else None,
+            )
+        )
         if "gather_over_floor" in row:
-            figs.append(figure(f"decode attention, context {row['context']}: gather + SDPA (before) / floor", row["gather_over_floor"], "(reference)", None))
+            figs.append(
+                figure(
+                    f"decode attention, context {row['context']}: gather + SDPA (before) / floor",
+                    row["gather_over_floor"],
+                    "(reference)",
+                    None,
+                )
+            )
     pre = r["prefill"]
-    figs.append(figure(f"prefill chunk of {pre['chunk']} over a {pre['prefix']}-token cached prefix: time / floor", pre.get("kernel_over_floor"),
-                       "<= 2", pre.get("kernel_over_floor") is not None and pre["kernel_over_floor"] <= 2))
-    figs.append(figure("prefill chunk over a cached prefix: gather + SDPA (before) / floor", pre["gather_over_floor"], "(reference)", None))
+    figs.append(
+        figure(
+            f"prefill chunk of {pre['chunk']} over a {pre['prefix']}-token cached prefix: time / floor",
+            pre.get("kernel_over_floor"),
+            "<= 2",
+            pre.get("kernel_over_floor") is not None and pre["kernel_over_floor"] <= 2,
+        )
+    )
+    figs.append(
+        figure(
+            "prefill chunk over a cached prefix: gather + SDPA (before) / floor",
+            pre["gather_over_floor"],
+            "(reference)",
+            None,
+        )
+    )
     step = r["model_step"]
-    figs.append(figure(f"2-layer 32B-attention model, batch {step['batch']}, context {step['context']}: decode step / transformers'", step["ratio"],
-                       "<= 0.7", step["ratio"] <= 0.7))
+    figs.append(
+        figure(
+            f"2-layer 32B-attention model, batch {step['batch']}, context {step['context']}: decode step / transformers'",
+            step["ratio"],
+            "<= 0.7",
+            step["ratio"] <= 0.7,
+        )
+    )
     return r, figs
 
 
@@ -154,19 +283,50 @@ def run_compiled(quick: bool) -> tuple[dict, list[dict]]:
     print("decode step eager and compiled, one process, one thread", flush=True)
     args = ["--json-out", str(RESULTS / "compiled.json")] + (["--quick"] if quick else [])
     r = compiled.main(args)
-    figs = [figure("matrix product [16, 896] x [896, 4864]: oneDNN prepacked / MKL GFLOP/s", round(r["gemm"]["onednn_gflops"] / r["gemm"]["mkl_gflops"], 3),
-                   "(reference)", None)]
+    figs = [
+        figure(
+            "matrix product [16, 896] x [896, 4864]: oneDNN prepacked / MKL GFLOP/s",
+            round(r["gemm"]["onednn_gflops"] / r["gemm"]["mkl_gflops"], 3),
+            "(reference)",
+            None,
+        )
+    ]
     for b, row in r["wide"]["batches"].items():
         goal = "<= 0.5" if int(b) == 1 else "(no goal)"
-        figs.append(figure(f"hidden-512 x 8 layers, batch {b}, one process: compiled decode / transformers'", row["compiled_over_transformers"],
-                           goal, row["compiled_over_transformers"] <= 0.5 if int(b) == 1 else None))
-        figs.append(figure(f"hidden-512 x 8 layers, batch {b}: eager / transformers', eager with MKL / transformers'", None,
-                           f"{row['eager_over_transformers']} / {row['eager_mkl_over_transformers']}", None))
+        figs.append(
+            figure(
+                f"hidden-512 x 8 layers, batch {b}, one process: compiled decode / transformers'",
+                row["compiled_over_transformers"],
+                goal,
+                row["compiled_over_transformers"] <= 0.5 if int(b) == 1 else None,
+            )
+        )
+        figs.append(
+            figure(
+                f"hidden-512 x 8 layers, batch {b}: eager / transformers', eager with MKL / transformers'",
+                None,
+                f"{row['eager_over_transformers']} / {row['eager_mkl_over_transformers']}",
+                None,
+            )
+        )
     if r["demo"]:
         for b, row in r["demo"]["batches"].items():
-            figs.append(figure(f"demo model, both stages, batch {b}: eager / compiled step", row["speedup"], ">= 1.2 for auto on CPU", row["speedup"] >= 1.2))
-        figs.append(figure("demo model: compile warm-up of the configured batch sizes (s)", r["demo"]["warm_up_s_configured"], "< 60 for auto on CPU",
-                           r["demo"]["warm_up_s_configured"] < 60))
+            figs.append(
+                figure(
+                    f"demo model, both stages, batch {b}: eager / compiled step",
+                    row["speedup"],
+                    ">= 1.2 for auto on CPU",
+                    row["speedup"] >= 1.2,
+                )
+            )
+        figs.append(
+            figure(
+                "demo model: compile warm-up of the configured batch sizes (s)",
+                r["demo"]["warm_up_s_configured"],
+                "< 60 for auto on CPU",
+                r["demo"]["warm_up_s_configured"] < 60,
+            )
+        )
     return r, figs
 
 
@@ -179,12 +339,31 @@ def run_end_to_end(quick: bool) -> tuple[dict, list[dict]]:
     figs = []
     for c in sorted(ours, key=int):
         ratio = round(ours[c]["tokens_per_s"] / hf[c], 3)
-        goal, ok = (">= 1.1", ratio >= 1.1) if int(c) == 16 else (">= 1.0", ratio >= 1.0) if int(c) == 1 else ("(all cores; no goal)", None)
+        goal, ok = (
+            (">= 1.1", ratio >= 1.1)
+            if int(c) == 16
+            else (">= 1.0", ratio >= 1.0)
+            if int(c) == 1
+            else ("(all cores; no goal)", None)
+        )
         figs.append(figure(f"e2e c={c}: tokens/s / transformers ({result['cores']} threads)", ratio, goal, ok))
-        figs.append(figure(f"e2e c={c}: TTFT p50 / ITL p50 / ITL p99 (ms)", None,
-                           f"{ours[c]['ttft_ms']['p50']:.0f} / {ours[c]['itl_ms']['p50']:.1f} / {ours[c]['itl_ms']['p99']:.1f}", None))
+        figs.append(
+            figure(
+                f"e2e c={c}: TTFT p50 / ITL p50 / ITL p99 (ms)",
+                None,
+                f"{ours[c]['ttft_ms']['p50']:.0f} / {ours[c]['itl_ms']['p50']:.1f} / {ours[c]['itl_ms']['p99']:.1f}",
+                None,
+            )
+        )
     ratio = round(ours[1]["tokens_per_s"] / share[1], 3)
-    figs.append(figure(f"e2e c=1: tokens/s / transformers ({share['threads']} thread: a stage's share)", ratio, ">= 0.8", ratio >= 0.8))
+    figs.append(
+        figure(
+            f"e2e c=1: tokens/s / transformers ({share['threads']} thread: a stage's share)",
+            ratio,
+            ">= 0.8",
+            ratio >= 0.8,
+        )
+    )
     return result, figs
 
 
@@ -202,12 +381,29 @@ def run_gpu() -> list[dict]:
     print("GPU: CUDA path correctness, then one stage's decode step", flush=True)
     result = gpu_bench.main(["--json-out", str(RESULTS / "gpu.json")])
     c, batches = result["correctness"], result["decode"]["batches"]
-    figs = [figure("GPU float32, 2 Ray stages sharing the GPU: greedy ids equal HF's", None, "equal", c["float32_ray_greedy_equal"]),
-            figure("GPU bfloat16: logits max |diff| / max |logit| against HF", c["bfloat16_max_abs_diff_over_max_logit"], "< 0.03",
-                   c["bfloat16_logits_close"])]
+    figs = [
+        figure(
+            "GPU float32, 2 Ray stages sharing the GPU: greedy ids equal HF's",
+            None,
+            "equal",
+            c["float32_ray_greedy_equal"],
+        ),
+        figure(
+            "GPU bfloat16: logits max |diff| / max |logit| against HF",
+            c["bfloat16_max_abs_diff_over_max_logit"],
+            "< 0.03",
+            c["bfloat16_logits_close"],
+        ),
+    ]
     for b, row in batches.items():
-        figs.append(figure(f"GPU decode step, {result['decode']['layers']} real-shape layers bf16, batch {b}: time / floor", row["over_floor"],
-                           "<= 1.3" if int(b) == 1 else "(no goal)", row["over_floor"] <= 1.3 if int(b) == 1 else None))
+        figs.append(
+            figure(
+                f"GPU decode step, {result['decode']['layers']} real-shape layers bf16, batch {b}: time / floor",
+                row["over_floor"],
+                "<= 1.3" if int(b) == 1 else "(no goal)",
+                row["over_floor"] <= 1.3 if int(b) == 1 else None,
+            )
+        )
     return figs
 
 
@@ -221,8 +417,15 @@ def plot(transport_rows, pipeline, e2e, path: Path) -> None:
     ax = axes[0]
     labels = [f"{r['bytes'] // 1024:,} KiB" for r in transport_rows]
     width = 0.25
-    for i, (name, label) in enumerate((("unary", "unary Forward (before)"), ("link", "Link stream"), ("floor", "bare gRPC stream"))):
-        ax.bar([x + (i - 1) * width for x in range(len(labels))], [r[name]["throughput_vs_raw"] for r in transport_rows], width, label=label)
+    for i, (name, label) in enumerate(
+        (("unary", "unary Forward (before)"), ("link", "Link stream"), ("floor", "bare gRPC stream"))
+    ):
+        ax.bar(
+            [x + (i - 1) * width for x in range(len(labels))],
+            [r[name]["throughput_vs_raw"] for r in transport_rows],
+            width,
+            label=label,
+        )
     ax.axhline(0.5, color="k", ls="--", lw=0.8, label="goal at 40 MiB")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("throughput / raw TCP")
@@ -242,8 +445,18 @@ def plot(transport_rows, pipeline, e2e, path: Path) -> None:
     ax = axes[2]
     if e2e:
         cs = sorted(e2e["stagecoach"], key=int)
-        ax.plot([int(c) for c in cs], [e2e["stagecoach"][c]["tokens_per_s"] for c in cs], "o-", label="Stagecoach (2 stages)")
-        ax.plot([int(c) for c in cs], [e2e["transformers_all_cores"][c] for c in cs], "s--", label=f"transformers ({e2e['cores']} threads)")
+        ax.plot(
+            [int(c) for c in cs],
+            [e2e["stagecoach"][c]["tokens_per_s"] for c in cs],
+            "o-",
+            label="Stagecoach (2 stages)",
+        )
+        ax.plot(
+            [int(c) for c in cs],
+            [e2e["transformers_all_cores"][c] for c in cs],
+            "s--",
+            label=f"transformers ({e2e['cores']} threads)",
+        )
         ax.plot([1], [e2e["transformers_stage_share"][1]], "^", label="transformers (1 thread)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
@@ -265,8 +478,15 @@ def main(argv: list[str] | None = None) -> int:
         e2e_path = RESULTS / "end_to_end.json"
         e2e = json.loads(e2e_path.read_text()) if e2e_path.exists() else None
         if e2e:  # JSON keys are strings; the plot indexes the 1-thread baseline by 1
-            e2e["transformers_stage_share"] = {k if k == "threads" else int(k): v for k, v in e2e["transformers_stage_share"].items()}
-        plot(json.loads((RESULTS / "transport.json").read_text()), json.loads((RESULTS / "pipeline.json").read_text()), e2e, RESULTS / "bench.png")
+            e2e["transformers_stage_share"] = {
+                k if k == "threads" else int(k): v for k, v in e2e["transformers_stage_share"].items()
+            }
+        plot(
+            json.loads((RESULTS / "transport.json").read_text()),
+            json.loads((RESULTS / "pipeline.json").read_text()),
+            e2e,
+            RESULTS / "bench.png",
+        )
         return 0
     start = time.monotonic()
     transport_rows, figs = run_transport()

@@ -20,9 +20,21 @@ from pathlib import Path
 from attention import read_bandwidth, timed  # the same timing and floor as the attention benchmark
 
 VOCAB, PROMPT, GENERATED = 151936, 1000, 100
-EVERY_OPTION = dict(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, presence_penalty=0.5, frequency_penalty=0.5, logprobs=5)
-ALONE = {"greedy": dict(temperature=0.0), "temperature only": dict(temperature=0.8), "top-p only": dict(temperature=0.7, top_p=0.8),
-         "top-k only": dict(temperature=0.7, top_k=20)}
+EVERY_OPTION = dict(
+    temperature=0.7,
+    top_k=20,
+    top_p=0.8,
+    repetition_penalty=1.05,
+    presence_penalty=0.5,
+    frequency_penalty=0.5,
+    logprobs=5,
+)
+ALONE = {
+    "greedy": dict(temperature=0.0),
+    "temperature only": dict(temperature=0.8),
+    "top-p only": dict(temperature=0.7, top_p=0.8),
+    "top-k only": dict(temperature=0.7, top_k=20),
+}
 WIDE = dict(temperature=1.0, top_p=0.95)  # over flat logits: a nucleus of tens of thousands, beyond the candidates
 
 
@@ -60,9 +72,25 @@ def measure() -> dict:
             floor = logits.numel() * 4 / bandwidth
             # Each call appends the sampled token to the histories: a long-running sequence, as in serving.
             t = timed(lambda: sampler.sample(logits, chunks), 20 if batch == 1 else 10)
-            rows.append({"options": name, "batch": batch, "ms": round(t * 1e3, 3), "floor_ms": round(floor * 1e3, 3), "over_floor": round(t / floor, 2)})
-            print(f"  {name:>19}, batch {batch:>2}: {t * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms (x{t / floor:.1f})", flush=True)
-    return {"vocab": VOCAB, "threads": torch.get_num_threads(), "read_gb_per_s": round(bandwidth / 1e9, 2), "rows": rows}
+            rows.append(
+                {
+                    "options": name,
+                    "batch": batch,
+                    "ms": round(t * 1e3, 3),
+                    "floor_ms": round(floor * 1e3, 3),
+                    "over_floor": round(t / floor, 2),
+                }
+            )
+            print(
+                f"  {name:>19}, batch {batch:>2}: {t * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms (x{t / floor:.1f})",
+                flush=True,
+            )
+    return {
+        "vocab": VOCAB,
+        "threads": torch.get_num_threads(),
+        "read_gb_per_s": round(bandwidth / 1e9, 2),
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,8 +32,14 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-WIDE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-            vocab_size=400)  # every id is a token of the 400-entry tokenizer: each one streams text
+WIDE = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=400,
+)  # every id is a token of the 400-entry tokenizer: each one streams text
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -46,7 +52,14 @@ def checkpoint(directory: Path, dims: dict) -> Path:
 def scheduler_config(num_blocks: int, block_size: int, max_tokens: int, max_seqs: int = 256):
     from stagecoach.coordinator.scheduler import SchedulerConfig
 
-    return SchedulerConfig(num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=max_tokens, max_num_seqs=max_seqs, max_model_len=8192, prefix_caching=False)
+    return SchedulerConfig(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_batched_tokens=max_tokens,
+        max_num_seqs=max_seqs,
+        max_model_len=8192,
+        prefix_caching=False,
+    )
 
 
 # -- (a) the distribution overhead, through the HTTP API ----------------------------------------------
@@ -57,7 +70,14 @@ def stream_gap(port: int, prompt: list[int], tokens: int, out: list) -> None:
     a percent or two, the same in every run.)
     """
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200, resp.read()[:300]
@@ -81,12 +101,29 @@ def serve_gaps(model: Path, args: list[str], batches: list[int], tokens: int, ro
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([str(BIN / "stagecoach"), "serve", "--model", str(model), "--port", str(port), "--kv-blocks", "512", "--no-prefix-caching", *args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    server = subprocess.Popen(
+        [
+            str(BIN / "stagecoach"),
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--kv-blocks",
+            "512",
+            "--no-prefix-caching",
+            *args,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
-            assert server.poll() is None and time.monotonic() < deadline, f"stagecoach serve {' '.join(args)} did not come up"
+            assert server.poll() is None and time.monotonic() < deadline, (
+                f"stagecoach serve {' '.join(args)} did not come up"
+            )
             try:
                 if urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
                     break
@@ -97,16 +134,25 @@ def serve_gaps(model: Path, args: list[str], batches: list[int], tokens: int, ro
         for b in batches:
             samples: list[float] = []
             for r in range(rounds):
-                threads = [threading.Thread(target=stream_gap, args=(port, [11 + i, 12 + r, 13], tokens, samples)) for i in range(b)]
+                threads = [
+                    threading.Thread(target=stream_gap, args=(port, [11 + i, 12 + r, 13], tokens, samples))
+                    for i in range(b)
+                ]
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
             gaps[b] = statistics.median(samples)
-        with urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=10) as resp:  # where a token's time went, on each stage's own clock
+        with urlopen(
+            f"http://127.0.0.1:{port}/v1/stats", timeout=10
+        ) as resp:  # where a token's time went, on each stage's own clock
             stats = json.loads(resp.read())
-        gaps["breakdown"] = {"coordinator_hop_ms": (stats["latency"]["coordinator_hop_ms"] or {}).get("p50"),
-                             "stages": [{k: (s[k] or {}).get("p50") for k in ("compute_ms", "queue_ms", "hop_ms")} for s in stats["stages"]]}
+        gaps["breakdown"] = {
+            "coordinator_hop_ms": (stats["latency"]["coordinator_hop_ms"] or {}).get("p50"),
+            "stages": [
+                {k: (s[k] or {}).get("p50") for k in ("compute_ms", "queue_ms", "hop_ms")} for s in stats["stages"]
+            ],
+        }
         return gaps
     finally:
         server.terminate()
@@ -117,9 +163,28 @@ def distribution_overhead(workdir: Path, quick: bool) -> dict:
     model = checkpoint(workdir / "wide", WIDE)
     batches, tokens, rounds = [1, 8], (24 if quick else 48), (2 if quick else 3)
     local = serve_gaps(model, ["--backend", "local"], batches, tokens, rounds)
-    ray = serve_gaps(model, ["--layers", "4,4", "--ray-address", "local", "--grpc-host", "127.0.0.1", "--gpus-per-stage", "0",
-                             "--placement", "pack"], batches, tokens, rounds)
-    out = {str(b): {"local_ms": local[b] * 1e3, "two_stages_ms": ray[b] * 1e3, "overhead_ms": (ray[b] - local[b]) * 1e3} for b in batches}
+    ray = serve_gaps(
+        model,
+        [
+            "--layers",
+            "4,4",
+            "--ray-address",
+            "local",
+            "--grpc-host",
+            "127.0.0.1",
+            "--gpus-per-stage",
+            "0",
+            "--placement",
+            "pack",
+        ],
+        batches,
+        tokens,
+        rounds,
+    )
+    out = {
+        str(b): {"local_ms": local[b] * 1e3, "two_stages_ms": ray[b] * 1e3, "overhead_ms": (ray[b] - local[b]) * 1e3}
+        for b in batches
+    }
     return out | {"two_stages_breakdown_p50_ms": ray["breakdown"], "local_breakdown_p50_ms": local["breakdown"]}
 
 
@@ -133,7 +198,9 @@ def decode_bytes(context: int, num_seqs: int = 8, hidden: int = 512) -> int:
 
     sched = Scheduler(scheduler_config(num_seqs * (context // 16 + 2), 16, num_seqs * context))
     for i in range(num_seqs):
-        sched.add_request([(i + j) % 400 + 3 for j in range(context - 1)], SamplingParams(temperature=0, max_tokens=4, seed=1))
+        sched.add_request(
+            [(i + j) % 400 + 3 for j in range(context - 1)], SamplingParams(temperature=0, max_tokens=4, seed=1)
+        )
     prefill = sched.schedule()
     sched.process_results(prefill, [SampleResult(c.seq_id, 7) for c in prefill.seqs if c.do_sample])
     return codec.encode_microbatch(sched.schedule(), torch.zeros(num_seqs, hidden)).ByteSize()
@@ -176,8 +243,10 @@ async def _stream_all(engine, tokenizer, metrics, prompts, steps: int) -> float:
 
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     added = await engine.add_requests([(p, params) for p in prompts])
-    streams = [SequenceStream(tokenizer, metrics, Choice(i, seq.seq_id), ["\n\n"], q, time.monotonic(), engine.abort)
-               for i, (seq, q) in enumerate(added)]
+    streams = [
+        SequenceStream(tokenizer, metrics, Choice(i, seq.seq_id), ["\n\n"], q, time.monotonic(), engine.abort)
+        for i, (seq, q) in enumerate(added)
+    ]
     await asyncio.gather(*(s.next_delta() for s in streams))  # every sequence has its first token: prefill is over
     start = time.process_time()
     while any(s.choice.finish_reason is None for s in streams):
@@ -231,13 +300,22 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
     from stagecoach.proto.types import SamplingParams
 
     model = checkpoint(workdir / "tiny", TINY)
-    config = ClusterConfig.from_dict({"model": {"path": str(model)}, "cache": {"num_blocks": 4096}, "transport": {"host": "127.0.0.1"},
-                                      "pipeline": {"max_batch_tokens": 4096}})
+    config = ClusterConfig.from_dict(
+        {
+            "model": {"path": str(model)},
+            "cache": {"num_blocks": 4096},
+            "transport": {"host": "127.0.0.1"},
+            "pipeline": {"max_batch_tokens": 4096},
+        }
+    )
     steps, out, ctx = (8 if quick else 16), {}, mp.get_context("spawn")
     for num_stages in (1, 2, 4):
         plans = stage_plans(config, ranges_from_counts([4 // num_stages] * num_stages, 4), link_token="")
         conns = [ctx.Pipe() for _ in plans]
-        procs = [ctx.Process(target=_stage_process, args=(dataclasses.asdict(p), child), daemon=True) for p, (_, child) in zip(plans, conns)]
+        procs = [
+            ctx.Process(target=_stage_process, args=(dataclasses.asdict(p), child), daemon=True)
+            for p, (_, child) in zip(plans, conns)
+        ]
         for proc in procs:
             proc.start()
         addresses = [parent.recv() for parent, _ in conns]
@@ -247,20 +325,28 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
         pipeline.attach(addresses)
         try:
             for batch in (1, 64, 256):
+
                 def run(n: int) -> tuple[float, Engine]:
                     engine = Engine(pipeline, scheduler_config(4096, 16, 4096), max_inflight=num_stages)
                     prompts = [[(i + j) % 300 + 3 for j in range(8)] for i in range(batch)]
                     t0 = time.perf_counter()
-                    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts])
+                    engine.generate(
+                        prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts]
+                    )
                     return time.perf_counter() - t0, engine
+
                 run(2)  # warm-up
                 key = f"{num_stages} stages, batch {batch}"
                 (long, engine), (short, _) = run(steps + 1), run(1)
                 out[key] = (long - short) / steps * 1e3
                 # Where a microbatch's time goes (p50 ms, each stage's own clock): its compute, its wait in the queue, its hop onward.
                 rows = engine.timings.rows()
-                out[f"{key}: breakdown"] = {"coordinator_hop": (engine.timings.coordinator_hop() or {}).get("p50"),
-                                            "stages": [{k: (r[k] or {}).get("p50") for k in ("compute_ms", "queue_ms", "hop_ms")} for r in rows]}
+                out[f"{key}: breakdown"] = {
+                    "coordinator_hop": (engine.timings.coordinator_hop() or {}).get("p50"),
+                    "stages": [
+                        {k: (r[k] or {}).get("p50") for k in ("compute_ms", "queue_ms", "hop_ms")} for r in rows
+                    ],
+                }
                 print(f"  (d) tiny model, {key}: {out[key]:.2f} ms a step; {out[f'{key}: breakdown']}", flush=True)
         finally:
             for parent, _ in conns:

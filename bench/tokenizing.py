@@ -76,14 +76,18 @@ async def main_async(tokenizer) -> dict:
             thread[n].append(await per_call_ms(tokenizer, text(n), True))
     return {
         "loop_stall_2mb_s": {k: round(min(v), 3) for k, v in stall.items()},
-        "per_call_ms": {str(n): {"inline": round(statistics.median(inline[n]), 3), "thread": round(statistics.median(thread[n]), 3)}
-                        for n in SIZES},
+        "per_call_ms": {
+            str(n): {"inline": round(statistics.median(inline[n]), 3), "thread": round(statistics.median(thread[n]), 3)}
+            for n in SIZES
+        },
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen1.5-32b-chat")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen1.5-32b-chat"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tokenizing.json")
     args = parser.parse_args()
     from stagecoach.coordinator.api import INLINE_TOKENIZE_CHARS

@@ -84,8 +84,15 @@ def receiver(conn) -> None:
             sink.received.append(time.monotonic_ns())
             yield b"k"
 
-    floor = grpc.server(futures.ThreadPoolExecutor(4), options=channel_options(MAX_BYTES), handlers=[grpc.method_handlers_generic_handler(
-        "bench.Floor", {"Echo": grpc.stream_stream_rpc_method_handler(echo, lambda b: b, lambda b: b)})])
+    floor = grpc.server(
+        futures.ThreadPoolExecutor(4),
+        options=channel_options(MAX_BYTES),
+        handlers=[
+            grpc.method_handlers_generic_handler(
+                "bench.Floor", {"Echo": grpc.stream_stream_rpc_method_handler(echo, lambda b: b, lambda b: b)}
+            )
+        ],
+    )
     floor_port = floor.add_insecure_port("127.0.0.1:0")
     floor.start()
     conn.send(floor_port)
@@ -127,7 +134,9 @@ def measure(hops_for: dict | None = None) -> list[dict]:
     floor_port = parent.recv()
     floor_channel = grpc.insecure_channel(f"127.0.0.1:{floor_port}", options=channel_options(MAX_BYTES))
     floor_requests = queue.SimpleQueue()
-    floor_acks = floor_channel.stream_stream("/bench.Floor/Echo", lambda b: b, lambda b: b)(iter(floor_requests.get, None))
+    floor_acks = floor_channel.stream_stream("/bench.Floor/Echo", lambda b: b, lambda b: b)(
+        iter(floor_requests.get, None)
+    )
     channel = grpc.insecure_channel(address, options=channel_options(MAX_BYTES))
     stub = pb_grpc.StageStub(channel)
     link = LinkSender(channel)  # sends return at once; wait_idle() waits for the acknowledgement
@@ -141,7 +150,9 @@ def measure(hops_for: dict | None = None) -> list[dict]:
             if tokens == 1 or tokens == 32:  # decode: one token per sequence
                 seqs = [SeqChunk(i, 100, 1) for i in range(tokens)]  # decode steps: nothing but id and position
             else:  # a prefill chunk of one sequence
-                seqs = [SeqChunk(0, 0, tokens, list(range(-(-tokens // 16))), False, SamplingParams())]  # a first chunk: its blocks
+                seqs = [
+                    SeqChunk(0, 0, tokens, list(range(-(-tokens // 16))), False, SamplingParams())
+                ]  # a first chunk: its blocks
             batch = MicroBatch(0, seqs, [])
             payload = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
             nbytes = len(payload)
@@ -184,16 +195,22 @@ def measure(hops_for: dict | None = None) -> list[dict]:
                 one_way[name] = statistics.median(b - a for a, b in zip(starts, arrivals)) / 1e9
             row = {"shape": [tokens, HIDDEN], "dtype": "bfloat16", "bytes": nbytes}
             for name in rtt:
-                row[name] = {"one_way_p50_us": round(one_way[name] * 1e6, 1), "round_trip_p50_us": round(rtt[name] * 1e6, 1),
-                             "gb_per_s": round(nbytes / rtt[name] / 1e9, 3)}
+                row[name] = {
+                    "one_way_p50_us": round(one_way[name] * 1e6, 1),
+                    "round_trip_p50_us": round(rtt[name] * 1e6, 1),
+                    "gb_per_s": round(nbytes / rtt[name] / 1e9, 3),
+                }
                 if name != "raw":
                     row[name]["added_one_way_us"] = round((one_way[name] - one_way["raw"]) * 1e6, 1)
                     row[name]["throughput_vs_raw"] = round(rtt["raw"] / rtt[name], 3)
             rows.append(row)
-            print(f"  [{tokens}, {HIDDEN}] {nbytes / 1024:,.0f} KiB, one-way / round trip: raw {one_way['raw'] * 1e6:,.0f} / {rtt['raw'] * 1e6:,.0f} us, "
-                  f"unary {one_way['unary'] * 1e6:,.0f} / {rtt['unary'] * 1e6:,.0f} us (throughput x{rtt['raw'] / rtt['unary']:.2f}), "
-                  f"link {one_way['link'] * 1e6:,.0f} / {rtt['link'] * 1e6:,.0f} us (x{rtt['raw'] / rtt['link']:.2f}), "
-                  f"bare gRPC stream {one_way['floor'] * 1e6:,.0f} / {rtt['floor'] * 1e6:,.0f} us (x{rtt['raw'] / rtt['floor']:.2f})", flush=True)
+            print(
+                f"  [{tokens}, {HIDDEN}] {nbytes / 1024:,.0f} KiB, one-way / round trip: raw {one_way['raw'] * 1e6:,.0f} / {rtt['raw'] * 1e6:,.0f} us, "
+                f"unary {one_way['unary'] * 1e6:,.0f} / {rtt['unary'] * 1e6:,.0f} us (throughput x{rtt['raw'] / rtt['unary']:.2f}), "
+                f"link {one_way['link'] * 1e6:,.0f} / {rtt['link'] * 1e6:,.0f} us (x{rtt['raw'] / rtt['link']:.2f}), "
+                f"bare gRPC stream {one_way['floor'] * 1e6:,.0f} / {rtt['floor'] * 1e6:,.0f} us (x{rtt['raw'] / rtt['floor']:.2f})",
+                flush=True,
+            )
     finally:
         parent.send("stop")
         floor_requests.put(None)

@@ -40,7 +40,19 @@ def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
 def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str) -> list[StagePlan]:
     """One plan per stage. Every StagePlan field that a config section has under the same name comes from it,
     so a stage's settings are written once, in cluster/config.py."""
-    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "delay_ms", "poison_prefill_tokens", "layer_delay_ms", "slowdown", "crash_in_rebalance", "link_token"}
+    per_stage = {
+        "index",
+        "model_dir",
+        "layer_start",
+        "layer_end",
+        "port",
+        "delay_ms",
+        "poison_prefill_tokens",
+        "layer_delay_ms",
+        "slowdown",
+        "crash_in_rebalance",
+        "link_token",
+    }
     names = {f.name for f in dataclasses.fields(StagePlan)} - per_stage
     shared = {}
     for section in (config.model, config.pipeline, config.cache, config.transport):
@@ -48,11 +60,20 @@ def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str
     assert set(shared) == names, f"StagePlan fields without a config setting: {sorted(names - set(shared))}"
     port, t = config.transport.port, config.testing
     return [
-        StagePlan(index=i, model_dir=str(config.model.path), layer_start=start, layer_end=end, port=port + i if port else 0,
-                  delay_ms=t.stage_delay_ms[i] if t.stage_delay_ms else 0.0,
-                  poison_prefill_tokens=t.poison.prefill_tokens if t.poison and t.poison.stage == i else None,
-                  layer_delay_ms=t.layer_delay_ms or 0.0, slowdown=t.stage_slowdown[i] if t.stage_slowdown else 1.0,
-                  crash_in_rebalance=t.rebalance_crash_stage == i, link_token=link_token, **shared)
+        StagePlan(
+            index=i,
+            model_dir=str(config.model.path),
+            layer_start=start,
+            layer_end=end,
+            port=port + i if port else 0,
+            delay_ms=t.stage_delay_ms[i] if t.stage_delay_ms else 0.0,
+            poison_prefill_tokens=t.poison.prefill_tokens if t.poison and t.poison.stage == i else None,
+            layer_delay_ms=t.layer_delay_ms or 0.0,
+            slowdown=t.stage_slowdown[i] if t.stage_slowdown else 1.0,
+            crash_in_rebalance=t.rebalance_crash_stage == i,
+            link_token=link_token,
+            **shared,
+        )
         for i, (start, end) in enumerate(ranges)
     ]
 
@@ -62,7 +83,9 @@ def link_security(config: ClusterConfig) -> LinkSecurity:
     t = config.transport
     if t.token_env and not os.environ.get(t.token_env):
         raise ConfigError(f"transport.token_env names {t.token_env}, but that environment variable is empty or unset")
-    return LinkSecurity(os.environ[t.token_env] if t.token_env else secrets.token_hex(32), t.tls_cert, t.tls_key, t.tls_ca)
+    return LinkSecurity(
+        os.environ[t.token_env] if t.token_env else secrets.token_hex(32), t.tls_cert, t.tls_key, t.tls_ca
+    )
 
 
 def open_pipeline(config: ClusterConfig):
@@ -73,9 +96,20 @@ def open_pipeline(config: ClusterConfig):
         c = config.cache
         device = "cpu" if config.pipeline.device == "auto" else config.pipeline.device
         p = config.pipeline
-        sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs) if compile_enabled(p.compile, device.split(":")[0]) else None
-        pipeline = LocalPipeline.load(config.model.path, ranges, config.model.dtype, device, num_blocks=cpu_num_blocks(c.num_blocks, c.max_tokens, c.block_size),
-                                      block_size=c.block_size, compile_batch_sizes=sizes)
+        sizes = (
+            compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
+            if compile_enabled(p.compile, device.split(":")[0])
+            else None
+        )
+        pipeline = LocalPipeline.load(
+            config.model.path,
+            ranges,
+            config.model.dtype,
+            device,
+            num_blocks=cpu_num_blocks(c.num_blocks, c.max_tokens, c.block_size),
+            block_size=c.block_size,
+            compile_batch_sizes=sizes,
+        )
         if config.testing.poison is not None:
             pipeline.runners[config.testing.poison.stage].poison_prefill_tokens = config.testing.poison.prefill_tokens
         return pipeline
@@ -86,7 +120,11 @@ def open_pipeline(config: ClusterConfig):
 
     p = config.pipeline
     # A new local Ray gets enough logical CPUs for one share per stage, even on a small machine.
-    connect_ray(p.ray_address, num_cpus=max(os.cpu_count() or 1, int(p.num_stages * p.cpus_per_stage)), host=config.transport.host)
+    connect_ray(
+        p.ray_address,
+        num_cpus=max(os.cpu_count() or 1, int(p.num_stages * p.cpus_per_stage)),
+        host=config.transport.host,
+    )
     return RayPipeline(config, ranges)
 
 
@@ -97,11 +135,20 @@ class ThreadPipeline(GrpcPipeline):
     `plan_overrides` replaces plan fields by name (tests: num_blocks, block_size, TLS files, …).
     """
 
-    def __init__(self, model_dir: str | Path, ranges: list[LayerRange], host: str = "127.0.0.1", config: ClusterConfig | None = None,
-                 **plan_overrides) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        ranges: list[LayerRange],
+        host: str = "127.0.0.1",
+        config: ClusterConfig | None = None,
+        **plan_overrides,
+    ) -> None:
         config = config or ClusterConfig.from_dict({"transport": {"host": host}})
         token = plan_overrides.pop("link_token", None) or link_security(config).token
-        plans = [dataclasses.replace(p, model_dir=str(model_dir), **plan_overrides) for p in stage_plans(config, ranges, token)]
+        plans = [
+            dataclasses.replace(p, model_dir=str(model_dir), **plan_overrides)
+            for p in stage_plans(config, ranges, token)
+        ]
         super().__init__(host, 0, plans[0].max_message_bytes, plans[0].security(), config.pipeline.heartbeat_timeout_s)
         self.workers = self.controls = [StageWorker(plan) for plan in plans]
         try:

@@ -27,7 +27,14 @@ REBALANCE_MODES = ("off", "suggest", "auto")
 SERVE_ONLY = "serve"  # a setting whose flag only `stagecoach serve` takes
 
 
-def setting(default, help: str, flag: str | None = None, choices: tuple | None = None, group: str | None = None, command: str | None = None):
+def setting(
+    default,
+    help: str,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    group: str | None = None,
+    command: str | None = None,
+):
     """A field with its default and, when `flag` is given, its command-line flag (choices, a mutually exclusive group)."""
     meta = {"help": help, "flag": flag, "choices": choices, "group": group, "command": command}
     if isinstance(default, list):
@@ -42,7 +49,11 @@ def _choose(where: str, value, choices: tuple) -> None:
 
 @dataclass(slots=True)
 class ModelSection:
-    path: str = setting("", "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json), readable on every stage's node", "--model")
+    path: str = setting(
+        "",
+        "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json), readable on every stage's node",
+        "--model",
+    )
     dtype: str = setting("float32", "weights, activations and KV cache", "--dtype", DTYPE_NAMES)
 
     def __post_init__(self) -> None:
@@ -51,32 +62,76 @@ class ModelSection:
 
 @dataclass(slots=True)
 class PipelineSection:
-    backend: str = setting("ray", "ray: stages as Ray actors over gRPC; thread: every stage in this process behind its own gRPC server; "
-                                "local: every stage in this process, called directly", "--backend", BACKENDS)
-    ray_address: str | None = setting(None, "'local' starts a new Ray, 'auto' or host:port joins one; unset: a running one, else a new local one", "--ray-address")
-    num_stages: int = setting(1, "number of pipeline stages, balanced by time (the last one also runs lm_head)", "--stages", group="split")
-    layers: list[int] | None = setting(None, "explicit layer counts per stage, e.g. 17,16,16,15", "--layers", group="split")
-    gpus_per_stage: float | None = setting(None, "GPUs in each stage's placement bundle; unset: 1 when the Ray cluster has GPUs, else 0", "--gpus-per-stage")
+    backend: str = setting(
+        "ray",
+        "ray: stages as Ray actors over gRPC; thread: every stage in this process behind its own gRPC server; "
+        "local: every stage in this process, called directly",
+        "--backend",
+        BACKENDS,
+    )
+    ray_address: str | None = setting(
+        None,
+        "'local' starts a new Ray, 'auto' or host:port joins one; unset: a running one, else a new local one",
+        "--ray-address",
+    )
+    num_stages: int = setting(
+        1, "number of pipeline stages, balanced by time (the last one also runs lm_head)", "--stages", group="split"
+    )
+    layers: list[int] | None = setting(
+        None, "explicit layer counts per stage, e.g. 17,16,16,15", "--layers", group="split"
+    )
+    gpus_per_stage: float | None = setting(
+        None,
+        "GPUs in each stage's placement bundle; unset: 1 when the Ray cluster has GPUs, else 0",
+        "--gpus-per-stage",
+    )
     cpus_per_stage: float = setting(1.0, "the CPU share of each stage's placement bundle")
-    placement: str = setting("auto", "auto: STRICT_SPREAD (a node per stage) when stages need a GPU, else PACK", "--placement", PLACEMENTS)
+    placement: str = setting(
+        "auto", "auto: STRICT_SPREAD (a node per stage) when stages need a GPU, else PACK", "--placement", PLACEMENTS
+    )
     device: str = setting("auto", "where stages run", "--device", DEVICES)
     max_inflight: int | None = setting(None, "microbatches in flight; unset: the number of stages", "--max-inflight")
-    max_batch_tokens: int = setting(512, "token budget of one microbatch (longer prompts are chunked)", "--max-batch-tokens")
+    max_batch_tokens: int = setting(
+        512, "token budget of one microbatch (longer prompts are chunked)", "--max-batch-tokens"
+    )
     max_num_seqs: int = setting(64, "sequences in one microbatch at most")
-    compile: str = setting("auto", "compile each stage's decode step (torch.compile; CUDA graphs on GPUs) at load; auto: on for CUDA stages, off for CPU "
-                           "ones (bench/compiled.py measures both)", "--compile", COMPILE_MODES)
-    compile_batch_sizes: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "decode batch sizes compiled (a decode microbatch is padded up to the next; "
-                                             "larger ones and prefills run eagerly); sizes above max_num_seqs are skipped", "--compile-batch-sizes")
-    memory_limit_mb: int | None = setting(None, "per-stage memory budget in MiB; unset: the device's (GPU × fraction, or free RAM)", "--memory-limit-mb")
+    compile: str = setting(
+        "auto",
+        "compile each stage's decode step (torch.compile; CUDA graphs on GPUs) at load; auto: on for CUDA stages, off for CPU "
+        "ones (bench/compiled.py measures both)",
+        "--compile",
+        COMPILE_MODES,
+    )
+    compile_batch_sizes: list[int] = setting(
+        [1, 2, 4, 8, 16, 32, 64],
+        "decode batch sizes compiled (a decode microbatch is padded up to the next; "
+        "larger ones and prefills run eagerly); sizes above max_num_seqs are skipped",
+        "--compile-batch-sizes",
+    )
+    memory_limit_mb: int | None = setting(
+        None, "per-stage memory budget in MiB; unset: the device's (GPU × fraction, or free RAM)", "--memory-limit-mb"
+    )
     ready_timeout_s: float = setting(300.0, "seconds stages may take to be placed and loaded")
-    recovery_timeout_s: float = setting(60.0, "seconds a failed stage has to come back before its requests end with 503")
-    heartbeat_interval_s: float = setting(2.0, "seconds between health checks (also: how late a microbatch may be before the stages are asked)")
+    recovery_timeout_s: float = setting(
+        60.0, "seconds a failed stage has to come back before its requests end with 503"
+    )
+    heartbeat_interval_s: float = setting(
+        2.0, "seconds between health checks (also: how late a microbatch may be before the stages are asked)"
+    )
     heartbeat_timeout_s: float = setting(2.0, "seconds a stage has to answer a health check")
-    rebalance: str = setting("suggest", "moving layers between stages by their measured speed: off; suggest (the proposal in /v1/stats, /metrics "
-                             "and stagecoach top); auto (applied while serving when its predicted gain is at least rebalance_min_gain)",
-                             "--rebalance", REBALANCE_MODES)
-    rebalance_min_gain: float = setting(0.10, "auto: the least predicted speed-up (0.10: 10 %) worth a rebalance's pause", "--rebalance-min-gain")
-    rebalance_cooldown_s: float = setting(300.0, "auto: seconds after the start or a rebalance before the next one", "--rebalance-cooldown-s")
+    rebalance: str = setting(
+        "suggest",
+        "moving layers between stages by their measured speed: off; suggest (the proposal in /v1/stats, /metrics "
+        "and stagecoach top); auto (applied while serving when its predicted gain is at least rebalance_min_gain)",
+        "--rebalance",
+        REBALANCE_MODES,
+    )
+    rebalance_min_gain: float = setting(
+        0.10, "auto: the least predicted speed-up (0.10: 10 %) worth a rebalance's pause", "--rebalance-min-gain"
+    )
+    rebalance_cooldown_s: float = setting(
+        300.0, "auto: seconds after the start or a rebalance before the next one", "--rebalance-cooldown-s"
+    )
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -91,25 +146,37 @@ class PipelineSection:
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ConfigError(f"pipeline.max_inflight must be at least 1, got {self.max_inflight}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_timeout_s <= 0 or self.recovery_timeout_s <= 0:
-            raise ConfigError("pipeline.heartbeat_interval_s, heartbeat_timeout_s and recovery_timeout_s must be positive")
+            raise ConfigError(
+                "pipeline.heartbeat_interval_s, heartbeat_timeout_s and recovery_timeout_s must be positive"
+            )
         if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
             raise ConfigError("pipeline.max_batch_tokens and pipeline.max_num_seqs must be at least 1")
         _choose("pipeline.compile", self.compile, COMPILE_MODES)
         _choose("pipeline.rebalance", self.rebalance, REBALANCE_MODES)
         if self.rebalance_min_gain < 0 or self.rebalance_cooldown_s < 0:
-            raise ConfigError(f"pipeline.rebalance_min_gain and rebalance_cooldown_s must be >= 0, got {self.rebalance_min_gain} and {self.rebalance_cooldown_s}")
+            raise ConfigError(
+                f"pipeline.rebalance_min_gain and rebalance_cooldown_s must be >= 0, got {self.rebalance_min_gain} and {self.rebalance_cooldown_s}"
+            )
         if not self.compile_batch_sizes or min(self.compile_batch_sizes) < 1:
-            raise ConfigError(f"pipeline.compile_batch_sizes must list batch sizes of at least 1, got {self.compile_batch_sizes}")
+            raise ConfigError(
+                f"pipeline.compile_batch_sizes must list batch sizes of at least 1, got {self.compile_batch_sizes}"
+            )
 
 
 @dataclass(slots=True)
 class CacheSection:
     block_size: int = setting(16, "tokens per KV cache block", "--block-size")
-    num_blocks: int | None = setting(None, "CPU stages: KV cache blocks per stage; unset: from cache.max_tokens", "--kv-blocks")
+    num_blocks: int | None = setting(
+        None, "CPU stages: KV cache blocks per stage; unset: from cache.max_tokens", "--kv-blocks"
+    )
     max_tokens: int = setting(8192, "CPU stages: KV capacity in tokens when num_blocks is unset")
     gpu_memory_fraction: float = setting(0.9, "GPU stages: share of device memory for weights + activations + KV cache")
-    prefix_caching: bool = setting(True, "reuse the K/V of full blocks a request shares with an earlier one (a system prompt, a "
-                                   "conversation's history): only the rest of its prompt is prefilled", "--prefix-caching")
+    prefix_caching: bool = setting(
+        True,
+        "reuse the K/V of full blocks a request shares with an earlier one (a system prompt, a "
+        "conversation's history): only the rest of its prompt is prefilled",
+        "--prefix-caching",
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -122,27 +189,57 @@ class CacheSection:
 
 @dataclass(slots=True)
 class TransportSection:
-    host: str | None = setting(None, "address the stage and coordinator gRPC servers bind; unset: each node's own", "--grpc-host")
+    host: str | None = setting(
+        None, "address the stage and coordinator gRPC servers bind; unset: each node's own", "--grpc-host"
+    )
     port: int = setting(0, "0: any free port; else stage i listens on port + i")
-    max_message_mb: int = setting(1024, "largest gRPC message in MiB (a 4k-token float32 prefill of Qwen1.5-32B is 80 MiB)")
-    token_env: str | None = setting(None, "environment variable holding the stage-link token; unset: a fresh random one per pipeline")
+    max_message_mb: int = setting(
+        1024, "largest gRPC message in MiB (a 4k-token float32 prefill of Qwen1.5-32B is 80 MiB)"
+    )
+    token_env: str | None = setting(
+        None, "environment variable holding the stage-link token; unset: a fresh random one per pipeline"
+    )
     tls_cert: str | None = setting(None, "mutual TLS between stages and coordinator: this party's certificate (PEM)")
     tls_key: str | None = setting(None, "mutual TLS: its private key (PEM)")
-    tls_ca: str | None = setting(None, "mutual TLS: the CA that signed every party's certificate (covering their addresses)")
+    tls_ca: str | None = setting(
+        None, "mutual TLS: the CA that signed every party's certificate (covering their addresses)"
+    )
 
 
 @dataclass(slots=True)
 class ServerSection:
     host: str = setting("127.0.0.1", "HTTP bind address", "--host", command=SERVE_ONLY)
     port: int = setting(8000, "HTTP port", "--port", command=SERVE_ONLY)
-    api_key_env: str | None = setting(None, "environment variable holding the API key; when set, requests need 'Authorization: Bearer <key>'",
-                                      "--api-key-env", command=SERVE_ONLY)
-    max_running: int | None = setting(None, "sequences admitted at once; unset: as many as the KV cache holds", "--max-running", command=SERVE_ONLY)
-    max_queue: int | None = setting(None, "requests waiting beyond max_running before 429; unset: unlimited", "--max-queue", command=SERVE_ONLY)
-    max_model_len: int | None = setting(None, "prompt + completion tokens at most; unset: the model's, capped by the KV cache", "--max-model-len", command=SERVE_ONLY)
-    served_model_name: str | None = setting(None, "the model's name in the API; unset: the checkpoint folder's name", "--served-model-name", command=SERVE_ONLY)
-    drain_timeout_s: float = setting(30.0, "seconds requests in flight get to finish on SIGTERM", "--drain-timeout", command=SERVE_ONLY)
-    request_timeout_s: float = setting(600.0, "seconds a generation request may take before it ends with 408", "--request-timeout", command=SERVE_ONLY)
+    api_key_env: str | None = setting(
+        None,
+        "environment variable holding the API key; when set, requests need 'Authorization: Bearer <key>'",
+        "--api-key-env",
+        command=SERVE_ONLY,
+    )
+    max_running: int | None = setting(
+        None, "sequences admitted at once; unset: as many as the KV cache holds", "--max-running", command=SERVE_ONLY
+    )
+    max_queue: int | None = setting(
+        None, "requests waiting beyond max_running before 429; unset: unlimited", "--max-queue", command=SERVE_ONLY
+    )
+    max_model_len: int | None = setting(
+        None,
+        "prompt + completion tokens at most; unset: the model's, capped by the KV cache",
+        "--max-model-len",
+        command=SERVE_ONLY,
+    )
+    served_model_name: str | None = setting(
+        None,
+        "the model's name in the API; unset: the checkpoint folder's name",
+        "--served-model-name",
+        command=SERVE_ONLY,
+    )
+    drain_timeout_s: float = setting(
+        30.0, "seconds requests in flight get to finish on SIGTERM", "--drain-timeout", command=SERVE_ONLY
+    )
+    request_timeout_s: float = setting(
+        600.0, "seconds a generation request may take before it ends with 408", "--request-timeout", command=SERVE_ONLY
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -168,7 +265,9 @@ class PoisonSetting:
 
     def __post_init__(self) -> None:
         if self.stage < 0 or self.prefill_tokens < 1:
-            raise ConfigError(f"testing.poison needs stage >= 0 and prefill_tokens >= 1, got stage {self.stage}, prefill_tokens {self.prefill_tokens}")
+            raise ConfigError(
+                f"testing.poison needs stage >= 0 and prefill_tokens >= 1, got stage {self.stage}, prefill_tokens {self.prefill_tokens}"
+            )
 
 
 @dataclass(slots=True)
@@ -177,16 +276,32 @@ class TestingSection:
 
     __test__ = False  # not a pytest test class
 
-    stage_delay_ms: list[float] | None = setting(None, "extra milliseconds added to each stage's every forward (one value per stage): a slow stage")
-    engine_crash_token_id: int | None = setting(None, "the engine loop raises an unexpected error when it schedules a prompt holding this token id")
-    layer_delay_ms: float | None = setting(None, "each decoder layer waits this many milliseconds per microbatch, inside its timed layers "
-                                           "(a slower device, without using the CPU)")
-    stage_slowdown: list[float] | None = setting(None, "per stage, a factor >= 1: its compute takes that many times its measured time "
-                                                 "(a slower device), e.g. [1, 3, 1, 1]")
-    rebalance_crash_stage: int | None = setting(None, "this stage's process exits in the middle of a rebalance, after freeing what it "
-                                                "loses (Ray backend): a stage killed while applying one")
-    poison: PoisonSetting | None = setting(None, "a poisoned request: {stage, prefill_tokens}; that stage fails every microbatch holding a "
-                                           "prefill chunk from position 0 of exactly prefill_tokens tokens, staying alive")
+    stage_delay_ms: list[float] | None = setting(
+        None, "extra milliseconds added to each stage's every forward (one value per stage): a slow stage"
+    )
+    engine_crash_token_id: int | None = setting(
+        None, "the engine loop raises an unexpected error when it schedules a prompt holding this token id"
+    )
+    layer_delay_ms: float | None = setting(
+        None,
+        "each decoder layer waits this many milliseconds per microbatch, inside its timed layers "
+        "(a slower device, without using the CPU)",
+    )
+    stage_slowdown: list[float] | None = setting(
+        None,
+        "per stage, a factor >= 1: its compute takes that many times its measured time "
+        "(a slower device), e.g. [1, 3, 1, 1]",
+    )
+    rebalance_crash_stage: int | None = setting(
+        None,
+        "this stage's process exits in the middle of a rebalance, after freeing what it "
+        "loses (Ray backend): a stage killed while applying one",
+    )
+    poison: PoisonSetting | None = setting(
+        None,
+        "a poisoned request: {stage, prefill_tokens}; that stage fails every microbatch holding a "
+        "prefill chunk from position 0 of exactly prefill_tokens tokens, staying alive",
+    )
 
 
 @dataclass(slots=True)
@@ -201,18 +316,26 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         delays = self.testing.stage_delay_ms
         if delays is not None and (len(delays) != self.pipeline.num_stages or min(delays) < 0):
-            raise ConfigError(f"testing.stage_delay_ms needs one non-negative value per stage ({self.pipeline.num_stages}), got {delays}")
+            raise ConfigError(
+                f"testing.stage_delay_ms needs one non-negative value per stage ({self.pipeline.num_stages}), got {delays}"
+            )
         slowdown = self.testing.stage_slowdown
         if slowdown is not None and (len(slowdown) != self.pipeline.num_stages or min(slowdown) < 1):
-            raise ConfigError(f"testing.stage_slowdown needs one factor >= 1 per stage ({self.pipeline.num_stages}), got {slowdown}")
+            raise ConfigError(
+                f"testing.stage_slowdown needs one factor >= 1 per stage ({self.pipeline.num_stages}), got {slowdown}"
+            )
         if self.testing.layer_delay_ms is not None and self.testing.layer_delay_ms < 0:
             raise ConfigError(f"testing.layer_delay_ms must be >= 0, got {self.testing.layer_delay_ms}")
         crash = self.testing.rebalance_crash_stage
         if crash is not None and not 0 <= crash < self.pipeline.num_stages:
-            raise ConfigError(f"testing.rebalance_crash_stage {crash} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})")
+            raise ConfigError(
+                f"testing.rebalance_crash_stage {crash} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})"
+            )
         poison = self.testing.poison
         if poison is not None and poison.stage >= self.pipeline.num_stages:
-            raise ConfigError(f"testing.poison.stage {poison.stage} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})")
+            raise ConfigError(
+                f"testing.poison.stage {poison.stage} is not a stage of this pipeline (stages 0..{self.pipeline.num_stages - 1})"
+            )
         # `~` and $VARS expand; a relative path is taken from the working directory, as on the command line.
         self.model.path = os.path.expanduser(os.path.expandvars(self.model.path))
 

@@ -28,7 +28,6 @@ def read_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-
 def check_type(value, hint, where: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -105,7 +104,11 @@ def int_list(text: str) -> list[int]:
 
 
 def _arg_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    args = (
+        [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else [hint]
+    )
     (hint,) = args
     return int_list if typing.get_origin(hint) is list else hint
 

@@ -42,8 +42,16 @@ class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """One stage's deliveries, each acknowledged once queued for the engine."""
         for request in request_iterator:
             submit_ns = self.submit_times.pop(request.batch_id, 0)
-            self.inbox.put(Delivered(request.batch_id, decode_samples(request.samples), list(request.timings), request.error,
-                                     request.error_stage if request.error else None, submit_ns))
+            self.inbox.put(
+                Delivered(
+                    request.batch_id,
+                    decode_samples(request.samples),
+                    list(request.timings),
+                    request.error,
+                    request.error_stage if request.error else None,
+                    submit_ns,
+                )
+            )
             yield pb.LinkAck(batch_id=request.batch_id)
 
 
@@ -69,8 +77,14 @@ class GrpcPipeline(Inbox):
     a subclass that starts its own stages gives their `controls` and gets the wiring and `reconfigure`.
     """
 
-    def __init__(self, host: str, port: int = 0, max_message_bytes: int | None = None, security: LinkSecurity | None = None,
-                 heartbeat_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int = 0,
+        max_message_bytes: int | None = None,
+        security: LinkSecurity | None = None,
+        heartbeat_timeout_s: float | None = None,
+    ) -> None:
         """max_message_bytes: None is transport.max_message_mb's default; heartbeat_timeout_s: None waits for ever."""
         super().__init__()
         max_message_bytes = max_message_bytes or TransportSection().max_message_mb * 2**20
@@ -79,8 +93,14 @@ class GrpcPipeline(Inbox):
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a stage that does not answer Health within this has failed
         self._submit_times: dict[int, int] = {}  # batch id → ns from its send to stage 0's acknowledgement
         # Each stage's Deliveries stream holds a server thread for its lifetime: room for a long pipeline.
-        self.server, self.address = start_server(_CoordinatorServicer(self._inbox, self._submit_times), host, port, max_message_bytes, security,
-                                                 max_workers=80)
+        self.server, self.address = start_server(
+            _CoordinatorServicer(self._inbox, self._submit_times),
+            host,
+            port,
+            max_message_bytes,
+            security,
+            max_workers=80,
+        )
         self._channel_options = channel_options(max_message_bytes)
         self.num_blocks = 0
         self.block_size = 0
@@ -140,7 +160,9 @@ class GrpcPipeline(Inbox):
         """After every stage has loaded: all take the smallest KV capacity, start their servers, and are wired."""
         capacity = min(r.kv_blocks for r in loads)
         if capacity < 1:
-            raise ConfigError("a stage has no memory left for the KV cache after its weights; use more stages or a smaller dtype")
+            raise ConfigError(
+                "a stage has no memory left for the KV cache after its weights; use more stages or a smaller dtype"
+            )
         smallest = min(range(len(loads)), key=lambda i: loads[i].kv_blocks)
         log.warning("KV cache: %d blocks on every stage (stage %d holds the fewest)", capacity, smallest)
         self._wire(self._each({i: lambda c: c.start(capacity) for i in range(len(loads))}))
@@ -162,7 +184,11 @@ class GrpcPipeline(Inbox):
         dead = [i for i, reply in enumerate(self.health()) if isinstance(reply, Exception)]
         # Asked, not remembered: a change that failed half-way left some stages on other layers, or without a KV cache.
         infos = {i: self.stubs[i].Info(pb.InfoRequest(), timeout=30) for i in range(n) if i not in dead}
-        moved = [i for i, info in infos.items() if (info.layer_start, info.layer_end) != tuple(target[i]) or info.num_kv_blocks == 0]
+        moved = [
+            i
+            for i, info in infos.items()
+            if (info.layer_start, info.layer_end) != tuple(target[i]) or info.num_kv_blocks == 0
+        ]
         addresses = [s.address for s in self.stages]
         capacity: dict[int, int] = {}
         if dead:
@@ -170,15 +196,22 @@ class GrpcPipeline(Inbox):
             self._replace(dead, target)
             capacity |= {i: r.kv_blocks for i, r in zip(dead, self._each({i: lambda c: c.load() for i in dead}))}
         if moved:
-            log.warning("stage(s) %s: layers %s → %s", ", ".join(map(str, moved)), [self.stages[i].layers for i in moved], [target[i] for i in moved])
+            log.warning(
+                "stage(s) %s: layers %s → %s",
+                ", ".join(map(str, moved)),
+                [self.stages[i].layers for i in moved],
+                [target[i] for i in moved],
+            )
             loads = self._each({i: lambda c, r=tuple(target[i]): c.set_layers(r, min_batch_id) for i in moved})
             capacity |= {i: r.kv_blocks for i, r in zip(moved, loads)}
         unchanged = [i for i in range(n) if i not in capacity]
         blocks = min([self.num_blocks] * bool(unchanged) + list(capacity.values()))
         if blocks < min_blocks:
             short = min(capacity, key=capacity.get)
-            raise ConfigError(f"stage {short} holds {capacity[short]} KV blocks with layers {target[short]}, fewer than the {min_blocks} "
-                              f"the pipeline needs (its longest request)")
+            raise ConfigError(
+                f"stage {short} holds {capacity[short]} KV blocks with layers {target[short]}, fewer than the {min_blocks} "
+                f"the pipeline needs (its longest request)"
+            )
         resize = moved + ([i for i in unchanged if blocks < self.num_blocks])
         if resize:
             self._each({i: lambda c: c.resize(blocks, min_batch_id) for i in resize})
@@ -221,7 +254,9 @@ class GrpcPipeline(Inbox):
         """The stages' summaries; PipelineError when they disagree (wire schema, checkpoint, KV cache layout)."""
         for info in infos:
             if info.schema_version != SCHEMA_VERSION:
-                raise PipelineError(f"stage {info.index} at {info.address} speaks wire schema {info.schema_version}; this coordinator speaks {SCHEMA_VERSION}")
+                raise PipelineError(
+                    f"stage {info.index} at {info.address} speaks wire schema {info.schema_version}; this coordinator speaks {SCHEMA_VERSION}"
+                )
         fingerprints = {info.checkpoint_fingerprint for info in infos}
         if len(fingerprints) > 1:
             listing = ", ".join(f"stage {i.index}: {i.checkpoint_fingerprint}" for i in infos)
@@ -231,8 +266,20 @@ class GrpcPipeline(Inbox):
             raise PipelineError(f"the stages' KV caches differ: {sorted(blocks)}")
         self.num_blocks, self.block_size = next(iter(blocks))
         return [
-            StageSummary(i.index, (i.layer_start, i.layer_end), i.node_id, i.address, i.pid, i.device, i.num_kv_blocks, i.weight_bytes,
-                         i.memory_used_bytes, i.memory_total_bytes, layer_bytes=i.layer_bytes, kv_block_layer_bytes=i.kv_block_layer_bytes)
+            StageSummary(
+                i.index,
+                (i.layer_start, i.layer_end),
+                i.node_id,
+                i.address,
+                i.pid,
+                i.device,
+                i.num_kv_blocks,
+                i.weight_bytes,
+                i.memory_used_bytes,
+                i.memory_total_bytes,
+                layer_bytes=i.layer_bytes,
+                kv_block_layer_bytes=i.kv_block_layer_bytes,
+            )
             for i in infos
         ]
 

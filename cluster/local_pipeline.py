@@ -48,7 +48,13 @@ class StageFailed(Exception):
 class LocalPipeline(Inbox):
     """All stages in this process, run one after another when submitted: the reference backend."""
 
-    def __init__(self, runners: list, ranges: list[LayerRange], model_dir: str | Path = "", compile_batch_sizes: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        runners: list,
+        ranges: list[LayerRange],
+        model_dir: str | Path = "",
+        compile_batch_sizes: list[int] | None = None,
+    ) -> None:
         super().__init__()
         self.model_dir = model_dir  # where a rebalance reads the layers a stage gains
         self.compile_batch_sizes = compile_batch_sizes
@@ -59,12 +65,26 @@ class LocalPipeline(Inbox):
         self.last_logits = None  # the last stage's full logits when a batch asked for them
 
     @classmethod
-    def load(cls, model_dir: str | Path, ranges: list[LayerRange], dtype: str = "float32", device: str = "cpu", *,
-             num_blocks: int, block_size: int, compile_batch_sizes: list[int] | None = None) -> LocalPipeline:
+    def load(
+        cls,
+        model_dir: str | Path,
+        ranges: list[LayerRange],
+        dtype: str = "float32",
+        device: str = "cpu",
+        *,
+        num_blocks: int,
+        block_size: int,
+        compile_batch_sizes: list[int] | None = None,
+    ) -> LocalPipeline:
         """compile_batch_sizes: compile each stage's decode step for these batch sizes now (None: every step eager)."""
         config = ModelConfig.from_pretrained(model_dir)
         models = [load_stage_model(model_dir, start, end, DTYPES[dtype], device, config) for start, end in ranges]
-        return cls([_runner(i, m, num_blocks, block_size, compile_batch_sizes) for i, m in enumerate(models)], ranges, model_dir, compile_batch_sizes)
+        return cls(
+            [_runner(i, m, num_blocks, block_size, compile_batch_sizes) for i, m in enumerate(models)],
+            ranges,
+            model_dir,
+            compile_batch_sizes,
+        )
 
     def execute(self, batch: MicroBatch, timings: list | None = None) -> list[SampleResult]:
         """Runs the microbatch through every stage; a stage's error is raised as StageFailed, naming the stage."""
@@ -77,7 +97,11 @@ class LocalPipeline(Inbox):
                 raise StageFailed(index, f"stage {index}: {type(e).__name__}: {e}") from e
             hidden = out.hidden_states
             if timings is not None:
-                timings.append(pb.StageTiming(stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=time.monotonic_ns()))
+                timings.append(
+                    pb.StageTiming(
+                        stage_index=index, received_ns=start, compute_start_ns=start, compute_end_ns=time.monotonic_ns()
+                    )
+                )
         self.last_logits = out.logits
         return out.samples
 
@@ -120,7 +144,18 @@ def _runner(index: int, model, num_blocks: int, block_size: int, compile_batch_s
     """A stage's runner over a fresh KV cache for its layers, its decode step compiled for compile_batch_sizes (None: eager)."""
     c = model.config
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    runner = StageRunner(model, KVCache(model.layer_end - model.layer_start, num_blocks, block_size, c.num_key_value_heads, c.head_dim, dtype, device))
+    runner = StageRunner(
+        model,
+        KVCache(
+            model.layer_end - model.layer_start,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype,
+            device,
+        ),
+    )
     if compile_batch_sizes:
         runner.compile(compile_batch_sizes, progress=lambda line: log.warning("stage %d: %s", index, line))
     return runner

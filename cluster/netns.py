@@ -43,7 +43,9 @@ def veth(index: int | str) -> str:
 
 
 def namespaces() -> list[str]:
-    names = [line.split()[0] for line in run_cmd("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()]
+    names = [
+        line.split()[0] for line in run_cmd("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()
+    ]
     return [n for n in names if n.startswith(f"{PREFIX}-")]
 
 

@@ -43,7 +43,9 @@ def partition_layers(
         raise PartitionError(f"the model has {num_layers} layers; nothing to partition")
     if layer_counts is not None:
         if num_stages and len(layer_counts) != num_stages:
-            raise PartitionError(f"{num_stages} stages asked for but the layer split {layer_counts} has {len(layer_counts)} entries")
+            raise PartitionError(
+                f"{num_stages} stages asked for but the layer split {layer_counts} has {len(layer_counts)} entries"
+            )
         return ranges_from_counts(layer_counts, num_layers)
     if num_stages < 1:
         raise PartitionError(f"the number of stages must be at least 1, got {num_stages}")
@@ -52,10 +54,17 @@ def partition_layers(
 
     # The rebalancing planner with every layer costing 1 and the ends' extras as fixed costs: the slowest
     # stage's cost as low as it goes, then the most even split.
-    speeds = [StageSpeed(decode_layer_s=1.0, prefill_layer_s=0.0,
-                         decode_fixed_s=(first_stage_extra if i == 0 else 0.0) + (last_stage_extra if i == num_stages - 1 else 0.0))
-              for i in range(num_stages)]
-    return ranges_from_counts(plan_split(num_layers, speeds, Workload(decode_batches=1, prefill_tokens=0), layer_bytes=1).counts, num_layers)
+    speeds = [
+        StageSpeed(
+            decode_layer_s=1.0,
+            prefill_layer_s=0.0,
+            decode_fixed_s=(first_stage_extra if i == 0 else 0.0) + (last_stage_extra if i == num_stages - 1 else 0.0),
+        )
+        for i in range(num_stages)
+    ]
+    return ranges_from_counts(
+        plan_split(num_layers, speeds, Workload(decode_batches=1, prefill_tokens=0), layer_bytes=1).counts, num_layers
+    )
 
 
 def parse_layer_counts(text: str) -> list[int]:

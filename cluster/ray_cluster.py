@@ -54,7 +54,11 @@ def _init_remote(address: str, kwargs: dict) -> None:
             ray.init(address=address, **kwargs)
             return
         except (ConnectionError, RuntimeError) as e:
-            if not address.startswith("ray://") or "Initialization failure from server" not in str(e) or attempt == CLIENT_ATTEMPTS - 1:
+            if (
+                not address.startswith("ray://")
+                or "Initialization failure from server" not in str(e)
+                or attempt == CLIENT_ATTEMPTS - 1
+            ):
                 raise
             log.warning("Ray client connection failed (%s); trying again", str(e).splitlines()[-1][:200])
             ray.shutdown()  # the half-made client connection
@@ -100,10 +104,7 @@ def check_resources(num_stages: int, cpus: float, gpus: float, strategy: str) ->
         )
     if strategy == "STRICT_SPREAD":
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        fit = [
-            n for n in nodes
-            if n["Resources"].get("GPU", 0) >= gpus and n["Resources"].get("CPU", 0) >= cpus
-        ]
+        fit = [n for n in nodes if n["Resources"].get("GPU", 0) >= gpus and n["Resources"].get("CPU", 0) >= cpus]
         if len(fit) < num_stages:
             raise ConfigError(
                 f"STRICT_SPREAD puts each of {num_stages} stages on its own node, but only {len(fit)} of the "

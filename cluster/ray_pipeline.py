@@ -19,7 +19,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.backends import link_security, stage_plans
 from stagecoach.cluster.grpc_pipeline import GrpcPipeline
-from stagecoach.cluster.ray_cluster import check_resources, cluster_gpus, coordinator_host, placement_bundle, reachable, resolve_strategy
+from stagecoach.cluster.ray_cluster import (
+    check_resources,
+    cluster_gpus,
+    coordinator_host,
+    placement_bundle,
+    reachable,
+    resolve_strategy,
+)
 from stagecoach.errors import ConfigError, PipelineError, StagecoachError
 from stagecoach.proto.control import Loaded, Wiring
 from stagecoach.proto.types import LayerRange
@@ -156,7 +163,9 @@ class RayPipeline(GrpcPipeline):
 
     def _place(self) -> None:
         timeout = self.ready_timeout_s
-        self.pg = placement_group([placement_bundle(self._cpus, self._gpus) for _ in self._plans], strategy=self.strategy)
+        self.pg = placement_group(
+            [placement_bundle(self._cpus, self._gpus) for _ in self._plans], strategy=self.strategy
+        )
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
         if not ready:
             raise ConfigError(
@@ -168,7 +177,9 @@ class RayPipeline(GrpcPipeline):
         """Stage `index`'s actor on its bundle (the pipeline's bundle `index`, or the group it moved to), as a StageControl."""
         pg, bundle = (self.moved[index], 0) if index in self.moved else (self.pg, index)
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
-        actor = StageActor.options(num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy=strategy).remote(self._plans[index])
+        actor = StageActor.options(num_cpus=self._cpus, num_gpus=self._gpus, scheduling_strategy=strategy).remote(
+            self._plans[index]
+        )
         return RayStage(actor, index, lambda: self._call_timeout_s)
 
     def reconfigure(self, min_batch_id: int, target: list[LayerRange] | None = None, min_blocks: int = 1) -> None:
@@ -211,27 +222,47 @@ class RayPipeline(GrpcPipeline):
         """Points stage `index` at a bundle on a live, reachable node other than `lost`."""
         bundle_node = ray.util.placement_group_table(self.pg)["bundles_to_node_id"].get(index)
         if bundle_node and bundle_node != lost and reachable(nodes.get(bundle_node)):
-            log.warning("stage %d: its node %s is lost; back on its own bundle, which Ray placed on %s", index, lost[:8],
-                        nodes[bundle_node]["NodeManagerAddress"])
+            log.warning(
+                "stage %d: its node %s is lost; back on its own bundle, which Ray placed on %s",
+                index,
+                lost[:8],
+                nodes[bundle_node]["NodeManagerAddress"],
+            )
             self._drop_moved(index)
             return
         busy = {s.node_id for s in self.stages} | {lost}
         for node_id, node in nodes.items():
             res = node.get("Resources", {})
-            if node_id in busy or res.get("GPU", 0) < self._gpus or res.get("CPU", 0) < self._cpus or not reachable(node):
+            if (
+                node_id in busy
+                or res.get("GPU", 0) < self._gpus
+                or res.get("CPU", 0) < self._cpus
+                or not reachable(node)
+            ):
                 continue
             # A one-bundle group pinned to the spare: reserved before the stage loads, and released on its own.
-            pg = placement_group([placement_bundle(self._cpus, self._gpus)], strategy="STRICT_PACK", bundle_label_selector=[{NODE_ID_LABEL_KEY: node_id}])
+            pg = placement_group(
+                [placement_bundle(self._cpus, self._gpus)],
+                strategy="STRICT_PACK",
+                bundle_label_selector=[{NODE_ID_LABEL_KEY: node_id}],
+            )
             ready, _ = ray.wait([pg.ready()], timeout=SPARE_READY_S)
             if not ready:
                 remove_placement_group(pg)  # its resources are taken after all
                 continue
-            log.warning("stage %d: its node %s is lost or unreachable; moving it to spare node %s", index, lost[:8], node["NodeManagerAddress"])
+            log.warning(
+                "stage %d: its node %s is lost or unreachable; moving it to spare node %s",
+                index,
+                lost[:8],
+                node["NodeManagerAddress"],
+            )
             self._drop_moved(index)
             self.moved[index] = pg
             return
-        raise PipelineError(f"stage {index}'s node {nodes.get(lost, {}).get('NodeManagerAddress', lost[:8])} is lost or unreachable, "
-                            f"and no spare node (alive, reachable, {self._gpus:g} GPU + {self._cpus:g} CPU free) can take the stage")
+        raise PipelineError(
+            f"stage {index}'s node {nodes.get(lost, {}).get('NodeManagerAddress', lost[:8])} is lost or unreachable, "
+            f"and no spare node (alive, reachable, {self._gpus:g} GPU + {self._cpus:g} CPU free) can take the stage"
+        )
 
     def _drop_moved(self, index: int) -> None:
         pg = self.moved.pop(index, None)
@@ -244,8 +275,16 @@ class RayPipeline(GrpcPipeline):
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console(stderr=True)
-        columns = (TextColumn("stage {task.fields[stage]} weights"), BarColumn(), DownloadColumn(binary_units=True), TimeElapsedColumn())
-        with ThreadPoolExecutor(len(self.controls)) as pool, Progress(*columns, console=console, transient=not console.is_terminal) as bar:
+        columns = (
+            TextColumn("stage {task.fields[stage]} weights"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TimeElapsedColumn(),
+        )
+        with (
+            ThreadPoolExecutor(len(self.controls)) as pool,
+            Progress(*columns, console=console, transient=not console.is_terminal) as bar,
+        ):
             loads = [pool.submit(control.load) for control in self.controls]
             tasks = [bar.add_task("", stage=i, total=None) for i in range(len(loads))]
             next_line = time.monotonic() + LOAD_LOG_EVERY_S

@@ -56,8 +56,14 @@ def stop_previous(client, name: str, stop_timeout_s: float, log: Callable[[str],
             raise ConfigError(f"job {job.submission_id} did not stop within {stop_timeout_s:.0f} s (status {status})")
 
 
-def run_submitter(address: str, name: str, command: list[str], wait_s: float = 600.0, stop_timeout_s: float = 60.0,
-                  log: Callable[[str], None] | None = None) -> int:
+def run_submitter(
+    address: str,
+    name: str,
+    command: list[str],
+    wait_s: float = 600.0,
+    stop_timeout_s: float = 60.0,
+    log: Callable[[str], None] | None = None,
+) -> int:
     """Submits `command` as a Ray job and follows its logs; returns 0 only if the job succeeded.
 
     SIGTERM or SIGINT stops the job (Ray sends it SIGTERM, so `stagecoach serve` drains) and
@@ -65,11 +71,16 @@ def run_submitter(address: str, name: str, command: list[str], wait_s: float = 6
     """
     log = log or (lambda msg: print(f"stagecoach submit: {msg}", file=sys.stderr, flush=True))
     if not command:
-        raise ConfigError("no command to submit: give it after '--', e.g. stagecoach submit -- stagecoach serve --config ...")
+        raise ConfigError(
+            "no command to submit: give it after '--', e.g. stagecoach submit -- stagecoach serve --config ..."
+        )
     client = _client(address, wait_s, log)
     stop_previous(client, name, stop_timeout_s, log)
-    job_id = client.submit_job(entrypoint=shlex.join(command), metadata={METADATA_KEY: name},
-                               submission_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    job_id = client.submit_job(
+        entrypoint=shlex.join(command),
+        metadata={METADATA_KEY: name},
+        submission_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+    )
     log(f"submitted {job_id}: {shlex.join(command)}")
 
     stopping = threading.Event()
@@ -82,6 +93,7 @@ def run_submitter(address: str, name: str, command: list[str], wait_s: float = 6
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+
         async def follow() -> None:
             async for lines in client.tail_job_logs(job_id):
                 sys.stdout.write(lines)

@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stagecoach.cluster.netns import (
-    PREFIX, TestbedError, kill_namespace_processes, namespaces, no_ipv6, require_root, run_cmd, veth,
+    PREFIX,
+    TestbedError,
+    kill_namespace_processes,
+    namespaces,
+    no_ipv6,
+    require_root,
+    run_cmd,
+    veth,
 )
 
 BRIDGE = f"{PREFIX}-br"
@@ -72,8 +79,18 @@ class Testbed:
             "ray_address": self.ray_address,
             "coordinator_address": self.bridge_address,
             "env": self.env,
-            "nodes": [{"index": n.index, "namespace": n.namespace, "address": n.address, "spare": n.spare, "cut": n.cut, "limit": n.limit,
-                       "ray_alive": n.address in alive} for n in self.nodes],
+            "nodes": [
+                {
+                    "index": n.index,
+                    "namespace": n.namespace,
+                    "address": n.address,
+                    "spare": n.spare,
+                    "cut": n.cut,
+                    "limit": n.limit,
+                    "ray_alive": n.address in alive,
+                }
+                for n in self.nodes
+            ],
         }
 
     def node(self, index: int) -> Node:
@@ -99,8 +116,11 @@ def _ray_env(bed: Testbed) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     # "0" (set for single-machine clusters on 127.0.0.1) makes `ray start` refuse to join nodes together.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
-    health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-              "RAY_health_check_failure_threshold": str(bed.node_death_s)}
+    health = {
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": str(bed.node_death_s),
+    }
     return env | health | bed.env | {"PATH": f"{BIN_DIR}:{env.get('PATH', '')}"}
 
 
@@ -109,15 +129,32 @@ def _ray_start(bed: Testbed, namespace: str, args: list[str]) -> None:
     # Ray's daemons inherit these: a log file and no stdin, never a pipe of this short-lived command.
     log = STATE_DIR / f"ray-start-{namespace}.log"
     with open(log, "w") as out:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=_ray_env(bed), cwd="/",
-                              timeout=UP_TIMEOUT_S, start_new_session=True)
+        done = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_ray_env(bed),
+            cwd="/",
+            timeout=UP_TIMEOUT_S,
+            start_new_session=True,
+        )
     if done.returncode != 0:
         raise TestbedError(f"`ray start` in {namespace} failed: {log.read_text()[-2000:]}")
 
 
 def _start_worker(bed: Testbed, node: Node) -> None:
-    _ray_start(bed, node.namespace, [f"--address={bed.head_address}:{GCS_PORT}", f"--node-ip-address={node.address}", "--num-cpus=1", "--num-gpus=1",
-                                "--object-store-memory=80000000"])
+    _ray_start(
+        bed,
+        node.namespace,
+        [
+            f"--address={bed.head_address}:{GCS_PORT}",
+            f"--node-ip-address={node.address}",
+            "--num-cpus=1",
+            "--num-gpus=1",
+            "--object-store-memory=80000000",
+        ],
+    )
 
 
 def _gcs_nodes(bed: Testbed) -> list:
@@ -158,10 +195,18 @@ def _shape(node: Node) -> None:
 
 
 # -- commands -------------------------------------------------------------------------------------
-def up(nodes: int, spare: int = 0, bandwidth: str | None = None, subnet: str = "10.213.7.0/24", node_death_s: int = NODE_DEATH_S) -> Testbed:
+def up(
+    nodes: int,
+    spare: int = 0,
+    bandwidth: str | None = None,
+    subnet: str = "10.213.7.0/24",
+    node_death_s: int = NODE_DEATH_S,
+) -> Testbed:
     require_root()
     if nodes < 1 or spare < 0 or nodes + spare > 200:
-        raise TestbedError(f"--nodes must be at least 1 and --spare at least 0, with at most 200 in all; got {nodes} and {spare}")
+        raise TestbedError(
+            f"--nodes must be at least 1 and --spare at least 0, with at most 200 in all; got {nodes} and {spare}"
+        )
     net = ipaddress.ip_network(subnet)
     if net.prefixlen != 24 or not net.is_private:
         raise TestbedError(f"--subnet must be a private /24, got {subnet}")
@@ -178,7 +223,10 @@ def up(nodes: int, spare: int = 0, bandwidth: str | None = None, subnet: str = "
 def _make(net, nodes: int, spare: int, bandwidth: str | None, node_death_s: int) -> Testbed:
     hosts = list(net.hosts())
     bed = Testbed(str(net), str(hosts[0]), str(hosts[1]), node_death_s)
-    bed.nodes = [Node(i, f"{PREFIX}-{i}", str(hosts[FIRST_NODE_HOST - 1 + i]), i >= nodes, limit=bandwidth) for i in range(nodes + spare)]
+    bed.nodes = [
+        Node(i, f"{PREFIX}-{i}", str(hosts[FIRST_NODE_HOST - 1 + i]), i >= nodes, limit=bandwidth)
+        for i in range(nodes + spare)
+    ]
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     (STATE_DIR / "auth_token").write_text(secrets.token_hex(32))
     (STATE_DIR / "auth_token").chmod(0o600)
@@ -187,7 +235,9 @@ def _make(net, nodes: int, spare: int, bandwidth: str | None, node_death_s: int)
     run_cmd("ip", "addr", "add", f"{bed.bridge_address}/24", "dev", BRIDGE)
     no_ipv6(BRIDGE)
     run_cmd("ip", "link", "set", BRIDGE, "up")
-    for name, link, address in [(HEAD_NS, veth("h"), bed.head_address)] + [(n.namespace, veth(n.index), n.address) for n in bed.nodes]:
+    for name, link, address in [(HEAD_NS, veth("h"), bed.head_address)] + [
+        (n.namespace, veth(n.index), n.address) for n in bed.nodes
+    ]:
         run_cmd("ip", "netns", "add", name)
         run_cmd("ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", name)
         run_cmd("ip", "link", "set", link, "master", BRIDGE, "up")
@@ -195,14 +245,35 @@ def _make(net, nodes: int, spare: int, bandwidth: str | None, node_death_s: int)
         run_cmd("ip", "-n", name, "link", "set", "eth0", "up")
         run_cmd("ip", "-n", name, "link", "set", "lo", "up")
         # IPv4 only: no link-local IPv6 address appears that a wildcard listener would also cover.
-        run_cmd("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        run_cmd(
+            "ip",
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        )
         no_ipv6(link)
     for n in bed.nodes:
         _shape(n)
     # The head holds no GPU, like the chart's head pod: stages land on the nodes.
-    _ray_start(bed, HEAD_NS, ["--head", f"--node-ip-address={bed.head_address}", f"--port={GCS_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
-                         "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={STATE_DIR / 'ray'}",
-                         "--object-store-memory=80000000"])
+    _ray_start(
+        bed,
+        HEAD_NS,
+        [
+            "--head",
+            f"--node-ip-address={bed.head_address}",
+            f"--port={GCS_PORT}",
+            f"--ray-client-server-port={CLIENT_PORT}",
+            "--num-cpus=1",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            f"--temp-dir={STATE_DIR / 'ray'}",
+            "--object-store-memory=80000000",
+        ],
+    )
     for n in bed.nodes:  # one at a time: raylets started together on a small machine miss Ray's start-up deadline
         _start_worker(bed, n)
     _wait_alive(bed, {bed.head_address} | {n.address for n in bed.nodes}, UP_TIMEOUT_S)
@@ -217,8 +288,12 @@ def cut(index: int, for_s: float | None = None) -> Testbed:
     _shape(node)
     if for_s is not None:
         # A detached `heal --after`, so that this command returns now; `down` ends it if it is still waiting.
-        timer = subprocess.Popen([sys.executable, "-m", "stagecoach.coordinator.cli", "testbed", "heal", str(index), "--after", str(for_s)],
-                                 stdout=subprocess.DEVNULL, stderr=open(STATE_DIR / f"heal-{index}.log", "w"), start_new_session=True)
+        timer = subprocess.Popen(
+            [sys.executable, "-m", "stagecoach.coordinator.cli", "testbed", "heal", str(index), "--after", str(for_s)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(STATE_DIR / f"heal-{index}.log", "w"),
+            start_new_session=True,
+        )
         bed.heal_timers[str(index)] = timer.pid
     bed.save()
     return bed

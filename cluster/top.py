@@ -20,7 +20,9 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 def fetch(url: str, api_key: str | None, timeout: float = 3.0) -> dict:
-    req = urllib.request.Request(url.rstrip("/") + "/v1/stats", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    req = urllib.request.Request(
+        url.rstrip("/") + "/v1/stats", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -41,8 +43,12 @@ def render(stats: dict | None, url: str, error: str | None, history: deque) -> G
     if stats is None:
         return Group(Panel(Text(f"cannot reach {url}: {error}\nretrying …", style="bold red"), title="stagecoach top"))
     footer = Text("latencies in ms · q quits", style="dim")
-    return Group(Panel(_header(stats, history), title="stagecoach top"), _stage_table(stats["stages"]),
-                 _rebalance_line(stats.get("rebalance"), stats["engine"]), footer)
+    return Group(
+        Panel(_header(stats, history), title="stagecoach top"),
+        _stage_table(stats["stages"]),
+        _rebalance_line(stats.get("rebalance"), stats["engine"]),
+        footer,
+    )
 
 
 def _header(stats: dict, history: deque) -> Table:
@@ -53,11 +59,14 @@ def _header(stats: dict, history: deque) -> Table:
     for _ in range(4):
         header.add_column()
     header.add_row(
-        f"[bold]{stats['model']}[/]", f"stages {len(stats['stages'])}", f"state [{'green' if state == 'ready' else 'red'}]{state}[/]",
+        f"[bold]{stats['model']}[/]",
+        f"stages {len(stats['stages'])}",
+        f"state [{'green' if state == 'ready' else 'red'}]{state}[/]",
         f"requests running {eng.get('running', 0)} waiting {eng.get('waiting', 0)}",
     )
     header.add_row(
-        f"in {t['input_tokens_per_s']:.1f} tok/s", f"out {t['output_tokens_per_s']:.1f} tok/s",
+        f"in {t['input_tokens_per_s']:.1f} tok/s",
+        f"out {t['output_tokens_per_s']:.1f} tok/s",
         f"TTFT p50/p99 {_ms(lat['ttft_ms'], 'p50')}/{_ms(lat['ttft_ms'], 'p99')} ms",
         f"ITL p50/p99 {_ms(lat['itl_ms'], 'p50')}/{_ms(lat['itl_ms'], 'p99')} ms",
     )
@@ -74,16 +83,41 @@ def _header(stats: dict, history: deque) -> Table:
 def _stage_table(stages: list[dict]) -> Table:
     """A row per stage: where it runs, its layers and memory, its times, and its state."""
     table = Table(expand=True)
-    for col in ("stage", "node", "device", "layers", "weights GB", "KV use", "compute p50", "compute p99", "queue p50", "hop p50", "hop p99", "mb/s", "errors", "state"):
+    for col in (
+        "stage",
+        "node",
+        "device",
+        "layers",
+        "weights GB",
+        "KV use",
+        "compute p50",
+        "compute p99",
+        "queue p50",
+        "hop p50",
+        "hop p99",
+        "mb/s",
+        "errors",
+        "state",
+    ):
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col) if col in ("stage", "state") else None)
     for s in stages:
         bad = s["state"] != "ready"
         table.add_row(
-            str(s["index"]), (s["node_id"] or "-")[:8], s["device"], f"{s['layers'][0]}-{s['layers'][1]}",
-            f"{s['weight_bytes'] / 1e9:.2f}", f"{s['kv_blocks_used']}/{s['kv_blocks_total']}",
-            _ms(s["compute_ms"], "p50"), _ms(s["compute_ms"], "p99"), _ms(s["queue_ms"], "p50"),
-            _ms(s["hop_ms"], "p50"), _ms(s["hop_ms"], "p99"), f"{s['microbatches_per_s']:.1f}", str(s["errors"]),
-            Text(s["state"], style="bold red" if bad else "green"), style="red" if bad else None,
+            str(s["index"]),
+            (s["node_id"] or "-")[:8],
+            s["device"],
+            f"{s['layers'][0]}-{s['layers'][1]}",
+            f"{s['weight_bytes'] / 1e9:.2f}",
+            f"{s['kv_blocks_used']}/{s['kv_blocks_total']}",
+            _ms(s["compute_ms"], "p50"),
+            _ms(s["compute_ms"], "p99"),
+            _ms(s["queue_ms"], "p50"),
+            _ms(s["hop_ms"], "p50"),
+            _ms(s["hop_ms"], "p99"),
+            f"{s['microbatches_per_s']:.1f}",
+            str(s["errors"]),
+            Text(s["state"], style="bold red" if bad else "green"),
+            style="red" if bad else None,
         )
     return table
 
@@ -114,8 +148,11 @@ def _rebalance_line(proposal: dict | None, eng: dict) -> Text:
         return Text(f"rebalance ({mode}): layers {split}, measuring stage speeds{last}{failed}", style="dim")
     if proposal["proposed"] == proposal["layers"]:
         return Text(f"rebalance ({mode}): layers {split} are balanced for the measured speeds{last}{failed}")
-    return Text(f"rebalance ({mode}) proposed: layers {split} → {','.join(map(str, proposal['proposed']))}, predicted "
-                f"{100 * proposal['predicted_gain']:+.0f} % ({proposal['layers_moved']} layers move){last}{failed}", style="yellow")
+    return Text(
+        f"rebalance ({mode}) proposed: layers {split} → {','.join(map(str, proposal['proposed']))}, predicted "
+        f"{100 * proposal['predicted_gain']:+.0f} % ({proposal['layers_moved']} layers move){last}{failed}",
+        style="yellow",
+    )
 
 
 def _watch_for_q(stop: threading.Event) -> None:

@@ -26,8 +26,17 @@ from stagecoach.coordinator.sequence_stream import Choice, SequenceStream
 from stagecoach.coordinator.server_metrics import Metrics, stats_document
 from stagecoach.coordinator.server_state import ServerState
 from stagecoach.errors import (
-    AuthenticationError, ForbiddenError, ModelNotFoundError, NotReadyError, QueueFullError, RequestError, RequestTimeoutError, ShuttingDownError,
-    StagecoachError, UnsupportedMediaTypeError, error_kind,
+    AuthenticationError,
+    ForbiddenError,
+    ModelNotFoundError,
+    NotReadyError,
+    QueueFullError,
+    RequestError,
+    RequestTimeoutError,
+    ShuttingDownError,
+    StagecoachError,
+    UnsupportedMediaTypeError,
+    error_kind,
 )
 
 log = logging.getLogger(__name__)
@@ -60,7 +69,9 @@ def errors_middleware(metrics: Metrics):
         except (ConnectionResetError, asyncio.CancelledError) as e:
             # The client went away: a stream's write found the connection reset, or aiohttp cancelled the handler. Not
             # an error of ours: one line, counted as 499; the handler's cleanup has aborted its sequences.
-            log.warning("%s %s: the client closed the connection before the response ended", request.method, request.path)
+            log.warning(
+                "%s %s: the client closed the connection before the response ended", request.method, request.path
+            )
             metrics.responses.labels(CLIENT_CLOSED, _route(request)).inc()
             if isinstance(e, asyncio.CancelledError):
                 raise
@@ -68,8 +79,14 @@ def errors_middleware(metrics: Metrics):
         except StagecoachError as e:
             response = _json_error(e)
         except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
-            body = {"error": {"message": e.reason or "error", "type": "invalid_request_error", "param": None,
-                              "code": (e.reason or "error").lower().replace(" ", "_")}}
+            body = {
+                "error": {
+                    "message": e.reason or "error",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": (e.reason or "error").lower().replace(" ", "_"),
+                }
+            }
             response = web.json_response(body, status=e.status)
         except Exception as e:  # a bug of ours: the client still gets OpenAI's error body
             log.exception("unexpected error in %s %s", request.method, request.path)
@@ -96,7 +113,9 @@ def _check_ready(state: ServerState) -> AsyncEngine:
 
 async def _read_json(request: web.Request) -> dict:
     if request.content_type != "application/json":
-        raise UnsupportedMediaTypeError(f"send the body as application/json, not {request.content_type or 'no content type'}")
+        raise UnsupportedMediaTypeError(
+            f"send the body as application/json, not {request.content_type or 'no content type'}"
+        )
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -109,7 +128,9 @@ async def _read_json(request: web.Request) -> dict:
 def _check_model(body: dict, state: ServerState) -> None:
     model = body.get("model")
     if model is not None and model != state.model_name:
-        raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves '{state.model_name}'", param="model")
+        raise ModelNotFoundError(
+            f"the model '{model}' does not exist; this server serves '{state.model_name}'", param="model"
+        )
 
 
 async def _tokenize(state: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -142,15 +163,21 @@ def _per_choice(req: GenerationRequest, state: ServerState) -> list[tuple[list[i
     return out
 
 
-async def _start(engine: AsyncEngine, state: ServerState, req: GenerationRequest, chat: bool, started: float) -> list[SequenceStream]:
+async def _start(
+    engine: AsyncEngine, state: ServerState, req: GenerationRequest, chat: bool, started: float
+) -> list[SequenceStream]:
     try:
         added = await engine.add_requests(_per_choice(req, state))
     except RequestError as e:
         if chat and e.param == "prompt":
             e.param = "messages"
         raise
-    streams = [SequenceStream(state.tokenizer, state.metrics, Choice(index=i, seq_id=seq.seq_id), req.stop, updates, started, engine.abort)
-               for i, (seq, updates) in enumerate(added)]
+    streams = [
+        SequenceStream(
+            state.tokenizer, state.metrics, Choice(index=i, seq_id=seq.seq_id), req.stop, updates, started, engine.abort
+        )
+        for i, (seq, updates) in enumerate(added)
+    ]
     num_prompt_tokens = sum(len(p) for p in req.prompts) * req.sampling.n
     state.metrics.prompt_tokens.inc(num_prompt_tokens)
     state.metrics.input_tokens.add(num_prompt_tokens)
@@ -177,7 +204,9 @@ async def _generate(request: web.Request, state: ServerState, req: GenerationReq
             except asyncio.TimeoutError:
                 raise _timed_out(state) from None
         state.metrics.requests.labels("200").inc()
-        return web.json_response(full_response(state.tokenizer, state.model_name, req, chat, [s.choice for s in streams]))
+        return web.json_response(
+            full_response(state.tokenizer, state.model_name, req, chat, [s.choice for s in streams])
+        )
     except StagecoachError as e:
         state.metrics.requests.labels(str(error_kind(e).http_status)).inc()
         raise
@@ -195,7 +224,14 @@ def _timed_out(state: ServerState) -> RequestTimeoutError:
     return RequestTimeoutError(f"the request took longer than {state.request_timeout_s:g} s (--request-timeout)")
 
 
-async def _stream(request: web.Request, state: ServerState, req: GenerationRequest, chat: bool, streams: list[SequenceStream], deadline: float):
+async def _stream(
+    request: web.Request,
+    state: ServerState,
+    req: GenerationRequest,
+    chat: bool,
+    streams: list[SequenceStream],
+    deadline: float,
+):
     chunk = ChunkMaker(state.model_name, chat)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -209,7 +245,9 @@ async def _stream(request: web.Request, state: ServerState, req: GenerationReque
     pending = {asyncio.ensure_future(s.next_delta()): s for s in streams}
     try:
         while pending:
-            done, _ = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
             if not done:
                 raise _timed_out(state)
             for task in done:
@@ -218,8 +256,18 @@ async def _stream(request: web.Request, state: ServerState, req: GenerationReque
                 if result is None:
                     continue
                 delta, num_new = result
-                if delta or s.choice.finish_reason or (num_new and req.logprobs is not None):  # every token's logprobs, text or not
-                    await send(chunk([choice_item(state.tokenizer, req, chat, s.choice, delta, len(s.choice.token_ids) - num_new)]))
+                if (
+                    delta or s.choice.finish_reason or (num_new and req.logprobs is not None)
+                ):  # every token's logprobs, text or not
+                    await send(
+                        chunk(
+                            [
+                                choice_item(
+                                    state.tokenizer, req, chat, s.choice, delta, len(s.choice.token_ids) - num_new
+                                )
+                            ]
+                        )
+                    )
                 if s.choice.finish_reason is None:
                     pending[asyncio.ensure_future(s.next_delta())] = s
         if req.include_usage:
@@ -241,8 +289,10 @@ async def _admin_rebalance(request: web.Request, state: ServerState) -> web.Resp
     """POST /v1/admin/rebalance: the current proposal, or the body's {"layers": [...]}, applied now (README, "Rebalancing")."""
     # Moving layers pauses every stream: only a server with an API key lets anyone ask for it.
     if state.api_key is None:
-        raise ForbiddenError("the admin endpoints exist only when the server has an API key: start it with --api-key-env NAME "
-                             "(server.api_key_env) and send 'Authorization: Bearer <key>'")
+        raise ForbiddenError(
+            "the admin endpoints exist only when the server has an API key: start it with --api-key-env NAME "
+            "(server.api_key_env) and send 'Authorization: Bearer <key>'"
+        )
     _check_auth(request, state)
     engine = state.engine
     if engine is None or engine.crashed is not None or state.draining:
@@ -251,7 +301,10 @@ async def _admin_rebalance(request: web.Request, state: ServerState) -> web.Resp
     if request.can_read_body:
         layers = (await _read_json(request)).get("layers")
         if layers is None:
-            raise RequestError("the body may hold only {\"layers\": [one count per stage]}; send no body for the current proposal", param="layers")
+            raise RequestError(
+                'the body may hold only {"layers": [one count per stage]}; send no body for the current proposal',
+                param="layers",
+            )
     record = await asyncio.wrap_future(engine.core.rebalancer.request(layers))
     return web.json_response(record | {"stages": [s.as_json() for s in state.stages]})
 
@@ -302,7 +355,13 @@ def _server_routes(routes: web.RouteTableDef, state: ServerState) -> None:
     @routes.get("/v1/models")
     async def models(request: web.Request):
         _check_auth(request, state)
-        model = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "stagecoach", "max_model_len": state.max_model_len}
+        model = {
+            "id": state.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "stagecoach",
+            "max_model_len": state.max_model_len,
+        }
         return web.json_response({"object": "list", "data": [model]})
 
     @routes.get("/health")

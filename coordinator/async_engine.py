@@ -21,8 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_crash: Callable[[BaseException], None] | None = None,
-                 run: Callable[[Engine, threading.Event], None] = Engine.run) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        on_crash: Callable[[BaseException], None] | None = None,
+        run: Callable[[Engine, threading.Event], None] = Engine.run,
+    ) -> None:
         """run: the loop to run on the thread (`supervisor.run_engine` recovers stage failures; the default does not)."""
         self.core = engine  # the Engine: its loop runs on this object's thread
         self.on_crash = on_crash
@@ -32,7 +36,9 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
-    async def add_requests(self, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[Sequence, asyncio.Queue]]:
+    async def add_requests(
+        self, requests: list[tuple[list[int], SamplingParams]]
+    ) -> list[tuple[Sequence, asyncio.Queue]]:
         """Queues requests (all or none); raises the RequestError of one that can never run."""
         loop = asyncio.get_running_loop()
         queues: dict[int, asyncio.Queue] = {}

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(srv, SERVE_ONLY)
     _add_tools(sub)
     add_testbed(sub)
-    rnd = sub.add_parser("make-random-model", help="write a small random Qwen2 checkpoint folder (for trying things out)")
+    rnd = sub.add_parser(
+        "make-random-model", help="write a small random Qwen2 checkpoint folder (for trying things out)"
+    )
     rnd.add_argument("--dir", required=True)
     rnd.add_argument("--layers", type=int, default=4)
     rnd.add_argument("--hidden-size", type=int, default=64)
@@ -43,7 +45,12 @@ def _add_generate(sub) -> None:
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts)")
     gen.add_argument("--prompt-ids", action="append", type=int_list, default=[], help="prompt token ids, e.g. 1,2,3")
     gen.add_argument("--chat", action="store_true", help="wrap each --prompt as a user message in the chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate at most (default: {DEFAULT_NEW_TOKENS}, or what the context leaves)")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens to generate at most (default: {DEFAULT_NEW_TOKENS}, or what the context leaves)",
+    )
     gen.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: generation_config.json)")
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--top-k", type=int, default=None)
@@ -52,7 +59,9 @@ def _add_generate(sub) -> None:
     gen.add_argument("--frequency-penalty", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--n", type=int, default=1, help="completions per prompt (seeded seed, seed + 1, …)")
-    gen.add_argument("--logprobs", type=int, default=None, help="also print each token's log-probability and the top N alternatives")
+    gen.add_argument(
+        "--logprobs", type=int, default=None, help="also print each token's log-probability and the top N alternatives"
+    )
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the checkpoint's stop tokens")
     gen.add_argument("--json", action="store_true", help="print one JSON object per completion (a list for several)")
 
@@ -65,15 +74,29 @@ def _add_tools(sub) -> None:
     top.add_argument("--once", action="store_true", help="print one frame and exit (for scripts)")
     top.add_argument("--api-key-env", default=None, help="environment variable holding the server's API key")
 
-    submit = sub.add_parser("submit", help="run a command (usually `stagecoach serve`) as a Ray job and follow it; used by the Helm chart")
+    submit = sub.add_parser(
+        "submit", help="run a command (usually `stagecoach serve`) as a Ray job and follow it; used by the Helm chart"
+    )
     submit.add_argument("--address", default="http://127.0.0.1:8265", help="Ray's job API (the dashboard address)")
-    submit.add_argument("--name", default="stagecoach-serve", help="jobs of this name left unfinished by an earlier submitter are stopped first")
+    submit.add_argument(
+        "--name",
+        default="stagecoach-serve",
+        help="jobs of this name left unfinished by an earlier submitter are stopped first",
+    )
     submit.add_argument("--wait", type=float, default=600.0, help="seconds to wait for Ray's job API to answer")
-    submit.add_argument("--stop-timeout", type=float, default=60.0, help="seconds a stopped job gets to end (its drain)")
+    submit.add_argument(
+        "--stop-timeout", type=float, default=60.0, help="seconds a stopped job gets to end (its drain)"
+    )
     submit.add_argument("job", nargs=argparse.REMAINDER, help="-- and the command to run")
 
-    fetch = sub.add_parser("fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct")
-    fetch.add_argument("--dir", default=None, help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)")
+    fetch = sub.add_parser(
+        "fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct"
+    )
+    fetch.add_argument(
+        "--dir",
+        default=None,
+        help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)",
+    )
     fetch.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
 
@@ -92,10 +115,23 @@ def _sampling(args: argparse.Namespace, model_dir: Path):
     from stagecoach.coordinator.request_checks import sampling_defaults
     from stagecoach.proto.types import SamplingParams
 
-    overrides = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    overrides = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+    }
     params = sampling_defaults(model_dir) | {k: v for k, v in overrides.items() if v is not None}
-    return SamplingParams(**params, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed,
-                          max_tokens=DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens, n=args.n, ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    return SamplingParams(
+        **params,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        max_tokens=DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+        n=args.n,
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+    )
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
@@ -103,7 +139,10 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
         raise ConfigError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
     if args.chat and args.prompt_ids:
         raise ConfigError("--chat applies to --prompt text, not to --prompt-ids")
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p) for p in args.prompt]
+    prompts = [
+        tokenizer.encode_chat([{"role": "user", "content": p}]) if args.chat else tokenizer.encode(p)
+        for p in args.prompt
+    ]
     return prompts + args.prompt_ids
 
 
@@ -127,13 +166,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     choices = []
     for i, prompt in enumerate(prompts):
         # Without --max-new-tokens a prompt gets what its context leaves, up to the default.
-        own = sampling if args.max_new_tokens is not None else replace(sampling, max_tokens=max(1, min(DEFAULT_NEW_TOKENS, limit - len(prompt))))
+        own = (
+            sampling
+            if args.max_new_tokens is not None
+            else replace(sampling, max_tokens=max(1, min(DEFAULT_NEW_TOKENS, limit - len(prompt))))
+        )
         check_request(prompt, own, limits, param=f"prompt {i}")  # before any stage starts: a bad request costs nothing
-        choices += [(prompt, replace(own, seed=None if own.seed is None else (own.seed + k) % 2**63)) for k in range(own.n)]
+        choices += [
+            (prompt, replace(own, seed=None if own.seed is None else (own.seed + k) % 2**63)) for k in range(own.n)
+        ]
 
     pipeline = open_pipeline(config)
     try:
-        engine = build_engine(pipeline, config, tokenizer.stop_token_ids, model.max_position_embeddings, model.vocab_size)
+        engine = build_engine(
+            pipeline, config, tokenizer.stop_token_ids, model.max_position_embeddings, model.vocab_size
+        )
         seqs = engine.add_requests(choices)
         run_engine(engine)  # a stage that fails meanwhile is recovered, as when serving
     finally:
@@ -141,22 +188,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _print_results(args, tokenizer, seqs, [s.as_json() for s in pipeline.stages], engine.timings.rows())
     failed = [i for i, seq in enumerate(seqs) if seq.finish_reason == "error"]
     if failed:  # the others finished: their results are printed above
-        error = StageComputeError(f"completion(s) {', '.join(map(str, failed))} failed: a stage failed their microbatches again when "
-                                  f"retried on their own (the log names the stage and its error)")
+        error = StageComputeError(
+            f"completion(s) {', '.join(map(str, failed))} failed: a stage failed their microbatches again when "
+            f"retried on their own (the log names the stage and its error)"
+        )
         print(f"stagecoach: error: {error}", file=sys.stderr)
         return error_kind(error).exit_code
     return 0
 
 
-def _print_results(args: argparse.Namespace, tokenizer, seqs: list, stages: list[dict], timing_rows: list[dict]) -> None:
+def _print_results(
+    args: argparse.Namespace, tokenizer, seqs: list, stages: list[dict], timing_rows: list[dict]
+) -> None:
     from stagecoach.coordinator.tokenizer import IncrementalDetokenizer
 
     results = []
     for seq in seqs:
         detok = IncrementalDetokenizer(tokenizer)
         text = "".join(detok.add(t) for t in seq.output_token_ids) + detok.flush()
-        result = {"prompt_token_ids": seq.prompt_token_ids, "token_ids": seq.output_token_ids, "text": text,
-                  "finish_reason": seq.finish_reason, "stages": stages, "timings": timing_rows}
+        result = {
+            "prompt_token_ids": seq.prompt_token_ids,
+            "token_ids": seq.output_token_ids,
+            "text": text,
+            "finish_reason": seq.finish_reason,
+            "stages": stages,
+            "timings": timing_rows,
+        }
         if args.logprobs is not None:
             result |= {"logprobs": seq.output_logprobs, "top_logprobs": seq.output_top_logprobs}
         results.append(result)
@@ -185,8 +242,13 @@ def print_stage_table(stages: list[dict], timing_rows: list[dict]) -> None:
             return "-" if not p else f"{p['p50']:.2f} / {p['p99']:.2f}"
 
         table.add_row(
-            str(s["index"]), f"[{s['layers'][0]}, {s['layers'][1]})", s.get("address", "in-process"),
-            str(row.get("microbatches", 0)), ms("compute_ms"), ms("queue_ms"), ms("hop_ms"),
+            str(s["index"]),
+            f"[{s['layers'][0]}, {s['layers'][1]})",
+            s.get("address", "in-process"),
+            str(row.get("microbatches", 0)),
+            ms("compute_ms"),
+            ms("queue_ms"),
+            ms("hop_ms"),
         )
     Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
 
@@ -228,7 +290,9 @@ def cmd_fetch_demo_model(args: argparse.Namespace) -> int:
 def cmd_make_random_model(args: argparse.Namespace) -> int:
     from stagecoach.coordinator.random_checkpoint import write_random_checkpoint
 
-    path = write_random_checkpoint(args.dir, num_hidden_layers=args.layers, hidden_size=args.hidden_size, seed=args.seed)
+    path = write_random_checkpoint(
+        args.dir, num_hidden_layers=args.layers, hidden_size=args.hidden_size, seed=args.seed
+    )
     print(f"wrote a random Qwen2 checkpoint ({args.layers} layers, hidden {args.hidden_size}) to {path}")
     return 0
 
@@ -241,8 +305,15 @@ def cmd_testbed(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": cmd_generate, "serve": cmd_serve, "top": cmd_top, "submit": cmd_submit, "fetch-demo-model": cmd_fetch_demo_model,
-                "make-random-model": cmd_make_random_model, "testbed": cmd_testbed}
+    handlers = {
+        "generate": cmd_generate,
+        "serve": cmd_serve,
+        "top": cmd_top,
+        "submit": cmd_submit,
+        "fetch-demo-model": cmd_fetch_demo_model,
+        "make-random-model": cmd_make_random_model,
+        "testbed": cmd_testbed,
+    }
     try:
         return handlers[args.command](args)
     except StagecoachError as e:

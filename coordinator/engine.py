@@ -36,9 +36,17 @@ POLL_S = 0.5  # how long a serving loop waits on an idle pipe before it looks at
 class Engine:
     """Continuous batching over a pipeline: requests join and leave between microbatches."""
 
-    def __init__(self, pipeline: Pipeline, scheduler_config: SchedulerConfig, stop_token_ids: list[int] | None = None,
-                 max_inflight: int = 1, heartbeat_interval_s: float | None = None, recovery_timeout_s: float | None = None,
-                 crash_token_id: int | None = None, rebalance: RebalancePolicy | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        scheduler_config: SchedulerConfig,
+        stop_token_ids: list[int] | None = None,
+        max_inflight: int = 1,
+        heartbeat_interval_s: float | None = None,
+        recovery_timeout_s: float | None = None,
+        crash_token_id: int | None = None,
+        rebalance: RebalancePolicy | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.scheduler = Scheduler(scheduler_config)
         self.stop_token_ids = list(stop_token_ids or [])
@@ -55,7 +63,9 @@ class Engine:
         self.on_recovery: Callable[[float], None] | None = None
         self.microbatch_failures = 0  # microbatches a stage failed while staying up
         self.failed_requests: dict[str, int] = {"stage_error": 0}  # sequences ended with an error, by reason
-        self.on_microbatch_failure: Callable[[int | None, list[StagecoachError]], None] | None = None  # (stage, the errors it ended sequences with)
+        self.on_microbatch_failure: Callable[[int | None, list[StagecoachError]], None] | None = (
+            None  # (stage, the errors it ended sequences with)
+        )
         self.failure: str | None = None  # why the pipeline cannot serve now (it is recovering); None when whole
         self.health = StageHealth(pipeline, heartbeat_interval_s)  # heartbeats, ordered against reconfigurations
         self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)
@@ -66,7 +76,9 @@ class Engine:
         self._last_stats: dict = {}
 
     # -- the API, from any thread -------------------------------------------------------------
-    def submit_request(self, requests: list[tuple[list[int], SamplingParams]], listener: Callable[[int], Listener]) -> Future:
+    def submit_request(
+        self, requests: list[tuple[list[int], SamplingParams]], listener: Callable[[int], Listener]
+    ) -> Future:
         """Queues requests for the loop; the future gets their Sequences, or the RequestError of the first that can
         never run (then none is added). listener(seq_id) gives the callback for that sequence's TokenUpdates."""
         future: Future = Future()
@@ -132,7 +144,10 @@ class Engine:
             }
             self._last_stats["rebalance"] = self.rebalancer.stats()
             if with_timings:
-                self._last_stats |= {"timings": self.timings.rows(), "coordinator_hop_ms": self.timings.coordinator_hop()}
+                self._last_stats |= {
+                    "timings": self.timings.rows(),
+                    "coordinator_hop_ms": self.timings.coordinator_hop(),
+                }
             return dict(self._last_stats)
         finally:
             self._lock.release()
@@ -172,8 +187,10 @@ class Engine:
             except Exception as e:
                 if target is None:
                     raise
-                raise PipelineError(f"the rebalance onto layers {list(target)} failed ({e}); going back to "
-                                    f"{[s.layers for s in self.pipeline.stages]}") from None
+                raise PipelineError(
+                    f"the rebalance onto layers {list(target)} failed ({e}); going back to "
+                    f"{[s.layers for s in self.pipeline.stages]}"
+                ) from None
             if self.pipeline.num_blocks != self.scheduler.block_manager.num_blocks:  # a stage started again holds fewer
                 self.scheduler.resize_blocks(self.pipeline.num_blocks)
         return time.monotonic() - start, requeued
@@ -225,10 +242,14 @@ class Engine:
             unfinished = len(self.scheduler.running) + len(self.scheduler.waiting)
             batch = self.scheduler.schedule(max_seqs=max(1, -(-unfinished // self.max_inflight)))
             if batch is None:
-                assert self.inflight or not self.scheduler.has_unfinished, "unfinished sequences but nothing schedulable or in flight"
+                assert self.inflight or not self.scheduler.has_unfinished, (
+                    "unfinished sequences but nothing schedulable or in flight"
+                )
                 return
             if self.crash_token_id is not None and self.crash_token_id in batch.token_ids:
-                raise RuntimeError(f"testing.engine_crash_token_id: microbatch {batch.batch_id} holds token {self.crash_token_id}")
+                raise RuntimeError(
+                    f"testing.engine_crash_token_id: microbatch {batch.batch_id} holds token {self.crash_token_id}"
+                )
             self.pipeline.submit(batch)
             self.inflight[batch.batch_id] = (batch, time.monotonic())
             self.num_batches += 1
@@ -259,16 +280,29 @@ class Engine:
         dead = self.health.unanswered()
         if dead:
             listing = ", ".join(f"stage {stage.index} ({error})" for stage, error in dead)
-            raise PipelineError(f"microbatch {done.batch_id} failed {where} ({done.error}), and {listing} does not answer")
+            raise PipelineError(
+                f"microbatch {done.batch_id} failed {where} ({done.error}), and {listing} does not answer"
+            )
         self.microbatch_failures += 1
         others = [b for b, _ in self.inflight.values()]
         ended, void = self.scheduler.microbatch_failed(batch, others)
         for batch_id in void:
             self.inflight.pop(batch_id, None)
-        log.warning("microbatch %d (sequences %s) failed %s while every stage stayed up: %s; retrying them alone%s", done.batch_id,
-                    [c.seq_id for c in batch.seqs], where, done.error, f" (void too: microbatches {sorted(void)})" if len(void) > 1 else "")
-        errors = [StageComputeError(f"this request's microbatch failed {seq.num_failures} times, the last time on its own and {where}, "
-                                    f"while every stage stayed up: {done.error}") for seq in ended]
+        log.warning(
+            "microbatch %d (sequences %s) failed %s while every stage stayed up: %s; retrying them alone%s",
+            done.batch_id,
+            [c.seq_id for c in batch.seqs],
+            where,
+            done.error,
+            f" (void too: microbatches {sorted(void)})" if len(void) > 1 else "",
+        )
+        errors = [
+            StageComputeError(
+                f"this request's microbatch failed {seq.num_failures} times, the last time on its own and {where}, "
+                f"while every stage stayed up: {done.error}"
+            )
+            for seq in ended
+        ]
         for seq, error in zip(ended, errors):
             log.error("sequence %d ends after %d failed microbatches: %s", seq.seq_id, seq.num_failures, done.error)
             self.failed_requests["stage_error"] += 1
@@ -341,8 +375,15 @@ class Engine:
             return
         listener, sent = entry
         n = len(seq.output_token_ids)
-        update = TokenUpdate(seq.output_token_ids[sent:n], seq.output_logprobs[sent:n], seq.output_top_logprobs[sent:n],
-                             seq.is_finished, None if error else seq.finish_reason, error, seq.num_cached_tokens or 0)
+        update = TokenUpdate(
+            seq.output_token_ids[sent:n],
+            seq.output_logprobs[sent:n],
+            seq.output_top_logprobs[sent:n],
+            seq.is_finished,
+            None if error else seq.finish_reason,
+            error,
+            seq.num_cached_tokens or 0,
+        )
         if seq.is_finished:
             del self._listeners[seq.seq_id]
         else:

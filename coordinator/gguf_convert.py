@@ -99,7 +99,9 @@ def build_tokenizer(reader):
     merges = _field(reader, "tokenizer.ggml.merges")
     num_regular = next((i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED, _UNUSED)), len(tokens))
     vocab = {tokens[i]: i for i in range(num_regular)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False)
+    )
     tok.normalizer = normalizers.NFC()  # Qwen2's tokenizer normalizes; the GGUF metadata does not say so
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -112,7 +114,16 @@ def build_tokenizer(reader):
     added = []
     for i in range(num_regular, len(tokens)):
         # Control and padding tokens are special (skipped when decoding); user-defined ones are text.
-        added.append(AddedToken(tokens[i], special=types[i] != _USER_DEFINED, normalized=False, lstrip=False, rstrip=False, single_word=False))
+        added.append(
+            AddedToken(
+                tokens[i],
+                special=types[i] != _USER_DEFINED,
+                normalized=False,
+                lstrip=False,
+                rstrip=False,
+                single_word=False,
+            )
+        )
     tok.add_tokens(added)
     for i in range(num_regular, len(tokens)):
         if tok.token_to_id(tokens[i]) != i:
@@ -130,12 +141,21 @@ def _write_tokenizer(reader, out: Path, config: dict) -> None:
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "added_tokens_decoder": {
-                    str(i): {"content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": special}
+                    str(i): {
+                        "content": text,
+                        "lstrip": False,
+                        "normalized": False,
+                        "rstrip": False,
+                        "single_word": False,
+                        "special": special,
+                    }
                     for i, text, special in added
                 },
                 "bos_token": None,
                 "eos_token": id_to_text.get(config["eos_token_id"], "<|im_end|>"),
-                "pad_token": id_to_text.get(int(_field(reader, "tokenizer.ggml.padding_token_id", config["bos_token_id"])), "<|endoftext|>"),
+                "pad_token": id_to_text.get(
+                    int(_field(reader, "tokenizer.ggml.padding_token_id", config["bos_token_id"])), "<|endoftext|>"
+                ),
                 "unk_token": None,
                 "chat_template": template,
                 "clean_up_tokenization_spaces": False,
@@ -161,7 +181,9 @@ def _write_safetensors(reader, path: Path, dtype: str) -> None:
         nbytes = int(np.prod(shape)) * torch_dtype.itemsize
         entries.append((t, hf_name(t.name), shape, offset, offset + nbytes))
         offset += nbytes
-    header = {name: {"dtype": code, "shape": shape, "data_offsets": [begin, end]} for _, name, shape, begin, end in entries}
+    header = {
+        name: {"dtype": code, "shape": shape, "data_offsets": [begin, end]} for _, name, shape, begin, end in entries
+    }
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -175,7 +197,9 @@ def _write_safetensors(reader, path: Path, dtype: str) -> None:
             written = 0
             for start in range(0, rows, step):
                 part = t.data[start : start + step] if t.data.ndim > 1 else t.data
-                values = np.ascontiguousarray(dequantize(part, t.tensor_type), dtype=np.float32)  # [out, in] rows, as HF
+                values = np.ascontiguousarray(
+                    dequantize(part, t.tensor_type), dtype=np.float32
+                )  # [out, in] rows, as HF
                 if not values.flags.writeable:  # an unquantized tensor comes back as a view of the read-only file
                     values = values.copy()
                 block = torch.from_numpy(values).to(torch_dtype)
@@ -186,7 +210,9 @@ def _write_safetensors(reader, path: Path, dtype: str) -> None:
                 raise CheckpointError(f"GGUF tensor {t.name} dequantized to {written} bytes, expected {end - begin}")
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", generation_config: dict | None = None) -> Path:
+def convert_gguf(
+    gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", generation_config: dict | None = None
+) -> Path:
     """Writes config.json, model.safetensors, tokenizer files and generation_config.json to out_dir.
 
     Written into a sibling temporary folder and renamed at the end: out_dir is either complete or absent.
@@ -201,7 +227,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
         reader = GGUFReader(str(gguf_path))
         config = hf_config(reader) | {"torch_dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"], config["bos_token_id"]], "pad_token_id": config["bos_token_id"]}
+        gen = {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": [config["eos_token_id"], config["bos_token_id"]],
+            "pad_token_id": config["bos_token_id"],
+        }
         (tmp / "generation_config.json").write_text(json.dumps(gen | (generation_config or {}), indent=2))
         _write_tokenizer(reader, tmp, config)
         _write_safetensors(reader, tmp / "model.safetensors", dtype)

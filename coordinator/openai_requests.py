@@ -15,14 +15,34 @@ def bad(param: str, message: str) -> RequestError:
 
 # Parameters OpenAI defines that change what comes back and that this server does not do.
 UNSUPPORTED = {
-    "tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls", "function_call": "function calls",
-    "suffix": "suffixes", "best_of": "best_of", "response_format": "structured output", "logit_bias": "logit_bias",
+    "tools": "tool calls",
+    "tool_choice": "tool calls",
+    "functions": "function calls",
+    "function_call": "function calls",
+    "suffix": "suffixes",
+    "best_of": "best_of",
+    "response_format": "structured output",
+    "logit_bias": "logit_bias",
 }
 
 
 _COMMON = {
-    "model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty",
-    "stop", "seed", "n", "logprobs", "stream", "stream_options", "ignore_eos", "user",
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "seed",
+    "n",
+    "logprobs",
+    "stream",
+    "stream_options",
+    "ignore_eos",
+    "user",
 }
 KNOWN_CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"} | set(UNSUPPORTED)
 KNOWN_COMPLETION = _COMMON | {"prompt", "echo"} | set(UNSUPPORTED)
@@ -44,7 +64,11 @@ def _number(body: dict, name: str, kind=float, default=None):
     if name not in body or body[name] is None:
         return default
     value = body[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
         raise bad(name, f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise bad(name, f"'{name}' must be finite, got {value!r}")
@@ -131,8 +155,14 @@ def parse_common(body: dict, defaults: dict, chat: bool) -> GenerationRequest:
 
 
 _SAMPLING_NUMBERS = {
-    "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float, "presence_penalty": float,
-    "frequency_penalty": float, "seed": int, "n": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "repetition_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "seed": int,
+    "n": int,
 }
 
 
@@ -146,7 +176,9 @@ def parse_messages(body: dict) -> list[dict]:
             raise bad(f"messages[{i}].role", f"messages[{i}] needs a role of system, user or assistant")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise bad(f"messages[{i}].content", f"messages[{i}].content: only text parts are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):

@@ -24,7 +24,9 @@ class StageSpeed:
     decode_fixed_s: float = 0.0  # seconds of fixed work per decode microbatch
     prefill_fixed_s: float = 0.0  # seconds of fixed work per prefill token
     memory_bytes: int | None = None  # budget for weights and KV cache; None: unbounded
-    fixed_bytes: int = 0  # weights it holds whatever its layers (embed_tokens on the first; norm and lm_head on the last)
+    fixed_bytes: int = (
+        0  # weights it holds whatever its layers (embed_tokens on the first; norm and lm_head on the last)
+    )
 
 
 @dataclass(slots=True)
@@ -68,7 +70,9 @@ def max_layers(speed: StageSpeed, layer_bytes: int, num_layers: int) -> int:
     return max(0, min(num_layers, (speed.memory_bytes - speed.fixed_bytes) // layer_bytes))
 
 
-def plan_split(num_layers: int, speeds: list[StageSpeed], work: Workload, layer_bytes: int, current: list[int] | None = None) -> Plan:
+def plan_split(
+    num_layers: int, speeds: list[StageSpeed], work: Workload, layer_bytes: int, current: list[int] | None = None
+) -> Plan:
     """Contiguous layer counts that minimise the slowest stage's time for `work`, never exceeding a stage's memory.
 
     layer_bytes: one layer's weights plus the KV cache it must keep. Among the splits whose slowest stage
@@ -76,23 +80,33 @@ def plan_split(num_layers: int, speeds: list[StageSpeed], work: Workload, layer_
     Raises PartitionError with the numbers when a stage cannot hold one layer or the stages cannot hold the model.
     """
     num_stages = len(speeds)
-    if current is not None and (len(current) != num_stages or sum(current) != num_layers or min(current, default=0) < 1):
+    if current is not None and (
+        len(current) != num_stages or sum(current) != num_layers or min(current, default=0) < 1
+    ):
         raise PartitionError(f"the current split {current} does not give {num_layers} layers to {num_stages} stages")
     caps = [max_layers(s, layer_bytes, num_layers) for s in speeds]
     for i, (cap, s) in enumerate(zip(caps, speeds)):
         if cap < 1:
-            raise PartitionError(f"stage {i} cannot hold a single layer: of its {s.memory_bytes} bytes, {s.fixed_bytes} hold fixed weights, "
-                                 f"and one layer needs {layer_bytes} (weights and its KV cache)")
+            raise PartitionError(
+                f"stage {i} cannot hold a single layer: of its {s.memory_bytes} bytes, {s.fixed_bytes} hold fixed weights, "
+                f"and one layer needs {layer_bytes} (weights and its KV cache)"
+            )
     if sum(caps) < num_layers:
-        raise PartitionError(f"the stages hold at most {caps} layers ({sum(caps)} in all), but the model has {num_layers}")
+        raise PartitionError(
+            f"the stages hold at most {caps} layers ({sum(caps)} in all), but the model has {num_layers}"
+        )
     # Pass 1: the lowest possible slowest-stage time. Pass 2: among splits within it, the fewest moves, then the most even.
     fastest = _fastest(num_layers, speeds, work, caps)
     limit = fastest * (1 + TIE)
-    boundaries = None if current is None else [sum(current[:i + 1]) for i in range(num_stages)]
+    boundaries = None if current is None else [sum(current[: i + 1]) for i in range(num_stages)]
     counts = _counts(num_layers, speeds, work, caps, limit, boundaries)
     current = counts if current is None else current
-    return Plan(counts, [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts)], list(current),
-                [stage_seconds(sp, c, work) for sp, c in zip(speeds, current)])
+    return Plan(
+        counts,
+        [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts)],
+        list(current),
+        [stage_seconds(sp, c, work) for sp, c in zip(speeds, current)],
+    )
 
 
 def _fastest(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: list[int]) -> float:
@@ -109,7 +123,14 @@ def _fastest(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: li
     return best[num_layers]
 
 
-def _counts(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: list[int], limit: float, boundaries: list[int] | None) -> list[int]:
+def _counts(
+    num_layers: int,
+    speeds: list[StageSpeed],
+    work: Workload,
+    caps: list[int],
+    limit: float,
+    boundaries: list[int] | None,
+) -> list[int]:
     """Among the splits with every stage within `limit`: the fewest layers moved from `boundaries` (if any), then the least sum of squared times."""
     num_stages, inf = len(speeds), (float("inf"), float("inf"))
     best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
@@ -153,14 +174,22 @@ class StageRates:
         if len(by_stage) != len(layer_counts) or any(t.layers_ns <= 0 for t in by_stage.values()):
             return
         is_decode = all(c.num_tokens == 1 for c in batch.seqs)
-        per_stage = [(n, by_stage[i].layers_ns / 1e9, max(0, by_stage[i].compute_end_ns - by_stage[i].compute_start_ns - by_stage[i].layers_ns) / 1e9)
-                     for i, n in enumerate(layer_counts)]
+        per_stage = [
+            (
+                n,
+                by_stage[i].layers_ns / 1e9,
+                max(0, by_stage[i].compute_end_ns - by_stage[i].compute_start_ns - by_stage[i].layers_ns) / 1e9,
+            )
+            for i, n in enumerate(layer_counts)
+        ]
         self._records.append((is_decode, 1 if is_decode else batch.num_tokens, per_stage))
         self._added += 1
 
     def workload(self) -> Workload:
-        return Workload(decode_batches=sum(units for d, units, _ in self._records if d),
-                        prefill_tokens=sum(units for d, units, _ in self._records if not d))
+        return Workload(
+            decode_batches=sum(units for d, units, _ in self._records if d),
+            prefill_tokens=sum(units for d, units, _ in self._records if not d),
+        )
 
     def speeds(self) -> list[StageSpeed]:
         """Each stage's mean seconds per layer and fixed seconds, per decode microbatch and per prefill token."""
@@ -168,14 +197,28 @@ class StageRates:
             return []
         out = []
         for i in range(len(self._records[0][2])):
-            sums = {True: [0.0, 0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0, 0.0]}  # layer seconds, layer units, fixed seconds, units
+            sums = {
+                True: [0.0, 0.0, 0.0, 0.0],
+                False: [0.0, 0.0, 0.0, 0.0],
+            }  # layer seconds, layer units, fixed seconds, units
             for is_decode, units, per_stage in self._records:
                 layers, layer_s, fixed_s = per_stage[i]
                 acc = sums[is_decode]
-                acc[0], acc[1], acc[2], acc[3] = acc[0] + layer_s, acc[1] + layers * units, acc[2] + fixed_s, acc[3] + units
+                acc[0], acc[1], acc[2], acc[3] = (
+                    acc[0] + layer_s,
+                    acc[1] + layers * units,
+                    acc[2] + fixed_s,
+                    acc[3] + units,
+                )
             d, p = sums[True], sums[False]
-            out.append(StageSpeed(decode_layer_s=d[0] / d[1] if d[1] else 0.0, prefill_layer_s=p[0] / p[1] if p[1] else 0.0,
-                                  decode_fixed_s=d[2] / d[3] if d[3] else 0.0, prefill_fixed_s=p[2] / p[3] if p[3] else 0.0))
+            out.append(
+                StageSpeed(
+                    decode_layer_s=d[0] / d[1] if d[1] else 0.0,
+                    prefill_layer_s=p[0] / p[1] if p[1] else 0.0,
+                    decode_fixed_s=d[2] / d[3] if d[3] else 0.0,
+                    prefill_fixed_s=p[2] / p[3] if p[3] else 0.0,
+                )
+            )
         return out
 
     def propose(self, current: list[int], memory: StageMemory | None = None, min_records: int = 32) -> Plan | None:
@@ -199,11 +242,30 @@ class StageRates:
             try:
                 plan = self.propose(current, memory)
             except PartitionError as e:  # the stages' memory holds no split (reported, not raised: serving goes on)
-                self._proposal = (key, {"layers": current, "proposed": current, "predicted_gain": 0.0, "layers_moved": 0,
-                                        "window_microbatches": len(self), "refused": str(e)})
+                self._proposal = (
+                    key,
+                    {
+                        "layers": current,
+                        "proposed": current,
+                        "predicted_gain": 0.0,
+                        "layers_moved": 0,
+                        "window_microbatches": len(self),
+                        "refused": str(e),
+                    },
+                )
                 return self._proposal[1]
-            self._proposal = (key, None if plan is None else {"layers": current, "proposed": plan.counts, "predicted_gain": round(plan.gain, 4),
-                                                              "layers_moved": plan.layers_moved, "window_microbatches": len(self)})
+            self._proposal = (
+                key,
+                None
+                if plan is None
+                else {
+                    "layers": current,
+                    "proposed": plan.counts,
+                    "predicted_gain": round(plan.gain, 4),
+                    "layers_moved": plan.layers_moved,
+                    "window_microbatches": len(self),
+                },
+            )
         return self._proposal[1]
 
 
@@ -221,5 +283,8 @@ class StageMemory:
         """From the stages' Info (StageSummary); None when they did not report their sizes (the in-process backend)."""
         if not stages or any(s.layer_bytes <= 0 or s.memory_total_bytes <= 0 for s in stages):
             return None
-        return cls([s.memory_total_bytes for s in stages], [max(0, s.weight_bytes - (s.layers[1] - s.layers[0]) * s.layer_bytes) for s in stages],
-                   stages[0].layer_bytes + num_blocks * stages[0].kv_block_layer_bytes)
+        return cls(
+            [s.memory_total_bytes for s in stages],
+            [max(0, s.weight_bytes - (s.layers[1] - s.layers[0]) * s.layer_bytes) for s in stages],
+            stages[0].layer_bytes + num_blocks * stages[0].kv_block_layer_bytes,
+        )

@@ -57,7 +57,14 @@ def write_tokenizer_files(model_dir: str | Path, vocab_size: int = 400) -> dict[
     tok.save(str(model_dir / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     added = {
-        str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(ids[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for t in SPECIAL_TOKENS
     }
     (model_dir / "tokenizer_config.json").write_text(
@@ -80,7 +87,9 @@ def write_tokenizer_files(model_dir: str | Path, vocab_size: int = 400) -> dict[
     return ids
 
 
-def _random_tensors(h: int, i: int, v: int, num_layers: int, num_heads: int, num_kv_heads: int, tied: bool, seed: int, std: float) -> dict:
+def _random_tensors(
+    h: int, i: int, v: int, num_layers: int, num_heads: int, num_kv_heads: int, tied: bool, seed: int, std: float
+) -> dict:
     """Every tensor of a Qwen2ForCausalLM under its HF name; norms near 1, the rest around 0."""
     import torch
 
@@ -132,8 +141,17 @@ def write_random_checkpoint(
 
     model_dir = Path(model_dir)
     special = write_tokenizer_files(model_dir, vocab_size=min(400, vocab_size))
-    tensors = _random_tensors(hidden_size, intermediate_size, vocab_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-                              tie_word_embeddings, seed, std)
+    tensors = _random_tensors(
+        hidden_size,
+        intermediate_size,
+        vocab_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads,
+        tie_word_embeddings,
+        seed,
+        std,
+    )
     save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {
         "architectures": ["Qwen2ForCausalLM"],

@@ -59,7 +59,9 @@ class Rebalancer:
         ConflictError while a recovery or another rebalance is under way."""
         with self._busy_lock:
             if self.engine.recovering:
-                raise ConflictError(f"a recovery is under way ({self.engine.failure}); rebalance once the pipeline is whole")
+                raise ConflictError(
+                    f"a recovery is under way ({self.engine.failure}); rebalance once the pipeline is whole"
+                )
             if self.busy:
                 raise ConflictError("a rebalance is already under way")
             self.busy = True
@@ -81,8 +83,12 @@ class Rebalancer:
         if proposal is None and not self.history:
             return None
         return (proposal or {"layers": self.engine.layer_counts}) | {
-            "mode": self.policy.mode, "min_gain": self.policy.min_gain, "applying": self.applying,
-            "applied": self.applied, "failed": self.failed, "history": list(self.history),
+            "mode": self.policy.mode,
+            "min_gain": self.policy.min_gain,
+            "applying": self.applying,
+            "applied": self.applied,
+            "failed": self.failed,
+            "history": list(self.history),
         }
 
     # -- on the loop's thread -----------------------------------------------------------------
@@ -93,8 +99,11 @@ class Rebalancer:
             if layers is None:
                 proposal = self.proposal()
                 if proposal is None:
-                    raise RequestError(f"no proposal yet: the planner needs 32 measured microbatches, it has {len(self.engine.rates)}; "
-                                       f"or send {{\"layers\": [...]}}", param="layers")
+                    raise RequestError(
+                        f"no proposal yet: the planner needs 32 measured microbatches, it has {len(self.engine.rates)}; "
+                        f'or send {{"layers": [...]}}',
+                        param="layers",
+                    )
                 layers, gain = proposal["proposed"], proposal["predicted_gain"]
             future.set_result(self.apply(layers, "admin", gain))
         except PipelineError as e:
@@ -134,13 +143,18 @@ class Rebalancer:
         self._since = time.monotonic()
         if counts == current:
             return self._record(current, counts, trigger, predicted_gain, 0.0, "unchanged")
-        ranges = [(sum(counts[:i]), sum(counts[:i + 1])) for i in range(len(counts))]
+        ranges = [(sum(counts[:i]), sum(counts[: i + 1])) for i in range(len(counts))]
         try:
             e.pipeline.check_layers(ranges, e.min_blocks)
         except ConfigError as err:
             raise RequestError(f"the split {counts} does not fit the stages' memory: {err}", param="layers") from None
-        log.warning("rebalancing (%s): layers %s → %s, predicted gain %s; running sequences are re-prefilled", trigger, current, counts,
-                    "unknown" if predicted_gain is None else f"{100 * predicted_gain:+.1f} %")
+        log.warning(
+            "rebalancing (%s): layers %s → %s, predicted gain %s; running sequences are re-prefilled",
+            trigger,
+            current,
+            counts,
+            "unknown" if predicted_gain is None else f"{100 * predicted_gain:+.1f} %",
+        )
         start, self.applying = time.monotonic(), True
         try:
             pause, requeued = e.reconfigure(ranges)
@@ -153,21 +167,49 @@ class Rebalancer:
             self._since = time.monotonic()
         self.applied += 1
         record = self._record(current, counts, trigger, predicted_gain, pause, "applied", requeued)
-        log.warning("rebalanced in %.2f s: layers %s, %d KV blocks; re-prefilling %d sequences", pause, counts, e.pipeline.num_blocks, requeued)
+        log.warning(
+            "rebalanced in %.2f s: layers %s, %d KV blocks; re-prefilling %d sequences",
+            pause,
+            counts,
+            e.pipeline.num_blocks,
+            requeued,
+        )
         if self.on_applied is not None:
             self.on_applied(record)
         return record
 
     def _check(self, counts, current: list[int]) -> None:
         n, total = len(current), sum(current)
-        if (not isinstance(counts, list) or len(counts) != n or sum(c if isinstance(c, int) else 0 for c in counts) != total
-                or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts)):
-            raise RequestError(f"layers must give each of the {n} stages at least one layer, {total} in all (now {current}); got {counts!r}",
-                               param="layers")
+        if (
+            not isinstance(counts, list)
+            or len(counts) != n
+            or sum(c if isinstance(c, int) else 0 for c in counts) != total
+            or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts)
+        ):
+            raise RequestError(
+                f"layers must give each of the {n} stages at least one layer, {total} in all (now {current}); got {counts!r}",
+                param="layers",
+            )
 
-    def _record(self, before: list[int], after: list[int], trigger: str, gain: float | None, pause_s: float, outcome: str,
-                requeued: int = 0) -> dict:
-        record = {"at": round(time.time(), 3), "trigger": trigger, "from": before, "to": after, "outcome": outcome,
-                  "predicted_gain": gain, "pause_s": round(pause_s, 3), "reprefilled": requeued}
+    def _record(
+        self,
+        before: list[int],
+        after: list[int],
+        trigger: str,
+        gain: float | None,
+        pause_s: float,
+        outcome: str,
+        requeued: int = 0,
+    ) -> dict:
+        record = {
+            "at": round(time.time(), 3),
+            "trigger": trigger,
+            "from": before,
+            "to": after,
+            "outcome": outcome,
+            "predicted_gain": gain,
+            "pause_s": round(pause_s, 3),
+            "reprefilled": requeued,
+        }
         self.history = (self.history + [record])[-HISTORY:]
         return record

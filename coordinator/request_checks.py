@@ -22,7 +22,9 @@ class RequestLimits:
     max_position_embeddings: int | None = None  # the model's own limit, named in messages when known
 
 
-def check_request(prompt: list[int], sampling: SamplingParams | None, limits: RequestLimits, param: str = "prompt") -> None:
+def check_request(
+    prompt: list[int], sampling: SamplingParams | None, limits: RequestLimits, param: str = "prompt"
+) -> None:
     """Raises RequestError (ContextLengthError for lengths) naming `param` or max_tokens, with the numbers."""
     n, limit = len(prompt), limits.max_model_len
     if n == 0:
@@ -31,21 +33,29 @@ def check_request(prompt: list[int], sampling: SamplingParams | None, limits: Re
         bad = next((t for t in prompt if not 0 <= t < limits.vocab_size), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is outside the vocabulary of {limits.vocab_size}", param=param)
-    positions = f"; max_position_embeddings is {limits.max_position_embeddings}" if limits.max_position_embeddings else ""
+    positions = (
+        f"; max_position_embeddings is {limits.max_position_embeddings}" if limits.max_position_embeddings else ""
+    )
     if n >= limit:
         raise ContextLengthError(
             f"this model's maximum context length is {limit} tokens (the limit is {limit} including at least one generated "
-            f"token{positions}); the prompt has {n} tokens; shorten the prompt", param=param)
+            f"token{positions}); the prompt has {n} tokens; shorten the prompt",
+            param=param,
+        )
     if sampling is None:
         return
     if n + sampling.max_tokens > limit:
         raise ContextLengthError(
             f"this model's maximum context length is {limit} tokens; the prompt has {n} tokens and max_tokens asks for "
-            f"{sampling.max_tokens}; shorten the prompt or lower max_tokens", param="max_tokens")
+            f"{sampling.max_tokens}; shorten the prompt or lower max_tokens",
+            param="max_tokens",
+        )
     if limits.kv_capacity is not None and min(n + sampling.max_tokens, limit) > limits.kv_capacity:
         raise ContextLengthError(
             f"prompt ({n} tokens) + max_tokens ({sampling.max_tokens}) exceeds the KV cache's {limits.kv_capacity} token slots; "
-            f"lower max_tokens or give the cache more blocks", param="max_tokens")
+            f"lower max_tokens or give the cache more blocks",
+            param="max_tokens",
+        )
 
 
 def sampling_defaults(model_dir: str | Path) -> dict:

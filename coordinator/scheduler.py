@@ -37,7 +37,14 @@ class SchedulerConfig:
     prefix_caching: bool = True  # full blocks shared by content between requests (cache.prefix_caching)
 
     def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len", "max_running"):
+        for name in (
+            "num_blocks",
+            "block_size",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "max_model_len",
+            "max_running",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"scheduler: {name} must be at least 1, got {getattr(self, name)}")
 
@@ -135,7 +142,10 @@ class Scheduler:
                 n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
                 if seq.is_awaiting_sample or n == 0 or not self._make_room(seq, seq.num_scheduled_tokens + n, {seq_id}):
                     continue
-            elif len(self.running) >= (self.config.max_running or self.config.num_blocks) or (n := self._admit(seq, budget)) is None:
+            elif (
+                len(self.running) >= (self.config.max_running or self.config.num_blocks)
+                or (n := self._admit(seq, budget)) is None
+            ):
                 continue
             return self._batch([self._chunk(seq, n)])
         return None
@@ -166,7 +176,9 @@ class Scheduler:
         return MicroBatch(
             batch_id=self._take_batch_id(),
             seqs=chunks,
-            token_ids=[t for c in chunks for t in self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + c.num_tokens)],
+            token_ids=[
+                t for c in chunks for t in self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + c.num_tokens)
+            ],
             drop_seq_ids=dropped,
         )
 
@@ -177,9 +189,7 @@ class Scheduler:
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
         """Grows seq's block table to num_tokens, preempting the youngest idle sequences if needed."""
         while not self.block_manager.can_grow(seq, num_tokens):
-            victims = [
-                s for s in self.running if s is not seq and s.seq_id not in scheduled and not s.is_in_flight
-            ]
+            victims = [s for s in self.running if s is not seq and s.seq_id not in scheduled and not s.is_in_flight]
             if not victims:
                 return False  # blocks come back when in-flight work finishes
             self._preempt(max(victims, key=lambda s: s.seq_id))
@@ -242,7 +252,9 @@ class Scheduler:
                 self._release(seq)
             elif seq.status is SequenceStatus.RUNNING:
                 self._requeue(seq)
-                self._drops.append(seq_id)  # the stages forget its partial state (its first chunk would replace it anyway)
+                self._drops.append(
+                    seq_id
+                )  # the stages forget its partial state (its first chunk would replace it anyway)
         ended = []
         for chunk in batch.seqs:
             seq = self.sequences.get(chunk.seq_id)
@@ -268,8 +280,13 @@ class Scheduler:
             "block_size": bm.block_size,
             "preemptions": self.num_preemptions,
             "isolating": self.num_suspects,
-            "prefix_cache": {"enabled": bm.prefix_caching, "cached_blocks": bm.num_cached_blocks, "prompt_tokens": queries,
-                             "cached_tokens": hits, "hit_rate": round(hits / queries, 4) if queries else 0.0},
+            "prefix_cache": {
+                "enabled": bm.prefix_caching,
+                "cached_blocks": bm.num_cached_blocks,
+                "prompt_tokens": queries,
+                "cached_tokens": hits,
+                "hit_rate": round(hits / queries, 4) if queries else 0.0,
+            },
         }
 
     @property
@@ -298,7 +315,9 @@ class Scheduler:
         start = seq.num_scheduled_tokens
         end = start + n
         do_sample = end == seq.num_tokens
-        first = seq.num_blocks_sent == 0  # the stages start the sequence (again) from this chunk: at 0, or after its cached prefix
+        first = (
+            seq.num_blocks_sent == 0
+        )  # the stages start the sequence (again) from this chunk: at 0, or after its cached prefix
         chunk = SeqChunk(
             seq_id=seq.seq_id,
             start_pos=start,

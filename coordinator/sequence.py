@@ -27,7 +27,9 @@ class Sequence:
     output_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    block_keys: list[bytes] = field(default_factory=list)  # content keys of the table's full blocks (block_manager.commit)
+    block_keys: list[bytes] = field(
+        default_factory=list
+    )  # content keys of the table's full blocks (block_manager.commit)
     num_cached_tokens: int | None = None  # prompt tokens its first admission found cached (None: not admitted yet)
     num_scheduled_tokens: int = 0  # tokens sent into the pipeline (their K/V will be written)
     num_computed_tokens: int = 0  # tokens whose microbatch has come back
@@ -78,7 +80,9 @@ class TokenUpdate:
     finished: bool = False
     finish_reason: str | None = None
     error: StagecoachError | None = None  # the request cannot finish (mapped to a status by errors.ERROR_TABLE)
-    cached_tokens: int = 0  # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = (
+        0  # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
+    )
 
 
 Listener = Callable[[TokenUpdate], None]

@@ -32,8 +32,16 @@ class Choice:
 class SequenceStream:
     """Turns one sequence's TokenUpdates into text deltas; abort(seq_id) is called when a stop string ends it."""
 
-    def __init__(self, tokenizer: Tokenizer, metrics: Metrics, choice: Choice, stop: list[str], updates: asyncio.Queue,
-                 started: float, abort) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        metrics: Metrics,
+        choice: Choice,
+        stop: list[str],
+        updates: asyncio.Queue,
+        started: float,
+        abort,
+    ) -> None:
         self.metrics, self.choice, self.stop, self.updates, self.abort = metrics, choice, stop, updates, abort
         self.detok = IncrementalDetokenizer(tokenizer)
         # Decoded text not emitted yet: the last `hold` characters, where a stop string may still be forming, and

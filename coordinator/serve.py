@@ -22,6 +22,7 @@ from stagecoach.proto.model_config import ModelConfig
 
 log = logging.getLogger("stagecoach.serve")
 
+
 def server_state(config: ClusterConfig, tokenizer: Tokenizer, model: ModelConfig) -> ServerState:
     s, model_dir = config.server, Path(config.model.path)
     api_key = None
@@ -49,7 +50,12 @@ async def serve(config: ClusterConfig) -> int:
     runner = build_runner(state)
     await runner.setup()
     await web.TCPSite(runner, config.server.host, config.server.port).start()
-    log.warning("listening on http://%s:%d (model %s; /health is 503 until the stages are ready)", config.server.host, config.server.port, state.model_name)
+    log.warning(
+        "listening on http://%s:%d (model %s; /health is 503 until the stages are ready)",
+        config.server.host,
+        config.server.port,
+        state.model_name,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -37,7 +37,11 @@ class Metrics:
         for name, key, doc in (
             ("stagecoach_requests_running", "running", "Sequences holding KV blocks"),
             ("stagecoach_requests_waiting", "waiting", "Sequences waiting for KV blocks or a slot"),
-            ("stagecoach_kv_blocks_used", "kv_blocks_used", "KV cache blocks in use (per stage; every stage has the same layout)"),
+            (
+                "stagecoach_kv_blocks_used",
+                "kv_blocks_used",
+                "KV cache blocks in use (per stage; every stage has the same layout)",
+            ),
             ("stagecoach_kv_blocks_total", "kv_blocks_total", "KV cache blocks per stage"),
             ("stagecoach_microbatches_inflight", "inflight", "Microbatches in the pipeline now"),
             ("stagecoach_rebalancing", "rebalancing", "1 while a rebalance moves layers between stages"),
@@ -46,42 +50,103 @@ class Metrics:
 
     def _requests(self, r: CollectorRegistry) -> None:
         """Requests and responses, tokens, and the latencies a client sees."""
-        self.requests = Counter("stagecoach_requests", "Finished HTTP generation requests by status code", ["status"], registry=r)
-        self.responses = Counter("stagecoach_http_responses", "Every HTTP response, by status code and route", ["status", "route"], registry=r)
+        self.requests = Counter(
+            "stagecoach_requests", "Finished HTTP generation requests by status code", ["status"], registry=r
+        )
+        self.responses = Counter(
+            "stagecoach_http_responses",
+            "Every HTTP response, by status code and route",
+            ["status", "route"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("stagecoach_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("stagecoach_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("stagecoach_time_to_first_token_seconds", "Time from request to its first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("stagecoach_inter_token_latency_seconds", "Time between consecutive tokens of a sequence", buckets=LATENCY_BUCKETS,
-                             registry=r)
+        self.ttft = Histogram(
+            "stagecoach_time_to_first_token_seconds",
+            "Time from request to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "stagecoach_inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def _stages(self, r: CollectorRegistry) -> None:
         """Each stage's times and whether it answers."""
-        self.stage_compute = Histogram("stagecoach_stage_compute_seconds", "A stage's compute time per microbatch", ["stage"], buckets=FINE_BUCKETS,
-                                       registry=r)
-        self.stage_queue = Histogram("stagecoach_stage_queue_seconds", "Time a microbatch waited in a stage's queue", ["stage"], buckets=FINE_BUCKETS,
-                                     registry=r)
-        self.hop = Histogram("stagecoach_hop_seconds", "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
-                             ["sender"], buckets=FINE_BUCKETS, registry=r)
+        self.stage_compute = Histogram(
+            "stagecoach_stage_compute_seconds",
+            "A stage's compute time per microbatch",
+            ["stage"],
+            buckets=FINE_BUCKETS,
+            registry=r,
+        )
+        self.stage_queue = Histogram(
+            "stagecoach_stage_queue_seconds",
+            "Time a microbatch waited in a stage's queue",
+            ["stage"],
+            buckets=FINE_BUCKETS,
+            registry=r,
+        )
+        self.hop = Histogram(
+            "stagecoach_hop_seconds",
+            "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
+            ["sender"],
+            buckets=FINE_BUCKETS,
+            registry=r,
+        )
         self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
-        self.health_poll_errors = Counter("stagecoach_health_poll_errors", "Health-check rounds that ended with an error (logged; the next one runs)",
-                                          registry=r)
-        self.last_health_poll = Gauge("stagecoach_health_last_poll_timestamp_seconds", "Unix time the last health-check round completed "
-                                      "(alert when it falls behind by several heartbeat intervals)", registry=r)
+        self.health_poll_errors = Counter(
+            "stagecoach_health_poll_errors",
+            "Health-check rounds that ended with an error (logged; the next one runs)",
+            registry=r,
+        )
+        self.last_health_poll = Gauge(
+            "stagecoach_health_last_poll_timestamp_seconds",
+            "Unix time the last health-check round completed "
+            "(alert when it falls behind by several heartbeat intervals)",
+            registry=r,
+        )
 
     def _faults(self, r: CollectorRegistry) -> None:
         """Recoveries, failed microbatches and requests, rebalances and engine restarts."""
         self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
-        self.recovery_seconds = Histogram("stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300),
-                                          registry=r)
-        self.requests_failed = Counter("stagecoach_requests_failed", "Sequences ended with an error while the pipeline kept serving, by reason",
-                                       ["reason"], registry=r)
-        self.microbatch_failures = Counter("stagecoach_microbatch_failures", "Microbatches a stage failed while staying up, by stage",
-                                           ["stage"], registry=r)
+        self.recovery_seconds = Histogram(
+            "stagecoach_recovery_seconds",
+            "How long each recovery took",
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.requests_failed = Counter(
+            "stagecoach_requests_failed",
+            "Sequences ended with an error while the pipeline kept serving, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.microbatch_failures = Counter(
+            "stagecoach_microbatch_failures",
+            "Microbatches a stage failed while staying up, by stage",
+            ["stage"],
+            registry=r,
+        )
         self.requests_failed.labels("stage_error")  # shown at 0 before the first
-        self.rebalances = Counter("stagecoach_rebalances", "Rebalances applied while serving, by trigger (auto or admin)", ["trigger"], registry=r)
-        self.rebalance_pause = Histogram("stagecoach_rebalance_pause_seconds", "How long each rebalance paused the pipeline (before the re-prefill)",
-                                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
-        self.engine_restarts = Counter("stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r)
+        self.rebalances = Counter(
+            "stagecoach_rebalances",
+            "Rebalances applied while serving, by trigger (auto or admin)",
+            ["trigger"],
+            registry=r,
+        )
+        self.rebalance_pause = Histogram(
+            "stagecoach_rebalance_pause_seconds",
+            "How long each rebalance paused the pipeline (before the re-prefill)",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.engine_restarts = Counter(
+            "stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r
+        )
 
     def observe_timing(self, kind: str, label: str, seconds: float) -> None:
         """TimingStats' observer: every stage record lands in the labelled histograms."""
@@ -103,19 +168,29 @@ class _EngineCollector:
     def collect(self):
         stats = self.engine_stats()
         cache = stats.get("prefix_cache") or {}
-        prompt = CounterMetricFamily("stagecoach_prefix_cache_queries", "Prompt tokens of admitted requests, looked up in the prefix cache")
+        prompt = CounterMetricFamily(
+            "stagecoach_prefix_cache_queries", "Prompt tokens of admitted requests, looked up in the prefix cache"
+        )
         prompt.add_metric([], cache.get("prompt_tokens", 0))
-        hits = CounterMetricFamily("stagecoach_prefix_cache_hits", "Of them, tokens found cached: their K/V reused, not prefilled")
+        hits = CounterMetricFamily(
+            "stagecoach_prefix_cache_hits", "Of them, tokens found cached: their K/V reused, not prefilled"
+        )
         hits.add_metric([], cache.get("cached_tokens", 0))
         blocks = GaugeMetricFamily("stagecoach_prefix_cache_blocks", "KV blocks whose content a new request can reuse")
         blocks.add_metric([], cache.get("cached_blocks", 0))
         yield from (prompt, hits, blocks)
         proposal = stats.get("rebalance") or {}
-        gain = GaugeMetricFamily("stagecoach_rebalance_predicted_gain", "The planner's predicted speed-up of the pipeline's pace for its proposed "
-                                 "split over the current one (0.25: 25 % faster); 0 while measuring or balanced")
+        gain = GaugeMetricFamily(
+            "stagecoach_rebalance_predicted_gain",
+            "The planner's predicted speed-up of the pipeline's pace for its proposed "
+            "split over the current one (0.25: 25 % faster); 0 while measuring or balanced",
+        )
         gain.add_metric([], float(proposal.get("predicted_gain") or 0.0))
-        layers = GaugeMetricFamily("stagecoach_rebalance_layers", "Layers per stage: the current split and the planner's proposal",
-                                   labels=["stage", "split"])
+        layers = GaugeMetricFamily(
+            "stagecoach_rebalance_layers",
+            "Layers per stage: the current split and the planner's proposal",
+            labels=["stage", "split"],
+        )
         for split in ("layers", "proposed"):
             for i, n in enumerate(proposal.get(split) or []):
                 layers.add_metric([str(i), "current" if split == "layers" else "proposed"], n)
@@ -156,7 +231,11 @@ def stats_document(state) -> dict:
     rebalance = engine_stats.pop("rebalance", None)
     stages = []
     for i, s in enumerate(state.stages):
-        stage_state = "recovering" if engine_stats.get("recovering") else (state.stage_states[i] if i < len(state.stage_states) else "ready")
+        stage_state = (
+            "recovering"
+            if engine_stats.get("recovering")
+            else (state.stage_states[i] if i < len(state.stage_states) else "ready")
+        )
         stages.append(_stage_row(s, stage_state, timings.get(s.index, {}), engine_stats.get("kv_blocks_used", 0)))
     busy = [s["utilisation"] for s in stages]
     return {
@@ -170,13 +249,19 @@ def stats_document(state) -> dict:
             "output_tokens_per_s": round(m.output_tokens.per_second(), 3),
             "requests_per_s": round(m.requests_rate.per_second(), 3),
         },
-        "latency": {"ttft_ms": percentiles(m.ttft_window), "itl_ms": percentiles(m.itl_window), "coordinator_hop_ms": coordinator_hop},
+        "latency": {
+            "ttft_ms": percentiles(m.ttft_window),
+            "itl_ms": percentiles(m.itl_window),
+            "coordinator_hop_ms": coordinator_hop,
+        },
         "pipeline_utilisation": round(sum(busy) / len(busy), 3) if busy else 0.0,
         "health": {
             "polls": state.health_polls,
             "poll_errors": state.health_poll_errors,
             "last_poll_at": None if state.last_health_poll is None else round(state.last_health_poll, 3),
-            "last_poll_age_s": None if state.last_health_poll is None else round(max(0.0, time.time() - state.last_health_poll), 3),
+            "last_poll_age_s": None
+            if state.last_health_poll is None
+            else round(max(0.0, time.time() - state.last_health_poll), 3),
         },
         "engine": engine_stats,
         "rebalance": rebalance,

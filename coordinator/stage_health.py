@@ -52,7 +52,11 @@ class StageHealth:
     def unanswered(self) -> list[tuple[StageSummary, Exception]]:
         """The stages that do not answer their health check now, with the error that came instead."""
         replies = self.pipeline.health()
-        return [(stage, reply) for stage, reply in zip(self.pipeline.stages, replies, strict=True) if isinstance(reply, Exception)]
+        return [
+            (stage, reply)
+            for stage, reply in zip(self.pipeline.stages, replies, strict=True)
+            if isinstance(reply, Exception)
+        ]
 
     def check_late(self, oldest_sent: float) -> None:
         """PipelineError when the oldest microbatch in flight (sent at monotonic oldest_sent) is overdue or, once it is

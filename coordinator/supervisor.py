@@ -62,7 +62,9 @@ def recover_until_whole(engine: Engine, cause: Exception, stop: threading.Event 
             except Exception as e:  # Ray, gRPC and load errors alike: try again until the deadline
                 log.warning("recovery attempt failed: %s", e)
                 if time.monotonic() > deadline and not failed_open_requests:
-                    error = PipelineError(f"stage failure: the pipeline did not recover within {engine.recovery_timeout_s or 0:g} s ({e})")
+                    error = PipelineError(
+                        f"stage failure: the pipeline did not recover within {engine.recovery_timeout_s or 0:g} s ({e})"
+                    )
                     if stop is None:
                         raise error from None
                     engine.fail_all(error)
@@ -71,7 +73,9 @@ def recover_until_whole(engine: Engine, cause: Exception, stop: threading.Event 
                 time.sleep(RETRY_S)
             elif stop.wait(RETRY_S):
                 return
-    if took is not None and engine.on_recovery is not None:  # once the mark is off: the server's fresh state is for good
+    if (
+        took is not None and engine.on_recovery is not None
+    ):  # once the mark is off: the server's fresh state is for good
         engine.on_recovery(took)
 
 
@@ -92,7 +96,9 @@ class EngineSupervisor:
         wanted = config.server.max_model_len
         max_model_len = min(self.model.max_position_embeddings, wanted or self.model.max_position_embeddings, capacity)
         if wanted and wanted > max_model_len:
-            log.warning("--max-model-len %d lowered to %d: the KV cache holds %d tokens", wanted, max_model_len, capacity)
+            log.warning(
+                "--max-model-len %d lowered to %d: the KV cache holds %d tokens", wanted, max_model_len, capacity
+            )
         engine = build_engine(pipeline, config, self.tokenizer.stop_token_ids, max_model_len, self.model.vocab_size)
         engine.timings.observer = state.metrics.observe_timing
 
@@ -121,8 +127,12 @@ class EngineSupervisor:
         state.max_model_len = max_model_len
         state.stages = pipeline.stages
         self._all_ready()
-        state.engine = AsyncEngine(engine, on_crash=lambda e: self._loop.call_soon_threadsafe(self._crashed, e), run=run_engine)
-        log.warning("ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name)
+        state.engine = AsyncEngine(
+            engine, on_crash=lambda e: self._loop.call_soon_threadsafe(self._crashed, e), run=run_engine
+        )
+        log.warning(
+            "ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name
+        )
 
     def _all_ready(self) -> None:
         self._set_stage_states(["ready"] * len(self.state.stages))
@@ -138,8 +148,10 @@ class EngineSupervisor:
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
             self.restarts.popleft()
         if len(self.restarts) >= MAX_RESTARTS:
-            self.state.gave_up = (f"the engine loop failed again after {len(self.restarts)} restarts within {RESTART_WINDOW_S / 60:g} "
-                                  f"minutes ({type(error).__name__}: {error}); not restarting it")
+            self.state.gave_up = (
+                f"the engine loop failed again after {len(self.restarts)} restarts within {RESTART_WINDOW_S / 60:g} "
+                f"minutes ({type(error).__name__}: {error}); not restarting it"
+            )
             log.error("%s; /live answers 503", self.state.gave_up)
             return
         self.restarts.append(now)

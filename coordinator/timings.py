@@ -27,7 +27,12 @@ def percentiles(values) -> dict | None:
     def pick(q: float) -> float:
         return data[min(len(data) - 1, int(round(q * (len(data) - 1))))]
 
-    return {"p50": round(pick(0.50), 3), "p95": round(pick(0.95), 3), "p99": round(pick(0.99), 3), "mean": round(statistics.fmean(data), 3)}
+    return {
+        "p50": round(pick(0.50), 3),
+        "p95": round(pick(0.95), 3),
+        "p99": round(pick(0.99), 3),
+        "mean": round(statistics.fmean(data), 3),
+    }
 
 
 class Rate:

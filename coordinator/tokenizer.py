@@ -100,7 +100,9 @@ class Tokenizer:
         if self._compiled is None:
             raise RequestError("this checkpoint has no chat template: send a plain prompt instead of messages")
         if not isinstance(messages, (list, tuple)):
-            raise RequestError(f"messages must be a list of objects with 'role' and 'content', got {type(messages).__name__}")
+            raise RequestError(
+                f"messages must be a list of objects with 'role' and 'content', got {type(messages).__name__}"
+            )
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'")
@@ -119,9 +121,13 @@ class Tokenizer:
             raise RequestError(f"the chat template refused the messages: {e}") from None
         except TypeError as e:
             # e.g. content None, a number or a list where the template concatenates strings
-            raise RequestError(f"the chat template cannot render the messages (check each message's content type): {e}") from None
+            raise RequestError(
+                f"the chat template cannot render the messages (check each message's content type): {e}"
+            ) from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, release_gil: bool = False) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, release_gil: bool = False
+    ) -> list[int]:
         """The rendered chat's ids; release_gil: tokenise with `encode_batch` (for a thread beside an event loop)."""
         text = self.apply_chat_template(messages, add_generation_prompt)
         return self.encode_batch([text])[0] if release_gil else self.encode(text)

@@ -81,20 +81,32 @@ def _sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
 def _sampling_from_proto(msg: pb.SamplingParams, field: str) -> SamplingParams:
     """Checked by SamplingParams itself; it crosses once per sequence, with its first chunk."""
     try:
-        return SamplingParams(seed=msg.seed, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-                              **{f: getattr(msg, f) for f in _SAMPLING_FIELDS})
+        return SamplingParams(
+            seed=msg.seed,
+            logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+            **{f: getattr(msg, f) for f in _SAMPLING_FIELDS},
+        )
     except RequestError as e:
         raise WireError(f"{field}: {e}") from None
 
 
-def encode_microbatch(batch: MicroBatch, tensor: torch.Tensor | None, timings=(), tensor_msg: pb.Tensor | None = None) -> pb.MicroBatch:
+def encode_microbatch(
+    batch: MicroBatch, tensor: torch.Tensor | None, timings=(), tensor_msg: pb.Tensor | None = None
+) -> pb.MicroBatch:
     """tensor: hidden states; None means stage 0's input, the batch's token ids. tensor_msg: use this instead (a Link's data-less header)."""
     if tensor is None and tensor_msg is None:
         tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
     seqs = []
     for c in batch.seqs:
-        chunk = pb.SequenceChunk(seq_id=c.seq_id, start_pos=c.start_pos, num_tokens=c.num_tokens, new_blocks=c.new_blocks,
-                                 do_sample=c.do_sample, num_prompt_tokens=c.num_prompt_tokens, token_ids=c.token_ids)
+        chunk = pb.SequenceChunk(
+            seq_id=c.seq_id,
+            start_pos=c.start_pos,
+            num_tokens=c.num_tokens,
+            new_blocks=c.new_blocks,
+            do_sample=c.do_sample,
+            num_prompt_tokens=c.num_prompt_tokens,
+            token_ids=c.token_ids,
+        )
         if c.sampling is not None:
             chunk.sampling.CopyFrom(_sampling_to_proto(c.sampling))
         seqs.append(chunk)
@@ -121,8 +133,21 @@ def decode_microbatch(msg: pb.MicroBatch, data: bytes | memoryview | None = None
         if c.HasField("sampling"):  # a sequence's first chunk: at 0, or after a cached prefix (with num_prompt_tokens)
             sampling = _sampling_from_proto(c.sampling, f"seqs[{i}].sampling")
         elif c.start_pos == 0:
-            raise WireError(f"seqs[{i}].sampling is missing: a sequence's first chunk (start_pos 0) brings its sampling parameters")
-        seqs.append(SeqChunk(c.seq_id, c.start_pos, c.num_tokens, list(c.new_blocks), c.do_sample, sampling, c.num_prompt_tokens, list(c.token_ids)))
+            raise WireError(
+                f"seqs[{i}].sampling is missing: a sequence's first chunk (start_pos 0) brings its sampling parameters"
+            )
+        seqs.append(
+            SeqChunk(
+                c.seq_id,
+                c.start_pos,
+                c.num_tokens,
+                list(c.new_blocks),
+                c.do_sample,
+                sampling,
+                c.num_prompt_tokens,
+                list(c.token_ids),
+            )
+        )
     batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], drop_seq_ids=list(msg.drop_seq_ids))
     return batch, tensor_from_proto(msg.tensor, data=data)
 

@@ -22,7 +22,15 @@ def generate(out_dir: Path) -> list[Path]:
         shutil.copy(PROTO_DIR / "stagecoach.proto", tree / "stagecoach.proto")
         include = str(Path(protoc.__file__).parent / "_proto")
         rc = protoc.main(
-            ["protoc", f"-I{tmp}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", "stagecoach/proto/stagecoach.proto"]
+            [
+                "protoc",
+                f"-I{tmp}",
+                f"-I{include}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                "stagecoach/proto/stagecoach.proto",
+            ]
         )
         if rc != 0:
             raise RuntimeError(f"protoc failed with exit code {rc}")

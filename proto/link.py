@@ -122,12 +122,16 @@ def encode_frames(msg: pb.MicroBatch, payload: memoryview, chunk_bytes: int = CH
         msg.ClearField("tensor")
         batch_head = msg.SerializeToString() + _field(b"\x1a", len(tensor_head) + len(payload))  # MicroBatch.tensor = 3
         batch_len = len(batch_head) + len(tensor_head) + len(payload)
-        return [b"".join((_field(b"\x0a", batch_len), batch_head, tensor_head, payload, b"\x18\x01"))]  # LinkFrame.batch = 1, last = 3
+        return [
+            b"".join((_field(b"\x0a", batch_len), batch_head, tensor_head, payload, b"\x18\x01"))
+        ]  # LinkFrame.batch = 1, last = 3
     frames = [pb.LinkFrame(batch=msg).SerializeToString()]
     for start in range(0, len(payload), chunk_bytes):
-        piece = payload[start:start + chunk_bytes]
+        piece = payload[start : start + chunk_bytes]
         last = start + chunk_bytes >= len(payload)
-        frames.append(b"".join((_field(b"\x12", len(piece)), piece, b"\x18\x01" if last else b"")))  # LinkFrame.chunk = 2
+        frames.append(
+            b"".join((_field(b"\x12", len(piece)), piece, b"\x18\x01" if last else b""))
+        )  # LinkFrame.chunk = 2
     return frames
 
 
@@ -144,7 +148,9 @@ class LinkAssembler:
         self._filled = 0
         self._error: str | None = None
 
-    def add(self, frame: pb.LinkFrame | ChunkFrame) -> tuple[pb.MicroBatch | None, memoryview | None, str | None] | None:
+    def add(
+        self, frame: pb.LinkFrame | ChunkFrame
+    ) -> tuple[pb.MicroBatch | None, memoryview | None, str | None] | None:
         """None while frames are due; then (the MicroBatch, its chunked tensor bytes or None if inline, an error or None)."""
         if frame.HasField("batch"):
             unfinished = self._msg
@@ -169,9 +175,12 @@ class LinkAssembler:
             chunk = frame.chunk  # (a protobuf message would copy it on every access)
             end = self._filled + len(chunk)
             if end > len(self._buf):
-                self._error = self._error or f"tensor: more chunk bytes ({end}) than its dtype and shape call for ({len(self._buf)})"
+                self._error = (
+                    self._error
+                    or f"tensor: more chunk bytes ({end}) than its dtype and shape call for ({len(self._buf)})"
+                )
             else:
-                self._buf[self._filled:end] = chunk
+                self._buf[self._filled : end] = chunk
                 self._filled = end
         if not frame.last:
             return None
@@ -195,14 +204,20 @@ class StreamSender:
     receiver surfaces as an error.
     """
 
-    def __init__(self, channel: grpc.Channel, method: str, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, window: int = 8) -> None:
+    def __init__(
+        self, channel: grpc.Channel, method: str, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, window: int = 8
+    ) -> None:
         self.on_ack = on_ack or (lambda key, hop_ns, error: None)
-        self._method = channel.stream_stream(method, request_serializer=lambda frame: frame, response_deserializer=pb.LinkAck.FromString)
+        self._method = channel.stream_stream(
+            method, request_serializer=lambda frame: frame, response_deserializer=pb.LinkAck.FromString
+        )
         self._ack_timeout_s = ack_timeout_s
         self._window = threading.BoundedSemaphore(window)
         self._lock = threading.Lock()
         self._stream: tuple | None = None  # (requests queue, response iterator) of the open stream
-        self._outstanding: collections.deque[tuple[int, int]] = collections.deque()  # (key, send start ns), oldest first
+        self._outstanding: collections.deque[tuple[int, int]] = (
+            collections.deque()
+        )  # (key, send start ns), oldest first
         self._idle = threading.Condition(self._lock)
         self._closed = False
         threading.Thread(target=self._watch, name="link-watchdog", daemon=True).start()
@@ -210,7 +225,9 @@ class StreamSender:
     def _send(self, key: int, frames: Callable[[], list[bytes]]) -> None:
         """Queues one item; frames() gives its serialized frames, called on gRPC's sending thread."""
         if not self._window.acquire(timeout=self._ack_timeout_s):
-            raise TimeoutError(f"the receiver has not acknowledged {len(self._outstanding)} items for {self._ack_timeout_s:g} s")
+            raise TimeoutError(
+                f"the receiver has not acknowledged {len(self._outstanding)} items for {self._ack_timeout_s:g} s"
+            )
         with self._lock:
             if self._closed:
                 self._window.release()
@@ -284,8 +301,14 @@ def _expand(requests: queue.SimpleQueue):
 class LinkSender(StreamSender):
     """Microbatches to the next stage (or from the coordinator to stage 0) on its Link; on_ack(batch_id, hop_ns, error)."""
 
-    def __init__(self, channel: grpc.Channel, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, chunk_bytes: int = CHUNK_BYTES,
-                 window: int = 8) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        on_ack=None,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+        chunk_bytes: int = CHUNK_BYTES,
+        window: int = 8,
+    ) -> None:
         super().__init__(channel, LINK_METHOD, on_ack, ack_timeout_s, window)
         self.chunk_bytes = chunk_bytes
 
@@ -297,7 +320,9 @@ class LinkSender(StreamSender):
 class DeliverySender(StreamSender):
     """Deliveries (sampled tokens, or a stage's error) to the coordinator on its Deliveries stream; on_ack(batch_id, hop_ns, error)."""
 
-    def __init__(self, channel: grpc.Channel, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, window: int = 64) -> None:
+    def __init__(
+        self, channel: grpc.Channel, on_ack=None, ack_timeout_s: float = ACK_TIMEOUT_S, window: int = 64
+    ) -> None:
         super().__init__(channel, DELIVERIES_METHOD, on_ack, ack_timeout_s, window)
 
     def send(self, delivery: pb.Delivery) -> None:

@@ -87,6 +87,11 @@ class ModelConfig:
 
     def layer_num_params(self) -> int:
         """Parameters of one decoder layer (weights and biases)."""
-        h, q, kv, i = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim, self.intermediate_size
+        h, q, kv, i = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+            self.intermediate_size,
+        )
         attention = h * q + q + 2 * (h * kv + kv) + q * h
         return attention + 3 * h * i + 2 * h

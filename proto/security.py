@@ -28,7 +28,9 @@ class LinkSecurity:
             raise ConfigError("the stage-link token is empty")
         given = [f for f in (self.tls_cert, self.tls_key, self.tls_ca) if f]
         if given and len(given) != 3:
-            raise ConfigError("mutual TLS needs all three of transport.tls_cert, transport.tls_key and transport.tls_ca")
+            raise ConfigError(
+                "mutual TLS needs all three of transport.tls_cert, transport.tls_key and transport.tls_ca"
+            )
         for path in given:
             if not Path(path).is_file():
                 raise ConfigError(f"TLS file {path} does not exist")
@@ -49,7 +51,10 @@ class LinkSecurity:
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
-class _ClientCallDetails(namedtuple("_ClientCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")), grpc.ClientCallDetails):
+class _ClientCallDetails(
+    namedtuple("_ClientCallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
     pass
 
 
@@ -59,7 +64,9 @@ class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterce
 
     def _with_token(self, details):
         metadata = list(details.metadata or []) + [(TOKEN_HEADER, self._token)]
-        return _ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression)
+        return _ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_token(details), request)

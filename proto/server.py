@@ -31,12 +31,20 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def add_stage_servicer(servicer: pb_grpc.StageServicer, server: grpc.Server) -> None:
     """pb_grpc.add_StageServicer_to_server, except that Link's frames are parsed by parse_link_frame (chunks without a copy)."""
     handlers = {
-        "Forward": grpc.unary_unary_rpc_method_handler(servicer.Forward, pb.MicroBatch.FromString, pb.ForwardReply.SerializeToString),
+        "Forward": grpc.unary_unary_rpc_method_handler(
+            servicer.Forward, pb.MicroBatch.FromString, pb.ForwardReply.SerializeToString
+        ),
         "Link": grpc.stream_stream_rpc_method_handler(servicer.Link, parse_link_frame, pb.LinkAck.SerializeToString),
-        "Info": grpc.unary_unary_rpc_method_handler(servicer.Info, pb.InfoRequest.FromString, pb.StageInfo.SerializeToString),
-        "Health": grpc.unary_unary_rpc_method_handler(servicer.Health, pb.HealthRequest.FromString, pb.HealthReply.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, pb.InfoRequest.FromString, pb.StageInfo.SerializeToString
+        ),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, pb.HealthRequest.FromString, pb.HealthReply.SerializeToString
+        ),
     }
-    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["Stage"].methods_by_name), "a Stage method without a handler"
+    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["Stage"].methods_by_name), (
+        "a Stage method without a handler"
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("stagecoach.v1.Stage", handlers),))
     server.add_registered_method_handlers("stagecoach.v1.Stage", handlers)
 
@@ -54,7 +62,11 @@ def start_server(
     With security, every call must carry the link token (else UNAUTHENTICATED), over mutual TLS if configured.
     """
     interceptors = [TokenCheck(security.token)] if security is not None else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=channel_options(max_message_bytes), interceptors=interceptors)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=channel_options(max_message_bytes),
+        interceptors=interceptors,
+    )
     if isinstance(servicer, pb_grpc.StageServicer):
         add_stage_servicer(servicer, server)
     else:

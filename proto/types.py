@@ -25,8 +25,10 @@ SAMPLING_BOUNDS: tuple[tuple[str, float | None, float | None, bool, bool, str], 
 
 
 # The same bounds with open ends as infinities, read on every SamplingParams (each stage decodes them per microbatch).
-_BOUNDS = tuple((name, -math.inf if low is None else low, math.inf if high is None else high, low_ok, high_ok, rule)
-                for name, low, high, low_ok, high_ok, rule in SAMPLING_BOUNDS)
+_BOUNDS = tuple(
+    (name, -math.inf if low is None else low, math.inf if high is None else high, low_ok, high_ok, rule)
+    for name, low, high, low_ok, high_ok, rule in SAMPLING_BOUNDS
+)
 
 
 @dataclass(slots=True)
@@ -53,7 +55,10 @@ class SamplingParams:
         """Raises RequestError naming the first parameter outside SAMPLING_BOUNDS."""
         for name, low, high, low_ok, high_ok, rule in _BOUNDS:
             value = getattr(self, name)
-            if value is None or (type(value) is not bool and (low < value < high or (value == low and low_ok) or (value == high and high_ok))):
+            if value is None or (
+                type(value) is not bool
+                and (low < value < high or (value == low and low_ok) or (value == high and high_ok))
+            ):
                 continue  # (NaN fails every comparison: it is refused)
             raise RequestError(f"{name} must be {rule}, got {value!r}", param=name)
 
@@ -91,7 +96,9 @@ class MicroBatch:
     batch_id: int
     seqs: list[SeqChunk]
     token_ids: list[int]  # stage 0's input: the chunks' tokens, concatenated in seqs order
-    drop_seq_ids: list[int] = field(default_factory=list)  # finished, aborted or preempted: every stage forgets them first
+    drop_seq_ids: list[int] = field(
+        default_factory=list
+    )  # finished, aborted or preempted: every stage forgets them first
     want_all_logits: bool = False  # tests: return logits for every row, not only sampled ones
 
     @property

@@ -22,6 +22,7 @@ from stagecoach.stage.model import AttentionMetadata, StageModel
 
 log = logging.getLogger(__name__)
 
+
 def compile_enabled(mode: str, device_type: str) -> bool:
     """pipeline.compile: on, off, or auto (on for CUDA stages; CPU stages stay eager, see bench/README.md)."""
     return mode == "on" or (mode == "auto" and device_type == "cuda")
@@ -71,7 +72,9 @@ class CompiledDecode:
         table; rows: the batch size to pad to. Returns the stage's output for the n sequences (hidden states or logits)."""
         n = len(seqs)
         self.steps += 1
-        meta = AttentionMetadata.padded_decode(seqs, self.kv_cache.block_size, self.device, rows, self.kv_cache.pad_block)
+        meta = AttentionMetadata.padded_decode(
+            seqs, self.kv_cache.block_size, self.device, rows, self.kv_cache.pad_block
+        )
         torch._dynamo.mark_dynamic(meta.decode_block_tables, 1)
         # Always a new tensor made here, in inference mode: the graphs' guards also check that (token ids come from
         # outside it), and the padding rows are zeros.
@@ -105,6 +108,8 @@ class CompiledDecode:
             seqs = [(0, [self.kv_cache.pad_block])] * rows
             for _ in range(3 if self.cuda_graphs else 1):  # CUDA graphs are recorded on a later call than the compile
                 self.run(x, seqs, rows)
-            say(f"compiled the decode step for batch {rows} ({i + 1}/{len(self.batch_sizes)}) in {time.monotonic() - t0:.1f} s")
+            say(
+                f"compiled the decode step for batch {rows} ({i + 1}/{len(self.batch_sizes)}) in {time.monotonic() - t0:.1f} s"
+            )
         self.warm = True
         return time.monotonic() - start

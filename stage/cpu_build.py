@@ -38,9 +38,19 @@ def build(name: str, source: str, functions: list[str], log: logging.Logger, wha
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _drop_stale_lock(Path(_get_build_directory(name, verbose=False)) / "lock", log)
-        return load_inline(name=name, cpp_sources=source, functions=functions,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        return load_inline(
+            name=name,
+            cpp_sources=source,
+            functions=functions,
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
     except Exception as e:
-        log.warning("%s: the CPU kernel could not be built (%s: %s); %s", what, type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "", fallback)
+        log.warning(
+            "%s: the CPU kernel could not be built (%s: %s); %s",
+            what,
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+            fallback,
+        )
         return None

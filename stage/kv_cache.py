@@ -25,7 +25,9 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise KVCacheError(f"a KV cache needs at least one block of at least one slot, got {num_blocks} x {block_size}")
+            raise KVCacheError(
+                f"a KV cache needs at least one block of at least one slot, got {num_blocks} x {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         # One block more than it hands out: the padding rows of a compiled decode step (stage/compiled.py) write there.

@@ -227,8 +227,15 @@ def load_stage_model(
     return model.eval().requires_grad_(False)
 
 
-def change_layers(model: StageModel, layer_start: int, layer_end: int, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
-                  progress: Callable[[int], None] | None = None) -> StageModel:
+def change_layers(
+    model: StageModel,
+    layer_start: int,
+    layer_end: int,
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    progress: Callable[[int], None] | None = None,
+) -> StageModel:
     """The stage's model for layers [layer_start, layer_end) (a rebalance): the layers and ends it keeps move over as
     they are, those it loses are dropped from `model` first (which is spent), and only the gained layers' tensors are read."""
     config = model.config

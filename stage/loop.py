@@ -45,14 +45,23 @@ class _Work:
 class StageLoop:
     """Runs queued microbatches through the runner and sends the results downstream."""
 
-    def __init__(self, runner: StageRunner, index: int, max_message_bytes: int, delay_s: float = 0.0, security: LinkSecurity | None = None,
-                 slowdown: float = 1.0) -> None:
+    def __init__(
+        self,
+        runner: StageRunner,
+        index: int,
+        max_message_bytes: int,
+        delay_s: float = 0.0,
+        security: LinkSecurity | None = None,
+        slowdown: float = 1.0,
+    ) -> None:
         self.runner = runner
         self.security = security
         self.index = index
         self.max_message_bytes = max_message_bytes
         self.delay_s = delay_s  # testing only: extra time added to every forward, to make a slow stage
-        self.slowdown = slowdown  # testing only: every compute takes this factor times its measured time (a slower device)
+        self.slowdown = (
+            slowdown  # testing only: every compute takes this factor times its measured time (a slower device)
+        )
         self.batches_done = 0
         self.compute_ns_total = 0
         self.errors = 0
@@ -110,7 +119,11 @@ class StageLoop:
                 self.runner.sequences.clear()
             self._inbox.put(cleared)
         if not cleared.wait(SEND_TIMEOUT_S):
-            log.error("stage %d: the compute thread did not reach the recovery's fence within %g s", self.index, SEND_TIMEOUT_S)
+            log.error(
+                "stage %d: the compute thread did not reach the recovery's fence within %g s",
+                self.index,
+                SEND_TIMEOUT_S,
+            )
 
     def is_stale(self, batch_id: int) -> bool:
         return batch_id < self.min_batch_id
@@ -124,7 +137,9 @@ class StageLoop:
             if self.is_stale(batch.batch_id):
                 raise StaleBatchError(f"microbatch {batch.batch_id} is from before a recovery")
             if self.runner is None:
-                raise StaleBatchError(f"microbatch {batch.batch_id} came while this stage changes its layers (a rebalance)")
+                raise StaleBatchError(
+                    f"microbatch {batch.batch_id} came while this stage changes its layers (a rebalance)"
+                )
             work = _Work(self.runner.prepare(batch, inputs), list(timings))
             work.timing.stage_index = self.index
             work.timing.received_ns = received_ns
@@ -181,7 +196,9 @@ class StageLoop:
                 self._unacked[batch_id] = work.timings
                 self._next.send(*link_message(work.batch, out.hidden_states, timings))  # acknowledged later, in _on_ack
             else:
-                self._deliveries.send(pb.Delivery(batch_id=batch_id, samples=codec.encode_samples(out.samples), timings=timings))
+                self._deliveries.send(
+                    pb.Delivery(batch_id=batch_id, samples=codec.encode_samples(out.samples), timings=timings)
+                )
         except Exception as e:
             self._unacked.pop(batch_id, None)
             self._failed(batch_id, work.timings, f"stage {self.index} could not pass microbatch {batch_id} on: {e}")
@@ -201,13 +218,19 @@ class StageLoop:
                 self._last_send = (batch_id, hop_ns)
         elif not self.is_stale(batch_id):
             self.errors += 1
-            log.error("stage %d: the coordinator did not take the delivery of microbatch %d: %s", self.index, batch_id, error)
+            log.error(
+                "stage %d: the coordinator did not take the delivery of microbatch %d: %s", self.index, batch_id, error
+            )
 
     def _failed(self, batch_id: int, timings: list, error: str) -> None:
         self.errors += 1
         log.error("%s", error)
         if self._deliveries is None:
-            log.error("stage %d: not connected to the coordinator yet: microbatch %d's failure is not reported", self.index, batch_id)
+            log.error(
+                "stage %d: not connected to the coordinator yet: microbatch %d's failure is not reported",
+                self.index,
+                batch_id,
+            )
             return
         try:
             self._deliveries.send(pb.Delivery(batch_id=batch_id, error=error, error_stage=self.index, timings=timings))

@@ -163,7 +163,9 @@ class AttentionMetadata:
                 decode_tables.append(block_table[:num_blocks])
                 decode_lens.append(context_len)
             else:
-                prefills.append((row, num_tokens, torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device), start))
+                prefills.append(
+                    (row, num_tokens, torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device), start)
+                )
             row += num_tokens
         meta = cls(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -181,8 +183,9 @@ class AttentionMetadata:
         return meta
 
     @classmethod
-    def padded_decode(cls, seqs: list[tuple[int, list[int]]], block_size: int, device: torch.device, rows: int,
-                      pad_block: int) -> AttentionMetadata:
+    def padded_decode(
+        cls, seqs: list[tuple[int, list[int]]], block_size: int, device: torch.device, rows: int, pad_block: int
+    ) -> AttentionMetadata:
         """A decode batch (one token per sequence; per sequence its position and block table) padded to `rows` sequences and
         a block-table width of a power of two: the shapes a compiled decode step is built for. A padding row attends to
         one key of `pad_block`, where it also writes; its output is dropped."""
@@ -236,14 +239,22 @@ class Attention(nn.Module):
 
         if not meta.prefills and meta.decode_block_tables is not None:
             # Every row is a decode token (always so in the compiled decode step): no gather, no scatter.
-            out = decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling,
-                                   meta.decode_mask)
+            out = decode_attention(
+                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling, meta.decode_mask
+            )
             return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
         out = torch.empty_like(q)
         if meta.decode_token_index is not None:
             q_d = q[meta.decode_token_index]  # [B, heads, head_dim]
-            out[meta.decode_token_index] = decode_attention(q_d, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, self.scaling,
-                                                            meta.decode_mask)
+            out[meta.decode_token_index] = decode_attention(
+                q_d,
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,
+                meta.decode_context_lens,
+                self.scaling,
+                meta.decode_mask,
+            )
         for row, n, blocks, start in meta.prefills:  # each query sees its cached prefix and the chunk up to itself
             out[row : row + n] = prefill_attention(q[row : row + n], k_cache, v_cache, blocks, start, self.scaling)
         return self.o_proj(out.view(num_tokens, self.num_heads * self.head_dim))
@@ -295,8 +306,7 @@ class StageModel(nn.Module):
         super().__init__()
         if not 0 <= layer_start < layer_end <= config.num_hidden_layers:
             raise ConfigError(
-                f"layer range [{layer_start}, {layer_end}) is not inside the model's "
-                f"{config.num_hidden_layers} layers"
+                f"layer range [{layer_start}, {layer_end}) is not inside the model's {config.num_hidden_layers} layers"
             )
         self.config = config
         self.layer_start, self.layer_end = layer_start, layer_end

@@ -20,11 +20,18 @@ from stagecoach.stage import cpu_build
 
 log = logging.getLogger(__name__)
 
+
 @functools.cache
 def _cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    return cpu_build.build("stagecoach_paged_attention_v12", cpu_build.source("paged_attention.cpp"), ["paged_decode", "paged_prefill"],
-                           log, "paged attention", "attention gathers the cache instead")
+    return cpu_build.build(
+        "stagecoach_paged_attention_v12",
+        cpu_build.source("paged_attention.cpp"),
+        ["paged_decode", "paged_prefill"],
+        log,
+        "paged attention",
+        "attention gathers the cache instead",
+    )
 
 
 def prepare(device: torch.device) -> bool:
@@ -32,8 +39,14 @@ def prepare(device: torch.device) -> bool:
     return device.type == "cpu" and _cpu_kernel() is not None
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float) -> torch.Tensor | None:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
     """Attention of one query token per sequence over its cached context, read in place.
 
     q: [B, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim];
@@ -48,8 +61,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return kernel.paged_decode(q.float(), k_cache, v_cache, block_tables, context_lens, scale).to(q.dtype)
 
 
-def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int,
-                  scale: float) -> torch.Tensor | None:
+def paged_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int, scale: float
+) -> torch.Tensor | None:
     """Causal attention of a prefill chunk's queries (positions start .. start + n - 1) over its cached prefix and itself.
 
     q: [n, heads, head_dim]; blocks: [n_blocks] int64, the sequence's block table covering start + n positions (the
@@ -63,8 +77,9 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return kernel.paged_prefill(q.float(), k_cache, v_cache, blocks, start, scale).to(q.dtype)
 
 
-def gathered_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int,
-                     scale: float) -> torch.Tensor:
+def gathered_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int, scale: float
+) -> torch.Tensor:
     """The same by copying the sequence's blocks out of the pool and SDPA with the causal mask offset by the prefix."""
     n, _, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -72,13 +87,20 @@ def gathered_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k = k_cache[blocks].view(-1, kv_heads, head_dim)[:context]  # [context, kv_heads, head_dim]
     v = v_cache[blocks].view(-1, kv_heads, head_dim)[:context]
     mask = torch.arange(context, device=q.device)[None, :] <= torch.arange(start, context, device=q.device)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
-                                         attn_mask=mask, scale=scale, enable_gqa=True)  # [heads, n, head_dim]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1).to(q.dtype),
+        v.transpose(0, 1).to(q.dtype),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )  # [heads, n, head_dim]
     return out.transpose(0, 1)
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int,
-                      scale: float) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor, start: int, scale: float
+) -> torch.Tensor:
     """A prefill chunk over its cached prefix: in place where a kernel runs here, else gathered."""
     out = paged_prefill(q, k_cache, v_cache, blocks, start, scale)
     return out if out is not None else gathered_prefill(q, k_cache, v_cache, blocks, start, scale)
@@ -89,8 +111,15 @@ def decode_mask(context_lens: torch.Tensor, context: int) -> torch.Tensor:
     return (torch.arange(context, device=context_lens.device)[None, :] < context_lens[:, None])[:, None, None, :]
 
 
-def gathered_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def gathered_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The same attention by copying each sequence's blocks out of the pool (padded to the longest) and SDPA.
 
     mask: decode_mask(context_lens, max_blocks * block_size), when the caller has it already."""
@@ -110,8 +139,15 @@ def gathered_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.squeeze(2)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One query token per sequence over its cached context: in place where a kernel runs here, else gathered (with mask).
 
     Under torch.compile it is one opaque operator (`stagecoach::decode_attention`), so that the compiled decode step has
@@ -124,12 +160,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @torch.library.custom_op("stagecoach::decode_attention", mutates_args=())
-def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                         context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 @_decode_attention_op.register_fake
-def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-      scale: float) -> torch.Tensor:
+def _(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     return torch.empty_like(q)

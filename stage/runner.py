@@ -50,8 +50,12 @@ class StageRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.compiled: CompiledDecode | None = None  # set by compile()
-        self.poison_prefill_tokens: int | None = None  # testing.poison: fail on a first prefill chunk of this many tokens
-        self.layer_delay_s = 0.0  # testing.layer_delay_ms: each decoder layer waits this long per microbatch (a slower device)
+        self.poison_prefill_tokens: int | None = (
+            None  # testing.poison: fail on a first prefill chunk of this many tokens
+        )
+        self.layer_delay_s = (
+            0.0  # testing.layer_delay_ms: each decoder layer waits this long per microbatch (a slower device)
+        )
         if can_pack(self.device, self.dtype):
             model.pack()
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
@@ -82,7 +86,9 @@ class StageRunner:
             if inputs is None:
                 inputs = torch.tensor(batch.token_ids, dtype=torch.int64)
             if inputs.dtype != torch.int64 or inputs.dim() != 1:
-                raise RequestError(f"tensor: stage 0 takes token ids as INT64 [num_tokens], got {inputs.dtype} {list(inputs.shape)}")
+                raise RequestError(
+                    f"tensor: stage 0 takes token ids as INT64 [num_tokens], got {inputs.dtype} {list(inputs.shape)}"
+                )
             if inputs.numel() != batch.num_tokens:
                 raise RequestError(f"tensor has {inputs.numel()} token ids for {batch.num_tokens} tokens")
             if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
@@ -91,7 +97,9 @@ class StageRunner:
         elif inputs is None:
             raise RequestError("tensor: hidden states are missing")
         elif inputs.dim() != 2 or tuple(inputs.shape) != (batch.num_tokens, self.model.config.hidden_size):
-            raise RequestError(f"tensor: hidden_states has shape {list(inputs.shape)}, expected [{batch.num_tokens}, {self.model.config.hidden_size}]")
+            raise RequestError(
+                f"tensor: hidden_states has shape {list(inputs.shape)}, expected [{batch.num_tokens}, {self.model.config.hidden_size}]"
+            )
         elif inputs.dtype != self.dtype:
             raise RequestError(f"tensor.dtype: hidden states are {inputs.dtype}, this stage runs {self.dtype}")
         if self.is_last:
@@ -105,9 +113,13 @@ class StageRunner:
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 bad = next(t for t in ids if not 0 <= t < vocab)
                 raise RequestError(f"seqs[{i}].token_ids holds token id {bad}, outside the vocabulary of {vocab}")
-            most = chunk.start_pos + chunk.num_tokens if chunk.is_first else chunk.num_tokens  # a first chunk: the whole history
+            most = (
+                chunk.start_pos + chunk.num_tokens if chunk.is_first else chunk.num_tokens
+            )  # a first chunk: the whole history
             if len(ids) > most:
-                raise RequestError(f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens} at {chunk.start_pos}")
+                raise RequestError(
+                    f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens} at {chunk.start_pos}"
+                )
 
     def compile(self, batch_sizes: list[int], progress: Callable[[str], None] | None = None) -> float:
         """Compiles the decode step for these batch sizes now; decode microbatches run compiled from then on. Returns seconds."""
@@ -125,9 +137,13 @@ class StageRunner:
         """Runs an admitted microbatch: hidden states onward, or (the last stage) sampled tokens."""
         out = self._execute(prepared)
         poison = self.poison_prefill_tokens
-        if poison is not None and any(c.is_first and c.start_pos == 0 and c.num_tokens == poison for c in prepared.batch.seqs):
+        if poison is not None and any(
+            c.is_first and c.start_pos == 0 and c.num_tokens == poison for c in prepared.batch.seqs
+        ):
             # After the work, like a fault in the middle of it: this microbatch's K/V and histories are already written.
-            raise RuntimeError(f"testing.poison: microbatch {prepared.batch.batch_id} holds a first prefill chunk of {poison} tokens")
+            raise RuntimeError(
+                f"testing.poison: microbatch {prepared.batch.batch_id} holds a first prefill chunk of {poison} tokens"
+            )
         return out
 
     def _execute(self, prepared: Prepared) -> StageOutput:
@@ -135,7 +151,9 @@ class StageRunner:
         x = prepared.inputs.to(device=self.device, dtype=torch.long if self.is_first else self.dtype)
         rows = self._compiled_rows(batch)
         if rows is not None:  # one row per sequence: hidden states, or logits of every row
-            out = self.compiled.run(x, [(c.start_pos, table) for c, table in zip(batch.seqs, prepared.block_tables)], rows)
+            out = self.compiled.run(
+                x, [(c.start_pos, table) for c, table in zip(batch.seqs, prepared.block_tables)], rows
+            )
             meta = None
         else:
             out = None
@@ -165,14 +183,18 @@ class StageRunner:
             sample_logits = logits[row_ends]
         else:
             logits = None
-            sample_logits, layers_ns = self._forward(x, meta, torch.tensor(row_ends, dtype=torch.long, device=self.device))
+            sample_logits, layers_ns = self._forward(
+                x, meta, torch.tensor(row_ends, dtype=torch.long, device=self.device)
+            )
         self.sampler.forget(batch.drop_seq_ids)  # before this microbatch's chunks, which may start one of them again
         for chunk in batch.seqs:
             self.sampler.observe(chunk)
         samples = self.sampler.sample(sample_logits, sampling) if sampling else []
         return StageOutput(samples=samples, logits=logits, layers_ns=layers_ns)
 
-    def _forward(self, x: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    def _forward(
+        self, x: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
         """The model's forward (eager), with the nanoseconds its decoder layers took."""
         hidden = self.model.embed(x)
         if self.device.type == "cuda":  # events, not a host clock: kernels run asynchronously

@@ -86,12 +86,15 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _column(values: list[float], dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+def _column(
+    values: list[float], dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
 
-def penalised_values(logits: torch.Tensor, rows: list[int], seen: list[_Seen], params: list[SamplingParams]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def penalised_values(
+    logits: torch.Tensor, rows: list[int], seen: list[_Seen], params: list[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The seen tokens of each of `rows` and their logits after the penalties: ids [P, L] (-1: padding), values [P, L].
 
     HF's repetition penalty (over the whole history), then OpenAI's presence and frequency penalties (over
@@ -138,14 +141,18 @@ def whole_rows(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         # HF: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, keep at least the largest.
         sorted_logits, sorted_indices = torch.sort(sub, descending=False)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_remove = cumulative <= _column([1 - ps[r] for r in rows], device=device)  # 1 - top_p in double, then float32, as HF
+        sorted_remove = cumulative <= _column(
+            [1 - ps[r] for r in rows], device=device
+        )  # 1 - top_p in double, then float32, as HF
         sorted_remove[..., -1:] = False
         remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
         x[rows] = sub.masked_fill(remove, -float("inf"))
     return x
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int
+) -> torch.Tensor:
     """One row's logits [V] after penalties and, unless greedy, temperature, top-k and top-p: the whole-row path."""
     x = logits.float()[None].clone()
     if has_penalties(params) and history:
@@ -168,13 +175,16 @@ def draw(values: torch.Tensor, ids: torch.Tensor | None, uniform: torch.Tensor) 
     weights = (values.double() - values.max(dim=1, keepdim=True).values.double()).exp_()  # [R, W]; 0 where removed
     cdf = weights.cumsum(dim=1)
     pick = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
-    last = weights.shape[1] - 1 - (weights.flip(1) > 0).int().argmax(dim=1, keepdim=True)  # rounding never picks past it
+    last = (
+        weights.shape[1] - 1 - (weights.flip(1) > 0).int().argmax(dim=1, keepdim=True)
+    )  # rounding never picks past it
     pick = torch.minimum(pick, last)
     return (ids.gather(1, pick) if ids is not None else pick).squeeze(1)
 
 
-def from_candidates(values: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams], masses: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def from_candidates(
+    values: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams], masses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature, top-k and top-p on each row's largest penalised logits [C, W] (descending): (processed, decided [C]).
 
     A row is undecided where its k-th value ties the next (HF keeps every tied token) or, for top-p without
@@ -247,13 +257,17 @@ class Sampler:
         step = _Step(
             logits=logits.contiguous(),
             params=params,
-            uniform=torch.tensor([draw_uniform(p.seed or 0, c.start_pos + c.num_tokens) for c, p in zip(chunks, params)],
-                                 dtype=torch.float64),  # the new token's position
+            uniform=torch.tensor(
+                [draw_uniform(p.seed or 0, c.start_pos + c.num_tokens) for c, p in zip(chunks, params)],
+                dtype=torch.float64,
+            ),  # the new token's position
             seen=[self._seen_of(c.seq_id) if has_penalties(p) else None for c, p in zip(chunks, params)],
             logprob_rows=[r for r, p in enumerate(params) if p.logprobs is not None],
         )
         out = _scan(step)
-        tokens, lse, (top_values, top_ids) = out if out is not None else _whole_rows(step, list(range(len(chunks))), True)
+        tokens, lse, (top_values, top_ids) = (
+            out if out is not None else _whole_rows(step, list(range(len(chunks))), True)
+        )
         token_list = tokens.tolist()
         for s, token in zip(step.seen, token_list):
             if s is not None:
@@ -297,21 +311,36 @@ def _scan(step: _Step) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.T
     cap = min(vocab, MAX_CANDIDATES)
     width = [1 if g else cap if n else p.top_k + 1 if p.top_k < cap else 0 for g, n, p in zip(greedy, no_top_k, params)]
     views = [s.views() if s is not None else _NO_SEEN for s in step.seen]
-    penalties = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params], dtype=torch.float32)
+    penalties = torch.tensor(
+        [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params], dtype=torch.float32
+    )
     inv_temp = torch.tensor([1.0 / p.temperature if not g and n else 0.0 for g, n, p in zip(greedy, no_top_k, params)])
     n_raw = min(vocab, max([params[r].logprobs for r in step.logprob_rows] + [1])) if step.logprob_rows else 0
     n_top = max([w for w, d in zip(width, whole_draw) if not d] + [0])
-    out = sampler_kernel.scan(step.logits, [i for i, _ in views], [c for _, c in views], penalties, inv_temp,
-                              torch.where(torch.tensor(whole_draw), step.uniform, -1.0), bool(step.logprob_rows), n_raw, n_top)
+    out = sampler_kernel.scan(
+        step.logits,
+        [i for i, _ in views],
+        [c for _, c in views],
+        penalties,
+        inv_temp,
+        torch.where(torch.tensor(whole_draw), step.uniform, -1.0),
+        bool(step.logprob_rows),
+        n_raw,
+        n_top,
+    )
     if out is None:
         return None
     lse, raw_values, raw_ids, top_values, top_ids, masses, draws = out
-    tokens = draws if n_top == 0 else torch.where(torch.tensor(whole_draw), draws, top_ids[:, 0])  # greedy: the penalised argmax
+    tokens = (
+        draws if n_top == 0 else torch.where(torch.tensor(whole_draw), draws, top_ids[:, 0])
+    )  # greedy: the penalised argmax
     candidate_rows = [r for r in range(len(params)) if not greedy[r] and not whole_draw[r] and width[r]]
     undecided = [r for r in range(len(params)) if not greedy[r] and not whole_draw[r] and not width[r]]
     if candidate_rows:
         rows = torch.tensor(candidate_rows)
-        processed, decided = from_candidates(top_values[rows], top_ids[rows], [params[r] for r in candidate_rows], masses[rows])
+        processed, decided = from_candidates(
+            top_values[rows], top_ids[rows], [params[r] for r in candidate_rows], masses[rows]
+        )
         tokens[rows] = draw(processed, top_ids[rows], step.uniform[rows])
         undecided += [r for r, ok in zip(candidate_rows, decided.tolist()) if not ok]
     if undecided:
@@ -324,7 +353,9 @@ def _whole_rows(step: _Step, rows: list[int], with_logprobs: bool):
     x = step.logits[rows].float()
     penalised = [i for i, r in enumerate(rows) if step.seen[r] is not None]
     if penalised:
-        apply_penalties(x, penalised, [step.seen[rows[i]] for i in penalised], [step.params[rows[i]] for i in penalised])
+        apply_penalties(
+            x, penalised, [step.seen[rows[i]] for i in penalised], [step.params[rows[i]] for i in penalised]
+        )
     row_params = [step.params[r] for r in rows]
     x = whole_rows(x, row_params)
     tokens = torch.zeros(step.logits.shape[0], dtype=torch.long, device=x.device)

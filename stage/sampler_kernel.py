@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 @functools.cache
 def _cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    module = cpu_build.build("stagecoach_sampler_v12", cpu_build.source("sampler.cpp"), ["scan"], log, "sampler",
-                             "the sampler works on whole rows with torch's operators instead")
+    module = cpu_build.build(
+        "stagecoach_sampler_v12",
+        cpu_build.source("sampler.cpp"),
+        ["scan"],
+        log,
+        "sampler",
+        "the sampler works on whole rows with torch's operators instead",
+    )
     return None if module is None else module.scan
 
 
@@ -33,8 +39,17 @@ def prepare(device: torch.device) -> bool:
     return device.type == "cpu" and _cpu_kernel() is not None
 
 
-def scan(logits: torch.Tensor, seen_ids: list[torch.Tensor], seen_counts: list[torch.Tensor], penalties: torch.Tensor,
-         inv_temp: torch.Tensor, uniform: torch.Tensor, with_lse: bool, n_raw: int, n_top: int) -> list[torch.Tensor] | None:
+def scan(
+    logits: torch.Tensor,
+    seen_ids: list[torch.Tensor],
+    seen_counts: list[torch.Tensor],
+    penalties: torch.Tensor,
+    inv_temp: torch.Tensor,
+    uniform: torch.Tensor,
+    with_lse: bool,
+    n_raw: int,
+    n_top: int,
+) -> list[torch.Tensor] | None:
     """For each row of logits [R, V]: (raw log-sum-exp [R], largest raw values and ids [R, n_raw] x2,
     largest penalised values and ids [R, n_top] x2, mass at the row's temperature [R] float64, whole-vocabulary draw [R]).
 

@@ -77,28 +77,42 @@ class SequenceTable:
         ends = [c.start_pos + c.num_tokens for c in chunks]
         if max(ends) > self.max_positions:
             i = next(i for i, e in enumerate(ends) if e > self.max_positions)
-            raise RequestError(f"seqs[{i}].start_pos: positions up to {ends[i]} exceed max_position_embeddings {self.max_positions}")
+            raise RequestError(
+                f"seqs[{i}].start_pos: positions up to {ends[i]} exceed max_position_embeddings {self.max_positions}"
+            )
         blocks = [b for c in chunks for b in c.new_blocks]
         if blocks and (min(blocks) < 0 or max(blocks) >= self.num_blocks):
-            i, j = next((i, j) for i, c in enumerate(chunks) for j, b in enumerate(c.new_blocks) if not 0 <= b < self.num_blocks)
-            raise KVCacheError(f"seqs[{i}].new_blocks[{j}]: block {chunks[i].new_blocks[j]} is outside the cache's {self.num_blocks} blocks")
+            i, j = next(
+                (i, j) for i, c in enumerate(chunks) for j, b in enumerate(c.new_blocks) if not 0 <= b < self.num_blocks
+            )
+            raise KVCacheError(
+                f"seqs[{i}].new_blocks[{j}]: block {chunks[i].new_blocks[j]} is outside the cache's {self.num_blocks} blocks"
+            )
         dropped = set(batch.drop_seq_ids)
         for i, (c, end) in enumerate(zip(chunks, ends)):  # a dictionary look-up per sequence, nothing per token
             held = len_table = 0
             if c.is_first:  # at 0, or after a cached prefix of whole blocks, listed first in its new_blocks
                 held = c.start_pos
                 if held % self.block_size:
-                    raise RequestError(f"seqs[{i}].start_pos {held}: a first chunk starts at 0 or after a cached prefix of whole "
-                                       f"{self.block_size}-token blocks")
+                    raise RequestError(
+                        f"seqs[{i}].start_pos {held}: a first chunk starts at 0 or after a cached prefix of whole "
+                        f"{self.block_size}-token blocks"
+                    )
             else:
                 seq = self._seqs.get(c.seq_id)
                 if seq is None or c.seq_id in dropped:
-                    raise RequestError(f"seqs[{i}].seq_id {c.seq_id} is not a sequence this stage holds: its first chunk must bring "
-                                       f"its sampling parameters")
+                    raise RequestError(
+                        f"seqs[{i}].seq_id {c.seq_id} is not a sequence this stage holds: its first chunk must bring "
+                        f"its sampling parameters"
+                    )
                 held, len_table = seq.num_tokens, len(seq.block_table)
             if c.start_pos != held:
-                raise RequestError(f"seqs[{i}].start_pos {c.start_pos}: this stage holds {held} tokens of sequence {c.seq_id}")
+                raise RequestError(
+                    f"seqs[{i}].start_pos {c.start_pos}: this stage holds {held} tokens of sequence {c.seq_id}"
+                )
             have, need = len_table + len(c.new_blocks), -(-end // self.block_size)
             if not need <= have <= self.max_blocks:
-                raise RequestError(f"seqs[{i}].new_blocks: the block table would hold {have} blocks; positions up to {end} need {need} "
-                                   f"(at most {self.max_blocks})")
+                raise RequestError(
+                    f"seqs[{i}].new_blocks: the block table would hold {have} blocks; positions up to {end} need {need} "
+                    f"(at most {self.max_blocks})"
+                )

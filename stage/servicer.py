@@ -27,10 +27,14 @@ class StageServicer(pb_grpc.StageServicer):
         self.service = service
         self.info = info
 
-    def _accept(self, request: pb.MicroBatch, received: int, data: memoryview | None = None) -> tuple[grpc.StatusCode, str] | None:
+    def _accept(
+        self, request: pb.MicroBatch, received: int, data: memoryview | None = None
+    ) -> tuple[grpc.StatusCode, str] | None:
         """Decodes, validates and queues one microbatch; the refusal's (code, message), or None."""
         try:
-            if self.service.is_stale(request.batch_id):  # before decoding it: cheap, and the common refusal after a recovery
+            if self.service.is_stale(
+                request.batch_id
+            ):  # before decoding it: cheap, and the common refusal after a recovery
                 raise StaleBatchError(f"microbatch {request.batch_id} is from before a recovery")
             batch, inputs = codec.decode_microbatch(request, data=data)
             self.service.admit(batch, inputs, request.timings, received)
@@ -70,4 +74,10 @@ class StageServicer(pb_grpc.StageServicer):
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         s = self.service
-        return pb.HealthReply(serving=True, batches_done=s.batches_done, queue_depth=s.queue_depth, compute_ns_total=s.compute_ns_total, errors=s.errors)
+        return pb.HealthReply(
+            serving=True,
+            batches_done=s.batches_done,
+            queue_depth=s.queue_depth,
+            compute_ns_total=s.compute_ns_total,
+            errors=s.errors,
+        )

@@ -19,7 +19,14 @@ from stagecoach.proto.server import start_server
 from stagecoach.proto.types import LayerRange
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import KVCache, cpu_num_blocks
-from stagecoach.stage.loader import DTYPES, change_layers, checkpoint_fingerprint, layer_weight_bytes, load_stage_model, stage_weight_bytes
+from stagecoach.stage.loader import (
+    DTYPES,
+    change_layers,
+    checkpoint_fingerprint,
+    layer_weight_bytes,
+    load_stage_model,
+    stage_weight_bytes,
+)
 from stagecoach.stage.model import AttentionMetadata
 from stagecoach.stage.runner import StageRunner
 from stagecoach.stage.loop import StageLoop
@@ -55,10 +62,14 @@ class StagePlan:
     port: int  # 0: any free port
     max_message_mb: int
     delay_ms: float  # testing only: extra time added to every forward (a deliberately slow stage)
-    poison_prefill_tokens: int | None  # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
+    poison_prefill_tokens: (
+        int | None
+    )  # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
     layer_delay_ms: float  # testing only: each decoder layer waits this long per microbatch (testing.layer_delay_ms)
     slowdown: float  # testing only: compute takes this factor times its measured time (testing.stage_slowdown)
-    crash_in_rebalance: bool  # testing only: the process exits while changing its layers (testing.rebalance_crash_stage)
+    crash_in_rebalance: (
+        bool  # testing only: the process exits while changing its layers (testing.rebalance_crash_stage)
+    )
     link_token: str  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
     tls_cert: str | None
     tls_key: str | None
@@ -123,7 +134,13 @@ class StageWorker:
     @property
     def bytes_per_block(self) -> int:
         c = self.config
-        return KVCache.bytes_per_block(self.plan.layer_end - self.plan.layer_start, self.plan.block_size, c.num_key_value_heads, c.head_dim, self.dtype)
+        return KVCache.bytes_per_block(
+            self.plan.layer_end - self.plan.layer_start,
+            self.plan.block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+            self.dtype,
+        )
 
     def memory_budget(self) -> int:
         if self.plan.memory_limit_mb is not None:
@@ -152,7 +169,9 @@ class StageWorker:
         """Checks the plan fits, loads the weights, and says how many KV blocks this stage can hold."""
         self.check_fits()
         p = self.plan
-        self.model = load_stage_model(p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config, progress=self._loaded)
+        self.model = load_stage_model(
+            p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config, progress=self._loaded
+        )
         return Loaded(self.weight_bytes, self.kv_capacity(), str(self.device))
 
     def _loaded(self, nbytes: int) -> None:
@@ -169,7 +188,15 @@ class StageWorker:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         blocks = -(-p.max_batch_tokens // p.block_size)
-        probe = KVCache(p.layer_end - p.layer_start, blocks, p.block_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype, self.device)
+        probe = KVCache(
+            p.layer_end - p.layer_start,
+            blocks,
+            p.block_size,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            self.dtype,
+            self.device,
+        )
         meta = AttentionMetadata.build([(0, p.max_batch_tokens, list(range(blocks)))], p.block_size, self.device)
         with torch.inference_mode():
             if self.model.is_first:
@@ -190,7 +217,9 @@ class StageWorker:
         p = self.plan
         self.runner = self._new_runner(num_blocks)
         security = p.security()
-        self.service = StageLoop(self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security, slowdown=p.slowdown)
+        self.service = StageLoop(
+            self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security, slowdown=p.slowdown
+        )
         host = p.host or node_address()
         self.servicer = StageServicer(self.service, self.info_message(num_blocks))
         self.server, self.address = start_server(self.servicer, host, p.port, p.max_message_bytes, security)
@@ -200,7 +229,15 @@ class StageWorker:
     def _new_runner(self, num_blocks: int) -> StageRunner:
         """The KV cache of num_blocks blocks and a runner over it (its decode step compiled, where that is on)."""
         p, c = self.plan, self.config
-        cache = KVCache(p.layer_end - p.layer_start, num_blocks, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        cache = KVCache(
+            p.layer_end - p.layer_start,
+            num_blocks,
+            p.block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+            self.dtype,
+            self.device,
+        )
         runner = StageRunner(self.model, cache)
         runner.poison_prefill_tokens = p.poison_prefill_tokens
         runner.layer_delay_s = p.layer_delay_ms / 1e3
@@ -254,7 +291,11 @@ class StageWorker:
 
     def info_message(self, num_blocks: int) -> pb.StageInfo:
         mem_total = self.memory_budget()
-        mem_used = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.weight_bytes + num_blocks * self.bytes_per_block
+        mem_used = (
+            torch.cuda.memory_allocated(self.device)
+            if self.device.type == "cuda"
+            else self.weight_bytes + num_blocks * self.bytes_per_block
+        )
         return pb.StageInfo(
             index=self.plan.index,
             layer_start=self.plan.layer_start,
@@ -272,7 +313,9 @@ class StageWorker:
             node_id=self.node_id,
             dtype=self.plan.dtype,
             layer_bytes=layer_weight_bytes(self.config, self.dtype),
-            kv_block_layer_bytes=KVCache.bytes_per_block(1, self.plan.block_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype),
+            kv_block_layer_bytes=KVCache.bytes_per_block(
+                1, self.plan.block_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype
+            ),
         )
 
     def stop(self) -> None:

@@ -14,10 +14,16 @@ torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--compile", choices=("auto", "on", "off"), default=None,
-                     help="pipeline.compile for the Ray pipelines and `stagecoach serve` servers the tests start (e.g. the exactness, "
-                          "chaos and recovery tests compiled)")
-    parser.addoption("--compile-batch-sizes", default=None, help="with --compile: pipeline.compile_batch_sizes, e.g. 1,4,8")
+    parser.addoption(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default=None,
+        help="pipeline.compile for the Ray pipelines and `stagecoach serve` servers the tests start (e.g. the exactness, "
+        "chaos and recovery tests compiled)",
+    )
+    parser.addoption(
+        "--compile-batch-sizes", default=None, help="with --compile: pipeline.compile_batch_sizes, e.g. 1,4,8"
+    )
 
 
 def pytest_configure(config):
@@ -58,8 +64,13 @@ def ray_cluster():
 
     node = dict(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1", object_store_memory=80 * 2**20)
     # Free ports instead of Ray's fixed defaults, so a Ray already running here (or a second test run) does not clash.
-    head = node | {"dashboard_host": "127.0.0.1", "include_dashboard": True, "dashboard_port": free_port(),
-                   "ray_client_server_port": free_port(), "dashboard_agent_listen_port": free_port()}
+    head = node | {
+        "dashboard_host": "127.0.0.1",
+        "include_dashboard": True,
+        "dashboard_port": free_port(),
+        "ray_client_server_port": free_port(),
+        "dashboard_agent_listen_port": free_port(),
+    }
     cluster = Cluster(initialize_head=True, head_node_args=head)
     for _ in range(3):
         cluster.add_node(**node, dashboard_agent_listen_port=free_port())

@@ -87,10 +87,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(port: int, path: str, body: dict | None = None, key: str | None = "test-key-123", timeout: float = 60) -> tuple[int, dict, dict]:
+def http(
+    port: int, path: str, body: dict | None = None, key: str | None = "test-key-123", timeout: float = 60
+) -> tuple[int, dict, dict]:
     """(status, JSON body, headers) of one request; errors come back as their status, not raised."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {}))
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {}),
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"{}"), dict(resp.headers)
@@ -113,8 +118,18 @@ def ray_head(log_dir: Path, num_cpus: int = 3):
     """
     bin_dir = Path(sys.executable).parent
     gcs, dashboard = free_port(), free_port()
-    ports = {name: str(free_port()) for name in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                                  "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port")}
+    ports = {
+        name: str(free_port())
+        for name in (
+            "--ray-client-server-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        )
+    }
     env = os.environ | {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -125,15 +140,36 @@ def ray_head(log_dir: Path, num_cpus: int = 3):
     temp_dir = Path("/tmp") / f"sc-ray-{os.getpid()}-{gcs}"  # Ray's socket paths must stay short
     log = log_dir / "head.log"
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-         "--object-store-memory=100000000", *[f"{k}={v}" for k, v in ports.items()]],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env | {"STAGECOACH_TEST_HEAD_ENV": "head"}, start_new_session=True,
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--object-store-memory=100000000",
+            *[f"{k}={v}" for k, v in ports.items()],
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env | {"STAGECOACH_TEST_HEAD_ENV": "head"},
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 90
-        while subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [str(bin_dir / "ray"), "job", "list", "--address", address], env=env, capture_output=True
+            ).returncode
+            != 0
+        ):
             assert head.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         yield address, env

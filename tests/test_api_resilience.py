@@ -71,7 +71,11 @@ def serve(model, tokenizer: Tokenizer) -> tuple[ThreadServer, AsyncEngine]:
 def samples(port: int) -> dict[tuple[str, tuple], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
         text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def test_a_client_that_disconnects_mid_stream_is_a_499_logged_in_one_line_and_its_sequence_is_aborted(model, caplog):

@@ -17,18 +17,28 @@ from test_model_parity import ATOL, NEW_TOKENS, RecordingPipeline, check_against
 BLOCK = 8
 # Five prompts, at most four sequences per microbatch: decode batches of 4 and 1 run padded to the one compiled size (4);
 # contexts grow from 1 to 6 blocks, so the block tables' width takes 2, 4 and 8.
-PROMPTS = [[5, 77, 123, 9, 301, 42, 42, 7, 250, 11, 3, 199, 64], [17], list(range(30, 50)), [1, 2, 3, 4, 5, 6], [400, 9]]
+PROMPTS = [
+    [5, 77, 123, 9, 301, 42, 42, 7, 250, 11, 3, 199, 64],
+    [17],
+    list(range(30, 50)),
+    [1, 2, 3, 4, 5, 6],
+    [400, 9],
+]
 
 
 def generate(pipe, max_num_seqs: int) -> list:
     engine = Engine(pipe, scheduler_config(96, block_size=BLOCK, max_num_seqs=max_num_seqs))
-    return engine.generate(PROMPTS, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in PROMPTS])
+    return engine.generate(
+        PROMPTS, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in PROMPTS]
+    )
 
 
 def test_compiled_decode_equals_eager_and_hf_and_never_recompiles(hf_checkpoint):
     model_dir, hf_model = hf_checkpoint("compiled", num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
     ranges = ranges_from_counts([2, 1], 3)  # a first and a last stage
-    compiled = RecordingPipeline(LocalPipeline.load(model_dir, ranges, num_blocks=96, block_size=BLOCK, compile_batch_sizes=[4]))
+    compiled = RecordingPipeline(
+        LocalPipeline.load(model_dir, ranges, num_blocks=96, block_size=BLOCK, compile_batch_sizes=[4])
+    )
     runners = compiled.inner.runners
     assert [r.compiled.compiles for r in runners] == [1, 1]  # warm-up: one graph per stage, for its one batch size
 
@@ -70,13 +80,27 @@ def test_compiled_stages_survive_a_stage_killed_mid_stream(ray_cluster, tmp_path
     tmp = tmp_path_factory.mktemp("compiled_recovery")
     make_hf_checkpoint(tmp / "model", num_hidden_layers=3, max_position_embeddings=1024)
     prompts = RECOVERY_PROMPTS[:4]  # two greedy, two seeded with every sampling option
-    server = Server(["--config", config_file(tmp, tmp / "model", compile="on", compile_batch_sizes=[4]), "--ray-address", ray_cluster.address],
-                    tmp / "server.log")
+    server = Server(
+        [
+            "--config",
+            config_file(tmp, tmp / "model", compile="on", compile_batch_sizes=[4]),
+            "--ray-address",
+            ray_cluster.address,
+        ],
+        tmp / "server.log",
+    )
     try:
         server.wait_ready(timeout=300)
         assert "decode step compiled for batch sizes [4]" in server.log.read_text()
-        reference = [http(server.port, "/v1/completions", {"prompt": p, "max_tokens": TOKENS, "ignore_eos": True} | SAMPLING[i], key=None)[1]
-                     ["choices"][0]["text"] for i, p in enumerate(prompts)]
+        reference = [
+            http(
+                server.port,
+                "/v1/completions",
+                {"prompt": p, "max_tokens": TOKENS, "ignore_eos": True} | SAMPLING[i],
+                key=None,
+            )[1]["choices"][0]["text"]
+            for i, p in enumerate(prompts)
+        ]
         out, _ = run_with_kill(server, prompts, kill_stage=1, after_batches=30)
         for i, ref in enumerate(reference):
             text, events = out[i]

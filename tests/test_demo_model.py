@@ -71,10 +71,14 @@ def test_ray_two_stages_answer_paris_like_transformers(demo_dir, ray_cluster):
     pipeline = RayPipeline(config, ranges_from_counts([17, 7], 24))
     try:
         engine = Engine(pipeline, scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size), max_inflight=2)
-        (seq,) = engine.generate([prompt], [SamplingParams(temperature=0, repetition_penalty=1.0, max_tokens=24, ignore_eos=True)])
+        (seq,) = engine.generate(
+            [prompt], [SamplingParams(temperature=0, repetition_penalty=1.0, max_tokens=24, ignore_eos=True)]
+        )
     finally:
         pipeline.shutdown()
-    answer = seq.output_token_ids[: next((i for i, t in enumerate(seq.output_token_ids) if t in tokenizer.stop_token_ids), 24)]
+    answer = seq.output_token_ids[
+        : next((i for i, t in enumerate(seq.output_token_ids) if t in tokenizer.stop_token_ids), 24)
+    ]
     text = tokenizer.decode(answer)
     print(f"demo answer: {text!r}")
     assert "Paris" in text

@@ -45,17 +45,22 @@ def until(condition, timeout: float = 30) -> None:
 
 def test_requests_from_another_thread_stream_their_tokens(running):
     updates: dict[int, list] = {}
-    seqs = running.submit_request([([4, 5], greedy(3)), ([6], greedy(5))], lambda seq_id: updates.setdefault(seq_id, []).append).result(timeout=30)
+    seqs = running.submit_request(
+        [([4, 5], greedy(3)), ([6], greedy(5))], lambda seq_id: updates.setdefault(seq_id, []).append
+    ).result(timeout=30)
     until(lambda: all(updates.get(s.seq_id) and updates[s.seq_id][-1].finished for s in seqs))
     got = {s.seq_id: [t for u in updates[s.seq_id] for t in u.token_ids] for s in seqs}
-    assert [len(got[s.seq_id]) for s in seqs] == [3, 5] and [updates[s.seq_id][-1].finish_reason for s in seqs] == ["length", "length"]
+    assert [len(got[s.seq_id]) for s in seqs] == [3, 5] and [updates[s.seq_id][-1].finish_reason for s in seqs] == [
+        "length",
+        "length",
+    ]
     assert got[seqs[0].seq_id] == seqs[0].output_token_ids
     stats = running.stats()
     assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0) and stats["microbatches"] >= 5
 
 
 def test_requests_are_added_all_or_none(running):
-    future = running.submit_request([([4], greedy(2)), ([], greedy(2))], lambda seq_id: (lambda update: None))
+    future = running.submit_request([([4], greedy(2)), ([], greedy(2))], lambda seq_id: lambda update: None)
     with pytest.raises(RequestError, match="empty") as info:
         future.result(timeout=30)
     assert info.value.param == "prompt"

@@ -35,12 +35,16 @@ def streamed_events(port: int, body: dict) -> list[str]:
 def test_a_dead_loop_restarts_three_times_then_live_fails(tmp_path):
     make_hf_checkpoint(tmp_path / "model", num_hidden_layers=2, max_position_embeddings=256)
     config = tmp_path / "crashy.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"path": str(tmp_path / "model")},
-        "pipeline": {"backend": "local"},
-        "cache": {"block_size": 8, "num_blocks": 64},
-        "testing": {"engine_crash_token_id": CRASH},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tmp_path / "model")},
+                "pipeline": {"backend": "local"},
+                "cache": {"block_size": 8, "num_blocks": 64},
+                "testing": {"engine_crash_token_id": CRASH},
+            }
+        )
+    )
     s = Server(["--config", str(config)], tmp_path / "server.log")
     good = {"prompt": [4, 5], "max_tokens": 3, "temperature": 0}
     try:
@@ -51,7 +55,11 @@ def test_a_dead_loop_restarts_three_times_then_live_fails(tmp_path):
                 assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_failed", events
             else:
                 status, payload, _ = http(s.port, "/v1/completions", {"prompt": [CRASH, 5], "max_tokens": 3}, key=None)
-                assert status == 500 and payload["error"]["type"] == "server_error" and payload["error"]["code"] == "engine_failed", payload
+                assert (
+                    status == 500
+                    and payload["error"]["type"] == "server_error"
+                    and payload["error"]["code"] == "engine_failed"
+                ), payload
             if failure < 4:
                 wait_healthy(s.port)
                 assert http(s.port, "/v1/completions", good, key=None)[0] == 200, f"no service after restart {failure}"

@@ -55,7 +55,9 @@ def model(tmp_path_factory):
 def app_state(model):
     pipeline = LocalPipeline.load(model, ranges_from_counts([1, 1], 2), num_blocks=64, block_size=8)
     engine = AsyncEngine(Engine(pipeline, scheduler_config(64, block_size=8, max_model_len=256, vocab_size=512)))
-    state = ServerState(tokenizer=Tokenizer(model), model_name="tiny", max_model_len=256, sampling_defaults={}, api_key=KEY)
+    state = ServerState(
+        tokenizer=Tokenizer(model), model_name="tiny", max_model_len=256, sampling_defaults={}, api_key=KEY
+    )
     state.engine = engine
     yield state
     engine.stop()
@@ -64,13 +66,19 @@ def app_state(model):
 
 def call(state: ServerState, requests: list[tuple]) -> list[tuple[int, dict]]:
     """Each (method, path, json or text body, headers) against the real app on 127.0.0.1; (status, JSON body) each."""
+
     async def go():
         async with TestClient(TestServer(build_app(state), host="127.0.0.1")) as client:
             out = []
             for method, path, body, headers in requests:
                 kwargs = {"data": body} if isinstance(body, str) else {"json": body}
                 async with client.request(method, path, headers=headers, **kwargs) as resp:
-                    out.append((resp.status, await resp.json() if resp.content_type == "application/json" else await resp.text()))
+                    out.append(
+                        (
+                            resp.status,
+                            await resp.json() if resp.content_type == "application/json" else await resp.text(),
+                        )
+                    )
             return out
 
     return asyncio.run(go())
@@ -106,7 +114,12 @@ def test_http_refuses_each_with_the_parameter_named(app_state):
     for (name, _, value), (status, body) in zip(CASES, answers):
         assert status == 400, (name, value, body)
         assert body["error"]["param"] == name and body["error"]["message"].startswith(f"{name} must be"), body
-    assert call(app_state, [("POST", "/v1/completions", {"prompt": [1, 2], "max_tokens": 2, "temperature": 0}, AUTH)])[0][0] == 200
+    assert (
+        call(app_state, [("POST", "/v1/completions", {"prompt": [1, 2], "max_tokens": 2, "temperature": 0}, AUTH)])[0][
+            0
+        ]
+        == 200
+    )
 
 
 def test_chat_names_the_logprobs_count_top_logprobs(app_state):
@@ -117,13 +130,16 @@ def test_chat_names_the_logprobs_count_top_logprobs(app_state):
 
 def test_every_status_is_counted(app_state):
     ok = {"prompt": [1, 2], "max_tokens": 2, "temperature": 0}
-    answers = call(app_state, [
-        ("POST", "/v1/completions", ok, {}),  # 401
-        ("POST", "/v1/completions", ok | {"model": "gpt-4"}, AUTH),  # 404
-        ("POST", "/v1/completions", "prompt=1", AUTH | {"Content-Type": "text/plain"}),  # 415
-        ("POST", "/v1/completions", ok | {"temperature": -1}, AUTH),  # 400
-        ("GET", "/v1/nowhere", None, AUTH),  # aiohttp's own 404
-    ])
+    answers = call(
+        app_state,
+        [
+            ("POST", "/v1/completions", ok, {}),  # 401
+            ("POST", "/v1/completions", ok | {"model": "gpt-4"}, AUTH),  # 404
+            ("POST", "/v1/completions", "prompt=1", AUTH | {"Content-Type": "text/plain"}),  # 415
+            ("POST", "/v1/completions", ok | {"temperature": -1}, AUTH),  # 400
+            ("GET", "/v1/nowhere", None, AUTH),  # aiohttp's own 404
+        ],
+    )
     assert [s for s, _ in answers] == [401, 404, 415, 400, 404]
     app_state.max_active = 0  # the server is full
     try:
@@ -148,12 +164,20 @@ def test_an_unexpected_error_in_a_handler_is_a_500_with_the_openai_body_and_a_tr
 
     monkeypatch.setattr(app_state.tokenizer, "encode", broken)
     with caplog.at_level(logging.ERROR, logger="stagecoach.coordinator.api"):
-        ((status, body), (_, text)) = call(app_state, [("POST", "/v1/completions", {"prompt": "some text"}, AUTH), ("GET", "/metrics", None, {})])
+        ((status, body), (_, text)) = call(
+            app_state, [("POST", "/v1/completions", {"prompt": "some text"}, AUTH), ("GET", "/metrics", None, {})]
+        )
     assert status == 500
-    assert body["error"]["type"] == "server_error" and body["error"]["code"] == "internal_error" and body["error"]["param"] is None
+    assert (
+        body["error"]["type"] == "server_error"
+        and body["error"]["code"] == "internal_error"
+        and body["error"]["param"] is None
+    )
     assert "ZeroDivisionError" in body["error"]["message"]
     assert counted(text)[("500", "/v1/completions")] >= 1
-    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records), "no log line with the traceback"
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records), (
+        "no log line with the traceback"
+    )
 
 
 def test_the_table_gives_every_error_type_a_row_that_its_callers_understand():

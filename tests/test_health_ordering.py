@@ -27,12 +27,14 @@ SPLITS = ([1, 3], [3, 1])  # rebalanced back and forth
 def _config(model_dir: str):
     from stagecoach.cluster.config import ClusterConfig
 
-    return ClusterConfig.from_dict({
-        "model": {"path": model_dir},
-        "pipeline": {"backend": "thread", "layers": [2, 2], "heartbeat_interval_s": INTERVAL_S},
-        "cache": {"num_blocks": 64, "block_size": 8},
-        "transport": {"host": "127.0.0.1"},
-    })
+    return ClusterConfig.from_dict(
+        {
+            "model": {"path": model_dir},
+            "pipeline": {"backend": "thread", "layers": [2, 2], "heartbeat_interval_s": INTERVAL_S},
+            "cache": {"num_blocks": 64, "block_size": 8},
+            "transport": {"host": "127.0.0.1"},
+        }
+    )
 
 
 async def _supervised(model_dir: str):
@@ -101,7 +103,7 @@ def test_a_poller_at_20_ms_racing_100_reattaches_and_10_rebalances_survives_and_
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, f"the process ended with {proc.returncode} (a negative code is a signal):\n{tail}"
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     print(result)
     assert result["poller_alive"], result
     assert result["recoveries"] == 0 and result["poll_errors"] == 0, result
@@ -113,7 +115,9 @@ if __name__ == "__main__":
     _child(sys.argv[1])
 
 
-def test_an_error_in_one_poll_is_logged_counted_and_the_next_poll_runs_and_a_recovery_leaves_every_stage_ready(model, caplog):
+def test_an_error_in_one_poll_is_logged_counted_and_the_next_poll_runs_and_a_recovery_leaves_every_stage_ready(
+    model, caplog
+):
     from prometheus_client import generate_latest
 
     from stagecoach.coordinator.server_metrics import stats_document

@@ -27,11 +27,17 @@ def profile_values(profile: str) -> dict:
 
 def render(values: dict | None = None, name: str = "sc") -> list[dict]:
     manifests = helm.Chart.load(CHART).render(values or {}, name=name, namespace="llm")
-    return [doc for path, text in manifests.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    return [
+        doc for path, text in manifests.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc
+    ]
 
 
 def notes(values: dict | None = None) -> str:
-    return next(t for p, t in helm.Chart.load(CHART).render(values or {}, name="sc", namespace="llm").items() if p.endswith("NOTES.txt"))
+    return next(
+        t
+        for p, t in helm.Chart.load(CHART).render(values or {}, name="sc", namespace="llm").items()
+        if p.endswith("NOTES.txt")
+    )
 
 
 def one(objects: list[dict], kind: str) -> dict:
@@ -44,10 +50,12 @@ def merged(profile: str) -> dict:
 
 
 def serve_command(raycluster: dict) -> list[str]:
-    (submitter,) = [c for c in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == "submitter"]
+    (submitter,) = [
+        c for c in raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == "submitter"
+    ]
     command = submitter["command"]
     assert command[:2] == ["stagecoach", "submit"]
-    return command[command.index("--") + 1:]
+    return command[command.index("--") + 1 :]
 
 
 # ---- lint -------------------------------------------------------------------------------------
@@ -63,7 +71,9 @@ def test_lint_strict_finds_nothing(profile, kube_version):
 def test_lint_does_report_a_broken_chart(tmp_path):
     """The lint above can fail: a template with a bad expression is an error."""
     broken = Path(helm.Chart.load(CHART).save_dir(tmp_path))
-    (broken / "templates" / "service.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata:\n  name: {{ .Values.nope.deeper }}\n")
+    (broken / "templates" / "service.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {{ .Values.nope.deeper }}\n"
+    )
     report = helm.lint(broken, strict=True, kube_version="v1.33.0")
     assert report["errors"], report
 
@@ -71,15 +81,18 @@ def test_lint_does_report_a_broken_chart(tmp_path):
 # ---- the schema -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"stages": 0}, "at '/stages': minimum: got 0, want 1"),
-    ({"gpusPerStage": "two"}, "at '/gpusPerStage': got string, want integer"),
-    ({"gpusPerStage": 2}, "at '/gpusPerStage'"),
-    ({"replicas": 4}, "additional properties 'replicas' not allowed"),
-    ({"worker": {"antiAffinity": "sometimes"}}, "at '/worker/antiAffinity'"),
-    ({"pipeline": {"rebalance": "always"}}, "at '/pipeline/rebalance'"),
-    ({"worker": {"affinity": {"podAntiAffinity": {}}}}, "additional properties 'podAntiAffinity' not allowed"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"stages": 0}, "at '/stages': minimum: got 0, want 1"),
+        ({"gpusPerStage": "two"}, "at '/gpusPerStage': got string, want integer"),
+        ({"gpusPerStage": 2}, "at '/gpusPerStage'"),
+        ({"replicas": 4}, "additional properties 'replicas' not allowed"),
+        ({"worker": {"antiAffinity": "sometimes"}}, "at '/worker/antiAffinity'"),
+        ({"pipeline": {"rebalance": "always"}}, "at '/pipeline/rebalance'"),
+        ({"worker": {"affinity": {"podAntiAffinity": {}}}}, "additional properties 'podAntiAffinity' not allowed"),
+    ],
+)
 def test_schema_rejects_with_helms_message(values, message):
     with pytest.raises(helm.HelmValuesError) as err:
         render(values)
@@ -127,7 +140,9 @@ def test_every_value_has_a_doc_comment():
         if any(t.startswith("# --") for t in block):
             inside_value, checked = indent, checked + 1
         else:
-            assert node.get("type") == "object" and "properties" in node, f"values.yaml: {'.'.join(path)} has no '# --' comment"
+            assert node.get("type") == "object" and "properties" in node, (
+                f"values.yaml: {'.'.join(path)} has no '# --' comment"
+            )
     assert checked > 50
 
 
@@ -138,7 +153,11 @@ def _strict(schema):
     """A CRD schema as `kubectl --validate=strict` reads it: objects with declared properties take no others."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -156,7 +175,12 @@ def crd_schema(kind: str) -> dict:
 
 
 def pod_of(template: dict) -> dict:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **template.get("metadata", {})}, "spec": template["spec"]}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", **template.get("metadata", {})},
+        "spec": template["spec"],
+    }
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -172,9 +196,13 @@ def test_rendered_objects_validate(profile):
                 try:
                     kubernetes_validate.validate(obj, kube_version, strict=True)
                 except kubernetes_validate.ValidationError as e:
-                    pytest.fail(f"{obj['kind']} {obj['metadata']['name']} for {kube_version}: {e.message} at {list(e.path)}")
+                    pytest.fail(
+                        f"{obj['kind']} {obj['metadata']['name']} for {kube_version}: {e.message} at {list(e.path)}"
+                    )
         cluster = one(objects, "RayCluster")
-        templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+        templates = [cluster["spec"]["headGroupSpec"]["template"]] + [
+            g["template"] for g in cluster["spec"]["workerGroupSpecs"]
+        ]
         for template in templates:  # the pods KubeRay will create, as strict core objects
             try:
                 kubernetes_validate.validate(pod_of(template), kube_version, strict=True)
@@ -193,7 +221,9 @@ def test_crd_validation_can_fail():
     cluster["spec"]["workerGroupSpecs"][0]["replica"] = 4  # a typo
     cluster["spec"]["workerGroupSpecs"][0]["replicas"] = "4"
     messages = [e.message for e in jsonschema.Draft7Validator(crd_schema("RayCluster")).iter_errors(cluster)]
-    assert any("'replica' was unexpected" in m for m in messages) and any("'4' is not of type 'integer'" in m for m in messages)
+    assert any("'replica' was unexpected" in m for m in messages) and any(
+        "'4' is not of type 'integer'" in m for m in messages
+    )
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -209,12 +239,16 @@ def test_workers_gpus_and_anti_affinity_follow_values(profile):
     if values["device"] == "cuda":
         assert limits["nvidia.com/gpu"] == values["gpusPerStage"] == 1
     else:
-        assert not any("gpu" in k for k in limits) and not any("gpu" in k for k in worker["resources"].get("requests", {}))
+        assert not any("gpu" in k for k in limits) and not any(
+            "gpu" in k for k in worker["resources"].get("requests", {})
+        )
     assert pod.get("nodeSelector", {}) == values["worker"]["nodeSelector"]
     assert pod.get("tolerations", []) == values["worker"]["tolerations"]
     anti = pod["affinity"]["podAntiAffinity"]
-    term = {"labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "sc", "app.kubernetes.io/component": "stage"}},
-            "topologyKey": "kubernetes.io/hostname"}
+    term = {
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "sc", "app.kubernetes.io/component": "stage"}},
+        "topologyKey": "kubernetes.io/hostname",
+    }
     if values["worker"]["antiAffinity"] == "required":
         assert anti == {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
     else:
@@ -227,10 +261,17 @@ def test_workers_gpus_and_anti_affinity_follow_values(profile):
     # The head never holds a stage.
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     # /dev/shm as a sized memory volume, on every pod.
-    for spec, size in ((pod, values["worker"]["shmSize"]), (cluster["spec"]["headGroupSpec"]["template"]["spec"], values["head"]["shmSize"])):
+    for spec, size in (
+        (pod, values["worker"]["shmSize"]),
+        (cluster["spec"]["headGroupSpec"]["template"]["spec"], values["head"]["shmSize"]),
+    ):
         (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": size}
-        assert all({"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"] for c in spec["containers"] if c["name"].startswith("ray-"))
+        assert all(
+            {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+            for c in spec["containers"]
+            if c["name"].startswith("ray-")
+        )
 
 
 def test_eight_smaller_gpus_are_picked_by_node_selector():
@@ -260,16 +301,26 @@ def test_serve_command_and_config_match_values(profile):
 
     # --config is the chart's ConfigMap, mounted on the head, and our config loader accepts it.
     configmap = one(objects, "ConfigMap")
-    mount = next(m for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == "ray-head"
-                 for m in c["volumeMounts"] if m["name"] == "config")
+    mount = next(
+        m
+        for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+        if c["name"] == "ray-head"
+        for m in c["volumeMounts"]
+        if m["name"] == "config"
+    )
     assert args.config == f"{mount['mountPath']}/stagecoach.yaml"
     config = ClusterConfig.from_dict(yaml.safe_load(configmap["data"]["stagecoach.yaml"]))
     assert config.pipeline.num_stages == values["stages"]
     assert config.pipeline.layers == (values["layers"] or None)
     assert config.pipeline.gpus_per_stage == (1 if values["device"] == "cuda" else 0)
     assert config.pipeline.device == values["device"] and config.pipeline.placement == "strict_spread"
-    assert config.model.path == f"{values['model']['mountPath']}/{values['model']['folder']}" and config.model.dtype == values["model"]["dtype"]
-    assert config.transport.port == values["transport"]["port"] and config.transport.token_env == "STAGECOACH_LINK_TOKEN"
+    assert (
+        config.model.path == f"{values['model']['mountPath']}/{values['model']['folder']}"
+        and config.model.dtype == values["model"]["dtype"]
+    )
+    assert (
+        config.transport.port == values["transport"]["port"] and config.transport.token_env == "STAGECOACH_LINK_TOKEN"
+    )
     assert config.pipeline.ready_timeout_s == values["pipeline"]["readyTimeoutSeconds"]
     assert config.pipeline.compile == values["pipeline"]["compile"]
     assert config.pipeline.compile_batch_sizes == values["pipeline"]["compileBatchSizes"]
@@ -282,17 +333,27 @@ def test_serve_command_and_config_match_values(profile):
         else:
             assert volume["hostPath"] == {"path": values["model"]["hostPath"], "type": "Directory"}
         ray_container = template["spec"]["containers"][0]
-        assert {"name": "model", "mountPath": values["model"]["mountPath"], "readOnly": True} in ray_container["volumeMounts"]
+        assert {"name": "model", "mountPath": values["model"]["mountPath"], "readOnly": True} in ray_container[
+            "volumeMounts"
+        ]
 
 
-@pytest.mark.parametrize("rebalance", [{}, {"rebalance": "auto", "rebalanceMinGain": 0.25, "rebalanceCooldownSeconds": 60}, {"rebalance": "off"}])
+@pytest.mark.parametrize(
+    "rebalance",
+    [{}, {"rebalance": "auto", "rebalanceMinGain": 0.25, "rebalanceCooldownSeconds": 60}, {"rebalance": "off"}],
+)
 def test_rebalance_values_reach_the_config(rebalance):
     from stagecoach.cluster.config import ClusterConfig
 
-    config = ClusterConfig.from_dict(yaml.safe_load(one(render({"pipeline": rebalance}), "ConfigMap")["data"]["stagecoach.yaml"]))
+    config = ClusterConfig.from_dict(
+        yaml.safe_load(one(render({"pipeline": rebalance}), "ConfigMap")["data"]["stagecoach.yaml"])
+    )
     p = config.pipeline
-    assert (p.rebalance, p.rebalance_min_gain, p.rebalance_cooldown_s) == (rebalance.get("rebalance", "suggest"), rebalance.get("rebalanceMinGain", 0.1),
-                                                                           rebalance.get("rebalanceCooldownSeconds", 300))
+    assert (p.rebalance, p.rebalance_min_gain, p.rebalance_cooldown_s) == (
+        rebalance.get("rebalance", "suggest"),
+        rebalance.get("rebalanceMinGain", 0.1),
+        rebalance.get("rebalanceCooldownSeconds", 300),
+    )
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -317,7 +378,9 @@ def test_image_probes_and_service(profile):
     tag = values["image"]["tag"] or chart.metadata["appVersion"]
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
     workers = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]
-    assert {c["image"] for c in head["containers"] + workers["containers"]} == {f"{values['image']['repository']}:{tag}"}
+    assert {c["image"] for c in head["containers"] + workers["containers"]} == {
+        f"{values['image']['repository']}:{tag}"
+    }
     assert cluster["spec"]["rayVersion"] == values["rayVersion"]
 
     (submitter,) = [c for c in head["containers"] if c["name"] == "submitter"]
@@ -329,18 +392,26 @@ def test_image_probes_and_service(profile):
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # room for a stage to load
 
     service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "sc-stagecoach")
-    assert service["spec"]["ports"] == [{"name": "http", "port": values["service"]["port"], "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": values["service"]["port"], "targetPort": "http", "protocol": "TCP"}
+    ]
     head_labels = cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
     worker_labels = cluster["spec"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
     selector = service["spec"]["selector"]
-    assert all(head_labels.get(k) == v for k, v in selector.items()) and not all(worker_labels.get(k) == v for k, v in selector.items())
+    assert all(head_labels.get(k) == v for k, v in selector.items()) and not all(
+        worker_labels.get(k) == v for k, v in selector.items()
+    )
     dashboards = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("-dashboard")]
     assert len(dashboards) == (1 if values["service"]["dashboard"]["enabled"] else 0)
     monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
     assert len(monitors) == (1 if values["serviceMonitor"]["enabled"] else 0)
     for monitor in monitors:
-        assert all(service["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
-        assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+        assert all(
+            service["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items()
+        )
+        assert (
+            monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+        )
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -352,13 +423,17 @@ def test_secret_and_network_policy(profile):
     cluster = one(objects, "RayCluster")
     for container in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]:
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-        assert refs == {"STAGECOACH_API_KEY": {"name": secret["metadata"]["name"], "key": "api-key"},
-                        "STAGECOACH_LINK_TOKEN": {"name": secret["metadata"]["name"], "key": "link-token"}}
+        assert refs == {
+            "STAGECOACH_API_KEY": {"name": secret["metadata"]["name"], "key": "api-key"},
+            "STAGECOACH_LINK_TOKEN": {"name": secret["metadata"]["name"], "key": "link-token"},
+        }
 
     policy = one(objects, "NetworkPolicy")
     selected = policy["spec"]["podSelector"]["matchLabels"]
     templates = [cluster["spec"]["headGroupSpec"]["template"], cluster["spec"]["workerGroupSpecs"][0]["template"]]
-    assert all(all(t["metadata"]["labels"].get(k) == v for k, v in selected.items()) for t in templates)  # every pod of the release
+    assert all(
+        all(t["metadata"]["labels"].get(k) == v for k, v in selected.items()) for t in templates
+    )  # every pod of the release
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rules = policy["spec"]["ingress"]
     # Any port (stage links, Ray's ports) only from the release's own pods; the API port from apiFrom (or anyone).
@@ -382,7 +457,10 @@ def test_given_keys_are_used_and_network_policy_can_be_off():
 
     objects = render({"auth": {"apiKey": "k" * 12, "linkToken": "t" * 12}, "networkPolicy": {"enabled": False}})
     data = one(objects, "Secret")["data"]
-    assert base64.b64decode(data["api-key"]).decode() == "k" * 12 and base64.b64decode(data["link-token"]).decode() == "t" * 12
+    assert (
+        base64.b64decode(data["api-key"]).decode() == "k" * 12
+        and base64.b64decode(data["link-token"]).decode() == "t" * 12
+    )
     assert [o for o in objects if o["kind"] == "NetworkPolicy"] == []
 
 

@@ -76,7 +76,9 @@ def test_stage_loads_with_every_other_shard_deleted(sharded, tmp_path):
         if f.suffix != ".safetensors" or f.name in keep:
             shutil.copy(f, tmp_path / f.name)
     stage = load_stage_model(tmp_path, 2, 3)
-    assert torch.equal(stage.state_dict()["model.layers.2.mlp.up_proj.weight"], model.state_dict()["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(
+        stage.state_dict()["model.layers.2.mlp.up_proj.weight"], model.state_dict()["model.layers.2.mlp.up_proj.weight"]
+    )
 
 
 def test_missing_tensor_is_named(sharded, tmp_path):

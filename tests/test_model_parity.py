@@ -62,7 +62,9 @@ def check_against_hf(hf_model, seqs, logits_by_seq, prompts):
         if seq.output_token_ids != ref_ids:
             step = next(i for i, (a, b) in enumerate(zip(seq.output_token_ids, ref_ids)) if a != b)
             gap = top2_gap(ref_logits[len(prompt) - 1 + step])
-            pytest.fail(f"greedy ids diverge at step {step}: ours {seq.output_token_ids[step]}, HF {ref_ids[step]}; HF top-1/top-2 gap there {gap:.3g}")
+            pytest.fail(
+                f"greedy ids diverge at step {step}: ours {seq.output_token_ids[step]}, HF {ref_ids[step]}; HF top-1/top-2 gap there {gap:.3g}"
+            )
         err = (ours - ref_logits).abs().max().item()
         assert err <= ATOL, f"max abs logit error {err:.3g} > {ATOL}"
         # Cache vs no cache: HF's full forward over the whole sequence gives the same rows.
@@ -76,7 +78,9 @@ CONFIGS = {
     "gqa2_untied": dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2),
     "gqa1_tied": dict(num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
     "gqa5_untied": dict(num_hidden_layers=5, hidden_size=80, num_attention_heads=10, num_key_value_heads=2),
-    "gqa2_tied": dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, seed=3),
+    "gqa2_tied": dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, seed=3
+    ),
 }
 PROMPT = [5, 77, 123, 9, 301, 42, 42, 7, 250, 11, 3, 199, 64]
 
@@ -117,7 +121,9 @@ def test_preemption_recomputes_the_same_ids(hf_checkpoint):
     num_blocks, block_size = 14, 8  # 112 slots; the four requests need 166 at their longest
     pipe = LocalPipeline.load(model_dir, ranges, num_blocks=num_blocks, block_size=block_size)
     engine = Engine(pipe, scheduler_config(num_blocks, block_size=block_size))
-    seqs = engine.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in prompts])
+    seqs = engine.generate(
+        prompts, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in prompts]
+    )
     assert engine.scheduler.num_preemptions > 0
     for seq, prompt in zip(seqs, prompts):
         assert seq.output_token_ids == hf_greedy(hf_model, prompt, NEW_TOKENS)[0]

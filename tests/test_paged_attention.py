@@ -14,11 +14,20 @@ from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
 from stagecoach.stage import paged_attention
-from stagecoach.stage.paged_attention import decode_attention, gathered_decode, gathered_prefill, paged_decode, paged_prefill, prefill_attention
+from stagecoach.stage.paged_attention import (
+    decode_attention,
+    gathered_decode,
+    gathered_prefill,
+    paged_decode,
+    paged_prefill,
+    prefill_attention,
+)
 from test_model_parity import CONFIGS, NEW_TOKENS, RecordingPipeline, check_against_hf
 
 
-def scattered_case(seed: int, batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[int], dtype):
+def scattered_case(
+    seed: int, batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int, lens: list[int], dtype
+):
     """Random K/V in a pool of blocks, each sequence's table a random, non-contiguous draw from it."""
     g = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-n // block_size) for n in lens)
@@ -92,7 +101,9 @@ def test_prefill_kernel_equals_the_gather_path(dtype, heads, kv_heads):
         assert (ours - ref).abs().max().item() < 1e-5, (start, n)
 
 
-@pytest.mark.parametrize("budget", [512, 12], ids=["decode over scattered blocks", "prefill chunks over a cached prefix"])
+@pytest.mark.parametrize(
+    "budget", [512, 12], ids=["decode over scattered blocks", "prefill chunks over a cached prefix"]
+)
 def test_scattered_blocks_match_hf(hf_checkpoint, budget):
     """Small blocks handed out in a shuffled order: every context spans many non-contiguous blocks. With a budget of 12
     tokens per microbatch each prompt is prefilled in chunks, each over a prefix of several cached blocks."""
@@ -100,7 +111,9 @@ def test_scattered_blocks_match_hf(hf_checkpoint, budget):
 
     model_dir, hf_model = hf_checkpoint("gqa5_untied", **CONFIGS["gqa5_untied"])
     num_blocks, block_size = 96, 4
-    pipe = RecordingPipeline(LocalPipeline.load(model_dir, ranges_from_counts([3, 2], 5), num_blocks=num_blocks, block_size=block_size))
+    pipe = RecordingPipeline(
+        LocalPipeline.load(model_dir, ranges_from_counts([3, 2], 5), num_blocks=num_blocks, block_size=block_size)
+    )
     engine = Engine(pipe, scheduler_config(num_blocks, block_size=block_size, max_num_batched_tokens=budget))
     free = list(engine.scheduler.block_manager._free)
     random.Random(7).shuffle(free)
@@ -119,7 +132,9 @@ def test_scattered_blocks_match_hf(hf_checkpoint, budget):
 
     pipe.submit = recording_submit
     prompts = [[(13 * i + 5) % 500 + 3 for i in range(41)], [9, 8, 7], list(range(100, 160))]
-    seqs = engine.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in prompts])
+    seqs = engine.generate(
+        prompts, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in prompts]
+    )
     for seq in seqs:
         t = tables[seq.seq_id]
         assert len(t) >= 8 and sum(b - a != 1 for a, b in zip(t, t[1:])) >= len(t) // 2, t  # mostly non-adjacent blocks

@@ -48,12 +48,18 @@ def test_in_process_the_poisoned_sequence_ends_and_the_others_match_the_referenc
         assert seq.output_token_ids == hf_greedy(hf, prompt, 12)[0]
     stats = engine.stats()
     # One mixed failure, then each poisoned sequence alone once more; every innocent one got through alone.
-    assert stats["requests_failed"] == {"stage_error": 2} and stats["recoveries"] == 0 and stats["microbatch_failures"] == 3
+    assert (
+        stats["requests_failed"] == {"stage_error": 2}
+        and stats["recoveries"] == 0
+        and stats["microbatch_failures"] == 3
+    )
     assert stats["kv_blocks_used"] == 0 and stats["isolating"] == 0
 
 
 # -- the acceptance: a 3-stage Ray server with testing.poison on its middle stage ---------------------------------------
-STREAMS = [[(13 * i + j) % 390 + 3 for j in range(40 + i)] for i in range(8)]  # longer than POISON: no innocent re-prefill matches it
+STREAMS = [
+    [(13 * i + j) % 390 + 3 for j in range(40 + i)] for i in range(8)
+]  # longer than POISON: no innocent re-prefill matches it
 NEW_TOKENS = 80
 
 
@@ -66,14 +72,23 @@ def server(checkpoint, ray_cluster, tmp_path_factory):
     from test_recovery import Server
 
     tmp = tmp_path_factory.mktemp("poison_server")
-    (tmp / "cluster.yaml").write_text(yaml.safe_dump({
-        "model": {"path": str(checkpoint[0])},
-        # A budget that never splits a prompt: the poisoned one's first chunk is always exactly POISON tokens, and no other's is.
-        "pipeline": {"num_stages": 3, "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 2048},
-        "testing": {"stage_delay_ms": [3.0, 3.0, 3.0], "poison": {"stage": 1, "prefill_tokens": POISON}},
-        "cache": {"block_size": 8, "num_blocks": 512},
-        "transport": {"host": "127.0.0.1"},
-    }))
+    (tmp / "cluster.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(checkpoint[0])},
+                # A budget that never splits a prompt: the poisoned one's first chunk is always exactly POISON tokens, and no other's is.
+                "pipeline": {
+                    "num_stages": 3,
+                    "gpus_per_stage": 1,
+                    "placement": "strict_spread",
+                    "max_batch_tokens": 2048,
+                },
+                "testing": {"stage_delay_ms": [3.0, 3.0, 3.0], "poison": {"stage": 1, "prefill_tokens": POISON}},
+                "cache": {"block_size": 8, "num_blocks": 512},
+                "transport": {"host": "127.0.0.1"},
+            }
+        )
+    )
     s = Server(["--config", str(tmp / "cluster.yaml"), "--ray-address", ray_cluster.address], tmp / "server.log")
     s.wait_ready()
     yield s
@@ -122,7 +137,9 @@ class Poisoned(threading.Thread):
     def check(self) -> None:
         self.join(timeout=120)
         if self.stream:  # an error event, then [DONE]
-            assert self.body[-1] == "[DONE]" and json.loads(self.body[-2])["error"]["code"] == "stage_error", self.body[-3:]
+            assert self.body[-1] == "[DONE]" and json.loads(self.body[-2])["error"]["code"] == "stage_error", self.body[
+                -3:
+            ]
         else:
             assert self.status == 500 and self.body["error"]["code"] == "stage_error", (self.status, self.body)
             assert "stage 1" in self.body["error"]["message"] and "testing.poison" in self.body["error"]["message"]
@@ -140,7 +157,10 @@ def failed_total(server) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when, poisoned", [("with the streams", [False]), ("mid-stream", [True]), ("mid-stream, two at once", [False, True])])
+@pytest.mark.parametrize(
+    "when, poisoned",
+    [("with the streams", [False]), ("mid-stream", [True]), ("mid-stream, two at once", [False, True])],
+)
 def test_poisoned_requests_fail_alone_and_the_streams_keep_their_text(server, reference, when, poisoned):
     before, stage_pids, failed = engine_stats(server), pids(server), failed_total(server)
     streams = Streams(server)
@@ -151,9 +171,13 @@ def test_poisoned_requests_fail_alone_and_the_streams_keep_their_text(server, re
         r.check()
     assert streams.texts() == reference
     after = engine_stats(server)
-    print(f"{when}: poisoned requests ended after {', '.join(f'{r.took:.2f} s' for r in requests)}; "
-          f"{after['microbatch_failures'] - before['microbatch_failures']} failed microbatches")
-    assert after["recoveries"] == before["recoveries"] and pids(server) == stage_pids  # the stage stayed up: no recovery
+    print(
+        f"{when}: poisoned requests ended after {', '.join(f'{r.took:.2f} s' for r in requests)}; "
+        f"{after['microbatch_failures'] - before['microbatch_failures']} failed microbatches"
+    )
+    assert (
+        after["recoveries"] == before["recoveries"] and pids(server) == stage_pids
+    )  # the stage stayed up: no recovery
     assert after["requests_failed"]["stage_error"] - before["requests_failed"]["stage_error"] == len(poisoned)
     assert failed_total(server) - failed == len(poisoned)
     assert after["isolating"] == 0 and after["running"] == 0 and after["kv_blocks_used"] == 0
@@ -167,11 +191,16 @@ def test_a_stage_killed_during_isolation_is_recovered_and_nothing_is_lost(server
     streams.wait_mid_stream(15)
     request = Poisoned(server, 7, stream=True)
     deadline = time.monotonic() + 30
-    while engine_stats(server)["microbatch_failures"] == before["microbatch_failures"]:  # the first failure: isolation begins
+    while (
+        engine_stats(server)["microbatch_failures"] == before["microbatch_failures"]
+    ):  # the first failure: isolation begins
         assert time.monotonic() < deadline
     os.kill(pids(server)[2], signal.SIGKILL)
     request.check()
     assert streams.texts() == reference
     after = engine_stats(server)
-    assert after["recoveries"] == before["recoveries"] + 1 and after["requests_failed"]["stage_error"] == before["requests_failed"]["stage_error"] + 1
+    assert (
+        after["recoveries"] == before["recoveries"] + 1
+        and after["requests_failed"]["stage_error"] == before["requests_failed"]["stage_error"] + 1
+    )
     assert http(server.port, "/health", key=None)[0] == 200

@@ -44,8 +44,13 @@ def test_a_full_block_is_reusable_only_once_its_microbatch_came_back():
     c = sched.add_request(prompt + [42, 43], params())
     chunk = next(ch for ch in sched.schedule().seqs if ch.seq_id == c.seq_id)  # beside a's and b's decode steps
     assert (chunk.start_pos, chunk.num_tokens, c.num_cached_tokens) == (8, 4, 8)
-    assert chunk.new_blocks[:2] == a.block_table[:2] and chunk.new_blocks[2] not in a.block_table  # shared prefix, own tail
-    assert chunk.sampling is not None and chunk.token_ids == prompt + [42, 43]  # a first chunk: the whole history for the last stage
+    assert (
+        chunk.new_blocks[:2] == a.block_table[:2] and chunk.new_blocks[2] not in a.block_table
+    )  # shared prefix, own tail
+    assert chunk.sampling is not None and chunk.token_ids == prompt + [
+        42,
+        43,
+    ]  # a first chunk: the whole history for the last stage
     assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (10 + 11 + 12, 8)
 
 
@@ -58,7 +63,11 @@ def test_a_fully_cached_prompt_on_a_block_boundary_computes_its_last_token_in_a_
     run_batch(sched, batch)  # a finishes: its blocks are freed, and stay cached
     b = sched.add_request(prompt, params(max_tokens=1))
     chunk = sched.schedule().seqs[0]
-    assert (chunk.start_pos, chunk.num_tokens, b.num_cached_tokens) == (4, 4, 4)  # one block reused; the second recomputed
+    assert (chunk.start_pos, chunk.num_tokens, b.num_cached_tokens) == (
+        4,
+        4,
+        4,
+    )  # one block reused; the second recomputed
     assert chunk.new_blocks[0] == shared[0] and chunk.new_blocks[1] not in shared
 
 
@@ -104,7 +113,9 @@ def test_preemption_and_abort_keep_the_cache_and_a_recovery_drops_it():
     run_batch(sched, sched.schedule())  # 9 prompt tokens: 2 full blocks committed
     young = sched.add_request(list(range(50, 58)), params(max_tokens=8))
     finish(sched)
-    assert old.is_finished and young.is_finished and sched.num_preemptions >= 1  # 6 blocks: young was preempted and recomputed
+    assert (
+        old.is_finished and young.is_finished and sched.num_preemptions >= 1
+    )  # 6 blocks: young was preempted and recomputed
     assert young.num_cached_tokens == 0
     again = sched.add_request(list(range(3, 12)), params())
     sched.abort(again.seq_id)

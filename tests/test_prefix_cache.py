@@ -22,11 +22,19 @@ def sampling(i: int) -> SamplingParams:
     kind = i % 3
     if kind == 0:
         return SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    return SamplingParams(temperature=0.9, seed=7 + i, max_tokens=12, ignore_eos=True, repetition_penalty=1.3 if kind == 2 else 1.0)
+    return SamplingParams(
+        temperature=0.9, seed=7 + i, max_tokens=12, ignore_eos=True, repetition_penalty=1.3 if kind == 2 else 1.0
+    )
 
 
 # Wave 1 fills the cache (two requests share a new prefix while it is being filled); wave 2 hits it.
-WAVE_1 = [SYSTEM + [400, 401, 402], EXACT, [9] * 20, [(3 * j) % 480 + 5 for j in range(30)] + [1, 2], [(3 * j) % 480 + 5 for j in range(30)] + [3]]
+WAVE_1 = [
+    SYSTEM + [400, 401, 402],
+    EXACT,
+    [9] * 20,
+    [(3 * j) % 480 + 5 for j in range(30)] + [1, 2],
+    [(3 * j) % 480 + 5 for j in range(30)] + [3],
+]
 WAVE_2 = [
     SYSTEM + [410, 411, 412, 413, 414, 415],  # 4 blocks of the system prompt
     SYSTEM[:8] + [420] * 9,  # exactly one block
@@ -56,7 +64,9 @@ def waves(engine: Engine) -> tuple[list[list[int]], list[int]]:
 @pytest.fixture(scope="module")
 def without_caching(model):
     pipeline = LocalPipeline.load(model, ranges_from_counts([2, 1], 3), num_blocks=64, block_size=BS)
-    engine = Engine(pipeline, scheduler_config(64, block_size=BS, max_model_len=256, vocab_size=512, prefix_caching=False))
+    engine = Engine(
+        pipeline, scheduler_config(64, block_size=BS, max_model_len=256, vocab_size=512, prefix_caching=False)
+    )
     out, cached = waves(engine)
     assert set(cached) == {0}
     return out
@@ -77,8 +87,10 @@ def test_over_grpc_with_microbatches_in_flight_the_same_tokens(model, without_ca
     config = ClusterConfig.from_dict({"transport": {"host": "127.0.0.1"}, "pipeline": {"num_stages": 3}})
     pipeline = ThreadPipeline(model, ranges_from_counts([1, 1, 1], 3), config=config, num_blocks=64, block_size=BS)
     try:
-        engine = Engine(pipeline, scheduler_config(64, block_size=BS, max_model_len=256, vocab_size=512), max_inflight=3)
+        engine = Engine(
+            pipeline, scheduler_config(64, block_size=BS, max_model_len=256, vocab_size=512), max_inflight=3
+        )
         out, cached = waves(engine)
-        assert out == without_caching and cached[len(WAVE_1):] == CACHED_IN_WAVE_2
+        assert out == without_caching and cached[len(WAVE_1) :] == CACHED_IN_WAVE_2
     finally:
         pipeline.shutdown()

@@ -25,12 +25,36 @@ def test_ray_job_submit_serves_and_ray_job_stop_leaves_nothing(tmp_path, ray_hea
     address, env = ray_head_cluster
     job_env = env | {"RAY_ADDRESS": address}
     submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
-         str(BIN / "stagecoach"), "serve", "--model", str(model), "--stages", "2", "--port", str(http_port), "--grpc-host", "127.0.0.1"],
-        env=job_env, capture_output=True, text=True, timeout=120,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--no-wait",
+            "--",
+            str(BIN / "stagecoach"),
+            "serve",
+            "--model",
+            str(model),
+            "--stages",
+            "2",
+            "--port",
+            str(http_port),
+            "--grpc-host",
+            "127.0.0.1",
+        ],
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert submit.returncode == 0, submit.stderr
-    job_id = next(w for line in submit.stdout.splitlines() for w in line.replace("'", " ").split() if w.startswith("raysubmit_"))
+    job_id = next(
+        w for line in submit.stdout.splitlines() for w in line.replace("'", " ").split() if w.startswith("raysubmit_")
+    )
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -38,18 +62,35 @@ def test_ray_job_submit_serves_and_ray_job_stop_leaves_nothing(tmp_path, ray_hea
                 break
         except OSError:
             pass
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id], env=job_env, capture_output=True, text=True).stdout
+        status = subprocess.run(
+            [str(BIN / "ray"), "job", "status", "--address", address, job_id],
+            env=job_env,
+            capture_output=True,
+            text=True,
+        ).stdout
         if time.monotonic() > deadline or "FAILED" in status or "SUCCEEDED" in status:
-            logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id], env=job_env, capture_output=True, text=True).stdout
+            logs = subprocess.run(
+                [str(BIN / "ray"), "job", "logs", "--address", address, job_id],
+                env=job_env,
+                capture_output=True,
+                text=True,
+            ).stdout
             pytest.fail(f"the serving job did not come up: {status[-500:]}\n{logs[-3000:]}")
         time.sleep(1)
-    status, body, _ = http(http_port, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True}, key=None)
+    status, body, _ = http(
+        http_port,
+        "/v1/completions",
+        {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        key=None,
+    )
     assert status == 200 and body["usage"]["completion_tokens"] == 4
 
     def state(kind: str) -> list[dict]:
         """Ray's state API, asked from a process that holds this cluster's token."""
-        code = (f"import json; from ray.util.state import list_{kind}; "
-                f"print(json.dumps([x.__dict__ for x in list_{kind}(address={address!r})], default=str))")
+        code = (
+            f"import json; from ray.util.state import list_{kind}; "
+            f"print(json.dumps([x.__dict__ for x in list_{kind}(address={address!r})], default=str))"
+        )
         out = subprocess.run([sys.executable, "-c", code], env=job_env, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -57,7 +98,13 @@ def test_ray_job_submit_serves_and_ray_job_stop_leaves_nothing(tmp_path, ray_hea
         return [a for a in state("actors") if a["class_name"] == "StageActor" and a["state"] == "ALIVE"]
 
     assert len(alive_stage_actors()) == 2
-    subprocess.run([str(BIN / "ray"), "job", "stop", "--address", address, job_id], env=job_env, capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [str(BIN / "ray"), "job", "stop", "--address", address, job_id],
+        env=job_env,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     deadline = time.monotonic() + 60
     while alive_stage_actors() and time.monotonic() < deadline:
         time.sleep(1)

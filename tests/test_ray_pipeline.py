@@ -38,12 +38,26 @@ def compile_settings() -> dict:
     return settings
 
 
-def make_config(model_dir, counts, placement="auto", gpus=1.0, max_inflight=None, num_blocks=128, max_batch_tokens=512, memory_limit_mb=None):
+def make_config(
+    model_dir,
+    counts,
+    placement="auto",
+    gpus=1.0,
+    max_inflight=None,
+    num_blocks=128,
+    max_batch_tokens=512,
+    memory_limit_mb=None,
+):
     return ClusterConfig(
         model=ModelSection(path=str(model_dir)),
         pipeline=PipelineSection(
-            layers=counts, gpus_per_stage=gpus, placement=placement, max_inflight=max_inflight,
-            max_batch_tokens=max_batch_tokens, memory_limit_mb=memory_limit_mb, ready_timeout_s=120,
+            layers=counts,
+            gpus_per_stage=gpus,
+            placement=placement,
+            max_inflight=max_inflight,
+            max_batch_tokens=max_batch_tokens,
+            memory_limit_mb=memory_limit_mb,
+            ready_timeout_s=120,
             **compile_settings(),
         ),
         cache=CacheSection(block_size=8, num_blocks=num_blocks),
@@ -94,7 +108,9 @@ def test_greedy_equals_local_and_hf(ray_cluster, model, counts):
         got, _ = run_engine(pipeline, prompts, max_inflight=len(counts))
     finally:
         pipeline.shutdown()
-    local, _ = run_engine(LocalPipeline.load(model_dir, ranges_from_counts(counts, 5), num_blocks=128, block_size=8), prompts, 1)
+    local, _ = run_engine(
+        LocalPipeline.load(model_dir, ranges_from_counts(counts, 5), num_blocks=128, block_size=8), prompts, 1
+    )
     assert got == local
     assert got == [hf_greedy(hf_model, p, NEW_TOKENS)[0] for p in prompts]
 
@@ -118,9 +134,29 @@ def test_strict_spread_puts_each_stage_on_its_own_node(ray_cluster, model):
 def test_cli_json_reports_nodes(ray_cluster, model):
     model_dir, _ = model
     cmd = [
-        str(Path(sys.executable).parent / "stagecoach"), "generate", "--model", str(model_dir), "--stages", "4",
-        "--gpus-per-stage", "1", "--placement", "strict_spread", "--ray-address", ray_cluster.address, "--grpc-host", "127.0.0.1",
-        "--prompt-ids", "1,2,3", "--prompt-ids", "4,5", "--temperature", "0", "--max-new-tokens", "4", "--json",
+        str(Path(sys.executable).parent / "stagecoach"),
+        "generate",
+        "--model",
+        str(model_dir),
+        "--stages",
+        "4",
+        "--gpus-per-stage",
+        "1",
+        "--placement",
+        "strict_spread",
+        "--ray-address",
+        ray_cluster.address,
+        "--grpc-host",
+        "127.0.0.1",
+        "--prompt-ids",
+        "1,2,3",
+        "--prompt-ids",
+        "4,5",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--json",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
@@ -185,5 +221,3 @@ def test_stage_over_its_memory_budget_is_refused_before_loading(ray_cluster, mod
     with pytest.raises(ConfigError, match=r"stage 0 .* needs .* MiB of weights .* memory budget on cpu is 0.0 MiB"):
         ray_pipeline(config)
     assert alive_stage_actors() == [] and live_placement_groups() == []
-
-

@@ -35,8 +35,11 @@ PROMPTS = [[(7 * i + j) % 500 + 3 for j in range(5 + 2 * i)] for i in range(8)]
 
 def sampling(i: int) -> SamplingParams:
     """Greedy and seeded streams alike: every draw is seeded by position, so a re-prefill draws the same tokens."""
-    return SamplingParams(temperature=0, max_tokens=40, ignore_eos=True) if i % 2 == 0 else \
-        SamplingParams(temperature=0.9, top_p=0.9, seed=1000 + i, max_tokens=40, ignore_eos=True)
+    return (
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        if i % 2 == 0
+        else SamplingParams(temperature=0.9, top_p=0.9, seed=1000 + i, max_tokens=40, ignore_eos=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,9 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model) -> list[list[int]]:
     pipeline = LocalPipeline.load(model, ranges_from_counts([2, 2, 2, 2], 8), num_blocks=128, block_size=8)
-    seqs = Engine(pipeline, scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512)).generate(PROMPTS, [sampling(i) for i in range(8)])
+    seqs = Engine(pipeline, scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512)).generate(
+        PROMPTS, [sampling(i) for i in range(8)]
+    )
     return [s.output_token_ids for s in seqs]
 
 
@@ -99,26 +104,48 @@ def test_over_grpc_an_admin_rebalance_mid_stream_keeps_every_token(model, refere
     pipeline = ThreadPipeline(model, ranges_from_counts([2, 2, 2, 2], 8), config=config, num_blocks=128, block_size=8)
     records = []
     try:
-        engine = Engine(pipeline, scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512), max_inflight=4)
-        out = run_with(engine, pipeline, lambda e, seqs: records.append(e.rebalancer.request([3, 1, 1, 3]).result(timeout=60)))
+        engine = Engine(
+            pipeline, scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512), max_inflight=4
+        )
+        out = run_with(
+            engine, pipeline, lambda e, seqs: records.append(e.rebalancer.request([3, 1, 1, 3]).result(timeout=60))
+        )
         assert out == reference
         assert [s.layers for s in pipeline.stages] == [(0, 3), (3, 4), (4, 5), (5, 8)]
         assert [w.model.layer_start for w in pipeline.workers] == [0, 3, 4, 5]
         (record,) = records
-        assert record["outcome"] == "applied" and record["from"] == [2, 2, 2, 2] and record["reprefilled"] == 8 and record["pause_s"] < 10
+        assert (
+            record["outcome"] == "applied"
+            and record["from"] == [2, 2, 2, 2]
+            and record["reprefilled"] == 8
+            and record["pause_s"] < 10
+        )
         stats = engine.stats()
-        assert stats["rebalance"]["applied"] == 1 and stats["rebalance"]["layers"] == [3, 1, 1, 3] and stats["kv_blocks_used"] == 0
+        assert (
+            stats["rebalance"]["applied"] == 1
+            and stats["rebalance"]["layers"] == [3, 1, 1, 3]
+            and stats["kv_blocks_used"] == 0
+        )
     finally:
         pipeline.shutdown()
 
 
 def test_auto_moves_layers_off_a_slow_stage_and_the_streams_keep_their_tokens(model, reference):
-    config = ClusterConfig.from_dict({"transport": {"host": "127.0.0.1"}, "pipeline": {"num_stages": 4},
-                                      "testing": {"layer_delay_ms": 2.0, "stage_slowdown": [1, 3, 1, 1]}})
+    config = ClusterConfig.from_dict(
+        {
+            "transport": {"host": "127.0.0.1"},
+            "pipeline": {"num_stages": 4},
+            "testing": {"layer_delay_ms": 2.0, "stage_slowdown": [1, 3, 1, 1]},
+        }
+    )
     pipeline = ThreadPipeline(model, ranges_from_counts([2, 2, 2, 2], 8), config=config, num_blocks=128, block_size=8)
     try:
-        engine = Engine(pipeline, scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512), max_inflight=4,
-                        rebalance=RebalancePolicy("auto", min_gain=0.10, cooldown_s=0.0))
+        engine = Engine(
+            pipeline,
+            scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512),
+            max_inflight=4,
+            rebalance=RebalancePolicy("auto", min_gain=0.10, cooldown_s=0.0),
+        )
         assert run_with(engine, pipeline) == reference
         applied = [h for h in engine.rebalancer.history if h["outcome"] == "applied"]
         assert applied and applied[0]["trigger"] == "auto" and applied[0]["predicted_gain"] >= 0.10
@@ -147,7 +174,12 @@ def call(state: ServerState, requests: list[tuple]) -> list[tuple[int, dict | st
             for method, path, body, key in requests:
                 headers = {"Authorization": f"Bearer {key}"} if key else {}
                 async with client.request(method, path, json=body, headers=headers) as resp:
-                    out.append((resp.status, await resp.json() if resp.content_type == "application/json" else await resp.text()))
+                    out.append(
+                        (
+                            resp.status,
+                            await resp.json() if resp.content_type == "application/json" else await resp.text(),
+                        )
+                    )
             return out
 
     return asyncio.run(go())
@@ -162,23 +194,49 @@ def test_the_admin_endpoint_needs_an_api_key_and_reports_the_split_pause_and_pro
         ((status, body),) = call(state, [("POST", "/v1/admin/rebalance", {"layers": [3, 5]}, None)])
         assert status == 403 and "--api-key-env" in body["error"]["message"] and engine.core.layer_counts == [4, 4]
         state.api_key = KEY
-        replies = call(state, [
-            ("POST", "/v1/admin/rebalance", {"layers": [3, 5]}, "wrong"),
-            ("POST", "/v1/admin/rebalance", {"layers": [3, 4]}, KEY),
-            ("POST", "/v1/admin/rebalance", None, KEY),  # the current proposal: none before 32 measured microbatches
-            ("POST", "/v1/admin/rebalance", {"layers": [3, 5]}, KEY),
-            ("GET", "/v1/stats", None, KEY),
-            ("GET", "/metrics", None, None),
-        ])
+        replies = call(
+            state,
+            [
+                ("POST", "/v1/admin/rebalance", {"layers": [3, 5]}, "wrong"),
+                ("POST", "/v1/admin/rebalance", {"layers": [3, 4]}, KEY),
+                (
+                    "POST",
+                    "/v1/admin/rebalance",
+                    None,
+                    KEY,
+                ),  # the current proposal: none before 32 measured microbatches
+                ("POST", "/v1/admin/rebalance", {"layers": [3, 5]}, KEY),
+                ("GET", "/v1/stats", None, KEY),
+                ("GET", "/metrics", None, None),
+            ],
+        )
         assert [r[0] for r in replies] == [401, 400, 400, 200, 200, 200], replies
         assert replies[1][1]["error"]["param"] == "layers" and "no proposal yet" in replies[2][1]["error"]["message"]
         applied = replies[3][1]
-        assert applied["outcome"] == "applied" and applied["to"] == [3, 5] and [s["layers"] for s in applied["stages"]] == [[0, 3], [3, 8]]
+        assert (
+            applied["outcome"] == "applied"
+            and applied["to"] == [3, 5]
+            and [s["layers"] for s in applied["stages"]] == [[0, 3], [3, 8]]
+        )
         rebalance = replies[4][1]["rebalance"]
-        assert rebalance["mode"] == "suggest" and rebalance["layers"] == [3, 5] and rebalance["history"][-1]["pause_s"] == applied["pause_s"]
-        gauges = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(replies[5][1]) for s in f.samples}
-        assert gauges[("stagecoach_rebalance_predicted_gain", ())] == 0.0 and gauges[("stagecoach_rebalancing", ())] == 0.0
-        assert gauges[("stagecoach_prefix_cache_queries_total", ())] == gauges[("stagecoach_prefix_cache_hits_total", ())] == 0
+        assert (
+            rebalance["mode"] == "suggest"
+            and rebalance["layers"] == [3, 5]
+            and rebalance["history"][-1]["pause_s"] == applied["pause_s"]
+        )
+        gauges = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(replies[5][1])
+            for s in f.samples
+        }
+        assert (
+            gauges[("stagecoach_rebalance_predicted_gain", ())] == 0.0 and gauges[("stagecoach_rebalancing", ())] == 0.0
+        )
+        assert (
+            gauges[("stagecoach_prefix_cache_queries_total", ())]
+            == gauges[("stagecoach_prefix_cache_hits_total", ())]
+            == 0
+        )
         engine.core.failure = "a test's recovery"  # what a recovery under way sets
         ((status, body),) = call(state, [("POST", "/v1/admin/rebalance", {"layers": [4, 4]}, KEY)])
         assert status == 409 and "recovery" in body["error"]["message"]

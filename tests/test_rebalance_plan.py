@@ -72,7 +72,10 @@ def test_memory_limits_bind_and_are_never_exceeded():
 def test_a_stage_too_small_for_any_layer_is_refused_with_the_numbers():
     sp = speeds(1, 1)
     sp[1].memory_bytes, sp[1].fixed_bytes = 150, 100
-    with pytest.raises(PartitionError, match=r"stage 1 cannot hold a single layer: of its 150 bytes, 100 hold fixed weights, and one layer needs 80"):
+    with pytest.raises(
+        PartitionError,
+        match=r"stage 1 cannot hold a single layer: of its 150 bytes, 100 hold fixed weights, and one layer needs 80",
+    ):
         plan_split(4, sp, DECODE, layer_bytes=80, current=[2, 2])
     sp[0].memory_bytes = sp[1].memory_bytes = 260
     with pytest.raises(PartitionError, match=r"hold at most \[3, 2\] layers \(5 in all\), but the model has 6"):
@@ -106,12 +109,23 @@ def test_the_stages_reported_memory_bounds_the_proposal():
     rates = StageRates()
     batch = MicroBatch(0, [SeqChunk(seq_id=0, start_pos=5, num_tokens=1)], [7])
     for _ in range(40):  # stage 0 three times slower per layer
-        timings = [pb.StageTiming(stage_index=i, compute_start_ns=0, compute_end_ns=n * 1_000_000, layers_ns=n * 1_000_000)
-                   for i, n in enumerate((9, 3, 3))]
+        timings = [
+            pb.StageTiming(stage_index=i, compute_start_ns=0, compute_end_ns=n * 1_000_000, layers_ns=n * 1_000_000)
+            for i, n in enumerate((9, 3, 3))
+        ]
         rates.add(batch, timings, [3, 3, 3])
     # Each layer: 100 bytes of weights + 10 blocks x 5 bytes of KV = 150; stage 2 also holds 200 bytes of fixed weights.
-    stages = [StageSummary(i, (3 * i, 3 * i + 3), weight_bytes=300 + 200 * (i == 2), memory_total_bytes=budget, layer_bytes=100,
-                           kv_block_layer_bytes=5) for i, budget in enumerate((10_000, 10_000, 650))]
+    stages = [
+        StageSummary(
+            i,
+            (3 * i, 3 * i + 3),
+            weight_bytes=300 + 200 * (i == 2),
+            memory_total_bytes=budget,
+            layer_bytes=100,
+            kv_block_layer_bytes=5,
+        )
+        for i, budget in enumerate((10_000, 10_000, 650))
+    ]
     memory = StageMemory.of(stages, num_blocks=10)
     assert memory.layer_bytes == 150 and memory.fixed_bytes == [0, 0, 200] and memory.budgets == [10_000, 10_000, 650]
     assert rates.propose([3, 3, 3]).counts == [1, 4, 4]  # unbounded
@@ -119,4 +133,8 @@ def test_the_stages_reported_memory_bounds_the_proposal():
     assert StageMemory.of([StageSummary(0, (0, 9))], 10) is None  # the in-process backend reports no sizes
     stages[1].memory_total_bytes = stages[0].memory_total_bytes = 400  # 2 + 2 + 3 layers at most: 9 do not fit
     refused = rates.proposal([3, 3, 3], StageMemory.of(stages, num_blocks=10))
-    assert refused["proposed"] == [3, 3, 3] and refused["predicted_gain"] == 0.0 and "hold at most [2, 2, 3] layers" in refused["refused"]
+    assert (
+        refused["proposed"] == [3, 3, 3]
+        and refused["predicted_gain"] == 0.0
+        and "hold at most [2, 2, 3] layers" in refused["refused"]
+    )

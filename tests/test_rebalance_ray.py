@@ -23,16 +23,26 @@ def server(ray_cluster, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("rebalance_server")
     make_hf_checkpoint(tmp / "model", num_hidden_layers=6, max_position_embeddings=256)
-    (tmp / "cluster.yaml").write_text(yaml.safe_dump({
-        "model": {"path": str(tmp / "model")},
-        # Health polled every 20 ms (as a user tuning for fast detection would): rebalances race the poller.
-        "pipeline": {"layers": [2, 2, 2], "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 64, "heartbeat_interval_s": 0.02},
-        # Stage 2 exits in the middle of any rebalance that changes its layers.
-        "testing": {"stage_delay_ms": [3.0, 3.0, 3.0], "rebalance_crash_stage": 2},
-        "cache": {"block_size": 8, "num_blocks": 256},
-        "transport": {"host": "127.0.0.1"},
-        "server": {"api_key_env": "STAGECOACH_TEST_KEY"},
-    }))
+    (tmp / "cluster.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tmp / "model")},
+                # Health polled every 20 ms (as a user tuning for fast detection would): rebalances race the poller.
+                "pipeline": {
+                    "layers": [2, 2, 2],
+                    "gpus_per_stage": 1,
+                    "placement": "strict_spread",
+                    "max_batch_tokens": 64,
+                    "heartbeat_interval_s": 0.02,
+                },
+                # Stage 2 exits in the middle of any rebalance that changes its layers.
+                "testing": {"stage_delay_ms": [3.0, 3.0, 3.0], "rebalance_crash_stage": 2},
+                "cache": {"block_size": 8, "num_blocks": 256},
+                "transport": {"host": "127.0.0.1"},
+                "server": {"api_key_env": "STAGECOACH_TEST_KEY"},
+            }
+        )
+    )
     s = Server(["--config", str(tmp / "cluster.yaml"), "--ray-address", ray_cluster.address], tmp / "server.log")
     s.wait_ready()
     yield s
@@ -43,8 +53,11 @@ def Streams(server):
     """The 8 streams (greedy and seeded), read on threads."""
     from test_recovery import StreamSet
 
-    bodies = [{"prompt": p, "max_tokens": 100, "ignore_eos": True} | ({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})
-              for i, p in enumerate(STREAMS)]
+    bodies = [
+        {"prompt": p, "max_tokens": 100, "ignore_eos": True}
+        | ({"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": i})
+        for i, p in enumerate(STREAMS)
+    ]
     return StreamSet(server.port, bodies, KEY)
 
 
@@ -66,9 +79,16 @@ def test_a_rebalance_mid_stream_and_a_stage_dying_in_the_next_lose_nothing(serve
     assert status == 200 and record["outcome"] == "applied", record
     assert streams.texts() == reference
     after = stats(server)
-    assert [s["layers"] for s in after["stages"]] == [[0, 1], [1, 4], [4, 6]] and [s["pid"] for s in after["stages"]] == pids
-    assert after["engine"]["recoveries"] == before["engine"]["recoveries"] and after["rebalance"]["history"][-1]["pause_s"] == record["pause_s"]
-    print(f"rebalance [2, 2, 2] → [1, 3, 2] mid-stream: paused {record['pause_s']:.3f} s, {record['reprefilled']} sequences re-prefilled")
+    assert [s["layers"] for s in after["stages"]] == [[0, 1], [1, 4], [4, 6]] and [
+        s["pid"] for s in after["stages"]
+    ] == pids
+    assert (
+        after["engine"]["recoveries"] == before["engine"]["recoveries"]
+        and after["rebalance"]["history"][-1]["pause_s"] == record["pause_s"]
+    )
+    print(
+        f"rebalance [2, 2, 2] → [1, 3, 2] mid-stream: paused {record['pause_s']:.3f} s, {record['reprefilled']} sequences re-prefilled"
+    )
 
     # Stage 2 exits while changing layers: the rebalance fails (503) and the recovery brings every stage back onto
     # the split before it, never a mix; the streams keep their text.
@@ -106,13 +126,18 @@ def test_at_a_20_ms_heartbeat_idle_rebalances_are_not_failures_and_an_idle_kill_
     deadline = killed + 60  # a liveness bound, not a timing target
     while True:
         now = stats(server)
-        if (now["engine"]["recoveries"] > idle["engine"]["recoveries"] and now["ready"]
-                and [s["state"] for s in now["stages"]] == ["ready"] * 3):
+        if (
+            now["engine"]["recoveries"] > idle["engine"]["recoveries"]
+            and now["ready"]
+            and [s["state"] for s in now["stages"]] == ["ready"] * 3
+        ):
             break
         assert time.monotonic() < deadline, now["engine"]
         time.sleep(0.05)
     whole = time.monotonic() - killed
     assert now["engine"]["recoveries"] == idle["engine"]["recoveries"] + 1 and now["stages"][1]["pid"] != pids[1]
     assert now["health"]["poll_errors"] == 0 and http(server.port, "/health", key=None)[0] == 200
-    print(f"12 rebalances at a 20 ms heartbeat, then an idle stage killed: whole again after {whole:.2f} s "
-          f"(the recovery itself {now['engine']['recovery_seconds'][-1]:.2f} s), without any request")
+    print(
+        f"12 rebalances at a 20 ms heartbeat, then an idle stage killed: whole again after {whole:.2f} s "
+        f"(the recovery itself {now['engine']['recovery_seconds'][-1]:.2f} s), without any request"
+    )

@@ -20,9 +20,19 @@ pytestmark = pytest.mark.slow
 PROMPTS = [[(11 * i + j) % 390 + 3 for j in range(3 + i)] for i in range(8)]
 NEW_TOKENS = 200
 # Half greedy, half seeded with every sampling option: alone (the reference) or eight at once through a fault, the same.
-SAMPLING = [{"temperature": 0} if i % 2 == 0 else
-            {"temperature": 0.9, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1, "presence_penalty": 0.3, "seed": 100 + i}
-            for i in range(len(PROMPTS))]
+SAMPLING = [
+    {"temperature": 0}
+    if i % 2 == 0
+    else {
+        "temperature": 0.9,
+        "top_k": 40,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "presence_penalty": 0.3,
+        "seed": 100 + i,
+    }
+    for i in range(len(PROMPTS))
+]
 
 
 def stream_text(port: int, body: dict, progress: list, index: int, out: dict, key: str | None = None) -> None:
@@ -50,7 +60,10 @@ class StreamSet:
 
     def __init__(self, port: int, bodies: list[dict], key: str | None = None) -> None:
         self.progress, self.out = [0] * len(bodies), {}
-        self.threads = [threading.Thread(target=stream_text, args=(port, body, self.progress, i, self.out, key)) for i, body in enumerate(bodies)]
+        self.threads = [
+            threading.Thread(target=stream_text, args=(port, body, self.progress, i, self.out, key))
+            for i, body in enumerate(bodies)
+        ]
         for t in self.threads:
             t.start()
 
@@ -75,14 +88,24 @@ class StreamSet:
 
 def config_file(tmp, model, **pipeline) -> str:
     path = tmp / f"cluster-{len(list(tmp.glob('cluster-*')))}.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"path": str(model)},
-        # A few milliseconds per stage stretch generation out, so that a kill lands mid-stream.
-        "pipeline": {"num_stages": 3, "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 16, **pipeline},
-        "testing": {"stage_delay_ms": [3.0, 3.0, 3.0]},
-        "cache": {"block_size": 8, "num_blocks": 512},
-        "transport": {"host": "127.0.0.1"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(model)},
+                # A few milliseconds per stage stretch generation out, so that a kill lands mid-stream.
+                "pipeline": {
+                    "num_stages": 3,
+                    "gpus_per_stage": 1,
+                    "placement": "strict_spread",
+                    "max_batch_tokens": 16,
+                    **pipeline,
+                },
+                "testing": {"stage_delay_ms": [3.0, 3.0, 3.0]},
+                "cache": {"block_size": 8, "num_blocks": 512},
+                "transport": {"host": "127.0.0.1"},
+            }
+        )
+    )
     return str(path)
 
 
@@ -105,8 +128,15 @@ def server(model, ray_cluster, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(server):
     """Fault-free outputs, one request at a time."""
-    return [http(server.port, "/v1/completions", {"prompt": p, "max_tokens": NEW_TOKENS, "ignore_eos": True} | sampling, key=None)[1]["choices"][0]["text"]
-            for p, sampling in zip(PROMPTS, SAMPLING)]
+    return [
+        http(
+            server.port,
+            "/v1/completions",
+            {"prompt": p, "max_tokens": NEW_TOKENS, "ignore_eos": True} | sampling,
+            key=None,
+        )[1]["choices"][0]["text"]
+        for p, sampling in zip(PROMPTS, SAMPLING)
+    ]
 
 
 def stage_pid(port: int, index: int) -> int:
@@ -116,8 +146,10 @@ def stage_pid(port: int, index: int) -> int:
 def run_with_kill(server, prompts, kill_stage: int, after_batches: int) -> tuple[dict, float]:
     progress, out = [0] * len(prompts), {}
     body = {"max_tokens": NEW_TOKENS, "ignore_eos": True}
-    threads = [threading.Thread(target=stream_text, args=(server.port, body | SAMPLING[i] | {"prompt": p}, progress, i, out))
-               for i, p in enumerate(prompts)]
+    threads = [
+        threading.Thread(target=stream_text, args=(server.port, body | SAMPLING[i] | {"prompt": p}, progress, i, out))
+        for i, p in enumerate(prompts)
+    ]
     pid = stage_pid(server.port, kill_stage)
     engine = http(server.port, "/v1/stats", key=None)[1]["engine"]
     before, start_batches = engine["recoveries"], engine["microbatches"]
@@ -153,9 +185,23 @@ def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage
 
 def test_stage_killed_during_a_long_prefill(server):
     prompt = [(7 * j) % 390 + 3 for j in range(400)]  # 25 chunks of 16 tokens
-    ref = http(server.port, "/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}, key=None)[1]["choices"][0]["text"]
+    ref = http(
+        server.port,
+        "/v1/completions",
+        {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True},
+        key=None,
+    )[1]["choices"][0]["text"]
     progress, out = [0], {}
-    t = threading.Thread(target=stream_text, args=(server.port, {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True}, progress, 0, out))
+    t = threading.Thread(
+        target=stream_text,
+        args=(
+            server.port,
+            {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True},
+            progress,
+            0,
+            out,
+        ),
+    )
     pid = stage_pid(server.port, 0)
     t.start()
     deadline = time.monotonic() + 10
@@ -166,12 +212,16 @@ def test_stage_killed_during_a_long_prefill(server):
     t.join(timeout=300)
     text, events = out[0]
     assert events[-1] == "[DONE]" and text == ref
-    print(f"recovery during prefill: {http(server.port, '/v1/stats', key=None)[1]['engine']['recovery_seconds'][-1]:.2f} s")
+    print(
+        f"recovery during prefill: {http(server.port, '/v1/stats', key=None)[1]['engine']['recovery_seconds'][-1]:.2f} s"
+    )
 
 
 def test_a_prefix_cached_before_a_stage_was_replaced_gives_the_same_output(server):
     """The replaced stage holds no K/V: the recovery drops the prefix cache, and the request computes it all again."""
-    prompt = [(29 * j) % 390 + 3 for j in range(45)]  # 5 full blocks of 8 are reused (the last token is always computed)
+    prompt = [
+        (29 * j) % 390 + 3 for j in range(45)
+    ]  # 5 full blocks of 8 are reused (the last token is always computed)
     body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
     def complete() -> tuple[str, int]:
@@ -184,8 +234,10 @@ def test_a_prefix_cached_before_a_stage_was_replaced_gives_the_same_output(serve
     engine = http(server.port, "/v1/stats", key=None)[1]["engine"]
     os.kill(stage_pid(server.port, 1), signal.SIGKILL)
     deadline = time.monotonic() + 60
-    while (http(server.port, "/v1/stats", key=None)[1]["engine"]["recoveries"] == engine["recoveries"]
-           or http(server.port, "/health", key=None)[0] != 200):
+    while (
+        http(server.port, "/v1/stats", key=None)[1]["engine"]["recoveries"] == engine["recoveries"]
+        or http(server.port, "/health", key=None)[0] != 200
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert http(server.port, "/v1/stats", key=None)[1]["engine"]["prefix_cache"]["cached_blocks"] == 0

@@ -29,12 +29,24 @@ def model(tmp_path):
 
 def test_a_stage_that_never_comes_back_ends_requests_with_503_then_serves_again(model, ray_cluster, tmp_path):
     deadline_s = 4.0
-    s = Server(["--config", config_file(tmp_path, model, recovery_timeout_s=deadline_s), "--ray-address", ray_cluster.address], tmp_path / "server.log")
+    s = Server(
+        ["--config", config_file(tmp_path, model, recovery_timeout_s=deadline_s), "--ray-address", ray_cluster.address],
+        tmp_path / "server.log",
+    )
     try:
         s.wait_ready()
         hidden = model.with_name("model-away")
         progress, out = [0], {}
-        t = threading.Thread(target=stream_text, args=(s.port, {"prompt": [5, 6, 7], "max_tokens": 800, "temperature": 0, "ignore_eos": True}, progress, 0, out))
+        t = threading.Thread(
+            target=stream_text,
+            args=(
+                s.port,
+                {"prompt": [5, 6, 7], "max_tokens": 800, "temperature": 0, "ignore_eos": True},
+                progress,
+                0,
+                out,
+            ),
+        )
         t.start()
         while http(s.port, "/v1/stats", key=None)[1]["engine"]["running"] == 0:
             time.sleep(0.01)
@@ -57,6 +69,8 @@ def test_a_stage_that_never_comes_back_ends_requests_with_503_then_serves_again(
         deadline = time.monotonic() + 120
         while http(s.port, "/health", key=None)[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert http(s.port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 3, "temperature": 0}, key=None)[0] == 200
+        assert (
+            http(s.port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 3, "temperature": 0}, key=None)[0] == 200
+        )
     finally:
         s.stop()

@@ -195,7 +195,9 @@ def test_presence_frequency_penalty_openai(presence, frequency):
     generated = rand_history(21, n=100, high=40)
     assert max(Counter(generated).values()) >= 3
 
-    ours = process_logits(logits, SamplingParams(temperature=0.0, presence_penalty=presence, frequency_penalty=frequency), generated, 0)
+    ours = process_logits(
+        logits, SamplingParams(temperature=0.0, presence_penalty=presence, frequency_penalty=frequency), generated, 0
+    )
     ref = openai_reference(logits, generated, presence, frequency)
     torch.testing.assert_close(ours.double(), ref, atol=PF_ATOL, rtol=0)
     # Untouched outside the generated ids, exactly.
@@ -279,15 +281,20 @@ def test_seeded_token_independent_of_batch_neighbours(target):
     alone, shared = Sampler(), Sampler()
     alone_tokens, shared_tokens = [], []
     # Neighbours whose top-k widen the batch's candidates, one greedy with a penalty, one with logprobs.
-    neighbour_params = [SamplingParams(temperature=1.2, top_k=250, seed=1), SamplingParams(temperature=0.7, top_k=3, seed=2, logprobs=5),
-                        SamplingParams(temperature=0.0, repetition_penalty=1.5)]
+    neighbour_params = [
+        SamplingParams(temperature=1.2, top_k=250, seed=1),
+        SamplingParams(temperature=0.7, top_k=3, seed=2, logprobs=5),
+        SamplingParams(temperature=0.0, repetition_penalty=1.5),
+    ]
     for step in range(steps):
         first = step == 0
         start, n = (0, len(prompt)) if first else (len(prompt) + step - 1, 1)
         hist = list(prompt) if first else None
         t = chunk(5, start, n, target, history=hist, num_prompt=len(prompt))
         # Neighbours: different ids, positions, seeds and logits.
-        nb = [chunk(100 + k, 3 * k + start + 11, 1, neighbour_params[k], history=[k] if first else None) for k in range(3)]
+        nb = [
+            chunk(100 + k, 3 * k + start + 11, 1, neighbour_params[k], history=[k] if first else None) for k in range(3)
+        ]
         alone.observe(t)
         for c in [t, *nb]:
             shared.observe(c)
@@ -317,9 +324,16 @@ def test_candidates_decide_as_the_whole_row_path(monkeypatch):
     """The kernel's candidates and whole-vocabulary draw pick the token the whole-row path (HF's processors) picks."""
     rows = 240
     logits = rand_logits(40, rows=rows, vocab=5000, scale=2.5)
-    kinds = [dict(temperature=0.8, top_k=20, top_p=0.8), dict(temperature=1.0, top_k=5), dict(temperature=0.6, top_p=0.7),
-             dict(temperature=1.3), dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.5),
-             dict(temperature=0.0, frequency_penalty=1.0), dict(temperature=1.0, top_k=300), dict(temperature=0.0)]
+    kinds = [
+        dict(temperature=0.8, top_k=20, top_p=0.8),
+        dict(temperature=1.0, top_k=5),
+        dict(temperature=0.6, top_p=0.7),
+        dict(temperature=1.3),
+        dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2, presence_penalty=0.5),
+        dict(temperature=0.0, frequency_penalty=1.0),
+        dict(temperature=1.0, top_k=300),
+        dict(temperature=0.0),
+    ]
     chunks = []
     for i in range(rows):
         params = SamplingParams(**kinds[i % len(kinds)], seed=i)

@@ -57,7 +57,9 @@ def test_continuous_batching_mixes_decode_and_prefill():
     batch = sched.schedule()
     assert [(c.seq_id, c.num_tokens, c.start_pos) for c in batch.seqs] == [(a.seq_id, 1, 4), (b.seq_id, 5, 15)]
     assert batch.seqs[1].token_ids == list(range(15, 20)) and batch.seqs[1].sampling is None  # what it adds, no more
-    assert batch.seqs[0].token_ids == [] and len(batch.seqs[0].new_blocks) == 1  # a decodes position 4: a new block, no tokens
+    assert (
+        batch.seqs[0].token_ids == [] and len(batch.seqs[0].new_blocks) == 1
+    )  # a decodes position 4: a new block, no tokens
     run_batch(sched, batch)
     assert a.is_finished and a.finish_reason == "length" and a.output_token_ids == [7, 7, 7]
     assert batch.drop_seq_ids == [] and sched.schedule().drop_seq_ids == [a.seq_id]
@@ -138,16 +140,26 @@ def test_a_failed_microbatch_isolates_its_sequences_and_ends_the_one_that_fails_
     assert [ch.seq_id for ch in batch.seqs] == [a.seq_id, bad.seq_id, c.seq_id]
     ended, void = sched.microbatch_failed(batch, [])
     assert ended == [] and void == {batch.batch_id} and sched.num_suspects == 3
-    assert sched.block_manager.num_free_blocks == 32 and len(sched.waiting) == 3  # every block back; all restart from position 0
+    assert (
+        sched.block_manager.num_free_blocks == 32 and len(sched.waiting) == 3
+    )  # every block back; all restart from position 0
     # Each suspect runs alone, from position 0, and the stages are told to forget what they half applied.
     alone = [sched.schedule() for _ in range(3)]
-    assert [[(ch.seq_id, ch.start_pos) for ch in b.seqs] for b in alone] == [[(a.seq_id, 0)], [(bad.seq_id, 0)], [(c.seq_id, 0)]]
+    assert [[(ch.seq_id, ch.start_pos) for ch in b.seqs] for b in alone] == [
+        [(a.seq_id, 0)],
+        [(bad.seq_id, 0)],
+        [(c.seq_id, 0)],
+    ]
     assert sorted(alone[0].drop_seq_ids) == [a.seq_id, bad.seq_id, c.seq_id]
     run_batch(sched, alone[0])
-    ended, void = sched.microbatch_failed(alone[1], [alone[2]])  # bad fails again; c's microbatch shares nothing with it
+    ended, void = sched.microbatch_failed(
+        alone[1], [alone[2]]
+    )  # bad fails again; c's microbatch shares nothing with it
     assert ended == [bad] and bad.finish_reason == "error" and void == {alone[1].batch_id}
     run_batch(sched, alone[2])
-    assert sched.num_suspects == 0 and a.num_failures == c.num_failures == 0  # their tokens came back: batched together again
+    assert (
+        sched.num_suspects == 0 and a.num_failures == c.num_failures == 0
+    )  # their tokens came back: batched together again
     batch = sched.schedule()
     assert [ch.seq_id for ch in batch.seqs] == [a.seq_id, c.seq_id] and bad.seq_id in batch.drop_seq_ids
     run_batch(sched, batch)
@@ -165,11 +177,15 @@ def test_a_failed_microbatch_voids_the_microbatches_in_flight_that_share_a_seque
     follower = sched.schedule()  # long's last 4 tokens, and other's prompt
     solo = sched.add_request([3], params(max_tokens=2))
     unrelated = sched.schedule()
-    assert [ch.seq_id for ch in follower.seqs] == [long.seq_id, other.seq_id] and [ch.seq_id for ch in unrelated.seqs] == [solo.seq_id]
+    assert [ch.seq_id for ch in follower.seqs] == [long.seq_id, other.seq_id] and [
+        ch.seq_id for ch in unrelated.seqs
+    ] == [solo.seq_id]
     ended, void = sched.microbatch_failed(first, [follower, unrelated])
     # The follower continues a sequence the stages after the failing one never saw: void, and other restarts too.
     assert ended == [] and void == {first.batch_id, follower.batch_id}
-    assert long.num_failures == 1 and other.num_failures == 0 and other in sched.waiting and other.num_computed_tokens == 0
+    assert (
+        long.num_failures == 1 and other.num_failures == 0 and other in sched.waiting and other.num_computed_tokens == 0
+    )
     run_batch(sched, unrelated)
     assert solo.output_token_ids == [7]
     while sched.has_unfinished:

@@ -25,9 +25,13 @@ def model(hf_checkpoint):
 
 def decode_bytes(context: int, num_seqs: int = 8, hidden: int = 512) -> int:
     """The encoded size of one decode microbatch of num_seqs sequences at this context, from stage 0 to stage 1."""
-    sched = Scheduler(scheduler_config(num_seqs * (context // 16 + 2), block_size=16, max_num_batched_tokens=num_seqs * context))
+    sched = Scheduler(
+        scheduler_config(num_seqs * (context // 16 + 2), block_size=16, max_num_batched_tokens=num_seqs * context)
+    )
     for i in range(num_seqs):
-        sched.add_request([(i + j) % 400 + 3 for j in range(context - 1)], SamplingParams(temperature=0, max_tokens=4, seed=1))
+        sched.add_request(
+            [(i + j) % 400 + 3 for j in range(context - 1)], SamplingParams(temperature=0, max_tokens=4, seed=1)
+        )
     prefill = sched.schedule()
     sched.process_results(prefill, [SampleResult(c.seq_id, 7) for c in prefill.seqs if c.do_sample])
     batch = sched.schedule()
@@ -42,8 +46,11 @@ def test_a_decode_microbatch_does_not_grow_with_context():
 
 
 def greedy_ids(pipeline, prompts, n=10, max_batch_tokens=512, **sampling):
-    engine = Engine(pipeline, scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size, max_num_batched_tokens=max_batch_tokens),
-                    max_inflight=2)
+    engine = Engine(
+        pipeline,
+        scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size, max_num_batched_tokens=max_batch_tokens),
+        max_inflight=2,
+    )
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **sampling) for _ in prompts]
     return [s.output_token_ids for s in engine.generate(prompts, params)]
 
@@ -52,10 +59,19 @@ def test_penalties_still_see_the_prompt(model):
     path, hf = model
     prompt = [5, 9, 5, 9, 200, 31, 5, 9, 77, 5, 9, 31, 200, 5, 9, 7, 8, 5, 9, 3]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10, repetition_penalty=1.8)[0, len(prompt):].tolist()
-    assert ref != greedy_ids(LocalPipeline.load(path, RANGES, num_blocks=64, block_size=8), [prompt])[0], "the penalty must matter here"
+        ref = hf.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10, repetition_penalty=1.8
+        )[0, len(prompt) :].tolist()
+    assert ref != greedy_ids(LocalPipeline.load(path, RANGES, num_blocks=64, block_size=8), [prompt])[0], (
+        "the penalty must matter here"
+    )
     # Chunked prefill (8 tokens a microbatch): the last stage's history is assembled from three chunks.
-    local = greedy_ids(LocalPipeline.load(path, RANGES, num_blocks=64, block_size=8), [prompt], max_batch_tokens=8, repetition_penalty=1.8)
+    local = greedy_ids(
+        LocalPipeline.load(path, RANGES, num_blocks=64, block_size=8),
+        [prompt],
+        max_batch_tokens=8,
+        repetition_penalty=1.8,
+    )
     pipeline = ThreadPipeline(path, RANGES, num_blocks=64, block_size=8)
     try:
         distributed = greedy_ids(pipeline, [prompt], max_batch_tokens=8, repetition_penalty=1.8)
@@ -76,7 +92,10 @@ def test_a_recovery_rebuilds_every_stage_state_and_outputs_stay_equal(model):
             engine.step(30)
         assert all(len(w.runner.sequences) == 3 for w in pipeline.workers)
         engine.reconfigure()  # fences off what is in flight: every stage forgets every sequence
-        assert all(len(w.runner.sequences) == 0 for w in pipeline.workers) and pipeline.workers[-1].runner.sampler.num_sequences == 0
+        assert (
+            all(len(w.runner.sequences) == 0 for w in pipeline.workers)
+            and pipeline.workers[-1].runner.sampler.num_sequences == 0
+        )
         engine.run()  # the re-prefill's first chunks rebuild the tables and the last stage's histories
         assert [s.output_token_ids for s in seqs] == expected
     finally:
@@ -105,4 +124,6 @@ def test_the_table_refuses_what_it_does_not_hold_and_changes_nothing_then():
     assert table.admit(MicroBatch(2, [chunk(1, 5, 3)], [])) == [[2, 3]]
     with pytest.raises(RequestError, match="not a sequence this stage holds"):
         table.admit(MicroBatch(3, [chunk(1, 8, 1)], [], drop_seq_ids=[1]))  # dropped first, so it cannot continue
-    assert table.admit(MicroBatch(4, [chunk(1, 0, 2, [6])], [], drop_seq_ids=[1])) == [[6]]  # dropped, then started again in one microbatch
+    assert table.admit(MicroBatch(4, [chunk(1, 0, 2, [6])], [], drop_seq_ids=[1])) == [
+        [6]
+    ]  # dropped, then started again in one microbatch

@@ -21,13 +21,22 @@ def model(tmp_path_factory):
 
 
 def test_a_slow_stage_is_measured_per_layer_and_the_proposal_moves_layers_off_it(model):
-    config = ClusterConfig.from_dict({"transport": {"host": "127.0.0.1"}, "pipeline": {"num_stages": 4},
-                                      "testing": {"layer_delay_ms": 2.0, "stage_slowdown": [1, 3, 1, 1]}})
+    config = ClusterConfig.from_dict(
+        {
+            "transport": {"host": "127.0.0.1"},
+            "pipeline": {"num_stages": 4},
+            "testing": {"layer_delay_ms": 2.0, "stage_slowdown": [1, 3, 1, 1]},
+        }
+    )
     pipeline = ThreadPipeline(model, ranges_from_counts([2, 2, 2, 2], 8), config=config, num_blocks=128, block_size=8)
     try:
-        engine = Engine(pipeline, scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512), max_inflight=4)
-        engine.generate([[(7 * i + j) % 500 + 3 for j in range(5 + i)] for i in range(16)],
-                        [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 16)
+        engine = Engine(
+            pipeline, scheduler_config(128, block_size=8, max_model_len=256, vocab_size=512), max_inflight=4
+        )
+        engine.generate(
+            [[(7 * i + j) % 500 + 3 for j in range(5 + i)] for i in range(16)],
+            [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 16,
+        )
     finally:
         pipeline.shutdown()
     speeds, work = engine.rates.speeds(), engine.rates.workload()
@@ -35,7 +44,9 @@ def test_a_slow_stage_is_measured_per_layer_and_the_proposal_moves_layers_off_it
     # At least 2 ms per layer and microbatch (plus the layers' own compute), stage 1 three times slower: its layers
     # measured about 3 times slower than the others', its fixed work apart.
     others = [s.decode_layer_s for i, s in enumerate(speeds) if i != 1]
-    assert min(others) >= 2e-3 and 2.2 < speeds[1].decode_layer_s / (sum(others) / 3) < 4.2, speeds  # 3.83 seen: the layers' own compute varies
+    assert min(others) >= 2e-3 and 2.2 < speeds[1].decode_layer_s / (sum(others) / 3) < 4.2, (
+        speeds
+    )  # 3.83 seen: the layers' own compute varies
     assert all(0 <= s.decode_fixed_s < s.decode_layer_s for s in speeds)
     proposal = engine.stats()["rebalance"]
     assert proposal["layers"] == [2, 2, 2, 2] and proposal["proposed"][1] == 1 and sum(proposal["proposed"]) == 8

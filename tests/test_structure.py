@@ -59,7 +59,9 @@ def test_imports_follow_the_layout(path):
         return
     package = rel.split("/")[0]
     bad = [(line, target) for line, target in project_imports(path) if target not in ALLOWED[package]]
-    assert not bad, f"{rel} imports {', '.join(f'stagecoach.{t} (line {n})' for n, t in bad)}; {package}/ may import only {sorted(ALLOWED[package])}"
+    assert not bad, (
+        f"{rel} imports {', '.join(f'stagecoach.{t} (line {n})' for n, t in bad)}; {package}/ may import only {sorted(ALLOWED[package])}"
+    )
 
 
 def test_proto_init_imports_nothing():
@@ -73,8 +75,10 @@ def test_the_composition_root_is_small():
 
 
 def test_model_config_and_the_wire_types_do_not_import_torch():
-    code = ("import sys\nimport stagecoach.proto.model_config, stagecoach.proto.types, stagecoach.errors\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    code = (
+        "import sys\nimport stagecoach.proto.model_config, stagecoach.proto.types, stagecoach.errors\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -90,7 +94,12 @@ def test_no_file_over_the_limit():
 
 
 def test_no_function_over_the_limit():
-    long = [f"{p.relative_to(ROOT)}:{line} {name} ({n} lines)" for p in sources() for name, line, n in function_lengths(p) if n > MAX_FUNCTION_LINES]
+    long = [
+        f"{p.relative_to(ROOT)}:{line} {name} ({n} lines)"
+        for p in sources()
+        for name, line, n in function_lengths(p)
+        if n > MAX_FUNCTION_LINES
+    ]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines, from def to last line: {long}"
 
 

@@ -16,13 +16,31 @@ BIN = Path(sys.executable).parent
 
 
 def submitter(address: str, env: dict, log: Path, *command: str) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "stagecoach"), "submit", "--address", address, "--name", "t", "--stop-timeout", "30", "--", *command],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, text=True)
+    return subprocess.Popen(
+        [
+            str(BIN / "stagecoach"),
+            "submit",
+            "--address",
+            address,
+            "--name",
+            "t",
+            "--stop-timeout",
+            "30",
+            "--",
+            *command,
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
 
 
 def jobs(address: str, env: dict) -> list[tuple[str, str]]:
-    code = ("from ray.job_submission import JobSubmissionClient; import sys; "
-            f"[print(j.submission_id, j.status.value) for j in JobSubmissionClient({address!r}).list_jobs()]")
+    code = (
+        "from ray.job_submission import JobSubmissionClient; import sys; "
+        f"[print(j.submission_id, j.status.value) for j in JobSubmissionClient({address!r}).list_jobs()]"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     return [tuple(line.split()) for line in out.splitlines() if line.startswith("t-")]
 
@@ -39,14 +57,26 @@ def test_submitter_follows_replaces_and_stops_its_job(tmp_path, ray_head_cluster
     address, env = ray_head_cluster
     # A job that runs until stopped: the submitter prints its logs and stays.
     first = submitter(address, env, tmp_path / "first.log", *sleeper)
-    wait_for(lambda: "first job up" in (tmp_path / "first.log").read_text(), 60, "the first job's log never reached the submitter")
-    wait_for(lambda: [s for _, s in jobs(address, env)] == ["RUNNING"], 30, "the first job never showed as RUNNING")  # Ray's status lags the log
+    wait_for(
+        lambda: "first job up" in (tmp_path / "first.log").read_text(),
+        60,
+        "the first job's log never reached the submitter",
+    )
+    wait_for(
+        lambda: [s for _, s in jobs(address, env)] == ["RUNNING"], 30, "the first job never showed as RUNNING"
+    )  # Ray's status lags the log
     assert first.poll() is None
 
     # A restarted submitter (same name) stops the job the first one left, then runs its own. The job
     # sees the environment of Ray's head (the chart puts the API key and link token there).
-    second = submitter(address, env, tmp_path / "second.log", sys.executable, "-c",
-                       "import os; print('second job done, head env:', os.environ.get('STAGECOACH_TEST_HEAD_ENV'))")
+    second = submitter(
+        address,
+        env,
+        tmp_path / "second.log",
+        sys.executable,
+        "-c",
+        "import os; print('second job done, head env:', os.environ.get('STAGECOACH_TEST_HEAD_ENV'))",
+    )
     assert second.wait(timeout=90) == 0, (tmp_path / "second.log").read_text()
     assert "second job done, head env: head" in (tmp_path / "second.log").read_text()
     assert "STAGECOACH_TEST_HEAD_ENV" not in env
@@ -67,5 +97,7 @@ def test_submitter_follows_replaces_and_stops_its_job(tmp_path, ray_head_cluster
 
 
 def test_submitter_without_a_command_says_what_to_give(tmp_path):
-    out = subprocess.run([str(BIN / "stagecoach"), "submit", "--address", "http://127.0.0.1:9"], capture_output=True, text=True)
+    out = subprocess.run(
+        [str(BIN / "stagecoach"), "submit", "--address", "http://127.0.0.1:9"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "stagecoach submit -- stagecoach serve" in out.stderr

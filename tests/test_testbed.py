@@ -52,7 +52,9 @@ def run_testbed(*args: str, timeout: float = 180) -> dict:
 
 def leftovers() -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-    links = re.findall(r"^\d+: (sctb-[^:@]+)", subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout, re.M)
+    links = re.findall(
+        r"^\d+: (sctb-[^:@]+)", subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout, re.M
+    )
     procs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and "stagecoach-testbed" in _cmdline(p)]
     return [n for n in names if n.startswith("sctb-")] + links + [f"pid {p.name}" for p in procs]
 
@@ -90,16 +92,30 @@ def server(bed, tmp_path_factory):
     # The certificate names the testbed's addresses only: a link to any other address would fail its check.
     tls = make_ca_and_certs(tmp, [bed["coordinator_address"]] + [n["address"] for n in bed["nodes"]])
     config = tmp / "cluster.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"path": str(tmp / "model")},
-        "pipeline": {"num_stages": 3, "gpus_per_stage": 1, "placement": "strict_spread", "max_batch_tokens": 1024,
-                     "recovery_timeout_s": RECOVERY_TIMEOUT_S},
-        "testing": {"stage_delay_ms": [3.0, 3.0, 3.0]},  # stretches generation out, so that a cut lands mid-stream
-        "cache": {"block_size": 8, "num_blocks": 512},
-        "transport": tls,  # no host: each stage binds its node's address, the coordinator the one its route to the head leaves by
-    }))
-    s = Server(["--config", str(config), "--ray-address", bed["ray_address"]], tmp / "server.log",
-               env=bed["env"] | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})  # not the session cluster's "0": the nodes are not on 127.0.0.1
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tmp / "model")},
+                "pipeline": {
+                    "num_stages": 3,
+                    "gpus_per_stage": 1,
+                    "placement": "strict_spread",
+                    "max_batch_tokens": 1024,
+                    "recovery_timeout_s": RECOVERY_TIMEOUT_S,
+                },
+                "testing": {
+                    "stage_delay_ms": [3.0, 3.0, 3.0]
+                },  # stretches generation out, so that a cut lands mid-stream
+                "cache": {"block_size": 8, "num_blocks": 512},
+                "transport": tls,  # no host: each stage binds its node's address, the coordinator the one its route to the head leaves by
+            }
+        )
+    )
+    s = Server(
+        ["--config", str(config), "--ray-address", bed["ray_address"]],
+        tmp / "server.log",
+        env=bed["env"] | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+    )  # not the session cluster's "0": the nodes are not on 127.0.0.1
     try:
         s.wait_ready(timeout=240)
         yield s
@@ -124,7 +140,10 @@ def streams(server, fault=None, after_batches: int = 40) -> tuple[dict, dict]:
     when it was done (`fault_at`), how long until the engine was seen recovering (`noticed_s`) and the recovery's own time."""
     progress, out = [0] * len(PROMPTS), {}
     body = {"max_tokens": NEW_TOKENS, "ignore_eos": True, "temperature": 0}
-    threads = [threading.Thread(target=stream_text, args=(server.port, body | {"prompt": p}, progress, i, out)) for i, p in enumerate(PROMPTS)]
+    threads = [
+        threading.Thread(target=stream_text, args=(server.port, body | {"prompt": p}, progress, i, out))
+        for i, p in enumerate(PROMPTS)
+    ]
     start = stats(server)["engine"]["microbatches"]
     for t in threads:
         t.start()
@@ -192,7 +211,11 @@ def test_every_socket_is_on_loopback_or_a_testbed_address(bed, server):
     assert len(set(hosts)) == 3 and set(hosts) <= {n["address"] for n in bed["nodes"]}, hosts
     # The machine's own namespace: the server listens on 127.0.0.1 (HTTP) and the bridge address (gRPC), nothing of Ray at all.
     ours = descendants(server.proc.pid)
-    own = [(addr, proc) for addr, proc in listeners() if any(f"pid={p}," in proc for p in ours) or re.search(r"raylet|gcs_server|ray::", proc)]
+    own = [
+        (addr, proc)
+        for addr, proc in listeners()
+        if any(f"pid={p}," in proc for p in ours) or re.search(r"raylet|gcs_server|ray::", proc)
+    ]
     assert own and all(addr in ("127.0.0.1", "::1", bed["coordinator_address"]) for addr, _ in own), own
     # (Ray processes here belong to the test session's own cluster on 127.0.0.1.) The testbed's all live in its namespaces.
     here = os.readlink("/proc/self/ns/net")
@@ -200,7 +223,12 @@ def test_every_socket_is_on_loopback_or_a_testbed_address(bed, server):
     assert testbed_procs and all(_netns(p) not in ("", here) for p in testbed_procs)
     # Each testbed namespace holds loopback and its own address only, so even a wildcard listener there covers nothing else.
     for node in bed["nodes"]:
-        addrs = set(re.findall(r"inet6? ([0-9a-f.:]+)/", subprocess.run(["ip", "-n", node["namespace"], "addr"], capture_output=True, text=True).stdout))
+        addrs = set(
+            re.findall(
+                r"inet6? ([0-9a-f.:]+)/",
+                subprocess.run(["ip", "-n", node["namespace"], "addr"], capture_output=True, text=True).stdout,
+            )
+        )
         assert addrs == {"127.0.0.1", node["address"]}, (node, addrs)
         for addr, proc in listeners(node["namespace"]):
             assert addr in ("127.0.0.1", "::1", node["address"], "*", "0.0.0.0", "::"), (node["namespace"], addr, proc)
@@ -212,14 +240,26 @@ def test_a_slow_link_out_of_stage_0_shows_in_its_hop_only(bed, server):
 
     def prefills(n: int) -> None:
         for _ in range(n):
-            sent[0] += 1  # each prompt its own first token: no prefix to share, every prefill sends all 1000 tokens' states
+            sent[0] += (
+                1  # each prompt its own first token: no prefix to share, every prefill sends all 1000 tokens' states
+            )
             prompt = [sent[0] % 390 + 3] + [(13 * j) % 390 + 3 for j in range(999)]
-            status, body, _ = http(server.port, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0}, key=None, timeout=120)
+            status, body, _ = http(
+                server.port,
+                "/v1/completions",
+                {"prompt": prompt, "max_tokens": 1, "temperature": 0},
+                key=None,
+                timeout=120,
+            )
             assert status == 200, body
 
     def hops() -> list[float]:
         s = stats(server)
-        return [s["stages"][0]["hop_ms"]["p50"], s["stages"][1]["hop_ms"]["p50"], s["latency"]["coordinator_hop_ms"]["p50"]]
+        return [
+            s["stages"][0]["hop_ms"]["p50"],
+            s["stages"][1]["hop_ms"]["p50"],
+            s["latency"]["coordinator_hop_ms"]["p50"],
+        ]
 
     prefills(8)  # medians of 8: a slow first request or two do not move them
     before = hops()
@@ -231,8 +271,10 @@ def test_a_slow_link_out_of_stage_0_shows_in_its_hop_only(bed, server):
         after = hops()
     finally:
         run_testbed("limit", str(node), "off")
-    print(f"hop p50 ms before/after limiting stage 0's egress to 4mbit: stage 0 {before[0]}/{after[0]}, stage 1 {before[1]}/{after[1]}, "
-          f"coordinator {before[2]}/{after[2]}")
+    print(
+        f"hop p50 ms before/after limiting stage 0's egress to 4mbit: stage 0 {before[0]}/{after[0]}, stage 1 {before[1]}/{after[1]}, "
+        f"coordinator {before[2]}/{after[2]}"
+    )
     assert after[0] >= 10 * before[0], (before, after)
     assert after[0] >= 5 * before[0]
     # The other hops do not grow with it (+ 0.5 ms: sub-millisecond hops jitter by that much here). Not the other way:
@@ -253,8 +295,10 @@ def test_a_10_s_cut_of_stage_1s_node_loses_no_stream(bed, server, reference):
     node, pid = node_of(bed, host), stats(server)["stages"][1]["pid"]
     out, timing = streams(server, lambda: run_testbed("cut", str(node), "--for", "10"))
     assert texts(out) == reference
-    print(f"10 s cut of stage 1's node {host}: noticed after {timing['noticed_s']:.1f} s, recovered in {timing['recovery_s']:.1f} s, "
-          f"stage 1 now on {stage_hosts(server)[1]}")
+    print(
+        f"10 s cut of stage 1's node {host}: noticed after {timing['noticed_s']:.1f} s, recovered in {timing['recovery_s']:.1f} s, "
+        f"stage 1 now on {stage_hosts(server)[1]}"
+    )
     # Healed: the node is a Ray node again, and the stage process cut off with it is gone, not wired back in.
     deadline = time.monotonic() + 30
     while not run_testbed("status")["nodes"][node]["ray_alive"] or pid_alive(pid):
@@ -269,8 +313,10 @@ def test_a_node_cut_for_good_moves_its_stage_and_the_old_one_is_fenced_off(bed, 
     out, timing = streams(server, lambda: run_testbed("cut", str(node)))
     assert texts(out) == reference
     moved = stage_hosts(server)
-    print(f"stage 1's node {hosts[1]} cut for good: noticed after {timing['noticed_s']:.1f} s, recovered in {timing['recovery_s']:.1f} s "
-          f"onto {moved[1]}")
+    print(
+        f"stage 1's node {hosts[1]} cut for good: noticed after {timing['noticed_s']:.1f} s, recovered in {timing['recovery_s']:.1f} s "
+        f"onto {moved[1]}"
+    )
     assert moved[1] != hosts[1] and moved[0] == hosts[0] and moved[2] == hosts[2]
     run_testbed("heal", str(node))
     deadline = time.monotonic() + 30
@@ -296,8 +342,10 @@ def test_with_no_node_to_move_to_requests_end_in_time_and_serving_resumes_after_
         assert ended - cut_at < RECOVERY_TIMEOUT_S + 15, ended - cut_at
         status, body, headers = http(server.port, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4}, key=None)
         assert status == 503 and "Retry-After" in headers, (status, body, headers)
-        print(f"stage 1's node cut with no spare: open streams ended {ended - cut_at:.1f} s after the cut (recovery_timeout_s "
-              f"{RECOVERY_TIMEOUT_S:g}); new requests got 503 with Retry-After {headers['Retry-After']}")
+        print(
+            f"stage 1's node cut with no spare: open streams ended {ended - cut_at:.1f} s after the cut (recovery_timeout_s "
+            f"{RECOVERY_TIMEOUT_S:g}); new requests got 503 with Retry-After {headers['Retry-After']}"
+        )
     finally:
         healed_at = time.monotonic()
         for n in [node, *free]:

@@ -137,7 +137,10 @@ def test_known_ids(real):
     assert real.decode(HELLO_IDS) == "Hello, world!"
     assert real.encode_chat(CHAT_MESSAGES) == CHAT_IDS
     assert real.encode_chat(CHAT_MESSAGES, add_generation_prompt=False) == CHAT_IDS[:-3]
-    assert real.decode(CHAT_IDS) == "system\nYou are a helpful assistant.\nuser\n" + CHAT_MESSAGES[0]["content"] + "\nassistant\n"
+    assert (
+        real.decode(CHAT_IDS)
+        == "system\nYou are a helpful assistant.\nuser\n" + CHAT_MESSAGES[0]["content"] + "\nassistant\n"
+    )
     assert real.token_to_id("<|im_end|>") == 151645
 
 
@@ -167,7 +170,9 @@ def test_chat_template_matches_hf(hf_pair, which, generation_prompt, conversatio
     assert text.count("<|im_start|>") == 3 + 1 + generation_prompt  # 3 turns + system (given or default)
 
     ids = ours.encode_chat(messages, add_generation_prompt=generation_prompt)
-    hf_ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)["input_ids"]
+    hf_ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)[
+        "input_ids"
+    ]
     assert ids == list(hf_ids)
     assert ids == hf.encode(expected, add_special_tokens=False)
     im_start = ours.token_to_id("<|im_start|>")
@@ -262,7 +267,18 @@ def test_folder_without_tokenizer_json(tiny_dir, tmp_path):
         None,
         {"role": "user", "content": "hi"},
     ],
-    ids=["string", "no_content", "no_role", "second_bad", "content_none", "content_int", "content_list", "role_int", "none", "dict"],
+    ids=[
+        "string",
+        "no_content",
+        "no_role",
+        "second_bad",
+        "content_none",
+        "content_int",
+        "content_list",
+        "role_int",
+        "none",
+        "dict",
+    ],
 )
 def test_malformed_messages(tiny, messages):
     with pytest.raises(RequestError):

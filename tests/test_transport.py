@@ -21,7 +21,9 @@ from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
 
 def test_generated_code_is_current(tmp_path):
     for path in generate.generate(tmp_path):
-        assert filecmp.cmp(path, generate.PROTO_DIR / path.name, shallow=False), f"{path.name} is stale: run python -m stagecoach.proto.generate"
+        assert filecmp.cmp(path, generate.PROTO_DIR / path.name, shallow=False), (
+            f"{path.name} is stale: run python -m stagecoach.proto.generate"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32])
@@ -43,9 +45,13 @@ def test_microbatch_round_trip():
         token_ids=[5, 6, 7, 11],
         drop_seq_ids=[0],
     )
-    back, inputs = codec.decode_microbatch(pb.MicroBatch.FromString(codec.encode_microbatch(batch, None).SerializeToString()))
+    back, inputs = codec.decode_microbatch(
+        pb.MicroBatch.FromString(codec.encode_microbatch(batch, None).SerializeToString())
+    )
     assert inputs.tolist() == batch.token_ids and back.drop_seq_ids == [0]
-    assert back.seqs[0].sampling.top_k == 4 and back.seqs[0].sampling.logprobs == 2 and back.seqs[0].token_ids == [5, 6, 7]
+    assert (
+        back.seqs[0].sampling.top_k == 4 and back.seqs[0].sampling.logprobs == 2 and back.seqs[0].token_ids == [5, 6, 7]
+    )
     assert back.seqs[0].num_prompt_tokens == 3 and back.seqs[0].new_blocks == [1]
     assert back.seqs[1].token_ids == [] and back.seqs[1].sampling is None and back.seqs[1].new_blocks == [2]
 
@@ -59,15 +65,31 @@ def test_malformed_tensor_is_named():
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("wide")
-    make_hf_checkpoint(path, hidden_size=512, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
-                       num_key_value_heads=2, max_position_embeddings=4096, std=0.05)
+    make_hf_checkpoint(
+        path,
+        hidden_size=512,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        std=0.05,
+    )
     return path
 
 
 def generate_ids(pipeline, prompts, max_batch_tokens, max_inflight, n=4):
-    engine = Engine(pipeline, scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size,
-                                              max_num_batched_tokens=max_batch_tokens), max_inflight=max_inflight)
-    return [s.output_token_ids for s in engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts])]
+    engine = Engine(
+        pipeline,
+        scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size, max_num_batched_tokens=max_batch_tokens),
+        max_inflight=max_inflight,
+    )
+    return [
+        s.output_token_ids
+        for s in engine.generate(
+            prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _ in prompts]
+        )
+    ]
 
 
 def test_prefill_above_grpc_default_limit_crosses(wide_model):
@@ -92,9 +114,11 @@ def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model
         cases = {
             "hidden_states has shape [2, 7], expected [2, 512]": codec.encode_microbatch(good, torch.zeros(2, 7)),
             "seqs[0].seq_id 42 is not a sequence this stage holds": codec.encode_microbatch(
-                MicroBatch(0, [SeqChunk(42, 5, 1)], []), torch.zeros(1, 512)),
+                MicroBatch(0, [SeqChunk(42, 5, 1)], []), torch.zeros(1, 512)
+            ),
             "block 77 is outside the cache's 16 blocks": codec.encode_microbatch(
-                MicroBatch(0, [SeqChunk(0, 0, 2, [77], False, SamplingParams())], []), torch.zeros(2, 512)),
+                MicroBatch(0, [SeqChunk(0, 0, 2, [77], False, SamplingParams())], []), torch.zeros(2, 512)
+            ),
         }
         for message, msg in cases.items():
             with pytest.raises(grpc.RpcError) as info:
@@ -105,14 +129,23 @@ def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model
         bad_version.schema_version = 0
         with pytest.raises(grpc.RpcError, match="schema_version 0"):
             stub.Forward(bad_version, timeout=10)
-        bad_token = codec.encode_microbatch(MicroBatch(0, [SeqChunk(0, 0, 1, [0], False, SamplingParams())], [10**6]), None)
+        bad_token = codec.encode_microbatch(
+            MicroBatch(0, [SeqChunk(0, 0, 1, [0], False, SamplingParams())], [10**6]), None
+        )
         with pytest.raises(grpc.RpcError, match="token id 1000000 is outside the vocabulary"):
             pipeline.stubs[0].Forward(bad_token, timeout=10)
         # Still serving, and nothing was queued by the refused calls.
         assert stub.Health(pb.HealthRequest(), timeout=10).serving
-        assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1)
+        assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(
+            LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1
+        )
         info = stub.Info(pb.InfoRequest(), timeout=10)
-        assert (info.layer_start, info.layer_end, info.num_kv_blocks, info.schema_version) == (2, 3, 16, pb.SCHEMA_VERSION_CURRENT)
+        assert (info.layer_start, info.layer_end, info.num_kv_blocks, info.schema_version) == (
+            2,
+            3,
+            16,
+            pb.SCHEMA_VERSION_CURRENT,
+        )
         assert len(info.checkpoint_fingerprint) == 16 and info.address.startswith("127.0.0.1:")
     finally:
         pipeline.shutdown()
@@ -154,9 +187,16 @@ def test_link_frames_are_plain_linkframe_messages():
     msg, payload = link_message(batch, tensor)
     frames = [pb.LinkFrame.FromString(f) for f in encode_frames(msg, payload, chunk_bytes=5000)]
     assert len(frames) == 1 + 3 and frames[0].HasField("batch") and not frames[0].batch.tensor.data
-    assert [f.last for f in frames] == [False, False, False, True] and [len(f.chunk) for f in frames] == [0, 5000, 5000, 2000]
+    assert [f.last for f in frames] == [False, False, False, True] and [len(f.chunk) for f in frames] == [
+        0,
+        5000,
+        5000,
+        2000,
+    ]
     assert b"".join(f.chunk for f in frames) == tensor.numpy().tobytes()
-    (small,) = [pb.LinkFrame.FromString(f) for f in encode_frames(*link_message(batch, tensor[:, :10]), chunk_bytes=5000)]
+    (small,) = [
+        pb.LinkFrame.FromString(f) for f in encode_frames(*link_message(batch, tensor[:, :10]), chunk_bytes=5000)
+    ]
     assert small.last and small.batch.tensor.data == tensor[:, :10].contiguous().numpy().tobytes()
 
 
@@ -194,9 +234,17 @@ def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model
     try:
         # A second sender into stage 1, beside stage 0's; small chunks so a 4 KiB tensor goes in pieces.
         sender = LinkSender(pipeline._links.channels[1], on_ack=lambda *a: acks.append(a), chunk_bytes=1000)
-        sender.send(*link_message(MicroBatch(1000, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], []), torch.zeros(2, 7)))
-        sender.send(*link_message(MicroBatch(1001, [SeqChunk(0, 0, 2, [999], False, SamplingParams())], []), torch.zeros(2, 512)))
-        sender.send(*link_message(MicroBatch(1002, [SeqChunk(7, 0, 2, [1], False, SamplingParams())], []), torch.zeros(2, 512)))
+        sender.send(
+            *link_message(MicroBatch(1000, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], []), torch.zeros(2, 7))
+        )
+        sender.send(
+            *link_message(
+                MicroBatch(1001, [SeqChunk(0, 0, 2, [999], False, SamplingParams())], []), torch.zeros(2, 512)
+            )
+        )
+        sender.send(
+            *link_message(MicroBatch(1002, [SeqChunk(7, 0, 2, [1], False, SamplingParams())], []), torch.zeros(2, 512))
+        )
         assert sender.wait_idle(30)
         assert [a[0] for a in acks] == [1000, 1001, 1002] and all(a[1] > 0 for a in acks)
         first, second, third = (a[2] for a in acks)
@@ -205,7 +253,9 @@ def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model
         assert isinstance(second, LinkRefused) and "block 999 is outside" in str(second)
         assert third is None  # the chunked one was accepted, on the same stream
         # The stage still computes: a full generation matches.
-        assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1)
+        assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(
+            LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1
+        )
         sender.close()
     finally:
         pipeline.shutdown()
