@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install tools test bench demo serve clean
+.PHONY: install tools lint test bench demo serve clean
 
 install: $(STAMP)
 
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-test: install tools
+# ruff first (pyproject.toml's [tool.ruff]): a lint error or an unformatted file fails the run before any test.
+test: install tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Every benchmark in one run (under 15 minutes here): a table on stdout, bench/results/*.json and bench.png.
 bench: install $(VENV)/.bench-installed

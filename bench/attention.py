@@ -68,10 +68,16 @@ def measure(contexts: list[int]) -> dict:
         }
         kernel = paged_decode(q, k, v, tables, lens, HEAD_DIM**-0.5)
         if kernel is not None:
-            t = timed(lambda: paged_decode(q, k, v, tables, lens, HEAD_DIM**-0.5), repeats)
+            t = timed(
+                lambda q=q, k=k, v=v, tables=tables, lens=lens: paged_decode(q, k, v, tables, lens, HEAD_DIM**-0.5),
+                repeats,
+            )
             row |= {"kernel_ms": round(t * 1e3, 2), "kernel_over_floor": round(t / floor, 2)}
         if context <= GATHER_UP_TO:
-            t = timed(lambda: gathered_decode(q, k, v, tables, lens, HEAD_DIM**-0.5), repeats)
+            t = timed(
+                lambda q=q, k=k, v=v, tables=tables, lens=lens: gathered_decode(q, k, v, tables, lens, HEAD_DIM**-0.5),
+                repeats,
+            )
             row |= {"gather_ms": round(t * 1e3, 2), "gather_over_floor": round(t / floor, 2)}
             if kernel is not None:
                 row["max_abs_diff"] = float(
@@ -167,8 +173,8 @@ def model_step(context: int = 2048, batch: int = 4, new_tokens: int = 8) -> dict
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from stagecoach.cluster.partition import ranges_from_counts
     from stagecoach.cluster.backends import LocalPipeline
+    from stagecoach.cluster.partition import ranges_from_counts
     from stagecoach.coordinator.engine import Engine
     from stagecoach.coordinator.random_checkpoint import write_random_checkpoint
     from stagecoach.coordinator.scheduler import SchedulerConfig

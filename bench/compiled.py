@@ -78,7 +78,7 @@ def decode_batch(runner, batch: int, blocks: int):
 def interleaved(steps: dict, rounds: int, repeats: int) -> dict[str, float]:
     """Median seconds of each named step, the steps taking turns round by round."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for name, fn in steps.items():
+    for fn in steps.values():
         fn()  # warm
     for _ in range(rounds):
         for name, fn in steps.items():
@@ -113,7 +113,6 @@ def wide_model(workdir: Path, batches: list[int], rounds: int) -> dict:
     import torch
 
     from stagecoach.coordinator.random_checkpoint import write_random_checkpoint
-
     from stagecoach.proto.model_config import ModelConfig
     from stagecoach.stage.loader import stage_weight_bytes
 
@@ -153,8 +152,8 @@ def wide_model(workdir: Path, batches: list[int], rounds: int) -> dict:
 def demo_model(batches: list[int], rounds: int) -> dict | None:
     import torch
 
-    from stagecoach.cluster.config import ClusterConfig, PipelineSection
     from stagecoach.cluster.backends import plan_layers
+    from stagecoach.cluster.config import ClusterConfig, PipelineSection
     from stagecoach.coordinator.demo_model import default_model_dir
     from stagecoach.proto.model_config import ModelConfig
 
@@ -178,7 +177,11 @@ def demo_model(batches: list[int], rounds: int) -> dict | None:
             ):
                 out["compile_s_per_batch_size"].append(round(compiled.compile([batch]), 1))
             pe, pc = decode_batch(eager, batch, blocks), decode_batch(compiled, batch, blocks)
-            t = interleaved({"eager": lambda: eager.execute(pe), "compiled": lambda: compiled.execute(pc)}, rounds, 5)
+            t = interleaved(
+                {"eager": lambda r=eager, b=pe: r.execute(b), "compiled": lambda r=compiled, b=pc: r.execute(b)},
+                rounds,
+                5,
+            )
             for k in ms:
                 ms[k] += t[k] * 1e3
             del eager, compiled

@@ -72,9 +72,8 @@ def stream_one(port: int, prompt: list[int], out: dict) -> None:
 
 
 def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode: str = "auto") -> dict:
-    from urllib.request import urlopen
-
     import socket
+    from urllib.request import urlopen
 
     with socket.socket() as s:  # a free port on 127.0.0.1
         s.bind(("127.0.0.1", 0))
@@ -123,7 +122,7 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
                 outs = [{} for _ in range(c)]
                 threads = [
                     threading.Thread(target=stream_one, args=(port, p, o))
-                    for p, o in zip(prompts(c, vocab, seed=r), outs)
+                    for p, o in zip(prompts(c, vocab, seed=r), outs, strict=False)
                 ]
                 t0 = time.perf_counter()
                 for t in threads:
@@ -134,7 +133,7 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
                 for o in outs:
                     assert o.get("tokens") == OUTPUT_TOKENS, f"a stream gave {o.get('tokens')} tokens"
                     ttft.append(o["arrivals"][0] - o["start"])
-                    itl += [b - a for a, b in zip(o["arrivals"], o["arrivals"][1:])]
+                    itl += [b - a for a, b in zip(o["arrivals"], o["arrivals"][1:], strict=False)]
             wall = statistics.median(walls)
             results[c] = {
                 "tokens_per_s": c * OUTPUT_TOKENS / wall,

@@ -68,9 +68,9 @@ def correctness(device: str, smoke: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stagecoach.coordinator.engine import Engine
-    from stagecoach.cluster.partition import ranges_from_counts
     from stagecoach.cluster.backends import LocalPipeline
+    from stagecoach.cluster.partition import ranges_from_counts
+    from stagecoach.coordinator.engine import Engine
     from stagecoach.coordinator.random_checkpoint import write_random_checkpoint
     from stagecoach.coordinator.scheduler import SchedulerConfig
     from stagecoach.proto.types import SamplingParams
@@ -168,7 +168,9 @@ def correctness(device: str, smoke: bool) -> dict:
         ref16_ids, ref_rows = hf_greedy(hf16, prompt, steps, device)
         # Compare the rows both computed from the same inputs: the prompt's (the last gives token 0),
         # then one per decoded token while the ids agree.
-        agree = next((i for i, (a, b) in enumerate(zip(seq.output_token_ids, ref16_ids)) if a != b), steps)
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(seq.output_token_ids, ref16_ids, strict=False)) if a != b), steps
+        )
         n = len(prompt) + min(agree, steps - 1)
         ours16, ref16 = torch.stack(rows[:n]), torch.stack(ref_rows[:n])
         scale = ref16.abs().max().item()

@@ -29,8 +29,8 @@ SYSTEM_TOKENS, QUESTION_TOKENS, TURN_QUESTION, TURN_ANSWER = 2000, 20, 100, 100
 
 
 def engine_for(model_dir: Path, caching: bool, num_blocks: int = 1024):
-    from stagecoach.cluster.partition import ranges_from_counts
     from stagecoach.cluster.backends import LocalPipeline
+    from stagecoach.cluster.partition import ranges_from_counts
     from stagecoach.coordinator.engine import Engine
     from stagecoach.coordinator.scheduler import SchedulerConfig
     from stagecoach.proto.model_config import ModelConfig

@@ -66,8 +66,8 @@ class Load:
 
 
 def open_engine(model: Path, slowdown: list[float] | None, mode: str):
-    from stagecoach.cluster.config import ClusterConfig
     from stagecoach.cluster.backends import open_pipeline
+    from stagecoach.cluster.config import ClusterConfig
     from stagecoach.coordinator.compose import build_engine
 
     config = ClusterConfig.from_dict(

@@ -292,10 +292,10 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
     import dataclasses
     import multiprocessing as mp
 
-    from stagecoach.cluster.config import ClusterConfig
-    from stagecoach.cluster.partition import ranges_from_counts
     from stagecoach.cluster.backends import stage_plans
+    from stagecoach.cluster.config import ClusterConfig
     from stagecoach.cluster.grpc_pipeline import GrpcPipeline
+    from stagecoach.cluster.partition import ranges_from_counts
     from stagecoach.coordinator.engine import Engine
     from stagecoach.proto.types import SamplingParams
 
@@ -314,7 +314,7 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
         conns = [ctx.Pipe() for _ in plans]
         procs = [
             ctx.Process(target=_stage_process, args=(dataclasses.asdict(p), child), daemon=True)
-            for p, (_, child) in zip(plans, conns)
+            for p, (_, child) in zip(plans, conns, strict=False)
         ]
         for proc in procs:
             proc.start()
@@ -326,7 +326,9 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
         try:
             for batch in (1, 64, 256):
 
-                def run(n: int) -> tuple[float, Engine]:
+                def run(
+                    n: int, batch: int = batch, pipeline=pipeline, num_stages: int = num_stages
+                ) -> tuple[float, Engine]:
                     engine = Engine(pipeline, scheduler_config(4096, 16, 4096), max_inflight=num_stages)
                     prompts = [[(i + j) % 300 + 3 for j in range(8)] for i in range(batch)]
                     t0 = time.perf_counter()

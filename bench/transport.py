@@ -118,11 +118,11 @@ def measure(hops_for: dict | None = None) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
-    from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
     from stagecoach.proto import codec
-    from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
+    from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
     from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
     from stagecoach.proto.server import channel_options
+    from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
 
     keep_freed_buffers()  # as a StageLoop and the coordinator do
 
@@ -157,21 +157,21 @@ def measure(hops_for: dict | None = None) -> list[dict]:
             payload = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
             nbytes = len(payload)
 
-            def raw() -> None:
+            def raw(nbytes: int = nbytes, payload: memoryview = payload) -> None:
                 sock.sendall(struct.pack("<Q", nbytes))
                 sock.sendall(payload)
                 sock.recv(1)
 
-            def unary() -> None:
+            def unary(batch: MicroBatch = batch, tensor: torch.Tensor = tensor) -> None:
                 stub.Forward(codec.encode_microbatch(batch, tensor), timeout=60)
 
-            def via_link() -> None:
+            def via_link(batch: MicroBatch = batch, tensor: torch.Tensor = tensor) -> None:
                 link.send(*link_message(batch, tensor))
                 assert link.wait_idle(60)
 
             frame = bytes(payload)
 
-            def bare_stream() -> None:
+            def bare_stream(frame: bytes = frame) -> None:
                 floor_requests.put(frame)
                 next(floor_acks)
 
@@ -192,7 +192,7 @@ def measure(hops_for: dict | None = None) -> list[dict]:
                 arrivals = parent.recv()
                 assert len(arrivals) == n, f"{name}: {len(arrivals)} arrivals for {n} hops"
                 rtt[name] = statistics.median(samples)
-                one_way[name] = statistics.median(b - a for a, b in zip(starts, arrivals)) / 1e9
+                one_way[name] = statistics.median(b - a for a, b in zip(starts, arrivals, strict=False)) / 1e9
             row = {"shape": [tokens, HIDDEN], "dtype": "bfloat16", "bytes": nbytes}
             for name in rtt:
                 row[name] = {

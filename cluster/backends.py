@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
+
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.grpc_pipeline import GrpcPipeline
 from stagecoach.cluster.local_pipeline import LocalPipeline

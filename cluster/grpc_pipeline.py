@@ -194,7 +194,9 @@ class GrpcPipeline(Inbox):
         if dead:
             log.warning("restarting stage(s) %s", ", ".join(map(str, dead)))
             self._replace(dead, target)
-            capacity |= {i: r.kv_blocks for i, r in zip(dead, self._each({i: lambda c: c.load() for i in dead}))}
+            capacity |= {
+                i: r.kv_blocks for i, r in zip(dead, self._each({i: lambda c: c.load() for i in dead}), strict=False)
+            }
         if moved:
             log.warning(
                 "stage(s) %s: layers %s → %s",
@@ -203,7 +205,7 @@ class GrpcPipeline(Inbox):
                 [target[i] for i in moved],
             )
             loads = self._each({i: lambda c, r=tuple(target[i]): c.set_layers(r, min_batch_id) for i in moved})
-            capacity |= {i: r.kv_blocks for i, r in zip(moved, loads)}
+            capacity |= {i: r.kv_blocks for i, r in zip(moved, loads, strict=False)}
         unchanged = [i for i in range(n) if i not in capacity]
         blocks = min([self.num_blocks] * bool(unchanged) + list(capacity.values()))
         if blocks < min_blocks:
@@ -215,7 +217,7 @@ class GrpcPipeline(Inbox):
         resize = moved + ([i for i in unchanged if blocks < self.num_blocks])
         if resize:
             self._each({i: lambda c: c.resize(blocks, min_batch_id) for i in resize})
-        for i, address in zip(dead, self._each({i: lambda c: c.start(blocks) for i in dead})):
+        for i, address in zip(dead, self._each({i: lambda c: c.start(blocks) for i in dead}), strict=False):
             addresses[i] = address
         self._each({i: lambda c: c.fence(min_batch_id) for i in range(n)})
         self._wire(addresses)
@@ -302,7 +304,7 @@ class GrpcPipeline(Inbox):
         concurrent attach may have replaced since); updates each StageSummary's error count. Safe from any thread."""
         replies: list = []
         with self._using_links() as links:
-            for stage, stub in zip(links.stages, links.stubs):
+            for stage, stub in zip(links.stages, links.stubs, strict=False):
                 try:
                     reply = stub.Health(pb.HealthRequest(), timeout=self.heartbeat_timeout_s)
                     stage.errors = reply.errors

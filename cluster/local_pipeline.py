@@ -127,7 +127,7 @@ class LocalPipeline(Inbox):
     def reconfigure(self, min_batch_id: int, target: list[LayerRange] | None = None, min_blocks: int = 1) -> None:
         """Every stage forgets its sequences (submit runs each microbatch to its end: none is in flight to fence); with a
         target, each stage whose layers change keeps the layers it still owns and reads only those it gains."""
-        for i, (runner, stage, new) in enumerate(zip(self.runners, self.stages, target or [])):
+        for i, (runner, stage, new) in enumerate(zip(self.runners, self.stages, target or [], strict=False)):
             if tuple(stage.layers) != tuple(new):
                 model = change_layers(runner.model, *new, self.model_dir, runner.dtype, runner.device)
                 self.runners[i] = _runner(i, model, self.num_blocks, self.block_size, self.compile_batch_sizes)

@@ -16,8 +16,8 @@ import ray
 from ray.util.placement_group import NODE_ID_LABEL_KEY, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.backends import link_security, stage_plans
+from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.grpc_pipeline import GrpcPipeline
 from stagecoach.cluster.ray_cluster import (
     check_resources,
@@ -191,7 +191,7 @@ class RayPipeline(GrpcPipeline):
             super().reconfigure(min_batch_id, target, min_blocks)
         finally:
             self._call_timeout_s = self.ready_timeout_s
-        for plan, (start, end) in zip(self._plans, (s.layers for s in self.stages)):
+        for plan, (start, end) in zip(self._plans, (s.layers for s in self.stages), strict=False):
             plan["layer_start"], plan["layer_end"] = start, end  # what a stage started again loads
 
     def health(self) -> list:
@@ -291,7 +291,7 @@ class RayPipeline(GrpcPipeline):
             while not all(f.done() for f in loads):
                 time.sleep(0.5)
                 progress = []
-                for task, control in zip(tasks, self.controls):
+                for task, control in zip(tasks, self.controls, strict=False):
                     try:
                         done, total = control.load_progress()
                     except StagecoachError:

@@ -9,8 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from stagecoach.errors import ConfigError, StageComputeError, StagecoachError, error_kind
-
+from stagecoach.errors import ConfigError, StagecoachError, StageComputeError, error_kind
 
 DEFAULT_NEW_TOKENS = 64
 
@@ -237,7 +236,7 @@ def print_stage_table(stages: list[dict], timing_rows: list[dict]) -> None:
     for s in stages:
         row = by_stage.get(s["index"], {})
 
-        def ms(key):
+        def ms(key, row=row):
             p = row.get(key)
             return "-" if not p else f"{p['p50']:.2f} / {p['p99']:.2f}"
 

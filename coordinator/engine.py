@@ -18,14 +18,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from stagecoach.coordinator.commands import Abort, AddRequests, Command, Rebalance, StageFailed
-from stagecoach.coordinator.timings import TimingStats
 from stagecoach.coordinator.pipeline import Pipeline
 from stagecoach.coordinator.planner import StageRates
 from stagecoach.coordinator.rebalancer import RebalancePolicy, Rebalancer
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Listener, Sequence, TokenUpdate
 from stagecoach.coordinator.stage_health import RESULT_TIMEOUT_S, StageHealth
-from stagecoach.errors import PipelineError, StageComputeError, StagecoachError
+from stagecoach.coordinator.timings import TimingStats
+from stagecoach.errors import PipelineError, StagecoachError, StageComputeError
 from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class Engine:
             )
             for seq in ended
         ]
-        for seq, error in zip(ended, errors):
+        for seq, error in zip(ended, errors, strict=False):
             log.error("sequence %d ends after %d failed microbatches: %s", seq.seq_id, seq.num_failures, done.error)
             self.failed_requests["stage_error"] += 1
             self._publish(seq, error)

@@ -190,7 +190,7 @@ def _write_safetensors(reader, path: Path, dtype: str) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for t, name, shape, begin, end in entries:
+        for t, _name, shape, begin, end in entries:
             # Row blocks of about 4M values keep the dequantization temporaries small.
             rows = t.data.shape[0] if t.data.ndim > 1 else 1
             step = max(1, (4 << 20) // max(1, int(np.prod(shape)) // rows))

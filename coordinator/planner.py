@@ -85,7 +85,7 @@ def plan_split(
     ):
         raise PartitionError(f"the current split {current} does not give {num_layers} layers to {num_stages} stages")
     caps = [max_layers(s, layer_bytes, num_layers) for s in speeds]
-    for i, (cap, s) in enumerate(zip(caps, speeds)):
+    for i, (cap, s) in enumerate(zip(caps, speeds, strict=False)):
         if cap < 1:
             raise PartitionError(
                 f"stage {i} cannot hold a single layer: of its {s.memory_bytes} bytes, {s.fixed_bytes} hold fixed weights, "
@@ -103,9 +103,9 @@ def plan_split(
     current = counts if current is None else current
     return Plan(
         counts,
-        [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts)],
+        [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts, strict=False)],
         list(current),
-        [stage_seconds(sp, c, work) for sp, c in zip(speeds, current)],
+        [stage_seconds(sp, c, work) for sp, c in zip(speeds, current, strict=False)],
     )
 
 
@@ -227,7 +227,7 @@ class StageRates:
             return None
         speeds = self.speeds()
         if memory is not None:
-            for speed, budget, fixed in zip(speeds, memory.budgets, memory.fixed_bytes):
+            for speed, budget, fixed in zip(speeds, memory.budgets, memory.fixed_bytes, strict=False):
                 speed.memory_bytes, speed.fixed_bytes = budget, fixed
         return plan_split(sum(current), speeds, self.workload(), memory.layer_bytes if memory else 1, current)
 

@@ -13,8 +13,8 @@ from aiohttp import web
 
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.api import build_runner
-from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.request_checks import sampling_defaults
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.supervisor import EngineSupervisor
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ConfigError

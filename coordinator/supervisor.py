@@ -14,12 +14,12 @@ import threading
 import time
 from collections import deque
 
-from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.backends import open_pipeline
-from stagecoach.coordinator.server_state import ServerState
+from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.compose import build_engine
 from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import PipelineError
 from stagecoach.proto.model_config import ModelConfig
@@ -139,7 +139,7 @@ class EngineSupervisor:
 
     def _set_stage_states(self, states: list[str]) -> None:
         self.state.stage_states = states
-        for stage, s in zip(self.state.stages, states):
+        for stage, s in zip(self.state.stages, states, strict=False):
             self.state.metrics.stage_up.labels(str(stage.index)).set(1 if s == "ready" else 0)
 
     def _crashed(self, error: BaseException) -> None:

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from stagecoach.errors import RequestError
 
-
 # The one table of sampling bounds: (parameter, lowest, highest, whether each end is allowed, what to say).
 # HTTP, the CLI and the wire all build a SamplingParams, so all of them refuse the same values.
 SAMPLING_BOUNDS: tuple[tuple[str, float | None, float | None, bool, bool, str], ...] = (

@@ -20,8 +20,8 @@ from torch import nn
 
 from stagecoach.errors import ConfigError
 from stagecoach.proto.model_config import ModelConfig
-from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage import paged_attention
+from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.paged_attention import decode_attention, decode_mask, prefill_attention
 
 

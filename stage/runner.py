@@ -152,13 +152,16 @@ class StageRunner:
         rows = self._compiled_rows(batch)
         if rows is not None:  # one row per sequence: hidden states, or logits of every row
             out = self.compiled.run(
-                x, [(c.start_pos, table) for c, table in zip(batch.seqs, prepared.block_tables)], rows
+                x, [(c.start_pos, table) for c, table in zip(batch.seqs, prepared.block_tables, strict=False)], rows
             )
             meta = None
         else:
             out = None
             meta = AttentionMetadata.build(
-                [(c.start_pos, c.num_tokens, table) for c, table in zip(batch.seqs, prepared.block_tables)],
+                [
+                    (c.start_pos, c.num_tokens, table)
+                    for c, table in zip(batch.seqs, prepared.block_tables, strict=False)
+                ],
                 self.kv_cache.block_size,
                 self.device,
             )

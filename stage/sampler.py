@@ -258,10 +258,10 @@ class Sampler:
             logits=logits.contiguous(),
             params=params,
             uniform=torch.tensor(
-                [draw_uniform(p.seed or 0, c.start_pos + c.num_tokens) for c, p in zip(chunks, params)],
+                [draw_uniform(p.seed or 0, c.start_pos + c.num_tokens) for c, p in zip(chunks, params, strict=False)],
                 dtype=torch.float64,
             ),  # the new token's position
-            seen=[self._seen_of(c.seq_id) if has_penalties(p) else None for c, p in zip(chunks, params)],
+            seen=[self._seen_of(c.seq_id) if has_penalties(p) else None for c, p in zip(chunks, params, strict=False)],
             logprob_rows=[r for r, p in enumerate(params) if p.logprobs is not None],
         )
         out = _scan(step)
@@ -269,10 +269,10 @@ class Sampler:
             out if out is not None else _whole_rows(step, list(range(len(chunks))), True)
         )
         token_list = tokens.tolist()
-        for s, token in zip(step.seen, token_list):
+        for s, token in zip(step.seen, token_list, strict=False):
             if s is not None:
                 s.extend([token])
-        results = [SampleResult(seq_id=c.seq_id, token_id=t) for c, t in zip(chunks, token_list)]
+        results = [SampleResult(seq_id=c.seq_id, token_id=t) for c, t in zip(chunks, token_list, strict=False)]
         if step.logprob_rows:
             rows = torch.tensor(step.logprob_rows, device=tokens.device)
             chosen = (step.logits[rows, tokens[rows]].float() - lse[rows]).tolist()
@@ -280,7 +280,7 @@ class Sampler:
             for i, r in enumerate(step.logprob_rows):
                 results[r].logprob = chosen[i]
                 if n := params[r].logprobs:
-                    results[r].top_logprobs = list(zip(top_ids[i][:n], top_logprobs[i][:n]))
+                    results[r].top_logprobs = list(zip(top_ids[i][:n], top_logprobs[i][:n], strict=False))
         return results
 
 
@@ -306,17 +306,24 @@ def _scan(step: _Step) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.T
     params = step.params
     greedy = [p.is_greedy for p in params]
     no_top_k = [p.top_k <= 0 or p.top_k >= vocab for p in params]
-    whole_draw = [not g and n and p.top_p >= 1.0 for g, n, p in zip(greedy, no_top_k, params)]  # the kernel draws it
+    whole_draw = [
+        not g and n and p.top_p >= 1.0 for g, n, p in zip(greedy, no_top_k, params, strict=False)
+    ]  # the kernel draws it
     # Candidates per row: 1 for greedy, k + 1 for top-k (the tie check), all MAX_CANDIDATES for top-p alone; 0: too many.
     cap = min(vocab, MAX_CANDIDATES)
-    width = [1 if g else cap if n else p.top_k + 1 if p.top_k < cap else 0 for g, n, p in zip(greedy, no_top_k, params)]
+    width = [
+        1 if g else cap if n else p.top_k + 1 if p.top_k < cap else 0
+        for g, n, p in zip(greedy, no_top_k, params, strict=False)
+    ]
     views = [s.views() if s is not None else _NO_SEEN for s in step.seen]
     penalties = torch.tensor(
         [[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params], dtype=torch.float32
     )
-    inv_temp = torch.tensor([1.0 / p.temperature if not g and n else 0.0 for g, n, p in zip(greedy, no_top_k, params)])
+    inv_temp = torch.tensor(
+        [1.0 / p.temperature if not g and n else 0.0 for g, n, p in zip(greedy, no_top_k, params, strict=False)]
+    )
     n_raw = min(vocab, max([params[r].logprobs for r in step.logprob_rows] + [1])) if step.logprob_rows else 0
-    n_top = max([w for w, d in zip(width, whole_draw) if not d] + [0])
+    n_top = max([w for w, d in zip(width, whole_draw, strict=False) if not d] + [0])
     out = sampler_kernel.scan(
         step.logits,
         [i for i, _ in views],
@@ -342,7 +349,7 @@ def _scan(step: _Step) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.T
             top_values[rows], top_ids[rows], [params[r] for r in candidate_rows], masses[rows]
         )
         tokens[rows] = draw(processed, top_ids[rows], step.uniform[rows])
-        undecided += [r for r, ok in zip(candidate_rows, decided.tolist()) if not ok]
+        undecided += [r for r, ok in zip(candidate_rows, decided.tolist(), strict=False) if not ok]
     if undecided:
         tokens[undecided] = _whole_rows(step, undecided, False)[0][undecided]
     return tokens, lse, (raw_values, raw_ids)

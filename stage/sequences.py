@@ -89,7 +89,9 @@ class SequenceTable:
                 f"seqs[{i}].new_blocks[{j}]: block {chunks[i].new_blocks[j]} is outside the cache's {self.num_blocks} blocks"
             )
         dropped = set(batch.drop_seq_ids)
-        for i, (c, end) in enumerate(zip(chunks, ends)):  # a dictionary look-up per sequence, nothing per token
+        for i, (c, end) in enumerate(
+            zip(chunks, ends, strict=False)
+        ):  # a dictionary look-up per sequence, nothing per token
             held = len_table = 0
             if c.is_first:  # at 0, or after a cached prefix of whole blocks, listed first in its new_blocks
                 held = c.start_pos

@@ -27,9 +27,9 @@ from stagecoach.stage.loader import (
     load_stage_model,
     stage_weight_bytes,
 )
+from stagecoach.stage.loop import StageLoop
 from stagecoach.stage.model import AttentionMetadata
 from stagecoach.stage.runner import StageRunner
-from stagecoach.stage.loop import StageLoop
 from stagecoach.stage.servicer import StageServicer
 
 MIB = 2**20

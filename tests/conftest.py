@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, free_port, make_hf_checkpoint, require_shared  # noqa: F401  (re-exported)
 
 # Parity needs the same kernels on both sides: one thread, so reductions run in one order.

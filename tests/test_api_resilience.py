@@ -13,16 +13,16 @@ from http.client import HTTPConnection
 
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
-
 from defaults import scheduler_config
 from helpers import QWEN_DIR, free_port, http, make_hf_checkpoint, require_shared
+from prometheus_client.parser import text_string_to_metric_families
+
 from stagecoach.cluster.local_pipeline import LocalPipeline
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.api import build_runner
-from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.tokenizer import Tokenizer
 
 

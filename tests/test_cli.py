@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_hf_checkpoint
 
 STAGECOACH = str(Path(sys.executable).parent / "stagecoach")
@@ -158,7 +157,7 @@ def test_token_id_outside_vocabulary(ckpt):
 def test_a_poisoned_prompt_fails_alone_with_exit_code_1(ckpt, tmp_path):
     path, model = ckpt
     config = tmp_path / "poison.yaml"
-    config.write_text(f"pipeline: {{num_stages: 2}}\ntesting: {{poison: {{stage: 1, prefill_tokens: 5}}}}\n")
+    config.write_text("pipeline: {num_stages: 2}\ntesting: {poison: {stage: 1, prefill_tokens: 5}}\n")
     proc = run(
         "--config",
         str(config),

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from defaults import scheduler_config
 from helpers import http, make_hf_checkpoint
-from stagecoach.cluster.partition import ranges_from_counts
+from test_model_parity import ATOL, NEW_TOKENS, RecordingPipeline, check_against_hf
+
 from stagecoach.cluster.backends import LocalPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
-from test_model_parity import ATOL, NEW_TOKENS, RecordingPipeline, check_against_hf
 
 BLOCK = 8
 # Five prompts, at most four sequences per microbatch: decode batches of 4 and 1 run padded to the one compiled size (4);
@@ -51,7 +51,7 @@ def test_compiled_decode_equals_eager_and_hf_and_never_recompiles(hf_checkpoint)
     eager = RecordingPipeline(LocalPipeline.load(model_dir, ranges, num_blocks=96, block_size=BLOCK))
     eager_seqs = generate(eager, max_num_seqs=4)
     assert [s.output_token_ids for s in eager_seqs] == [s.output_token_ids for s in seqs]
-    for a, b in zip(seqs, eager_seqs):
+    for a, b in zip(seqs, eager_seqs, strict=False):
         err = (torch.stack(compiled.logits[a.seq_id]) - torch.stack(eager.logits[b.seq_id])).abs().max().item()
         assert err <= ATOL, f"compiled vs eager: max abs logit error {err:.3g} > {ATOL}"
 
@@ -74,7 +74,9 @@ def test_the_compile_switch():
 @pytest.mark.slow
 def test_compiled_stages_survive_a_stage_killed_mid_stream(ray_cluster, tmp_path_factory):
     """Three Ray stages, each compiled at start (one batch size, 8): the replacement compiles again, nothing is lost."""
-    from test_recovery import NEW_TOKENS as TOKENS, PROMPTS as RECOVERY_PROMPTS, SAMPLING, config_file, run_with_kill
+    from test_recovery import NEW_TOKENS as TOKENS
+    from test_recovery import PROMPTS as RECOVERY_PROMPTS
+    from test_recovery import SAMPLING, config_file, run_with_kill
     from test_serve import Server
 
     tmp = tmp_path_factory.mktemp("compiled_recovery")

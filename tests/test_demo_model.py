@@ -6,11 +6,11 @@ import hashlib
 
 import pytest
 import torch
-
 from defaults import scheduler_config
 from helpers import GOLDEN_DIR, QWEN_DIR, hf_greedy, require_shared
-from stagecoach.cluster.partition import ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator import demo_model
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.tokenizer import Tokenizer

@@ -6,11 +6,11 @@ import threading
 import time
 
 import pytest
-
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
-from stagecoach.cluster.partition import ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.errors import EngineFailure, RequestError
 from stagecoach.proto.types import SamplingParams

@@ -10,7 +10,6 @@ from http.client import HTTPConnection
 
 import pytest
 import yaml
-
 from helpers import http, make_hf_checkpoint
 from test_serve import Server
 

@@ -10,17 +10,17 @@ import logging
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
-
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
-from stagecoach.cluster.partition import ranges_from_counts
+from prometheus_client.parser import text_string_to_metric_families
+
 from stagecoach.cluster.backends import LocalPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator import cli
 from stagecoach.coordinator.api import build_app
-from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ERROR_TABLE, RequestError, error_kind
 from stagecoach.proto.types import SamplingParams
@@ -111,7 +111,7 @@ def test_the_cli_refuses_it(model, name, flag, value, capsys):
 def test_http_refuses_each_with_the_parameter_named(app_state):
     bodies = [{"prompt": [1, 2], "max_tokens": 2} | {name: value} for name, _, value in CASES]
     answers = call(app_state, [("POST", "/v1/completions", body, AUTH) for body in bodies])
-    for (name, _, value), (status, body) in zip(CASES, answers):
+    for (name, _, value), (status, body) in zip(CASES, answers, strict=False):
         assert status == 400, (name, value, body)
         assert body["error"]["param"] == name and body["error"]["message"].startswith(f"{name} must be"), body
     assert (

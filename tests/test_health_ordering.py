@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import make_hf_checkpoint
 
 INTERVAL_S = 0.02

@@ -10,7 +10,6 @@ import helm_python as helm  # the real Helm v4 engine (helm-python-sdk)
 import kubernetes_validate
 import pytest
 import yaml
-
 from helpers import SHARED
 
 REPO = Path(__file__).resolve().parents[1]

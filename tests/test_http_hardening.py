@@ -7,10 +7,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import http, make_hf_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import http, make_hf_checkpoint
 from test_serve import Server
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ import random
 import grpc
 import pytest
 import torch
-
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
-from stagecoach.cluster.partition import ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto import codec
 from stagecoach.proto import stagecoach_pb2 as pb

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import make_hf_checkpoint
+
 from stagecoach.errors import CheckpointError
 from stagecoach.stage import loader
 from stagecoach.stage.loader import load_stage_model, stage_tensor_specs

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_hf_checkpoint
 
 LIMIT_FACTOR, LIMIT_EXTRA = 1.3, 500 * 2**20

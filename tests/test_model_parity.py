@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from defaults import scheduler_config
 from helpers import hf_greedy
-from stagecoach.cluster.partition import ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline
-from stagecoach.proto.types import Delivered
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
-from stagecoach.proto.types import SamplingParams
+from stagecoach.proto.types import Delivered, SamplingParams
 
 NEW_TOKENS = 32
 ATOL = 1e-4
@@ -54,13 +53,13 @@ def run_ours(model_dir, counts, prompts, max_batch_tokens=512, num_blocks=64, bl
 
 
 def check_against_hf(hf_model, seqs, logits_by_seq, prompts):
-    for seq, prompt in zip(seqs, prompts):
+    for seq, prompt in zip(seqs, prompts, strict=False):
         ref_ids, ref_logits = hf_greedy(hf_model, prompt, NEW_TOKENS)
         ours = torch.stack(logits_by_seq[seq.seq_id])
         # Our rows: every prompt position, then one per decode step (the last sampled token is not fed back).
         assert ours.shape == ref_logits.shape, (ours.shape, ref_logits.shape)
         if seq.output_token_ids != ref_ids:
-            step = next(i for i, (a, b) in enumerate(zip(seq.output_token_ids, ref_ids)) if a != b)
+            step = next(i for i, (a, b) in enumerate(zip(seq.output_token_ids, ref_ids, strict=False)) if a != b)
             gap = top2_gap(ref_logits[len(prompt) - 1 + step])
             pytest.fail(
                 f"greedy ids diverge at step {step}: ours {seq.output_token_ids[step]}, HF {ref_ids[step]}; HF top-1/top-2 gap there {gap:.3g}"
@@ -125,5 +124,5 @@ def test_preemption_recomputes_the_same_ids(hf_checkpoint):
         prompts, [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True) for _ in prompts]
     )
     assert engine.scheduler.num_preemptions > 0
-    for seq, prompt in zip(seqs, prompts):
+    for seq, prompt in zip(seqs, prompts, strict=False):
         assert seq.output_token_ids == hf_greedy(hf_model, prompt, NEW_TOKENS)[0]

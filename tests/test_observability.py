@@ -13,7 +13,6 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-
 from helpers import http, make_hf_checkpoint
 from test_serve import LINK_TOKEN, Server
 
@@ -238,7 +237,7 @@ def stage_rows(screen: str) -> dict[int, dict]:
         m = ROW.match(line.strip())
         if m:
             cells = [c.strip() for c in re.split(r"[│|]", m.group(2)) if c.strip()]
-            row = dict(zip(COLUMNS, cells))
+            row = dict(zip(COLUMNS, cells, strict=False))
             for key in ("compute p50", "compute p99", "queue p50", "hop p50", "hop p99"):
                 row[key] = float(row[key])
             rows[int(m.group(1))] = row

@@ -8,8 +8,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
 from defaults import scheduler_config
+from test_model_parity import CONFIGS, NEW_TOKENS, RecordingPipeline, check_against_hf
+
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
@@ -22,7 +23,6 @@ from stagecoach.stage.paged_attention import (
     paged_prefill,
     prefill_attention,
 )
-from test_model_parity import CONFIGS, NEW_TOKENS, RecordingPipeline, check_against_hf
 
 
 def scattered_case(
@@ -137,7 +137,9 @@ def test_scattered_blocks_match_hf(hf_checkpoint, budget):
     )
     for seq in seqs:
         t = tables[seq.seq_id]
-        assert len(t) >= 8 and sum(b - a != 1 for a, b in zip(t, t[1:])) >= len(t) // 2, t  # mostly non-adjacent blocks
+        assert len(t) >= 8 and sum(b - a != 1 for a, b in zip(t, t[1:], strict=False)) >= len(t) // 2, (
+            t
+        )  # mostly non-adjacent blocks
     if budget == 12:
         assert max(prefix_starts) >= 48, prefix_starts  # a chunk over twelve cached blocks
     check_against_hf(hf_model, seqs, pipe.logits, prompts)

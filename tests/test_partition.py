@@ -17,7 +17,7 @@ def test_ranges_are_contiguous_and_cover_all_layers():
         for stages in range(1, min(layers, 8) + 1):
             r = partition_layers(layers, stages, last_stage_extra=1.6)
             assert r[0][0] == 0 and r[-1][1] == layers
-            assert all(a[1] == b[0] for a, b in zip(r, r[1:]))
+            assert all(a[1] == b[0] for a, b in zip(r, r[1:], strict=False))
             assert all(e > s for s, e in r)
 
 

@@ -12,11 +12,11 @@ import urllib.request
 
 import pytest
 import yaml
-
 from defaults import scheduler_config
 from helpers import hf_greedy, http, make_hf_checkpoint
-from stagecoach.cluster.partition import ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
 
@@ -44,7 +44,7 @@ def test_in_process_the_poisoned_sequence_ends_and_the_others_match_the_referenc
     seqs = engine.generate(prompts[:2] + poisoned[:1] + prompts[2:] + poisoned[1:], [greedy(12)] * 6)
     ok = seqs[:2] + seqs[3:5]
     assert [s.finish_reason for s in seqs] == ["length", "length", "error", "length", "length", "error"]
-    for prompt, seq in zip(prompts, ok):
+    for prompt, seq in zip(prompts, ok, strict=False):
         assert seq.output_token_ids == hf_greedy(hf, prompt, 12)[0]
     stats = engine.stats()
     # One mixed failure, then each poisoned sequence alone once more; every innocent one got through alone.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from defaults import scheduler_config
+
 from stagecoach.coordinator.block_manager import BlockManager, block_key
 from stagecoach.coordinator.scheduler import Scheduler
 from stagecoach.coordinator.sequence import Sequence

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import free_port, http, make_hf_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from defaults import scheduler_config
 from helpers import hf_greedy
-from stagecoach.cluster.config import CacheSection, ClusterConfig, ModelSection, PipelineSection, TransportSection
-from stagecoach.cluster.partition import partition_layers, ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline
+from stagecoach.cluster.config import CacheSection, ClusterConfig, ModelSection, PipelineSection, TransportSection
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.errors import ConfigError
 from stagecoach.proto.types import SamplingParams

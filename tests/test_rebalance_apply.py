@@ -9,18 +9,18 @@ import time
 import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
-
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
+from prometheus_client.parser import text_string_to_metric_families
+
+from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.coordinator.api import build_app
-from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.rebalancer import RebalancePolicy
+from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ConflictError, RequestError
 from stagecoach.proto.model_config import ModelConfig

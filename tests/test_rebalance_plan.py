@@ -21,9 +21,12 @@ def speeds(*factors: float, **kw) -> list[StageSpeed]:
 def brute_force(num_layers: int, sp: list[StageSpeed], work: Workload, layer_bytes: int) -> float:
     best = float("inf")
     for cuts in itertools.combinations(range(1, num_layers), len(sp) - 1):
-        counts = [b - a for a, b in zip((0, *cuts), (*cuts, num_layers))]
-        if all(c * layer_bytes + s.fixed_bytes <= (s.memory_bytes or float("inf")) for c, s in zip(counts, sp)):
-            best = min(best, max(stage_seconds(s, c, work) for s, c in zip(sp, counts)))
+        counts = [b - a for a, b in zip((0, *cuts), (*cuts, num_layers), strict=False)]
+        if all(
+            c * layer_bytes + s.fixed_bytes <= (s.memory_bytes or float("inf"))
+            for c, s in zip(counts, sp, strict=False)
+        ):
+            best = min(best, max(stage_seconds(s, c, work) for s, c in zip(sp, counts, strict=False)))
     return best
 
 
@@ -43,7 +46,7 @@ def test_a_slow_stage_gets_fewer_layers():
 def test_optimal_against_brute_force_with_uneven_speeds_and_a_mixed_workload():
     work = Workload(decode_batches=300, prefill_tokens=20_000)
     for num_layers, factors in [(9, (1.0, 2.5, 0.7)), (12, (1.3, 1.0, 4.0, 1.1)), (7, (0.5, 0.5))]:
-        sp = [StageSpeed(f * 1e-3, g * 1e-5) for f, g in zip(factors, reversed(factors))]
+        sp = [StageSpeed(f * 1e-3, g * 1e-5) for f, g in zip(factors, reversed(factors), strict=False)]
         current = [num_layers // len(sp)] * len(sp)
         current[-1] += num_layers - sum(current)
         plan = plan_split(num_layers, sp, work, 1, current)

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import yaml
-
 from helpers import http, make_hf_checkpoint
 
 KEY = "test-key-123"  # tests/test_serve.Server puts it in STAGECOACH_TEST_KEY

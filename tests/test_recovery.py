@@ -11,7 +11,6 @@ from http.client import HTTPConnection
 
 import pytest
 import yaml
-
 from helpers import http, make_hf_checkpoint
 from test_serve import Server
 
@@ -135,7 +134,7 @@ def reference(server):
             {"prompt": p, "max_tokens": NEW_TOKENS, "ignore_eos": True} | sampling,
             key=None,
         )[1]["choices"][0]["text"]
-        for p, sampling in zip(PROMPTS, SAMPLING)
+        for p, sampling in zip(PROMPTS, SAMPLING, strict=False)
     ]
 
 

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-
 from helpers import http, make_hf_checkpoint
 from test_recovery import config_file, stage_pid, stream_text
 from test_serve import Server

@@ -376,7 +376,7 @@ def test_sampler_fallback_when_the_kernel_cannot_build(monkeypatch, caplog):
         lines = [r.getMessage() for r in caplog.records]
         assert len(lines) == 1 and "could not be built" in lines[0] and "no C++ compiler here" in lines[0], lines
         assert [r.token_id for r in got] == [r.token_id for r in expected]
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=False):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
             assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
     finally:
@@ -394,7 +394,7 @@ def test_different_seeds_give_different_draws():
         draws[seed] = [r.token_id for r in s.sample(logits, chunks)]
         assert len(set(draws[seed])) > 35  # varies with position under one seed
     for a, b in ((1, 2), (1, 3), (2, 3)):
-        matches = sum(x == y for x, y in zip(draws[a], draws[b]))
+        matches = sum(x == y for x, y in zip(draws[a], draws[b], strict=False))
         assert matches < 20, (a, b, matches)  # ~6 expected by chance; identical streams would give 300
 
 

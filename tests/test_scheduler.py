@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from defaults import scheduler_config
+
 from stagecoach.coordinator.scheduler import Scheduler
 from stagecoach.errors import RequestError
 from stagecoach.proto.types import SampleResult, SamplingParams

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from defaults import scheduler_config
-from stagecoach.cluster.partition import ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.scheduler import Scheduler
 from stagecoach.errors import RequestError

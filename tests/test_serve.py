@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import free_port, http, make_hf_checkpoint
+
 from stagecoach.coordinator.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

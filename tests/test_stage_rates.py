@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
+
+from stagecoach.cluster.backends import ThreadPipeline
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.partition import ranges_from_counts
-from stagecoach.cluster.backends import ThreadPipeline
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
 

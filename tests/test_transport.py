@@ -7,14 +7,13 @@ import filecmp
 import grpc
 import pytest
 import torch
-
 from defaults import scheduler_config
 from helpers import make_hf_checkpoint
-from stagecoach.cluster.partition import ranges_from_counts
+
 from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
+from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
-from stagecoach.proto import codec
-from stagecoach.proto import generate
+from stagecoach.proto import codec, generate
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
 
@@ -154,8 +153,8 @@ def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model
 def test_stages_of_different_checkpoints_are_refused(tmp_path):
     from dataclasses import replace
 
-    from stagecoach.cluster.config import ClusterConfig
     from stagecoach.cluster.backends import stage_plans
+    from stagecoach.cluster.config import ClusterConfig
     from stagecoach.cluster.grpc_pipeline import GrpcPipeline
     from stagecoach.errors import PipelineError
     from stagecoach.stage.worker import StageWorker
@@ -164,7 +163,9 @@ def test_stages_of_different_checkpoints_are_refused(tmp_path):
     make_hf_checkpoint(tmp_path / "b", num_hidden_layers=2, seed=2, intermediate_size=96)
     config = ClusterConfig.from_dict({"cache": {"num_blocks": 4}, "transport": {"host": "127.0.0.1"}})
     plans = stage_plans(config, [(0, 1), (1, 2)], link_token="")
-    workers = [StageWorker(replace(plan, model_dir=str(tmp_path / name))) for plan, name in zip(plans, "ab")]
+    workers = [
+        StageWorker(replace(plan, model_dir=str(tmp_path / name))) for plan, name in zip(plans, "ab", strict=False)
+    ]
     pipeline = GrpcPipeline("127.0.0.1")
     try:
         for w in workers:
