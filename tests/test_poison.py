@@ -143,7 +143,6 @@ class Poisoned(threading.Thread):
         else:
             assert self.status == 500 and self.body["error"]["code"] == "stage_error", (self.status, self.body)
             assert "stage 1" in self.body["error"]["message"] and "testing.poison" in self.body["error"]["message"]
-        assert self.took < 30, f"the poisoned request took {self.took:.1f} s"
 
 
 def pids(server) -> list[int]:

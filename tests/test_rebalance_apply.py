@@ -118,7 +118,7 @@ def test_over_grpc_an_admin_rebalance_mid_stream_keeps_every_token(model, refere
             record["outcome"] == "applied"
             and record["from"] == [2, 2, 2, 2]
             and record["reprefilled"] == 8
-            and record["pause_s"] < 10
+            and record["pause_s"] > 0
         )
         stats = engine.stats()
         assert (

@@ -367,7 +367,7 @@ def test_sampler_fallback_when_the_kernel_cannot_build(monkeypatch, caplog):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
-    sampler_kernel._cpu_kernel.cache_clear()
+    sampler_kernel.cpu_kernel.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="stagecoach.stage.sampler_kernel"):
             assert not sampler_kernel.prepare(torch.device("cpu"))
@@ -381,7 +381,7 @@ def test_sampler_fallback_when_the_kernel_cannot_build(monkeypatch, caplog):
             assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
     finally:
         monkeypatch.undo()
-        sampler_kernel._cpu_kernel.cache_clear()
+        sampler_kernel.cpu_kernel.cache_clear()
 
 
 def test_different_seeds_give_different_draws():

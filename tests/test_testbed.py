@@ -274,12 +274,10 @@ def test_a_slow_link_out_of_stage_0_shows_in_its_hop_only(bed, server):
         f"hop p50 ms before/after limiting stage 0's egress to 4mbit: stage 0 {before[0]}/{after[0]}, stage 1 {before[1]}/{after[1]}, "
         f"coordinator {before[2]}/{after[2]}"
     )
-    assert after[0] >= 10 * before[0], (before, after)
-    assert after[0] >= 5 * before[0]
-    # The other hops do not grow with it (+ 0.5 ms: sub-millisecond hops jitter by that much here). Not the other way:
-    # a fresh server's first prefills make a "before" window now and then slower than the one after (5.5 ms against 2.3).
-    for b, a in zip(before[1:], after[1:], strict=False):
-        assert a < 2 * b + 0.5, (before, after)
+    # 256 kB through a 4 Mbit/s link take about 0.5 s whatever the machine: a generous one-sided bound from the bytes and
+    # the rate (half of it). The other hops do not pass that link: each stays below a quarter of it.
+    assert after[0] >= 250, (before, after)
+    assert all(a < after[0] / 4 for a in after[1:]), (before, after)
 
 
 @pytest.fixture(scope="module")

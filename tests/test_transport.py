@@ -228,13 +228,16 @@ def test_link_assembler_refuses_malformed_chunk_sequences():
 
 def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model):
     from stagecoach.proto.link import LinkRefused, LinkSender, link_message
+    from stagecoach.proto.security import open_channel
+    from stagecoach.proto.server import channel_options
 
     ranges = ranges_from_counts([2, 1], 3)
     pipeline = ThreadPipeline(wide_model, ranges, num_blocks=16, block_size=8)
     acks = []
     try:
         # A second sender into stage 1, beside stage 0's; small chunks so a 4 KiB tensor goes in pieces.
-        sender = LinkSender(pipeline._links.channels[1], on_ack=lambda *a: acks.append(a), chunk_bytes=1000)
+        channel = open_channel(pipeline.stages[1].address, channel_options(64 * 2**20), pipeline.security)
+        sender = LinkSender(channel, on_ack=lambda *a: acks.append(a), chunk_bytes=1000)
         sender.send(
             *link_message(MicroBatch(1000, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], []), torch.zeros(2, 7))
         )
@@ -258,6 +261,7 @@ def test_link_refusal_keeps_the_stream_and_chunked_microbatches_cross(wide_model
             LocalPipeline.load(wide_model, ranges, num_blocks=16, block_size=8), [[3, 4, 5]], 512, 1
         )
         sender.close()
+        channel.close()
     finally:
         pipeline.shutdown()
 
