@@ -177,9 +177,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipeline = open_pipeline(config)
     try:
-        engine = build_engine(
-            pipeline, config, tokenizer.stop_token_ids, model.max_position_embeddings, model.vocab_size
-        )
+        # As `serve` does: a request longer than the KV cache holds is refused (it could never run), not left waiting.
+        max_model_len = min(model.max_position_embeddings, pipeline.num_blocks * pipeline.block_size)
+        engine = build_engine(pipeline, config, tokenizer.stop_token_ids, max_model_len, model.vocab_size)
         seqs = engine.add_requests(choices)
         run_engine(engine)  # a stage that fails meanwhile is recovered, as when serving
     finally:

@@ -9,6 +9,7 @@ heartbeats against the engine's reconfigurations).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
@@ -157,15 +158,16 @@ class Engine:
         return self.add_requests([(prompt_token_ids, sampling)])[0]
 
     def add_requests(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Sequence]:
-        """All or none: RequestError for the first request that can never run, and then none is added."""
-        for _, sampling in requests:
-            if sampling.seed is None:
-                # Every draw is seeded from (seed, position): a request without a seed gets a random
-                # one, so that recomputing it after a preemption or a fault gives the same tokens.
-                sampling.seed = random.getrandbits(63)
-            if not sampling.stop_token_ids:
-                sampling.stop_token_ids = list(self.stop_token_ids)
-        return self.scheduler.add_requests(requests)
+        """All or none: RequestError for the first request that can never run, and then none is added. The caller's
+        SamplingParams are left as they are: each sequence gets its own, completed."""
+        completed = []
+        for prompt, sampling in requests:
+            # Every draw is seeded from (seed, position): a request without a seed gets a random
+            # one, so that recomputing it after a preemption or a fault gives the same tokens.
+            seed = random.getrandbits(63) if sampling.seed is None else sampling.seed
+            stops = list(sampling.stop_token_ids or self.stop_token_ids)
+            completed.append((prompt, dataclasses.replace(sampling, seed=seed, stop_token_ids=stops)))
+        return self.scheduler.add_requests(completed)
 
     def generate(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> list[Sequence]:
         """Runs the prompts to their end on this thread; a stage failure raises (`supervisor.run_engine` recovers it)."""

@@ -129,6 +129,27 @@ def test_prompt_longer_than_max_position_embeddings(ckpt):
     assert_clean_error(run("--model", str(path), "--prompt-ids", ids, check_ok=False), "max_position_embeddings is 64")
 
 
+def test_a_request_longer_than_the_kv_cache_is_refused_as_serve_refuses_it(ckpt):
+    path, _ = ckpt  # 64 positions, but 4 blocks of 8: the cache holds 32 tokens
+    proc = run(
+        "--model",
+        str(path),
+        "--layers",
+        "3,2",
+        "--kv-blocks",
+        "4",
+        "--block-size",
+        "8",
+        "--prompt-ids",
+        ",".join(["5"] * 30),
+        "--max-new-tokens",
+        "10",
+        check_ok=False,
+    )
+    assert proc.returncode == 2 and "maximum context length is 32 tokens" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_checkpoint_missing_a_tensor(ckpt, tmp_path):
     path, _ = ckpt
     broken = tmp_path / "broken"
