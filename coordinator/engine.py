@@ -64,9 +64,8 @@ class Engine:
         self.on_recovery: Callable[[float], None] | None = None
         self.microbatch_failures = 0  # microbatches a stage failed while staying up
         self.failed_requests: dict[str, int] = {"stage_error": 0}  # sequences ended with an error, by reason
-        self.on_microbatch_failure: Callable[[int | None, list[StagecoachError]], None] | None = (
-            None  # (stage, the errors it ended sequences with)
-        )
+        # (stage, the errors it ended sequences with)
+        self.on_microbatch_failure: Callable[[int | None, list[StagecoachError]], None] | None = None
         self.failure: str | None = None  # why the pipeline cannot serve now (it is recovering); None when whole
         self.health = StageHealth(pipeline, heartbeat_interval_s)  # heartbeats, ordered against reconfigurations
         self._listeners: dict[int, tuple[Listener, int]] = {}  # seq id → (listener, tokens sent)

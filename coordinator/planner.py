@@ -24,9 +24,8 @@ class StageSpeed:
     decode_fixed_s: float = 0.0  # seconds of fixed work per decode microbatch
     prefill_fixed_s: float = 0.0  # seconds of fixed work per prefill token
     memory_bytes: int | None = None  # budget for weights and KV cache; None: unbounded
-    fixed_bytes: int = (
-        0  # weights it holds whatever its layers (embed_tokens on the first; norm and lm_head on the last)
-    )
+    # weights it holds whatever its layers (embed_tokens on the first; norm and lm_head on the last)
+    fixed_bytes: int = 0
 
 
 @dataclass(slots=True)

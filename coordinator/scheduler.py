@@ -315,9 +315,8 @@ class Scheduler:
         start = seq.num_scheduled_tokens
         end = start + n
         do_sample = end == seq.num_tokens
-        first = (
-            seq.num_blocks_sent == 0
-        )  # the stages start the sequence (again) from this chunk: at 0, or after its cached prefix
+        # the stages start the sequence (again) from this chunk: at 0, or after its cached prefix
+        first = seq.num_blocks_sent == 0
         chunk = SeqChunk(
             seq_id=seq.seq_id,
             start_pos=start,

@@ -80,9 +80,8 @@ class TokenUpdate:
     finished: bool = False
     finish_reason: str | None = None
     error: StagecoachError | None = None  # the request cannot finish (mapped to a status by errors.ERROR_TABLE)
-    cached_tokens: int = (
-        0  # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
-    )
+    # prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0
 
 
 Listener = Callable[[TokenUpdate], None]

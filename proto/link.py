@@ -215,9 +215,8 @@ class StreamSender:
         self._window = threading.BoundedSemaphore(window)
         self._lock = threading.Lock()
         self._stream: tuple | None = None  # (requests queue, response iterator) of the open stream
-        self._outstanding: collections.deque[tuple[int, int]] = (
-            collections.deque()
-        )  # (key, send start ns), oldest first
+        # (key, send start ns), oldest first
+        self._outstanding: collections.deque[tuple[int, int]] = collections.deque()
         self._idle = threading.Condition(self._lock)
         self._closed = False
         threading.Thread(target=self._watch, name="link-watchdog", daemon=True).start()

@@ -59,9 +59,8 @@ class StageLoop:
         self.index = index
         self.max_message_bytes = max_message_bytes
         self.delay_s = delay_s  # testing only: extra time added to every forward, to make a slow stage
-        self.slowdown = (
-            slowdown  # testing only: every compute takes this factor times its measured time (a slower device)
-        )
+        # testing only: every compute takes this factor times its measured time (a slower device)
+        self.slowdown = slowdown
         self.batches_done = 0
         self.compute_ns_total = 0
         self.errors = 0

@@ -50,12 +50,10 @@ class StageRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.compiled: CompiledDecode | None = None  # set by compile()
-        self.poison_prefill_tokens: int | None = (
-            None  # testing.poison: fail on a first prefill chunk of this many tokens
-        )
-        self.layer_delay_s = (
-            0.0  # testing.layer_delay_ms: each decoder layer waits this long per microbatch (a slower device)
-        )
+        # testing.poison: fail on a first prefill chunk of this many tokens
+        self.poison_prefill_tokens: int | None = None
+        # testing.layer_delay_ms: each decoder layer waits this long per microbatch (a slower device)
+        self.layer_delay_s = 0.0
         if can_pack(self.device, self.dtype):
             model.pack()
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
@@ -113,9 +111,8 @@ class StageRunner:
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 bad = next(t for t in ids if not 0 <= t < vocab)
                 raise RequestError(f"seqs[{i}].token_ids holds token id {bad}, outside the vocabulary of {vocab}")
-            most = (
-                chunk.start_pos + chunk.num_tokens if chunk.is_first else chunk.num_tokens
-            )  # a first chunk: the whole history
+            # a first chunk: the whole history
+            most = chunk.start_pos + chunk.num_tokens if chunk.is_first else chunk.num_tokens
             if len(ids) > most:
                 raise RequestError(
                     f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens} at {chunk.start_pos}"

@@ -175,9 +175,8 @@ def draw(values: torch.Tensor, ids: torch.Tensor | None, uniform: torch.Tensor) 
     weights = (values.double() - values.max(dim=1, keepdim=True).values.double()).exp_()  # [R, W]; 0 where removed
     cdf = weights.cumsum(dim=1)
     pick = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
-    last = (
-        weights.shape[1] - 1 - (weights.flip(1) > 0).int().argmax(dim=1, keepdim=True)
-    )  # rounding never picks past it
+    # rounding never picks past it
+    last = weights.shape[1] - 1 - (weights.flip(1) > 0).int().argmax(dim=1, keepdim=True)
     pick = torch.minimum(pick, last)
     return (ids.gather(1, pick) if ids is not None else pick).squeeze(1)
 
@@ -338,9 +337,8 @@ def _scan(step: _Step) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.T
     if out is None:
         return None
     lse, raw_values, raw_ids, top_values, top_ids, masses, draws = out
-    tokens = (
-        draws if n_top == 0 else torch.where(torch.tensor(whole_draw), draws, top_ids[:, 0])
-    )  # greedy: the penalised argmax
+    # greedy: the penalised argmax
+    tokens = draws if n_top == 0 else torch.where(torch.tensor(whole_draw), draws, top_ids[:, 0])
     candidate_rows = [r for r in range(len(params)) if not greedy[r] and not whole_draw[r] and width[r]]
     undecided = [r for r in range(len(params)) if not greedy[r] and not whole_draw[r] and not width[r]]
     if candidate_rows:

@@ -62,14 +62,12 @@ class StagePlan:
     port: int  # 0: any free port
     max_message_mb: int
     delay_ms: float  # testing only: extra time added to every forward (a deliberately slow stage)
-    poison_prefill_tokens: (
-        int | None
-    )  # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
+    # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
+    poison_prefill_tokens: int | None
     layer_delay_ms: float  # testing only: each decoder layer waits this long per microbatch (testing.layer_delay_ms)
     slowdown: float  # testing only: compute takes this factor times its measured time (testing.stage_slowdown)
-    crash_in_rebalance: (
-        bool  # testing only: the process exits while changing its layers (testing.rebalance_crash_stage)
-    )
+    # testing only: the process exits while changing its layers (testing.rebalance_crash_stage)
+    crash_in_rebalance: bool
     link_token: str  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
     tls_cert: str | None
     tls_key: str | None

@@ -5,9 +5,8 @@ from __future__ import annotations
 from stagecoach.cluster.config import PipelineSection
 from stagecoach.coordinator.scheduler import SchedulerConfig
 
-MAX_MODEL_LEN = (
-    32768  # Qwen1.5's max_position_embeddings; the tests' models are smaller and set their own where it matters
-)
+# Qwen1.5's max_position_embeddings; the tests' models are smaller and set their own where it matters
+MAX_MODEL_LEN = 32768
 
 
 def scheduler_config(num_blocks: int, block_size: int, **overrides) -> SchedulerConfig:

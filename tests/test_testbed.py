@@ -239,9 +239,8 @@ def test_a_slow_link_out_of_stage_0_shows_in_its_hop_only(bed, server):
 
     def prefills(n: int) -> None:
         for _ in range(n):
-            sent[0] += (
-                1  # each prompt its own first token: no prefix to share, every prefill sends all 1000 tokens' states
-            )
+            # each prompt its own first token: no prefix to share, every prefill sends all 1000 tokens' states
+            sent[0] += 1
             prompt = [sent[0] % 390 + 3] + [(13 * j) % 390 + 3 for j in range(999)]
             status, body, _ = http(
                 server.port,
