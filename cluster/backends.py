@@ -26,6 +26,7 @@ from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.types import LayerRange
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import cpu_num_blocks
+from stagecoach.stage.testing_knobs import StageTesting
 from stagecoach.stage.worker import StagePlan, StageWorker
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,19 @@ def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
     return partition_layers(model.num_hidden_layers, p.num_stages, last_stage_extra=lm_head_cost, layer_counts=p.layers)
 
 
+def stage_testing(config: ClusterConfig, index: int) -> StageTesting | None:
+    """The config's testing: knobs that apply to stage `index`; None when none does (the stage then pays nothing)."""
+    t = config.testing
+    knobs = StageTesting(
+        delay_ms=t.stage_delay_ms[index] if t.stage_delay_ms else 0.0,
+        layer_delay_ms=t.layer_delay_ms or 0.0,
+        slowdown=t.stage_slowdown[index] if t.stage_slowdown else 1.0,
+        poison_prefill_tokens=t.poison.prefill_tokens if t.poison and t.poison.stage == index else None,
+        crash_in_rebalance=t.rebalance_crash_stage == index,
+    )
+    return None if knobs.is_idle else knobs
+
+
 def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str) -> list[StagePlan]:
     """One plan per stage. Every StagePlan field that a config section has under the same name comes from it,
     so a stage's settings are written once, in cluster/config.py."""
@@ -47,11 +61,7 @@ def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str
         "layer_start",
         "layer_end",
         "port",
-        "delay_ms",
-        "poison_prefill_tokens",
-        "layer_delay_ms",
-        "slowdown",
-        "crash_in_rebalance",
+        "testing",
         "link_token",
     }
     names = {f.name for f in dataclasses.fields(StagePlan)} - per_stage
@@ -59,7 +69,7 @@ def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str
     for section in (config.model, config.pipeline, config.cache, config.transport):
         shared |= {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
     assert set(shared) == names, f"StagePlan fields without a config setting: {sorted(names - set(shared))}"
-    port, t = config.transport.port, config.testing
+    port = config.transport.port
     return [
         StagePlan(
             index=i,
@@ -67,11 +77,7 @@ def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str
             layer_start=start,
             layer_end=end,
             port=port + i if port else 0,
-            delay_ms=t.stage_delay_ms[i] if t.stage_delay_ms else 0.0,
-            poison_prefill_tokens=t.poison.prefill_tokens if t.poison and t.poison.stage == i else None,
-            layer_delay_ms=t.layer_delay_ms or 0.0,
-            slowdown=t.stage_slowdown[i] if t.stage_slowdown else 1.0,
-            crash_in_rebalance=t.rebalance_crash_stage == i,
+            testing=stage_testing(config, i),
             link_token=link_token,
             **shared,
         )
@@ -111,8 +117,8 @@ def open_pipeline(config: ClusterConfig):
             block_size=c.block_size,
             compile_batch_sizes=sizes,
         )
-        if config.testing.poison is not None:
-            pipeline.runners[config.testing.poison.stage].poison_prefill_tokens = config.testing.poison.prefill_tokens
+        for i, runner in enumerate(pipeline.runners):
+            runner.testing = stage_testing(config, i)
         return pipeline
     if config.pipeline.backend == "thread":
         return ThreadPipeline(config.model.path, ranges, config.transport.host or "127.0.0.1", config)

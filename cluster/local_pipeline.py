@@ -131,7 +131,7 @@ class LocalPipeline(Inbox):
             if tuple(stage.layers) != tuple(new):
                 model = change_layers(runner.model, *new, self.model_dir, runner.dtype, runner.device)
                 self.runners[i] = _runner(i, model, self.num_blocks, self.block_size, self.compile_batch_sizes)
-                self.runners[i].poison_prefill_tokens = runner.poison_prefill_tokens
+                self.runners[i].testing = runner.testing
             self.stages[i] = StageSummary(i, tuple(new))
         for runner in self.runners:
             runner.forget_all()

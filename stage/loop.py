@@ -25,6 +25,7 @@ from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options
 from stagecoach.proto.types import MicroBatch
 from stagecoach.stage.runner import Prepared, StageRunner
+from stagecoach.stage.testing_knobs import StageTesting
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,14 @@ class StageLoop:
         runner: StageRunner,
         index: int,
         max_message_bytes: int,
-        delay_s: float = 0.0,
         security: LinkSecurity | None = None,
-        slowdown: float = 1.0,
+        testing: StageTesting | None = None,
     ) -> None:
         self.runner = runner
         self.security = security
         self.index = index
         self.max_message_bytes = max_message_bytes
-        self.delay_s = delay_s  # testing only: extra time added to every forward, to make a slow stage
-        # testing only: every compute takes this factor times its measured time (a slower device)
-        self.slowdown = slowdown
+        self.testing = testing  # the testing: knobs' delay and slowdown (None: none)
         self.batches_done = 0
         self.compute_ns_total = 0
         self.errors = 0
@@ -166,11 +164,8 @@ class StageLoop:
         try:
             out = self.runner.execute(work.prepared)
             work.timing.layers_ns = out.layers_ns
-            if self.slowdown > 1:  # the device as many times slower: its layers and its fixed work alike
-                time.sleep((self.slowdown - 1) * (time.monotonic_ns() - work.timing.compute_start_ns) / 1e9)
-                work.timing.layers_ns = int(out.layers_ns * self.slowdown)
-            if self.delay_s:
-                time.sleep(self.delay_s)
+            if self.testing is not None:
+                self._misbehave(work, out)
         except Exception as e:  # reported to the coordinator, which owns the requests
             log.exception("stage %d: microbatch %d failed", self.index, work.batch.batch_id)
             out = e
@@ -179,6 +174,16 @@ class StageLoop:
         if not self.is_stale(work.batch.batch_id):
             self._pass_on(work, out)
         self.batches_done += 1
+
+    def _misbehave(self, work: _Work, out) -> None:
+        """The testing: knobs' slower stage: a device as many times slower (its layers and its fixed work alike), then
+        a fixed delay."""
+        t = self.testing
+        if t.slowdown > 1:
+            time.sleep((t.slowdown - 1) * (time.monotonic_ns() - work.timing.compute_start_ns) / 1e9)
+            work.timing.layers_ns = int(out.layers_ns * t.slowdown)
+        if t.delay_ms:
+            time.sleep(t.delay_ms / 1e3)
 
     def _pass_on(self, work: _Work, out) -> None:
         """Queues the output on the next stage's Link, or the last stage's tokens on the Deliveries stream."""

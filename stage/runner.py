@@ -16,6 +16,7 @@ from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.model import AttentionMetadata, StageModel, can_pack
 from stagecoach.stage.sampler import Sampler
 from stagecoach.stage.sequences import SequenceTable
+from stagecoach.stage.testing_knobs import StageTesting
 
 
 @dataclass
@@ -50,10 +51,7 @@ class StageRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.compiled: CompiledDecode | None = None  # set by compile()
-        # testing.poison: fail on a first prefill chunk of this many tokens
-        self.poison_prefill_tokens: int | None = None
-        # testing.layer_delay_ms: each decoder layer waits this long per microbatch (a slower device)
-        self.layer_delay_s = 0.0
+        self.testing: StageTesting | None = None  # the testing: knobs' poison and layer delay (None: none)
         if can_pack(self.device, self.dtype):
             model.pack()
         paged_attention.prepare(self.device)  # at load, not in the first microbatch: a first build takes seconds
@@ -133,7 +131,7 @@ class StageRunner:
     def execute(self, prepared: Prepared) -> StageOutput:
         """Runs an admitted microbatch: hidden states onward, or (the last stage) sampled tokens."""
         out = self._execute(prepared)
-        poison = self.poison_prefill_tokens
+        poison = self.testing.poison_prefill_tokens if self.testing is not None else None
         if poison is not None and any(
             c.is_first and c.start_pos == 0 and c.num_tokens == poison for c in prepared.batch.seqs
         ):
@@ -208,8 +206,9 @@ class StageRunner:
             begin = time.monotonic_ns()
             hidden = self.model.decoder_layers(hidden, meta, self.kv_cache)
             layers_ns = time.monotonic_ns() - begin
-        if self.layer_delay_s:  # counted as layer time whatever the clock (a host sleep is no CUDA work)
-            delay_s = self.layer_delay_s * len(self.model.model.layers)
+        if self.testing is not None and self.testing.layer_delay_ms:
+            # Counted as layer time whatever the clock (a host sleep is no CUDA work).
+            delay_s = self.testing.layer_delay_ms / 1e3 * len(self.model.model.layers)
             time.sleep(delay_s)
             layers_ns += int(delay_s * 1e9)
         return self.model.head(hidden, logits_rows), layers_ns

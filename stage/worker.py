@@ -31,6 +31,7 @@ from stagecoach.stage.loop import StageLoop
 from stagecoach.stage.model import AttentionMetadata
 from stagecoach.stage.runner import StageRunner
 from stagecoach.stage.servicer import StageServicer
+from stagecoach.stage.testing_knobs import StageTesting
 
 MIB = 2**20
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class StagePlan:
     """Everything a stage is told by the coordinator before it loads.
 
-    No defaults here: the fields named like a config setting come from it (cluster.pipelines.stage_plans).
+    No defaults here: the fields named like a config setting come from it (cluster.backends.stage_plans).
     """
 
     index: int
@@ -61,17 +62,15 @@ class StagePlan:
     host: str | None  # bind address; None: this node's address
     port: int  # 0: any free port
     max_message_mb: int
-    delay_ms: float  # testing only: extra time added to every forward (a deliberately slow stage)
-    # testing only: raise on a first prefill chunk of this many tokens (testing.poison)
-    poison_prefill_tokens: int | None
-    layer_delay_ms: float  # testing only: each decoder layer waits this long per microbatch (testing.layer_delay_ms)
-    slowdown: float  # testing only: compute takes this factor times its measured time (testing.stage_slowdown)
-    # testing only: the process exits while changing its layers (testing.rebalance_crash_stage)
-    crash_in_rebalance: bool
+    testing: StageTesting | None  # the config's testing: knobs that apply to this stage; None in production
     link_token: str  # shared by the pipeline's stages and coordinator; "" only where no link is exposed
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.testing, dict):  # a plan that crossed Ray as a dict (dataclasses.asdict)
+            self.testing = StageTesting(**self.testing)
 
     @property
     def max_message_bytes(self) -> int:
@@ -215,9 +214,7 @@ class StageWorker:
         p = self.plan
         self.runner = self._new_runner(num_blocks)
         security = p.security()
-        self.service = StageLoop(
-            self.runner, p.index, p.max_message_bytes, delay_s=p.delay_ms / 1e3, security=security, slowdown=p.slowdown
-        )
+        self.service = StageLoop(self.runner, p.index, p.max_message_bytes, security=security, testing=p.testing)
         host = p.host or node_address()
         self.servicer = StageServicer(self.service, self.info_message(num_blocks))
         self.server, self.address = start_server(self.servicer, host, p.port, p.max_message_bytes, security)
@@ -237,8 +234,7 @@ class StageWorker:
             self.device,
         )
         runner = StageRunner(self.model, cache)
-        runner.poison_prefill_tokens = p.poison_prefill_tokens
-        runner.layer_delay_s = p.layer_delay_ms / 1e3
+        runner.testing = p.testing
         if compile_enabled(p.compile, self.device.type):
             sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
             seconds = runner.compile(sizes, progress=lambda line: log.warning("stage %d: %s", p.index, line))
@@ -261,7 +257,7 @@ class StageWorker:
         self.servicer.info.num_kv_blocks = 0  # no cache until `resize` (a recovery asks for it)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        if p.crash_in_rebalance:
+        if p.testing is not None and p.testing.crash_in_rebalance:
             log.error("stage %d: testing.rebalance_crash_stage: exiting while changing layers", p.index)
             os._exit(1)
         self.model = change_layers(self.model, layer_start, layer_end, p.model_dir, self.dtype, self.device)

@@ -155,10 +155,9 @@ def test_the_slower_device_knobs_reach_each_stage_plan():
         {"pipeline": {"num_stages": 2}, "testing": {"layer_delay_ms": 2, "stage_slowdown": [1, 3]}}
     )
     plans = stage_plans(config, [(0, 1), (1, 2)], link_token="t")
-    assert [(p.layer_delay_ms, p.slowdown) for p in plans] == [(2.0, 1.0), (2.0, 3.0)]
-    assert [
-        (p.layer_delay_ms, p.slowdown) for p in stage_plans(ClusterConfig.from_dict({}), [(0, 1)], link_token="t")
-    ] == [(0.0, 1.0)]
+    assert [(p.testing.layer_delay_ms, p.testing.slowdown) for p in plans] == [(2.0, 1.0), (2.0, 3.0)]
+    # With no testing: knob set a stage gets none at all.
+    assert [p.testing for p in stage_plans(ClusterConfig.from_dict({}), [(0, 1)], link_token="t")] == [None]
     with pytest.raises(ConfigError, match=r"testing.stage_slowdown needs one factor >= 1 per stage \(2\)"):
         ClusterConfig.from_dict({"pipeline": {"num_stages": 2}, "testing": {"stage_slowdown": [1, 0.5]}})
     with pytest.raises(ConfigError, match="testing.layer_delay_ms must be >= 0"):
@@ -185,7 +184,8 @@ def test_the_poison_knob_names_a_stage_and_a_prefill_length():
     )
     assert (config.testing.poison.stage, config.testing.poison.prefill_tokens) == (1, 37)
     plans = stage_plans(config, [(0, 1), (1, 2), (2, 3)], link_token="t")
-    assert [p.poison_prefill_tokens for p in plans] == [None, 37, None]  # a replacement stage gets the same plan
+    # A replacement stage gets the same plan.
+    assert [p.testing and p.testing.poison_prefill_tokens for p in plans] == [None, 37, None]
     assert ClusterConfig.from_dict({}).testing.poison is None
     with pytest.raises(ConfigError, match="testing.poison.stage 3 is not a stage of this pipeline"):
         ClusterConfig.from_dict(
@@ -217,4 +217,10 @@ def test_every_stage_plan_setting_comes_from_the_config():
         64,
         99,
     )
-    assert (first.port, second.port, first.delay_ms, second.delay_ms, second.layer_start) == (7000, 7001, 0.0, 2.5, 2)
+    assert (first.port, second.port, first.testing, second.testing.delay_ms, second.layer_start) == (
+        7000,
+        7001,
+        None,  # no knob applies to stage 0
+        2.5,
+        2,
+    )

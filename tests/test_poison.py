@@ -19,6 +19,7 @@ from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto.types import SamplingParams
+from stagecoach.stage.testing_knobs import StageTesting
 
 POISON = 37  # testing.poison.prefill_tokens: a prompt of this length is the poisoned request
 
@@ -37,7 +38,7 @@ def checkpoint(tmp_path_factory):
 def test_in_process_the_poisoned_sequence_ends_and_the_others_match_the_reference(checkpoint, stage):
     path, hf = checkpoint
     pipeline = LocalPipeline.load(path, ranges_from_counts([1, 1, 1], 3), num_blocks=64, block_size=8)
-    pipeline.runners[stage].poison_prefill_tokens = POISON
+    pipeline.runners[stage].testing = StageTesting(poison_prefill_tokens=POISON)
     engine = Engine(pipeline, scheduler_config(64, block_size=8, max_model_len=256, vocab_size=512))
     prompts = [[(5 * i + j) % 500 + 3 for j in range(4 + 3 * i)] for i in range(4)]
     poisoned = [[(3 * j) % 500 + 3 for j in range(POISON)], [(7 * j) % 500 + 3 for j in range(POISON)]]
