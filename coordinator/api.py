@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from stagecoach.coordinator.async_engine import AsyncEngine
 from stagecoach.coordinator.openai_requests import GenerationRequest, parse_common, parse_messages, parse_prompt
 from stagecoach.coordinator.openai_responses import ChunkMaker, choice_item, error_body, full_response, usage
+from stagecoach.coordinator.request_checks import expand_choices
 from stagecoach.coordinator.sequence_stream import Choice, SequenceStream
 from stagecoach.coordinator.server_metrics import Metrics, stats_document
 from stagecoach.coordinator.server_state import ServerState
@@ -153,14 +154,9 @@ async def _tokenize_chat(state: ServerState, messages: list[dict]) -> list[int]:
 
 
 def _per_choice(req: GenerationRequest, state: ServerState) -> list[tuple[list[int], object]]:
-    """(prompt, sampling) of every choice: n per prompt, seeds varied per choice, max_tokens filled in when not given."""
-    out = []
-    for prompt in req.prompts:
-        max_tokens = req.sampling.max_tokens if req.max_tokens_given else max(1, state.max_model_len - len(prompt))
-        for k in range(req.sampling.n):
-            seed = None if req.sampling.seed is None else (req.sampling.seed + k) % 2**63
-            out.append((prompt, replace(req.sampling, max_tokens=max_tokens, seed=seed, stop_token_ids=[])))
-    return out
+    """(prompt, sampling) of every choice; without max_tokens a choice gets what its context leaves (OpenAI's chat)."""
+    sampling = replace(req.sampling, stop_token_ids=[])  # the engine gives each the checkpoint's stop ids
+    return expand_choices(req.prompts, sampling, state.max_model_len, req.max_tokens_given)
 
 
 async def _start(

@@ -146,11 +146,9 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from stagecoach.cluster.backends import open_pipeline
     from stagecoach.coordinator.compose import build_engine
-    from stagecoach.coordinator.request_checks import RequestLimits, check_request
+    from stagecoach.coordinator.request_checks import RequestLimits, check_request, expand_choices
     from stagecoach.coordinator.supervisor import run_engine
     from stagecoach.coordinator.tokenizer import Tokenizer
     from stagecoach.proto.model_config import ModelConfig
@@ -162,18 +160,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts, sampling = _prompts(args, tokenizer), _sampling(args, model_dir)
     limit = model.max_position_embeddings
     limits = RequestLimits(limit, model.vocab_size, None, limit)
-    choices = []
-    for i, prompt in enumerate(prompts):
-        # Without --max-new-tokens a prompt gets what its context leaves, up to the default.
-        own = (
-            sampling
-            if args.max_new_tokens is not None
-            else replace(sampling, max_tokens=max(1, min(DEFAULT_NEW_TOKENS, limit - len(prompt))))
-        )
+    # Without --max-new-tokens a prompt gets what its context leaves, up to the default.
+    choices = expand_choices(prompts, sampling, limit, args.max_new_tokens is not None, DEFAULT_NEW_TOKENS)
+    for i in range(len(prompts)):
+        prompt, own = choices[i * sampling.n]
         check_request(prompt, own, limits, param=f"prompt {i}")  # before any stage starts: a bad request costs nothing
-        choices += [
-            (prompt, replace(own, seed=None if own.seed is None else (own.seed + k) % 2**63)) for k in range(own.n)
-        ]
 
     pipeline = open_pipeline(config)
     try:

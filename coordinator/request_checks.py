@@ -1,4 +1,5 @@
-"""The one validation of a generation request's prompt and length, used by the scheduler, HTTP and the CLI.
+"""The one validation of a generation request's prompt and length, used by the scheduler, HTTP and the CLI, and the one
+expansion of a request into its choices (n per prompt, seeds, the default max_tokens).
 
 Sampling parameters validate themselves (proto.types.SAMPLING_BOUNDS); this checks what needs
 the model and the cache: a prompt's tokens, its length, and prompt plus max_tokens.
@@ -7,7 +8,7 @@ the model and the cache: a prompt's tokens, its length, and prompt plus max_toke
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stagecoach.errors import ContextLengthError, RequestError
@@ -66,3 +67,25 @@ def sampling_defaults(model_dir: str | Path) -> dict:
     if not gen.get("do_sample", False):
         defaults["temperature"] = 0.0
     return defaults
+
+
+def expand_choices(
+    prompts: list[list[int]],
+    sampling: SamplingParams,
+    max_model_len: int,
+    max_tokens_given: bool,
+    default_cap: int | None = None,
+) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt, sampling) of every choice, as HTTP and the CLI both build them: `n` per prompt, seeded seed, seed + 1, …
+    (unseeded ones stay unseeded: the engine gives each its own); without a given max_tokens, what the prompt's context
+    leaves, at most default_cap (None: no cap)."""
+    out = []
+    for prompt in prompts:
+        max_tokens = sampling.max_tokens
+        if not max_tokens_given:
+            max_tokens = max(1, max_model_len - len(prompt))
+            max_tokens = min(max_tokens, default_cap) if default_cap is not None else max_tokens
+        for k in range(sampling.n):
+            seed = None if sampling.seed is None else (sampling.seed + k) % 2**63
+            out.append((prompt, replace(sampling, max_tokens=max_tokens, seed=seed)))
+    return out
