@@ -149,10 +149,9 @@ class GrpcPipeline(Inbox):
         """Each stage's call on its control, all at once; the results in the order of `calls`, the first error raised."""
         if not self.controls:
             raise PipelineError("this pipeline cannot restart or change stages it did not start")
-        if len(calls) == 1:
-            ((i, call),) = calls.items()
-            return [call(self.controls[i])]
-        with ThreadPoolExecutor(max(1, len(calls))) as pool:
+        if len(calls) <= 1:
+            return [call(self.controls[i]) for i, call in calls.items()]
+        with ThreadPoolExecutor(len(calls)) as pool:
             futures = [pool.submit(call, self.controls[i]) for i, call in calls.items()]
             return [f.result() for f in futures]
 

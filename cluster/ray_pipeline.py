@@ -191,8 +191,6 @@ class RayPipeline(GrpcPipeline):
             super().reconfigure(min_batch_id, target, min_blocks)
         finally:
             self._call_timeout_s = self.ready_timeout_s
-        for plan, (start, end) in zip(self._plans, (s.layers for s in self.stages), strict=False):
-            plan["layer_start"], plan["layer_end"] = start, end  # what a stage started again loads
 
     def health(self) -> list:
         self._kill_fenced()

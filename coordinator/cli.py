@@ -147,7 +147,7 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from stagecoach.cluster.backends import open_pipeline
-    from stagecoach.coordinator.compose import build_engine
+    from stagecoach.coordinator.compose import build_engine, max_model_len
     from stagecoach.coordinator.request_checks import RequestLimits, check_request, expand_choices
     from stagecoach.coordinator.supervisor import run_engine
     from stagecoach.coordinator.tokenizer import Tokenizer
@@ -169,8 +169,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipeline = open_pipeline(config)
     try:
         # As `serve` does: a request longer than the KV cache holds is refused (it could never run), not left waiting.
-        max_model_len = min(model.max_position_embeddings, pipeline.num_blocks * pipeline.block_size)
-        engine = build_engine(pipeline, config, tokenizer.stop_token_ids, max_model_len, model.vocab_size)
+        limit = max_model_len(config, model, pipeline)
+        engine = build_engine(pipeline, config, tokenizer.stop_token_ids, limit, model.vocab_size)
         seqs = engine.add_requests(choices)
         run_engine(engine)  # a stage that fails meanwhile is recovered, as when serving
     finally:

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.engine import Engine, Pipeline
 from stagecoach.coordinator.rebalancer import RebalancePolicy
 from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.proto.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def max_model_len(config: ClusterConfig, model: ModelConfig, pipeline: Pipeline) -> int:
+    """The longest sequence the engine admits, for serve and generate alike: the model's limit, server.max_model_len
+    where lower, and never more than the KV cache holds (a longer request could never run)."""
+    capacity = pipeline.num_blocks * pipeline.block_size
+    wanted = config.server.max_model_len
+    limit = min(model.max_position_embeddings, wanted or model.max_position_embeddings, capacity)
+    if wanted and wanted > limit:
+        log.warning("--max-model-len %d lowered to %d: the KV cache holds %d tokens", wanted, limit, capacity)
+    return limit
 
 
 def build_engine(

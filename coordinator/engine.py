@@ -102,12 +102,10 @@ class Engine:
     def recovering(self) -> bool:
         return self.failure is not None
 
-    def report_failure(self, reason: str, reconfigurations: int | None = None) -> None:
+    def report_failure(self, reason: str, reconfigurations: int) -> None:
         """A missed heartbeat while the pipe may be idle: have the loop recover. `reconfigurations`: how many had
-        begun when the stages were asked; one begun since answers the report already."""
-        current = self.health.reconfigurations
-        reconfigurations = current if reconfigurations is None else reconfigurations
-        if not self.recovering and reconfigurations == current:
+        begun when the stages were asked (the loop drops the report if one has begun since: it answers it already)."""
+        if not self.recovering:
             self.queue_call(StageFailed(reason, reconfigurations))
 
     def check_stages(self) -> list[str] | None:

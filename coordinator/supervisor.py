@@ -17,7 +17,7 @@ from collections import deque
 from stagecoach.cluster.backends import open_pipeline
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.async_engine import AsyncEngine
-from stagecoach.coordinator.compose import build_engine
+from stagecoach.coordinator.compose import build_engine, max_model_len
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.tokenizer import Tokenizer
@@ -73,9 +73,8 @@ def recover_until_whole(engine: Engine, cause: Exception, stop: threading.Event 
                 time.sleep(RETRY_S)
             elif stop.wait(RETRY_S):
                 return
-    if (
-        took is not None and engine.on_recovery is not None
-    ):  # once the mark is off: the server's fresh state is for good
+    # Once the mark is off: the server's fresh state is for good.
+    if took is not None and engine.on_recovery is not None:
         engine.on_recovery(took)
 
 
@@ -92,14 +91,8 @@ class EngineSupervisor:
     async def start(self) -> None:
         state, config = self.state, self.config
         self.pipeline = pipeline = await self._loop.run_in_executor(None, open_pipeline, config)
-        capacity = pipeline.num_blocks * pipeline.block_size
-        wanted = config.server.max_model_len
-        max_model_len = min(self.model.max_position_embeddings, wanted or self.model.max_position_embeddings, capacity)
-        if wanted and wanted > max_model_len:
-            log.warning(
-                "--max-model-len %d lowered to %d: the KV cache holds %d tokens", wanted, max_model_len, capacity
-            )
-        engine = build_engine(pipeline, config, self.tokenizer.stop_token_ids, max_model_len, self.model.vocab_size)
+        limit = max_model_len(config, self.model, pipeline)
+        engine = build_engine(pipeline, config, self.tokenizer.stop_token_ids, limit, self.model.vocab_size)
         engine.timings.observer = state.metrics.observe_timing
 
         def recovered(seconds: float) -> None:
@@ -124,15 +117,13 @@ class EngineSupervisor:
             state.metrics.rebalance_pause.observe(record["pause_s"])
 
         engine.rebalancer.on_applied = rebalanced
-        state.max_model_len = max_model_len
+        state.max_model_len = limit
         state.stages = pipeline.stages
         self._all_ready()
         state.engine = AsyncEngine(
             engine, on_crash=lambda e: self._loop.call_soon_threadsafe(self._crashed, e), run=run_engine
         )
-        log.warning(
-            "ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), max_model_len, state.model_name
-        )
+        log.warning("ready: %d stages, max_model_len %d, serving %s", len(pipeline.stages), limit, state.model_name)
 
     def _all_ready(self) -> None:
         self._set_stage_states(["ready"] * len(self.state.stages))

@@ -75,8 +75,8 @@ async def _race(model_dir: str) -> dict:
         "recoveries": len(engine.recoveries),
         "rebalances": outcomes,
         "stage_states": list(state.stage_states),
-        "polls": getattr(state, "health_polls", None),
-        "poll_errors": getattr(state, "health_poll_errors", None),
+        "polls": state.health_polls,
+        "poll_errors": state.health_poll_errors,
         "seconds": round(time.monotonic() - started, 2),
     }
     poller.cancel()
