@@ -153,7 +153,7 @@ def test_an_error_in_one_poll_is_logged_counted_and_the_next_poll_runs_and_a_rec
     (record,) = [r for r in caplog.records if "health poll failed" in r.getMessage()]
     assert record.exc_info and "injected into the second health poll" in str(record.exc_info[1])
     health = stats["health"]
-    assert health["poll_errors"] == 1 and health["polls"] >= 4 and 0 <= health["last_poll_age_s"] < 60, health
+    assert health["poll_errors"] == 1 and health["polls"] >= 4 and health["last_poll_at"] is not None, health
     assert [s["state"] for s in stats["stages"]] == ["ready", "ready"]
     assert "stagecoach_health_poll_errors_total 1.0" in metrics
     assert "stagecoach_health_last_poll_timestamp_seconds" in metrics and "stagecoach_recoveries_total 1.0" in metrics
