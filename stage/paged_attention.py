@@ -24,14 +24,7 @@ log = logging.getLogger(__name__)
 @functools.cache
 def cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    return cpu_build.build(
-        "stagecoach_paged_attention_v12",
-        cpu_build.source("paged_attention.cpp"),
-        ["paged_decode", "paged_prefill"],
-        log,
-        "paged attention",
-        "attention gathers the cache instead",
-    )
+    return cpu_build.build(log, "paged attention", "attention gathers the cache instead")
 
 
 def prepare(device: torch.device) -> bool:

@@ -23,14 +23,7 @@ log = logging.getLogger(__name__)
 @functools.cache
 def cpu_kernel():
     """The compiled kernel, or None (logged once) where it cannot be built here."""
-    module = cpu_build.build(
-        "stagecoach_sampler_v12",
-        cpu_build.source("sampler.cpp"),
-        ["scan"],
-        log,
-        "sampler",
-        "the sampler works on whole rows with torch's operators instead",
-    )
+    module = cpu_build.build(log, "sampler", "the sampler works on whole rows with torch's operators instead")
     return None if module is None else module.scan
 
 

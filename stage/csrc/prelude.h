@@ -1,4 +1,4 @@
-// What both CPU kernels share, compiled ahead of each (torch's load_inline puts torch/extension.h first):
+// What both CPU kernels share, compiled ahead of them (torch's load_inline puts torch/extension.h first):
 // - exp(x) for x <= 0 as a branch-free polynomial the compiler vectorises (torch's exp is scalar on some CPUs, and
 //   std::floor is not vectorised under -fPIC); relative error about 2e-7; below -87 the term counts as exp(-87);
 // - by_dtype: calls f with a value of the C++ type of a float32, bfloat16 or float16 tensor.
