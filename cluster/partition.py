@@ -29,13 +29,12 @@ def partition_layers(
     num_layers: int,
     num_stages: int,
     last_stage_extra: float = 0.0,
-    first_stage_extra: float = 0.0,
     layer_counts: list[int] | None = None,
 ) -> list[LayerRange]:
     """Contiguous layer ranges, one per stage.
 
     Costs are in units of one decoder layer's time: the last stage also pays `last_stage_extra`
-    (its lm_head; 1.6 layers for Qwen1.5-32B), the first `first_stage_extra`. The default split
+    (its lm_head; 1.6 layers for Qwen1.5-32B). The default split
     minimises the slowest stage's cost and, among those, the spread (sum of squared costs).
     `layer_counts` overrides it.
     """
@@ -58,18 +57,10 @@ def partition_layers(
         StageSpeed(
             decode_layer_s=1.0,
             prefill_layer_s=0.0,
-            decode_fixed_s=(first_stage_extra if i == 0 else 0.0) + (last_stage_extra if i == num_stages - 1 else 0.0),
+            decode_fixed_s=last_stage_extra if i == num_stages - 1 else 0.0,
         )
         for i in range(num_stages)
     ]
     return ranges_from_counts(
         plan_split(num_layers, speeds, Workload(decode_batches=1, prefill_tokens=0), layer_bytes=1).counts, num_layers
     )
-
-
-def parse_layer_counts(text: str) -> list[int]:
-    """'17,16,16,15' → [17, 16, 16, 15], with a clear error for anything else."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise PartitionError(f"--layers {text!r}: give comma-separated layer counts, e.g. 17,16,16,15") from None

@@ -210,27 +210,25 @@ def test_a_poisoned_prompt_fails_alone_with_exit_code_1(ckpt, tmp_path):
     assert ok["finish_reason"] == "length" and ok["token_ids"] == ref.tolist()
 
 
-def _subcommands(parser, path=()):
-    """Every command path the parser knows, nested ones (`testbed up`) included."""
-    import argparse
-
-    yield path
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _subcommands(sub, (*path, name))
-
-
 def test_every_subcommands_help_exits_0(capsys):
-    from stagecoach.coordinator.cli import build_parser, main
+    """Every command path (`testbed up` included), found from each level's usage line, whose `{a,b} ...` lists the
+    commands under it; each one's --help exits 0."""
+    import re
 
-    paths = list(_subcommands(build_parser()))
-    assert {("serve",), ("generate",), ("testbed", "up")} <= set(paths), paths
-    for path in paths:
+    from stagecoach.coordinator.cli import main
+
+    paths, queue = [], [()]
+    while queue:
+        path = queue.pop(0)
+        paths.append(path)
         with pytest.raises(SystemExit) as e:
             main([*path, "--help"])
         out = capsys.readouterr().out
         assert e.value.code == 0 and out.startswith("usage: stagecoach"), (path, out[-500:])
+        usage = " ".join(out.split("\n\n")[0].split())  # unwrapped
+        for names in re.findall(r"\{([\w,-]+)\} \.\.\.", usage):
+            queue.extend((*path, name) for name in names.split(","))
+    assert {("serve",), ("generate",), ("testbed", "up")} <= set(paths), paths
     # The installed entry point too, as a new user first types it.
     proc = subprocess.run([STAGECOACH, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--rebalance-min-gain" in proc.stdout and "10 %" in proc.stdout, proc.stderr[-2000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from test_model_parity import CONFIGS, NEW_TOKENS, RecordingPipeline, check_agai
 
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
+from stagecoach.coordinator.sequence import Sequence
 from stagecoach.proto.types import SamplingParams
 from stagecoach.stage import paged_attention
 from stagecoach.stage.paged_attention import (
@@ -115,9 +115,12 @@ def test_scattered_blocks_match_hf(hf_checkpoint, budget):
         LocalPipeline.load(model_dir, ranges_from_counts([3, 2], 5), num_blocks=num_blocks, block_size=block_size)
     )
     engine = Engine(pipe, scheduler_config(num_blocks, block_size=block_size, max_num_batched_tokens=budget))
-    free = list(engine.scheduler.block_manager._free)
-    random.Random(7).shuffle(free)
-    engine.scheduler.block_manager._free = OrderedDict.fromkeys(free)  # the free list, in that order
+    # Shuffle the free list: one sequence takes every block, its table is shuffled, and freeing hands them back in
+    # that order.
+    holder, blocks = Sequence(-1, [0], SamplingParams()), engine.scheduler.block_manager
+    blocks.grow(holder, num_blocks * block_size)
+    random.Random(7).shuffle(holder.block_table)
+    blocks.free(holder)
     tables: dict[int, list[int]] = {}  # every sequence's block table, as its chunks grew it
     submit = pipe.submit
 

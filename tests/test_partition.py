@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stagecoach.cluster.partition import parse_layer_counts, partition_layers, ranges_from_counts
+from stagecoach.cluster.partition import partition_layers, ranges_from_counts
 from stagecoach.errors import PartitionError
 
 
@@ -49,7 +49,6 @@ def test_balance_is_optimal_against_brute_force():
 def test_override():
     assert partition_layers(64, 4, layer_counts=[17, 16, 16, 15]) == [(0, 17), (17, 33), (33, 49), (49, 64)]
     assert ranges_from_counts([3, 1, 1], 5) == [(0, 3), (3, 4), (4, 5)]
-    assert parse_layer_counts("3,1,1") == [3, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -60,7 +59,6 @@ def test_override():
         (lambda: partition_layers(4, 5), "5 stages cannot share 4 layers"),
         (lambda: partition_layers(4, 0), "at least 1"),
         (lambda: partition_layers(5, 2, layer_counts=[2, 2, 1]), "has 3 entries"),
-        (lambda: parse_layer_counts("3,x"), "comma-separated"),
     ],
 )
 def test_impossible_plans_are_refused(call, message):
