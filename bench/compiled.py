@@ -65,7 +65,7 @@ def decode_batch(runner, batch: int, blocks: int):
     """A decode microbatch of `batch` sequences at position CONTEXT, as admitted (the compute alone)."""
     import torch
 
-    from stagecoach.proto.types import MicroBatch, SeqChunk
+    from stagecoach.proto.microbatch import MicroBatch, SeqChunk
     from stagecoach.stage.runner import Prepared
 
     config = runner.model.config

@@ -142,7 +142,8 @@ def correctness(device: str, smoke: bool) -> dict:
         # bfloat16: every logits row of our two stages (in this process) against HF's in bfloat16.
         class Recording(LocalPipeline):
             def execute(self, batch, timings=None):
-                batch.want_all_logits = True
+                for chunk in batch.seqs:
+                    chunk.score_rows = True  # every row's logits, not only the sampled ones
                 out = super().execute(batch, timings)
                 rows.extend(self.last_logits.float().cpu())
                 return out
@@ -206,7 +207,7 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
 def decode_steps(device: str, layers: int, batches: list[int], smoke: bool) -> dict:
     import torch
 
-    from stagecoach.proto.types import MicroBatch, SeqChunk
+    from stagecoach.proto.microbatch import MicroBatch, SeqChunk
     from stagecoach.stage.kv_cache import KVCache
     from stagecoach.stage.model import ModelConfig, StageModel
     from stagecoach.stage.runner import Prepared, StageRunner

@@ -76,13 +76,6 @@ def run_transport() -> tuple[list[dict], list[dict]]:
             "us",
         ),
         figure(
-            "hop 10 KiB: added one-way latency vs raw TCP (unary Forward, before)",
-            small["unary"]["added_one_way_us"],
-            "(reference)",
-            None,
-            "us",
-        ),
-        figure(
             "hop 10 KiB: added one-way latency vs raw TCP (bare gRPC stream, floor)",
             small["floor"]["added_one_way_us"],
             "(floor)",
@@ -94,12 +87,6 @@ def run_transport() -> tuple[list[dict], list[dict]]:
             big["link"]["throughput_vs_raw"],
             ">= 0.5",
             big["link"]["throughput_vs_raw"] >= 0.5,
-        ),
-        figure(
-            "hop 40 MiB: throughput / raw TCP (unary Forward, before)",
-            big["unary"]["throughput_vs_raw"],
-            "(reference)",
-            None,
         ),
         figure(
             "hop 40 MiB: throughput / raw TCP (bare gRPC stream, floor)",
@@ -416,12 +403,10 @@ def plot(transport_rows, pipeline, e2e, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
     labels = [f"{r['bytes'] // 1024:,} KiB" for r in transport_rows]
-    width = 0.25
-    for i, (name, label) in enumerate(
-        (("unary", "unary Forward (before)"), ("link", "Link stream"), ("floor", "bare gRPC stream"))
-    ):
+    width = 0.35
+    for i, (name, label) in enumerate((("link", "Link stream"), ("floor", "bare gRPC stream"))):
         ax.bar(
-            [x + (i - 1) * width for x in range(len(labels))],
+            [x + (i - 0.5) * width for x in range(len(labels))],
             [r[name]["throughput_vs_raw"] for r in transport_rows],
             width,
             label=label,

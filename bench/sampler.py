@@ -42,7 +42,8 @@ def setup(batch: int, options: dict, seed: int = 0, flat: bool = False, sampler_
     """A sampler holding `batch` sequences (prompt and generated tokens observed), their decode chunks and one step's logits."""
     import torch
 
-    from stagecoach.proto.types import SamplingParams, SeqChunk
+    from stagecoach.proto.microbatch import SeqChunk
+    from stagecoach.proto.types import SamplingParams
     from stagecoach.stage.sampler import Sampler
 
     Sampler = sampler_class or Sampler

@@ -193,7 +193,7 @@ def decode_bytes(context: int, num_seqs: int = 8, hidden: int = 512) -> int:
     import torch
 
     from stagecoach.coordinator.scheduler import Scheduler
-    from stagecoach.proto import codec
+    from stagecoach.proto.link import link_message
     from stagecoach.proto.types import SampleResult, SamplingParams
 
     sched = Scheduler(scheduler_config(num_seqs * (context // 16 + 2), 16, num_seqs * context))
@@ -203,7 +203,8 @@ def decode_bytes(context: int, num_seqs: int = 8, hidden: int = 512) -> int:
         )
     prefill = sched.schedule()
     sched.process_results(prefill, [SampleResult(c.seq_id, 7) for c in prefill.seqs if c.do_sample])
-    return codec.encode_microbatch(sched.schedule(), torch.zeros(num_seqs, hidden)).ByteSize()
+    msg, payload = link_message(sched.schedule(), torch.zeros(num_seqs, hidden))
+    return msg.ByteSize() + len(payload)  # the header and the tensor's bytes (one frame, as a small microbatch travels)
 
 
 # -- (c) the coordinator's CPU per decode step ------------------------------------------------------------

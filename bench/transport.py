@@ -4,7 +4,6 @@ The receiver is a real stage gRPC server (StageServicer: decode, and queue into 
 of a model) in its own process; the sender, in this process, encodes a real microbatch of
 hidden states [tokens, 5120] bfloat16 and waits for the acknowledgement, by each path:
   raw     a TCP socket: 8-byte length, the tensor's bytes, a 1-byte ack (the floor);
-  unary   a Forward call per microbatch (the transport before Link);
   link    the Link stream (what stages use now): one long-lived stream, 2 MiB chunks;
   floor   a bare gRPC bidi stream of the tensor's bytes (identity serializers, no Stagecoach code):
           what gRPC's Python stack costs by itself, the floor under any gRPC transport here.
@@ -118,11 +117,10 @@ def measure(hops_for: dict | None = None) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
-    from stagecoach.proto import codec
-    from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
     from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
+    from stagecoach.proto.microbatch import MicroBatch, SeqChunk
     from stagecoach.proto.server import channel_options
-    from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
+    from stagecoach.proto.types import SamplingParams
 
     keep_freed_buffers()  # as a StageLoop and the coordinator do
 
@@ -138,7 +136,6 @@ def measure(hops_for: dict | None = None) -> list[dict]:
         iter(floor_requests.get, None)
     )
     channel = grpc.insecure_channel(address, options=channel_options(MAX_BYTES))
-    stub = pb_grpc.StageStub(channel)
     link = LinkSender(channel)  # sends return at once; wait_idle() waits for the acknowledgement
     sock = socket.create_connection(("127.0.0.1", tcp_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -162,9 +159,6 @@ def measure(hops_for: dict | None = None) -> list[dict]:
                 sock.sendall(payload)
                 sock.recv(1)
 
-            def unary(batch: MicroBatch = batch, tensor: torch.Tensor = tensor) -> None:
-                stub.Forward(codec.encode_microbatch(batch, tensor), timeout=60)
-
             def via_link(batch: MicroBatch = batch, tensor: torch.Tensor = tensor) -> None:
                 link.send(*link_message(batch, tensor))
                 assert link.wait_idle(60)
@@ -176,8 +170,8 @@ def measure(hops_for: dict | None = None) -> list[dict]:
                 next(floor_acks)
 
             rtt, one_way = {}, {}
-            for name, fn in (("raw", raw), ("floor", bare_stream), ("unary", unary), ("link", via_link)):
-                n = max(3, hops // 4 if name == "unary" and tokens == 1 else hops)
+            for name, fn in (("raw", raw), ("floor", bare_stream), ("link", via_link)):
+                n = max(3, hops)
                 for _ in range(max(2, n // 10)):
                     fn()
                 parent.send("times")
@@ -206,8 +200,7 @@ def measure(hops_for: dict | None = None) -> list[dict]:
             rows.append(row)
             print(
                 f"  [{tokens}, {HIDDEN}] {nbytes / 1024:,.0f} KiB, one-way / round trip: raw {one_way['raw'] * 1e6:,.0f} / {rtt['raw'] * 1e6:,.0f} us, "
-                f"unary {one_way['unary'] * 1e6:,.0f} / {rtt['unary'] * 1e6:,.0f} us (throughput x{rtt['raw'] / rtt['unary']:.2f}), "
-                f"link {one_way['link'] * 1e6:,.0f} / {rtt['link'] * 1e6:,.0f} us (x{rtt['raw'] / rtt['link']:.2f}), "
+                f"link {one_way['link'] * 1e6:,.0f} / {rtt['link'] * 1e6:,.0f} us (throughput x{rtt['raw'] / rtt['link']:.2f}), "
                 f"bare gRPC stream {one_way['floor'] * 1e6:,.0f} / {rtt['floor'] * 1e6:,.0f} us (x{rtt['raw'] / rtt['floor']:.2f})",
                 flush=True,
             )

@@ -24,9 +24,10 @@ from stagecoach.proto import stagecoach_pb2_grpc as pb_grpc
 from stagecoach.proto.codec import SCHEMA_VERSION, decode_samples
 from stagecoach.proto.control import Loaded, StageControl, Wiring
 from stagecoach.proto.link import LinkSender, keep_freed_buffers, link_message
+from stagecoach.proto.microbatch import MicroBatch
 from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options, start_server
-from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, StageSummary
+from stagecoach.proto.types import Delivered, LayerRange, StageSummary
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +279,8 @@ class GrpcPipeline(Inbox):
                 i.weight_bytes,
                 i.memory_used_bytes,
                 i.memory_total_bytes,
-                layer_bytes=i.layer_bytes,
                 kv_block_layer_bytes=i.kv_block_layer_bytes,
+                layer_weight_bytes=list(i.layer_weight_bytes),
             )
             for i in infos
         ]

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from stagecoach.proto import stagecoach_pb2 as pb
+from stagecoach.proto.microbatch import MicroBatch
 from stagecoach.proto.model_config import ModelConfig
-from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SampleResult, StageSummary
+from stagecoach.proto.types import Delivered, LayerRange, SampleResult, StageSummary
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.loader import DTYPES, change_layers, load_stage_model
 from stagecoach.stage.runner import StageRunner

@@ -27,7 +27,8 @@ from stagecoach.coordinator.sequence import Listener, Sequence, TokenUpdate
 from stagecoach.coordinator.stage_health import RESULT_TIMEOUT_S, StageHealth
 from stagecoach.coordinator.timings import TimingStats
 from stagecoach.errors import PipelineError, StagecoachError, StageComputeError
-from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, SamplingParams
+from stagecoach.proto.microbatch import MicroBatch
+from stagecoach.proto.types import Delivered, LayerRange, SamplingParams
 
 log = logging.getLogger(__name__)
 

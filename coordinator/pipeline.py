@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from stagecoach.proto.types import Delivered, LayerRange, MicroBatch, StageSummary
+from stagecoach.proto.microbatch import MicroBatch
+from stagecoach.proto.types import Delivered, LayerRange, StageSummary
 
 
 class Pipeline(Protocol):

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from stagecoach.errors import PartitionError
-from stagecoach.proto.types import MicroBatch
+from stagecoach.proto.microbatch import MicroBatch
 
 TIE = 1e-9  # relative: stage times this close count as equal (float noise)
 
@@ -62,60 +62,95 @@ def stage_seconds(speed: StageSpeed, num_layers: int, work: Workload) -> float:
     return decode + prefill
 
 
-def max_layers(speed: StageSpeed, layer_bytes: int, num_layers: int) -> int:
-    """How many layers (weights plus the KV cache each must keep) fit the stage's memory."""
+def max_layers(speed: StageSpeed, layer_bytes: list[int]) -> int:
+    """The most layers (weights plus the KV cache each must keep) the stage's memory could hold: the smallest ones."""
     if speed.memory_bytes is None:
-        return num_layers
-    return max(0, min(num_layers, (speed.memory_bytes - speed.fixed_bytes) // layer_bytes))
+        return len(layer_bytes)
+    room, count = speed.memory_bytes - speed.fixed_bytes, 0
+    for b in sorted(layer_bytes):
+        if b > room:
+            break
+        room, count = room - b, count + 1
+    return count
+
+
+class _Memory:
+    """Whether a stage holds layers [start, end): their bytes (prefix sums over the layers) plus its fixed weights."""
+
+    def __init__(self, speeds: list[StageSpeed], layer_bytes: list[int]) -> None:
+        self.speeds = speeds
+        self.prefix = [0]
+        for b in layer_bytes:
+            self.prefix.append(self.prefix[-1] + b)
+
+    def fits(self, stage: int, start: int, end: int) -> bool:
+        sp = self.speeds[stage]
+        return sp.memory_bytes is None or self.prefix[end] - self.prefix[start] + sp.fixed_bytes <= sp.memory_bytes
 
 
 def plan_split(
-    num_layers: int, speeds: list[StageSpeed], work: Workload, layer_bytes: int, current: list[int] | None = None
+    num_layers: int,
+    speeds: list[StageSpeed],
+    work: Workload,
+    layer_bytes: int | list[int],
+    current: list[int] | None = None,
 ) -> Plan:
     """Contiguous layer counts that minimise the slowest stage's time for `work`, never exceeding a stage's memory.
 
-    layer_bytes: one layer's weights plus the KV cache it must keep. Among the splits whose slowest stage
-    is that fast, the one that moves the fewest layers from `current` (when given) wins, then the most even.
-    Raises PartitionError with the numbers when a stage cannot hold one layer or the stages cannot hold the model.
+    layer_bytes: each layer's weights plus the KV cache it must keep (one number: every layer alike). Among the splits
+    whose slowest stage is that fast, the one that moves the fewest layers from `current` (when given) wins, then the
+    most even. Raises PartitionError with the numbers when a stage cannot hold one layer or no split fits the memory.
     """
     num_stages = len(speeds)
     if current is not None and (
         len(current) != num_stages or sum(current) != num_layers or min(current, default=0) < 1
     ):
         raise PartitionError(f"the current split {current} does not give {num_layers} layers to {num_stages} stages")
-    caps = [max_layers(s, layer_bytes, num_layers) for s in speeds]
-    for i, (cap, s) in enumerate(zip(caps, speeds, strict=False)):
+    per_layer = [layer_bytes] * num_layers if isinstance(layer_bytes, int) else list(layer_bytes)
+    if len(per_layer) != num_layers:
+        raise PartitionError(f"{len(per_layer)} layers' sizes for a model of {num_layers} layers")
+    caps = [max_layers(s, per_layer) for s in speeds]
+    for i, (cap, s) in enumerate(zip(caps, speeds, strict=True)):
         if cap < 1:
             raise PartitionError(
                 f"stage {i} cannot hold a single layer: of its {s.memory_bytes} bytes, {s.fixed_bytes} hold fixed weights, "
-                f"and one layer needs {layer_bytes} (weights and its KV cache)"
+                f"and one layer needs {min(per_layer)} (weights and its KV cache)"
             )
     if sum(caps) < num_layers:
         raise PartitionError(
             f"the stages hold at most {caps} layers ({sum(caps)} in all), but the model has {num_layers}"
         )
+    memory = _Memory(speeds, per_layer)
     # Pass 1: the lowest possible slowest-stage time. Pass 2: among splits within it, the fewest moves, then the most even.
-    fastest = _fastest(num_layers, speeds, work, caps)
+    fastest = _fastest(num_layers, speeds, work, memory)
+    if fastest == float("inf"):
+        raise PartitionError(
+            f"no contiguous split of the {num_layers} layers (bytes each: {per_layer}) fits the stages' memory "
+            f"({[s.memory_bytes for s in speeds]} bytes, {[s.fixed_bytes for s in speeds]} of them fixed weights)"
+        )
     limit = fastest * (1 + TIE)
     boundaries = None if current is None else [sum(current[: i + 1]) for i in range(num_stages)]
-    counts = _counts(num_layers, speeds, work, caps, limit, boundaries)
+    counts = _counts(num_layers, speeds, work, memory, limit, boundaries)
     current = counts if current is None else current
     return Plan(
         counts,
-        [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts, strict=False)],
+        [stage_seconds(sp, c, work) for sp, c in zip(speeds, counts, strict=True)],
         list(current),
-        [stage_seconds(sp, c, work) for sp, c in zip(speeds, current, strict=False)],
+        [stage_seconds(sp, c, work) for sp, c in zip(speeds, current, strict=True)],
     )
 
 
-def _fastest(num_layers: int, speeds: list[StageSpeed], work: Workload, caps: list[int]) -> float:
+def _fastest(num_layers: int, speeds: list[StageSpeed], work: Workload, memory: _Memory) -> float:
     """The lowest slowest-stage time over every split that fits (a min-max over prefixes)."""
     num_stages, inf = len(speeds), float("inf")
     best = [0.0] + [inf] * num_layers  # best[n]: the first n layers over the stages so far
     for s in range(num_stages):
         nxt = [inf] * (num_layers + 1)
         for n in range(s + 1, num_layers - (num_stages - s - 1) + 1):
-            for count in range(1, min(caps[s], n) + 1):
+            # stage s holds layers [n - count, n); more layers never take less memory
+            for count in range(1, n + 1):
+                if not memory.fits(s, n - count, n):
+                    break
                 if best[n - count] < inf:
                     nxt[n] = min(nxt[n], max(best[n - count], stage_seconds(speeds[s], count, work)))
         best = nxt
@@ -126,7 +161,7 @@ def _counts(
     num_layers: int,
     speeds: list[StageSpeed],
     work: Workload,
-    caps: list[int],
+    memory: _Memory,
     limit: float,
     boundaries: list[int] | None,
 ) -> list[int]:
@@ -138,7 +173,9 @@ def _counts(
     for s in range(1, num_stages + 1):
         for n in range(s, num_layers - (num_stages - s) + 1):
             moved = 0 if boundaries is None else abs(n - boundaries[s - 1])
-            for count in range(1, min(caps[s - 1], n - (s - 1)) + 1):
+            for count in range(1, n - (s - 1) + 1):
+                if not memory.fits(s - 1, n - count, n):
+                    break
                 prev, t = best[s - 1][n - count], stage_seconds(speeds[s - 1], count, work)
                 if prev == inf or t > limit:
                     continue
@@ -271,19 +308,22 @@ class StageRates:
 @dataclass(slots=True)
 class StageMemory:
     """What the planner needs of the stages' memory: each one's budget (None: unbounded) and fixed weights, and the bytes
-    one layer takes on any stage (its weights plus its share of a KV cache of the pipeline's block count)."""
+    each layer takes on any stage (its weights plus its share of a KV cache of the pipeline's block count)."""
 
     budgets: list[int | None]
     fixed_bytes: list[int]
-    layer_bytes: int
+    layer_bytes: list[int]  # per layer of the whole model, layer 0 first
 
     @classmethod
     def of(cls, stages: list, num_blocks: int) -> StageMemory | None:
-        """From the stages' Info (StageSummary); None when they did not report their sizes (the in-process backend)."""
-        if not stages or any(s.layer_bytes <= 0 or s.memory_total_bytes <= 0 for s in stages):
+        """From the stages' Info (StageSummary, in pipeline order: each reports its own layers' weight bytes); None when
+        they did not report their sizes (the in-process backend)."""
+        if not stages or any(
+            len(s.layer_weight_bytes) != s.layers[1] - s.layers[0] or s.memory_total_bytes <= 0 for s in stages
+        ):
             return None
         return cls(
             [s.memory_total_bytes for s in stages],
-            [max(0, s.weight_bytes - (s.layers[1] - s.layers[0]) * s.layer_bytes) for s in stages],
-            stages[0].layer_bytes + num_blocks * stages[0].kv_block_layer_bytes,
+            [max(0, s.weight_bytes - sum(s.layer_weight_bytes)) for s in stages],
+            [b + num_blocks * s.kv_block_layer_bytes for s in stages for b in s.layer_weight_bytes],
         )

@@ -18,7 +18,8 @@ from stagecoach.coordinator.block_manager import BlockManager
 from stagecoach.coordinator.request_checks import RequestLimits, check_request
 from stagecoach.coordinator.sequence import Sequence, SequenceStatus
 from stagecoach.errors import ConfigError
-from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk
+from stagecoach.proto.microbatch import ChunkKind, MicroBatch, SeqChunk
+from stagecoach.proto.types import SampleResult, SamplingParams
 
 MAX_RETRIES = 1  # a sequence in a failed microbatch is retried once, alone; failing again ends it
 
@@ -317,6 +318,7 @@ class Scheduler:
         do_sample = end == seq.num_tokens
         # the stages start the sequence (again) from this chunk: at 0, or after its cached prefix
         first = seq.num_blocks_sent == 0
+        history = seq.tokens(seq.num_history_sent, end)  # a first chunk: the whole history, cached prompt included
         chunk = SeqChunk(
             seq_id=seq.seq_id,
             start_pos=start,
@@ -325,7 +327,8 @@ class Scheduler:
             do_sample=do_sample,
             sampling=seq.sampling if first else None,
             num_prompt_tokens=seq.num_prompt_tokens if first else 0,
-            token_ids=seq.tokens(seq.num_history_sent, end),  # a first chunk: the whole history, cached prompt included
+            token_ids=history,
+            kind=ChunkKind.of(first, n, len(history)),
         )
         seq.num_blocks_sent = len(seq.block_table)
         seq.num_history_sent = max(seq.num_history_sent, end)

@@ -8,9 +8,11 @@ import torch
 
 from stagecoach.errors import RequestError, WireError
 from stagecoach.proto import stagecoach_pb2 as pb
-from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk
+from stagecoach.proto.microbatch import ChunkKind, MicroBatch, SeqChunk, check_chunk
+from stagecoach.proto.types import SampleResult, SamplingParams
 
 SCHEMA_VERSION = pb.SCHEMA_VERSION_CURRENT
+_KINDS = frozenset(int(k) for k in ChunkKind)
 
 _TO_WIRE = {
     torch.float32: pb.FLOAT32,
@@ -34,13 +36,6 @@ def tensor_payload(tensor: torch.Tensor) -> tuple[pb.Tensor, memoryview]:
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return pb.Tensor(dtype=_TO_WIRE[tensor.dtype], shape=list(tensor.shape)), memoryview(flat.view(torch.uint8).numpy())
-
-
-def tensor_to_proto(tensor: torch.Tensor) -> pb.Tensor:
-    """One copy: the tensor's bytes into the message (bfloat16 as its 2-byte payload)."""
-    msg, payload = tensor_payload(tensor)
-    msg.data = payload.tobytes()
-    return msg
 
 
 def tensor_nbytes(msg: pb.Tensor, field: str = "tensor") -> tuple[torch.dtype, int]:
@@ -90,12 +85,9 @@ def _sampling_from_proto(msg: pb.SamplingParams, field: str) -> SamplingParams:
         raise WireError(f"{field}: {e}") from None
 
 
-def encode_microbatch(
-    batch: MicroBatch, tensor: torch.Tensor | None, timings=(), tensor_msg: pb.Tensor | None = None
-) -> pb.MicroBatch:
-    """tensor: hidden states; None means stage 0's input, the batch's token ids. tensor_msg: use this instead (a Link's data-less header)."""
-    if tensor is None and tensor_msg is None:
-        tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
+def encode_microbatch(batch: MicroBatch, tensor_msg: pb.Tensor, timings=()) -> pb.MicroBatch:
+    """The microbatch as its wire message around `tensor_msg` (a Link's header: the tensor's dtype and shape, its bytes
+    travelling in the frames after it)."""
     seqs = []
     for c in batch.seqs:
         chunk = pb.SequenceChunk(
@@ -106,6 +98,8 @@ def encode_microbatch(
             do_sample=c.do_sample,
             num_prompt_tokens=c.num_prompt_tokens,
             token_ids=c.token_ids,
+            kind=c.kind,
+            score_rows=c.score_rows,
         )
         if c.sampling is not None:
             chunk.sampling.CopyFrom(_sampling_to_proto(c.sampling))
@@ -113,7 +107,7 @@ def encode_microbatch(
     return pb.MicroBatch(
         batch_id=batch.batch_id,
         seqs=seqs,
-        tensor=tensor_msg if tensor_msg is not None else tensor_to_proto(tensor),
+        tensor=tensor_msg,
         drop_seq_ids=batch.drop_seq_ids,
         timings=timings,
         schema_version=SCHEMA_VERSION,
@@ -129,25 +123,27 @@ def decode_microbatch(msg: pb.MicroBatch, data: bytes | memoryview | None = None
         raise WireError(f"schema_version {msg.schema_version}: this stage speaks {SCHEMA_VERSION}")
     seqs = []
     for i, c in enumerate(msg.seqs):
-        sampling = None
-        if c.HasField("sampling"):  # a sequence's first chunk: at 0, or after a cached prefix (with num_prompt_tokens)
-            sampling = _sampling_from_proto(c.sampling, f"seqs[{i}].sampling")
-        elif c.start_pos == 0:
-            raise WireError(
-                f"seqs[{i}].sampling is missing: a sequence's first chunk (start_pos 0) brings its sampling parameters"
-            )
-        seqs.append(
-            SeqChunk(
-                c.seq_id,
-                c.start_pos,
-                c.num_tokens,
-                list(c.new_blocks),
-                c.do_sample,
-                sampling,
-                c.num_prompt_tokens,
-                list(c.token_ids),
-            )
+        if c.kind == pb.CHUNK_KIND_UNSPECIFIED:
+            raise WireError(f"seqs[{i}].kind is missing: every chunk names its kind (first, prefill or decode)")
+        if c.score_rows:
+            raise WireError(f"seqs[{i}].score_rows: deliveries do not carry row scores yet; ask for sampled rows only")
+        # sampling: a sequence's first chunk's (check_chunk refuses it on any other, and its absence on a first)
+        chunk = SeqChunk(
+            c.seq_id,
+            c.start_pos,
+            c.num_tokens,
+            list(c.new_blocks),
+            c.do_sample,
+            _sampling_from_proto(c.sampling, f"seqs[{i}].sampling") if c.HasField("sampling") else None,
+            c.num_prompt_tokens,
+            list(c.token_ids),
+            ChunkKind(c.kind) if c.kind in _KINDS else c.kind,
         )
+        try:
+            check_chunk(chunk, i)
+        except RequestError as e:
+            raise WireError(str(e)) from None
+        seqs.append(chunk)
     batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], drop_seq_ids=list(msg.drop_seq_ids))
     return batch, tensor_from_proto(msg.tensor, data=data)
 

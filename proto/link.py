@@ -1,6 +1,6 @@
 """Link and Deliveries: microbatches on one long-lived gRPC stream per neighbour, large tensors in chunks, one ack each.
 
-A unary Forward pays for a whole call per microbatch (about 0.5 ms on a loaded core), and gRPC
+A unary call per microbatch would pay for a whole call each time (about 0.5 ms on a loaded core), and gRPC
 assembles one 40 MiB message far slower than twenty of 2 MiB. A Link opens its stream once;
 each microbatch is a header frame (its MicroBatch, the tensor's bytes inline when small) plus,
 for a large tensor, chunk frames, and the receiver answers each microbatch with a LinkAck once
@@ -333,4 +333,4 @@ def link_message(batch, tensor: torch.Tensor | None, timings=()) -> tuple[pb.Mic
     if tensor is None:
         tensor = torch.tensor(batch.token_ids, dtype=torch.int64)
     meta, payload = tensor_payload(tensor)
-    return encode_microbatch(batch, None, timings, tensor_msg=meta), payload
+    return encode_microbatch(batch, meta, timings), payload

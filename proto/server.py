@@ -31,9 +31,6 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def add_stage_servicer(servicer: pb_grpc.StageServicer, server: grpc.Server) -> None:
     """pb_grpc.add_StageServicer_to_server, except that Link's frames are parsed by parse_link_frame (chunks without a copy)."""
     handlers = {
-        "Forward": grpc.unary_unary_rpc_method_handler(
-            servicer.Forward, pb.MicroBatch.FromString, pb.ForwardReply.SerializeToString
-        ),
         "Link": grpc.stream_stream_rpc_method_handler(servicer.Link, parse_link_frame, pb.LinkAck.SerializeToString),
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info, pb.InfoRequest.FromString, pb.StageInfo.SerializeToString

@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stagecoach/proto/stagecoach.proto\x12\rstagecoach.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.stagecoach.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_logprobs\"\xcc\x01\n\rSequenceChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnew_blocks\x18\x04 \x03(\x05\x12\x11\n\tdo_sample\x18\x05 \x01(\x08\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.stagecoach.v1.SamplingParams\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x11\n\ttoken_ids\x18\x08 \x03(\x05\"\xae\x01\n\x0bStageTiming\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x13\n\x0breceived_ns\x18\x02 \x01(\x03\x12\x18\n\x10\x63ompute_start_ns\x18\x03 \x01(\x03\x12\x16\n\x0e\x63ompute_end_ns\x18\x04 \x01(\x03\x12\x1a\n\x12prev_send_batch_id\x18\x05 \x01(\x04\x12\x14\n\x0cprev_send_ns\x18\x06 \x01(\x03\x12\x11\n\tlayers_ns\x18\x07 \x01(\x03\"\xf0\x01\n\nMicroBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12*\n\x04seqs\x18\x02 \x03(\x0b\x32\x1c.stagecoach.v1.SequenceChunk\x12%\n\x06tensor\x18\x03 \x01(\x0b\x32\x15.stagecoach.v1.Tensor\x12\x14\n\x0c\x64rop_seq_ids\x18\x04 \x03(\x04\x12+\n\x07timings\x18\x05 \x03(\x0b\x32\x1a.stagecoach.v1.StageTiming\x12\x34\n\x0eschema_version\x18\x07 \x01(\x0e\x32\x1c.stagecoach.v1.SchemaVersionJ\x04\x08\x06\x10\x07\"\x0e\n\x0c\x46orwardReply\"R\n\tLinkFrame\x12(\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x19.stagecoach.v1.MicroBatch\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"8\n\x07LinkAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"}\n\x06Sample\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.stagecoach.v1.TopLogprobB\n\n\x08_logprob\"\x95\x01\n\x08\x44\x65livery\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12&\n\x07samples\x18\x02 \x03(\x0b\x32\x15.stagecoach.v1.Sample\x12+\n\x07timings\x18\x03 \x03(\x0b\x32\x1a.stagecoach.v1.StageTiming\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x65rror_stage\x18\x05 \x01(\r\"\r\n\x0bInfoRequest\"\x91\x03\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12\x15\n\rnum_kv_blocks\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\x34\n\x0eschema_version\x18\x0c \x01(\x0e\x32\x1c.stagecoach.v1.SchemaVersion\x12\x1e\n\x16\x63heckpoint_fingerprint\x18\r \x01(\t\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x13\n\x0blayer_bytes\x18\x10 \x01(\x04\x12\x1c\n\x14kv_block_layer_bytes\x18\x11 \x01(\x04\"\x0f\n\rHealthRequest\"s\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x14\n\x0c\x62\x61tches_done\x18\x02 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x18\n\x10\x63ompute_ns_total\x18\x04 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x04*K\n\rSchemaVersion\x12\x1e\n\x1aSCHEMA_VERSION_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCHEMA_VERSION_CURRENT\x10\x03*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x32\x8a\x02\n\x05Stage\x12\x41\n\x07\x46orward\x12\x19.stagecoach.v1.MicroBatch\x1a\x1b.stagecoach.v1.ForwardReply\x12<\n\x04Link\x12\x18.stagecoach.v1.LinkFrame\x1a\x16.stagecoach.v1.LinkAck(\x01\x30\x01\x12<\n\x04Info\x12\x1a.stagecoach.v1.InfoRequest\x1a\x18.stagecoach.v1.StageInfo\x12\x42\n\x06Health\x12\x1c.stagecoach.v1.HealthRequest\x1a\x1a.stagecoach.v1.HealthReply2P\n\x0b\x43oordinator\x12\x41\n\nDeliveries\x12\x17.stagecoach.v1.Delivery\x1a\x16.stagecoach.v1.LinkAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stagecoach/proto/stagecoach.proto\x12\rstagecoach.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.stagecoach.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_logprobs\"\x88\x02\n\rSequenceChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnew_blocks\x18\x04 \x03(\x05\x12\x11\n\tdo_sample\x18\x05 \x01(\x08\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.stagecoach.v1.SamplingParams\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x11\n\ttoken_ids\x18\x08 \x03(\x05\x12&\n\x04kind\x18\t \x01(\x0e\x32\x18.stagecoach.v1.ChunkKind\x12\x12\n\nscore_rows\x18\n \x01(\x08\"\xae\x01\n\x0bStageTiming\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x13\n\x0breceived_ns\x18\x02 \x01(\x03\x12\x18\n\x10\x63ompute_start_ns\x18\x03 \x01(\x03\x12\x16\n\x0e\x63ompute_end_ns\x18\x04 \x01(\x03\x12\x1a\n\x12prev_send_batch_id\x18\x05 \x01(\x04\x12\x14\n\x0cprev_send_ns\x18\x06 \x01(\x03\x12\x11\n\tlayers_ns\x18\x07 \x01(\x03\"\xf0\x01\n\nMicroBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12*\n\x04seqs\x18\x02 \x03(\x0b\x32\x1c.stagecoach.v1.SequenceChunk\x12%\n\x06tensor\x18\x03 \x01(\x0b\x32\x15.stagecoach.v1.Tensor\x12\x14\n\x0c\x64rop_seq_ids\x18\x04 \x03(\x04\x12+\n\x07timings\x18\x05 \x03(\x0b\x32\x1a.stagecoach.v1.StageTiming\x12\x34\n\x0eschema_version\x18\x07 \x01(\x0e\x32\x1c.stagecoach.v1.SchemaVersionJ\x04\x08\x06\x10\x07\"R\n\tLinkFrame\x12(\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x19.stagecoach.v1.MicroBatch\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\"8\n\x07LinkAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"}\n\x06Sample\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.stagecoach.v1.TopLogprobB\n\n\x08_logprob\"\x95\x01\n\x08\x44\x65livery\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12&\n\x07samples\x18\x02 \x03(\x0b\x32\x15.stagecoach.v1.Sample\x12+\n\x07timings\x18\x03 \x03(\x0b\x32\x1a.stagecoach.v1.StageTiming\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x65rror_stage\x18\x05 \x01(\r\"\r\n\x0bInfoRequest\"\x9e\x03\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x07 \x01(\x04\x12\x15\n\rnum_kv_blocks\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\x12\x0b\n\x03pid\x18\x0b \x01(\r\x12\x34\n\x0eschema_version\x18\x0c \x01(\x0e\x32\x1c.stagecoach.v1.SchemaVersion\x12\x1e\n\x16\x63heckpoint_fingerprint\x18\r \x01(\t\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x1c\n\x14kv_block_layer_bytes\x18\x11 \x01(\x04\x12\x1a\n\x12layer_weight_bytes\x18\x12 \x03(\x04J\x04\x08\x10\x10\x11\"\x0f\n\rHealthRequest\"s\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x14\n\x0c\x62\x61tches_done\x18\x02 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\r\x12\x18\n\x10\x63ompute_ns_total\x18\x04 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x05 \x01(\x04*K\n\rSchemaVersion\x12\x1e\n\x1aSCHEMA_VERSION_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCHEMA_VERSION_CURRENT\x10\x04*o\n\tChunkKind\x12\x1a\n\x16\x43HUNK_KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x43HUNK_FIRST\x10\x01\x12\x11\n\rCHUNK_PREFILL\x10\x02\x12\x10\n\x0c\x43HUNK_DECODE\x10\x03\x12\x10\n\x0c\x43HUNK_VERIFY\x10\x04*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x32\xc7\x01\n\x05Stage\x12<\n\x04Link\x12\x18.stagecoach.v1.LinkFrame\x1a\x16.stagecoach.v1.LinkAck(\x01\x30\x01\x12<\n\x04Info\x12\x1a.stagecoach.v1.InfoRequest\x1a\x18.stagecoach.v1.StageInfo\x12\x42\n\x06Health\x12\x1c.stagecoach.v1.HealthRequest\x1a\x1a.stagecoach.v1.HealthReply2P\n\x0b\x43oordinator\x12\x41\n\nDeliveries\x12\x17.stagecoach.v1.Delivery\x1a\x16.stagecoach.v1.LinkAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stagecoach.proto.stagecoach_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEMAVERSION']._serialized_start=1995
-  _globals['_SCHEMAVERSION']._serialized_end=2070
-  _globals['_DTYPE']._serialized_start=2072
-  _globals['_DTYPE']._serialized_end=2164
+  _globals['_SCHEMAVERSION']._serialized_start=2052
+  _globals['_SCHEMAVERSION']._serialized_end=2127
+  _globals['_CHUNKKIND']._serialized_start=2129
+  _globals['_CHUNKKIND']._serialized_end=2240
+  _globals['_DTYPE']._serialized_start=2242
+  _globals['_DTYPE']._serialized_end=2334
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=126
   _globals['_SAMPLINGPARAMS']._serialized_start=129
   _globals['_SAMPLINGPARAMS']._serialized_end=327
   _globals['_SEQUENCECHUNK']._serialized_start=330
-  _globals['_SEQUENCECHUNK']._serialized_end=534
-  _globals['_STAGETIMING']._serialized_start=537
-  _globals['_STAGETIMING']._serialized_end=711
-  _globals['_MICROBATCH']._serialized_start=714
-  _globals['_MICROBATCH']._serialized_end=954
-  _globals['_FORWARDREPLY']._serialized_start=956
-  _globals['_FORWARDREPLY']._serialized_end=970
-  _globals['_LINKFRAME']._serialized_start=972
-  _globals['_LINKFRAME']._serialized_end=1054
-  _globals['_LINKACK']._serialized_start=1056
-  _globals['_LINKACK']._serialized_end=1112
-  _globals['_TOPLOGPROB']._serialized_start=1114
-  _globals['_TOPLOGPROB']._serialized_end=1161
-  _globals['_SAMPLE']._serialized_start=1163
-  _globals['_SAMPLE']._serialized_end=1288
-  _globals['_DELIVERY']._serialized_start=1291
-  _globals['_DELIVERY']._serialized_end=1440
-  _globals['_INFOREQUEST']._serialized_start=1442
-  _globals['_INFOREQUEST']._serialized_end=1455
-  _globals['_STAGEINFO']._serialized_start=1458
-  _globals['_STAGEINFO']._serialized_end=1859
-  _globals['_HEALTHREQUEST']._serialized_start=1861
-  _globals['_HEALTHREQUEST']._serialized_end=1876
-  _globals['_HEALTHREPLY']._serialized_start=1878
-  _globals['_HEALTHREPLY']._serialized_end=1993
-  _globals['_STAGE']._serialized_start=2167
-  _globals['_STAGE']._serialized_end=2433
-  _globals['_COORDINATOR']._serialized_start=2435
-  _globals['_COORDINATOR']._serialized_end=2515
+  _globals['_SEQUENCECHUNK']._serialized_end=594
+  _globals['_STAGETIMING']._serialized_start=597
+  _globals['_STAGETIMING']._serialized_end=771
+  _globals['_MICROBATCH']._serialized_start=774
+  _globals['_MICROBATCH']._serialized_end=1014
+  _globals['_LINKFRAME']._serialized_start=1016
+  _globals['_LINKFRAME']._serialized_end=1098
+  _globals['_LINKACK']._serialized_start=1100
+  _globals['_LINKACK']._serialized_end=1156
+  _globals['_TOPLOGPROB']._serialized_start=1158
+  _globals['_TOPLOGPROB']._serialized_end=1205
+  _globals['_SAMPLE']._serialized_start=1207
+  _globals['_SAMPLE']._serialized_end=1332
+  _globals['_DELIVERY']._serialized_start=1335
+  _globals['_DELIVERY']._serialized_end=1484
+  _globals['_INFOREQUEST']._serialized_start=1486
+  _globals['_INFOREQUEST']._serialized_end=1499
+  _globals['_STAGEINFO']._serialized_start=1502
+  _globals['_STAGEINFO']._serialized_end=1916
+  _globals['_HEALTHREQUEST']._serialized_start=1918
+  _globals['_HEALTHREQUEST']._serialized_end=1933
+  _globals['_HEALTHREPLY']._serialized_start=1935
+  _globals['_HEALTHREPLY']._serialized_end=2050
+  _globals['_STAGE']._serialized_start=2337
+  _globals['_STAGE']._serialized_end=2536
+  _globals['_COORDINATOR']._serialized_start=2538
+  _globals['_COORDINATOR']._serialized_end=2618
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,14 @@ class SchemaVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCHEMA_VERSION_UNSPECIFIED: _ClassVar[SchemaVersion]
     SCHEMA_VERSION_CURRENT: _ClassVar[SchemaVersion]
 
+class ChunkKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHUNK_KIND_UNSPECIFIED: _ClassVar[ChunkKind]
+    CHUNK_FIRST: _ClassVar[ChunkKind]
+    CHUNK_PREFILL: _ClassVar[ChunkKind]
+    CHUNK_DECODE: _ClassVar[ChunkKind]
+    CHUNK_VERIFY: _ClassVar[ChunkKind]
+
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
@@ -22,6 +30,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DType]
 SCHEMA_VERSION_UNSPECIFIED: SchemaVersion
 SCHEMA_VERSION_CURRENT: SchemaVersion
+CHUNK_KIND_UNSPECIFIED: ChunkKind
+CHUNK_FIRST: ChunkKind
+CHUNK_PREFILL: ChunkKind
+CHUNK_DECODE: ChunkKind
+CHUNK_VERIFY: ChunkKind
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
@@ -60,7 +73,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class SequenceChunk(_message.Message):
-    __slots__ = ("seq_id", "start_pos", "num_tokens", "new_blocks", "do_sample", "sampling", "num_prompt_tokens", "token_ids")
+    __slots__ = ("seq_id", "start_pos", "num_tokens", "new_blocks", "do_sample", "sampling", "num_prompt_tokens", "token_ids", "kind", "score_rows")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +82,8 @@ class SequenceChunk(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SCORE_ROWS_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start_pos: int
     num_tokens: int
@@ -77,7 +92,9 @@ class SequenceChunk(_message.Message):
     sampling: SamplingParams
     num_prompt_tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_blocks: _Optional[_Iterable[int]] = ..., do_sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    kind: ChunkKind
+    score_rows: bool
+    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_blocks: _Optional[_Iterable[int]] = ..., do_sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[ChunkKind, str]] = ..., score_rows: _Optional[bool] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage_index", "received_ns", "compute_start_ns", "compute_end_ns", "prev_send_batch_id", "prev_send_ns", "layers_ns")
@@ -112,10 +129,6 @@ class MicroBatch(_message.Message):
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     schema_version: SchemaVersion
     def __init__(self, batch_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SequenceChunk, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., drop_seq_ids: _Optional[_Iterable[int]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ...) -> None: ...
-
-class ForwardReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
 
 class LinkFrame(_message.Message):
     __slots__ = ("batch", "chunk", "last")
@@ -176,7 +189,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("index", "layer_start", "layer_end", "device", "weight_bytes", "memory_total_bytes", "memory_used_bytes", "num_kv_blocks", "block_size", "address", "pid", "schema_version", "checkpoint_fingerprint", "node_id", "dtype", "layer_bytes", "kv_block_layer_bytes")
+    __slots__ = ("index", "layer_start", "layer_end", "device", "weight_bytes", "memory_total_bytes", "memory_used_bytes", "num_kv_blocks", "block_size", "address", "pid", "schema_version", "checkpoint_fingerprint", "node_id", "dtype", "kv_block_layer_bytes", "layer_weight_bytes")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -192,8 +205,8 @@ class StageInfo(_message.Message):
     CHECKPOINT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     index: int
     layer_start: int
     layer_end: int
@@ -209,9 +222,9 @@ class StageInfo(_message.Message):
     checkpoint_fingerprint: str
     node_id: str
     dtype: str
-    layer_bytes: int
     kv_block_layer_bytes: int
-    def __init__(self, index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ..., checkpoint_fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., layer_bytes: _Optional[int] = ..., kv_block_layer_bytes: _Optional[int] = ...) -> None: ...
+    layer_weight_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ..., checkpoint_fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_block_layer_bytes: _Optional[int] = ..., layer_weight_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -34,11 +34,6 @@ class StageStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Forward = channel.unary_unary(
-                '/stagecoach.v1.Stage/Forward',
-                request_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.MicroBatch.SerializeToString,
-                response_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.ForwardReply.FromString,
-                _registered_method=True)
         self.Link = channel.stream_stream(
                 '/stagecoach.v1.Stage/Link',
                 request_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkFrame.SerializeToString,
@@ -59,16 +54,9 @@ class StageStub:
 class StageServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Forward(self, request, context):
-        """Accepts a microbatch for this stage (validated before the reply); the output moves on by itself.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Link(self, request_iterator, context):
-        """The same, as a stream of microbatches from one sender (the previous stage, or the coordinator to
-        stage 0), each answered by a LinkAck: no call set-up per microbatch.
+        """The microbatches of one sender (the previous stage, or the coordinator to stage 0), each answered by a LinkAck
+        once validated and queued; the output moves on by itself.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,11 +77,6 @@ class StageServicer:
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Forward': grpc.unary_unary_rpc_method_handler(
-                    servicer.Forward,
-                    request_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.MicroBatch.FromString,
-                    response_serializer=stagecoach_dot_proto_dot_stagecoach__pb2.ForwardReply.SerializeToString,
-            ),
             'Link': grpc.stream_stream_rpc_method_handler(
                     servicer.Link,
                     request_deserializer=stagecoach_dot_proto_dot_stagecoach__pb2.LinkFrame.FromString,
@@ -119,33 +102,6 @@ def add_StageServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Stage:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Forward(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stagecoach.v1.Stage/Forward',
-            stagecoach_dot_proto_dot_stagecoach__pb2.MicroBatch.SerializeToString,
-            stagecoach_dot_proto_dot_stagecoach__pb2.ForwardReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Link(request_iterator,

@@ -1,4 +1,5 @@
-"""The Python types that cross the wire: microbatches and their sampling, samples and deliveries, stage descriptions. Plain Python, no torch."""
+"""The Python types that cross the wire: sampling parameters, samples and deliveries, stage descriptions (microbatches and
+their chunks: proto/microbatch.py). Plain Python, no torch."""
 
 from __future__ import annotations
 
@@ -67,45 +68,6 @@ class SamplingParams:
 
 
 @dataclass(slots=True)
-class SeqChunk:
-    """One sequence's part of a microbatch: tokens [start_pos, start_pos + num_tokens), and only what it adds.
-
-    Every stage keeps the sequence's block table and length (stage/sequences.py); the last stage also
-    its sampling parameters and token history. The first chunk (`is_first`) starts (or restarts) the sequence.
-    """
-
-    seq_id: int
-    start_pos: int
-    num_tokens: int
-    new_blocks: list[int] = field(default_factory=list)  # appended to the sequence's block table
-    do_sample: bool = False  # the chunk ends the known tokens: sample the next one
-    sampling: SamplingParams | None = None  # with start_pos 0
-    num_prompt_tokens: int = 0  # with start_pos 0: the first num_prompt_tokens tokens are the prompt
-    token_ids: list[int] = field(default_factory=list)  # tokens the last stage's history lacks (prefill chunks)
-
-    @property
-    def is_first(self) -> bool:
-        """It starts (or restarts) the sequence on every stage: at 0, or after a cached prefix of whole blocks (whose K/V
-        the stages hold already, in the blocks it lists first), bringing the sampling parameters and the prompt's length."""
-        return self.start_pos == 0 or (self.sampling is not None and self.num_prompt_tokens > 0)
-
-
-@dataclass(slots=True)
-class MicroBatch:
-    batch_id: int
-    seqs: list[SeqChunk]
-    token_ids: list[int]  # stage 0's input: the chunks' tokens, concatenated in seqs order
-    drop_seq_ids: list[int] = field(
-        default_factory=list
-    )  # finished, aborted or preempted: every stage forgets them first
-    want_all_logits: bool = False  # tests: return logits for every row, not only sampled ones
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
-
-
-@dataclass(slots=True)
 class SampleResult:
     seq_id: int
     token_id: int
@@ -143,8 +105,8 @@ class StageSummary:
     memory_used_bytes: int = 0
     memory_total_bytes: int = 0
     errors: int = 0  # from its latest health check
-    layer_bytes: int = 0  # one decoder layer's weights
     kv_block_layer_bytes: int = 0  # one KV block of one layer
+    layer_weight_bytes: list[int] = field(default_factory=list)  # each of its decoder layers' weights, in order
 
     def as_json(self) -> dict:
         out = {"index": self.index, "layers": list(self.layers)}

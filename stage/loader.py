@@ -138,10 +138,14 @@ def stage_weight_bytes(config: ModelConfig, layer_start: int, layer_end: int, dt
     return sum(_numel(shape) for shape in specs.values()) * dtype.itemsize
 
 
-def layer_weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of one decoder layer's weights in dtype."""
-    specs = stage_tensor_specs(config, 0, 1)
-    return sum(_numel(shape) for name, shape in specs.items() if name.startswith("model.layers.")) * dtype.itemsize
+def layer_weight_bytes(config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype) -> list[int]:
+    """Bytes of each decoder layer's weights in [layer_start, layer_end), in dtype."""
+    out = []
+    for n in range(layer_start, layer_end):
+        prefix = f"model.layers.{n}."
+        specs = stage_tensor_specs(config, n, n + 1)
+        out.append(sum(_numel(shape) for name, shape in specs.items() if name.startswith(prefix)) * dtype.itemsize)
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:

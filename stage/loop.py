@@ -21,9 +21,9 @@ from stagecoach.errors import StaleBatchError
 from stagecoach.proto import codec
 from stagecoach.proto import stagecoach_pb2 as pb
 from stagecoach.proto.link import DeliverySender, LinkSender, keep_freed_buffers, link_message
+from stagecoach.proto.microbatch import MicroBatch
 from stagecoach.proto.security import LinkSecurity, open_channel
 from stagecoach.proto.server import channel_options
-from stagecoach.proto.types import MicroBatch
 from stagecoach.stage.runner import Prepared, StageRunner
 from stagecoach.stage.testing_knobs import StageTesting
 

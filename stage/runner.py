@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from stagecoach.errors import RequestError
-from stagecoach.proto.types import MicroBatch, SampleResult
+from stagecoach.proto.microbatch import MicroBatch
+from stagecoach.proto.types import SampleResult
 from stagecoach.stage import paged_attention, sampler_kernel
 from stagecoach.stage.compiled import CompiledDecode
 from stagecoach.stage.kv_cache import KVCache
@@ -23,7 +24,7 @@ from stagecoach.stage.testing_knobs import StageTesting
 class StageOutput:
     hidden_states: torch.Tensor | None = None  # [num_tokens, hidden] from every stage but the last
     samples: list[SampleResult] | None = None  # from the last stage
-    logits: torch.Tensor | None = None  # last stage, when the microbatch asked for all rows
+    logits: torch.Tensor | None = None  # last stage: the rows of chunks with score_rows, in order
     layers_ns: int = 0  # time in the decoder layers (0: not measured, a compiled step runs as one graph)
 
 
@@ -109,12 +110,6 @@ class StageRunner:
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 bad = next(t for t in ids if not 0 <= t < vocab)
                 raise RequestError(f"seqs[{i}].token_ids holds token id {bad}, outside the vocabulary of {vocab}")
-            # a first chunk: the whole history
-            most = chunk.start_pos + chunk.num_tokens if chunk.is_first else chunk.num_tokens
-            if len(ids) > most:
-                raise RequestError(
-                    f"seqs[{i}].token_ids has {len(ids)} tokens for a chunk of {chunk.num_tokens} at {chunk.start_pos}"
-                )
 
     def compile(self, batch_sizes: list[int], progress: Callable[[str], None] | None = None) -> float:
         """Compiles the decode step for these batch sizes now; decode microbatches run compiled from then on. Returns seconds."""
@@ -167,18 +162,19 @@ class StageRunner:
             return StageOutput(hidden_states=hidden, layers_ns=layers_ns)
 
         sampling = [c for c in batch.seqs if c.do_sample]
-        row_ends, end = [], 0
+        row_ends, scored, end = [], [], 0
         for c in batch.seqs:
+            if c.score_rows:
+                scored.extend(range(end, end + c.num_tokens))
             end += c.num_tokens
             if c.do_sample:
                 row_ends.append(end - 1)
         layers_ns = 0
+        if out is None and scored:  # every row's logits (scored chunks' rows are returned, the sampled rows drawn)
+            out, layers_ns = self._forward(x, meta)
         if out is not None:
-            logits = out if batch.want_all_logits else None
-            sample_logits = out if len(row_ends) == len(batch.seqs) else out[row_ends]
-        elif batch.want_all_logits:
-            logits, layers_ns = self._forward(x, meta)
-            sample_logits = logits[row_ends]
+            logits = (out if len(scored) == len(out) else out[scored]) if scored else None
+            sample_logits = out if len(row_ends) == len(out) else out[row_ends]
         else:
             logits = None
             sample_logits, layers_ns = self._forward(

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from stagecoach.proto.types import SampleResult, SamplingParams, SeqChunk
+from stagecoach.errors import RequestError
+from stagecoach.proto.microbatch import SeqChunk
+from stagecoach.proto.types import SampleResult, SamplingParams
 from stagecoach.stage import sampler_kernel
 
 MAX_CANDIDATES = 256  # top-k below this (one more candidate for the tie check), and top-p's candidates
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) over the seed space
 _M64 = (1 << 64) - 1
-_GREEDY = SamplingParams(temperature=0.0)
 
 
 def draw_uniform(seed: int, position: int) -> float:
@@ -223,7 +224,8 @@ class Sampler:
     def observe(self, chunk: SeqChunk) -> None:
         """Records what a chunk adds to its sequence's history (a first chunk starts it anew)."""
         if chunk.is_first:  # its token_ids: the whole history so far, a cached prompt prefix included
-            params = self._params[chunk.seq_id] = chunk.sampling or self._params.get(chunk.seq_id) or _GREEDY
+            assert chunk.sampling is not None, "a first chunk brings its sampling parameters (check_chunk)"
+            params = self._params[chunk.seq_id] = chunk.sampling
             self._seen.pop(chunk.seq_id, None)
             if has_penalties(params):
                 self._seen_of(chunk.seq_id, chunk.num_prompt_tokens).extend(chunk.token_ids)
@@ -252,7 +254,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleResult]:
         """logits: [len(chunks), vocab], one row per sampling chunk, in order."""
         assert logits.shape[0] == len(chunks)
-        params = [self._params.get(c.seq_id) or c.sampling or _GREEDY for c in chunks]
+        params = [self._params.get(c.seq_id) or c.sampling for c in chunks]
+        if None in params:  # never a silent greedy draw
+            seq_id = chunks[params.index(None)].seq_id
+            raise RequestError(
+                f"sequence {seq_id} has no sampling parameters on this stage: its first chunk brings them"
+            )
         step = _Step(
             logits=logits.contiguous(),
             params=params,

@@ -1,7 +1,7 @@
 """What a stage remembers of each running sequence: its block table and how many tokens it holds.
 
 A microbatch's chunk says only what it adds (the idea of vLLM V1's scheduler output: a new
-request's data once, then what changed): a first chunk (it brings the sampling parameters) starts a
+request's data once, then what changed; the kinds of chunk: proto/microbatch.py): a first chunk starts a
 sequence with its blocks, at 0 or after a cached prefix whose blocks it lists first; a later chunk
 must continue exactly where the stage's copy ends and may append blocks. Every chunk
 of a microbatch is checked before any is applied, with the field and index of the first fault;
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stagecoach.errors import KVCacheError, RequestError
-from stagecoach.proto.types import MicroBatch
+from stagecoach.proto.microbatch import MicroBatch, check_chunk
 
 
 @dataclass(slots=True)
@@ -89,9 +89,9 @@ class SequenceTable:
                 f"seqs[{i}].new_blocks[{j}]: block {chunks[i].new_blocks[j]} is outside the cache's {self.num_blocks} blocks"
             )
         dropped = set(batch.drop_seq_ids)
-        for i, (c, end) in enumerate(
-            zip(chunks, ends, strict=False)
-        ):  # a dictionary look-up per sequence, nothing per token
+        # a dictionary look-up per sequence, nothing per token
+        for i, (c, end) in enumerate(zip(chunks, ends, strict=True)):
+            check_chunk(c, i)  # what its kind allows (proto/microbatch.py)
             held = len_table = 0
             if c.is_first:  # at 0, or after a cached prefix of whole blocks, listed first in its new_blocks
                 held = c.start_pos

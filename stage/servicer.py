@@ -1,7 +1,7 @@
 """A stage's transport: the gRPC servicer (decode, validate, hand over to the StageLoop, encode replies).
 
-A microbatch arrives on the Link stream from the previous stage (or the coordinator), or by a
-unary Forward; either is acknowledged as soon as it is validated and queued (`stage/loop.py` runs it).
+A microbatch arrives on the Link stream from the previous stage (or the coordinator) and is
+acknowledged as soon as it is validated and queued (`stage/loop.py` runs it).
 """
 
 from __future__ import annotations
@@ -41,12 +41,6 @@ class StageServicer(pb_grpc.StageServicer):
         except StagecoachError as e:
             return grpc_status(e), f"stage {self.service.index}: {e}"
         return None
-
-    def Forward(self, request: pb.MicroBatch, context: grpc.ServicerContext) -> pb.ForwardReply:
-        refused = self._accept(request, time.monotonic_ns())
-        if refused is not None:
-            context.abort(*refused)
-        return pb.ForwardReply()
 
     def Link(self, request_iterator, context: grpc.ServicerContext):
         """One sender's microbatches, each answered in order; a refused one does not end the stream."""

@@ -306,10 +306,10 @@ class StageWorker:
             checkpoint_fingerprint=self.fingerprint,
             node_id=self.node_id,
             dtype=self.plan.dtype,
-            layer_bytes=layer_weight_bytes(self.config, self.dtype),
             kv_block_layer_bytes=KVCache.bytes_per_block(
                 1, self.plan.block_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype
             ),
+            layer_weight_bytes=layer_weight_bytes(self.config, self.plan.layer_start, self.plan.layer_end, self.dtype),
         )
 
     def stop(self) -> None:

@@ -180,3 +180,20 @@ def ray_head(log_dir: Path, num_cpus: int = 3):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def wire_microbatch(batch, tensor: torch.Tensor | None = None):
+    """The microbatch as one wire message holding its tensor's bytes (tensor None: stage 0's token ids)."""
+    from stagecoach.proto.link import link_message
+
+    msg, payload = link_message(batch, tensor)
+    msg.tensor.data = payload.tobytes()
+    return msg
+
+
+def send_one(stub, msg, timeout: float = 10):
+    """One microbatch message on a Link stream of its own, in one frame; the stage's LinkAck (code 0: accepted).
+    An unauthenticated or broken stream raises grpc.RpcError."""
+    from stagecoach.proto import stagecoach_pb2 as pb
+
+    return next(iter(stub.Link(iter([pb.LinkFrame(batch=msg, last=True)]), timeout=timeout)))

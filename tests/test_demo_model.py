@@ -39,7 +39,8 @@ def test_logits_match_transformers_gguf_loading(demo_dir):
 
     class Recording(LocalPipeline):
         def submit(self, batch):
-            batch.want_all_logits = True
+            for chunk in batch.seqs:
+                chunk.score_rows = True  # every row's logits, not only the sampled ones
             super().submit(batch)
 
     pipe = Recording.load(demo_dir, ranges_from_counts([12, 12], 24), num_blocks=8, block_size=16)

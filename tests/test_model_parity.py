@@ -25,7 +25,8 @@ class RecordingPipeline:
         self.logits: dict[int, list[torch.Tensor]] = {}  # seq id → logits rows in position order
 
     def submit(self, batch):
-        batch.want_all_logits = True
+        for chunk in batch.seqs:
+            chunk.score_rows = True  # every row's logits, not only the sampled ones
         samples = self.inner.execute(batch)
         self.done = Delivered(batch.batch_id, samples)
         row = 0

@@ -107,7 +107,8 @@ def test_the_stages_reported_memory_bounds_the_proposal():
     layer keeps at the pipeline's block count), and the refusal reported, not raised, when no split fits."""
     from stagecoach.coordinator.planner import StageMemory, StageRates
     from stagecoach.proto import stagecoach_pb2 as pb
-    from stagecoach.proto.types import MicroBatch, SeqChunk, StageSummary
+    from stagecoach.proto.microbatch import MicroBatch, SeqChunk
+    from stagecoach.proto.types import StageSummary
 
     rates = StageRates()
     batch = MicroBatch(0, [SeqChunk(seq_id=0, start_pos=5, num_tokens=1)], [7])
@@ -124,13 +125,17 @@ def test_the_stages_reported_memory_bounds_the_proposal():
             (3 * i, 3 * i + 3),
             weight_bytes=300 + 200 * (i == 2),
             memory_total_bytes=budget,
-            layer_bytes=100,
             kv_block_layer_bytes=5,
+            layer_weight_bytes=[100] * 3,
         )
         for i, budget in enumerate((10_000, 10_000, 650))
     ]
     memory = StageMemory.of(stages, num_blocks=10)
-    assert memory.layer_bytes == 150 and memory.fixed_bytes == [0, 0, 200] and memory.budgets == [10_000, 10_000, 650]
+    assert (
+        memory.layer_bytes == [150] * 9
+        and memory.fixed_bytes == [0, 0, 200]
+        and memory.budgets == [10_000, 10_000, 650]
+    )
     assert rates.propose([3, 3, 3]).counts == [1, 4, 4]  # unbounded
     assert rates.propose([3, 3, 3], memory).counts == [1, 5, 3]  # stage 2 holds (650 - 200) // 150 = 3 layers
     assert StageMemory.of([StageSummary(0, (0, 9))], 10) is None  # the in-process backend reports no sizes
@@ -141,3 +146,28 @@ def test_the_stages_reported_memory_bounds_the_proposal():
         and refused["predicted_gain"] == 0.0
         and "hold at most [2, 2, 3] layers" in refused["refused"]
     )
+
+
+def test_layers_of_different_sizes_bound_each_stage_by_their_own_bytes():
+    """Quantized checkpoints mix types per layer: a stage's memory holds the bytes of the layers it is given, so the
+    plan avoids giving the small stage the large layers (the stages report each layer's bytes)."""
+    from stagecoach.coordinator.planner import StageMemory
+    from stagecoach.proto.types import StageSummary
+
+    # Layers 0-3 take 100 bytes each, layers 4-7 take 300 (weights; KV 0). Stage 1 has room for 400 bytes.
+    stages = [
+        StageSummary(0, (0, 4), weight_bytes=400, memory_total_bytes=10_000, layer_weight_bytes=[100] * 4),
+        StageSummary(1, (4, 8), weight_bytes=1200, memory_total_bytes=1300, layer_weight_bytes=[300] * 4),
+    ]
+    memory = StageMemory.of(stages, num_blocks=10)
+    assert memory.layer_bytes == [100] * 4 + [300] * 4 and memory.fixed_bytes == [0, 0]
+    sp = speeds(3, 1)  # stage 1 is three times faster and would take 6 layers, but 6 of the large ones do not fit
+    for speed, budget, fixed in zip(sp, memory.budgets, memory.fixed_bytes, strict=True):
+        speed.memory_bytes, speed.fixed_bytes = budget, fixed
+    # Layers 3-7 take 1,300 bytes: they fit; layers 2-7 (1,400) do not, though six of the small ones would.
+    assert plan_split(8, sp, DECODE, memory.layer_bytes, [4, 4]).counts == [3, 5]
+    sp[1].memory_bytes = 1400
+    assert plan_split(8, sp, DECODE, memory.layer_bytes, [4, 4]).counts == [2, 6]
+    sp[1].memory_bytes = 250  # no layer from 4 on fits stage 1: the last layer cannot be placed
+    with pytest.raises(PartitionError, match="no contiguous split of the 8 layers"):
+        plan_split(8, sp, DECODE, memory.layer_bytes, [4, 4])

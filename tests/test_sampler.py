@@ -15,7 +15,8 @@ from transformers.generation.logits_process import (
 )
 
 from stagecoach.errors import RequestError
-from stagecoach.proto.types import SamplingParams, SeqChunk
+from stagecoach.proto.microbatch import SeqChunk
+from stagecoach.proto.types import SamplingParams
 from stagecoach.stage.sampler import Sampler, process_logits
 
 VOCAB = 1000
@@ -421,9 +422,10 @@ def test_temperature_zero_is_argmax_even_with_filters():
     logits = rand_logits(35, rows=rows, scale=0.3)  # flat: sampling would rarely pick the argmax
     chunks = [chunk(i, i, 1, SamplingParams(temperature=0.0, top_p=0.9, top_k=50, seed=i)) for i in range(rows)]
     assert [r.token_id for r in Sampler().sample(logits, chunks)] == logits.argmax(dim=-1).tolist()
-    # No sampling params at all also means greedy.
+    # A sequence whose parameters this sampler never saw is an error, not a silent greedy draw.
     chunks = [chunk(i, i, 1, None) for i in range(rows)]
-    assert [r.token_id for r in Sampler().sample(logits, chunks)] == logits.argmax(dim=-1).tolist()
+    with pytest.raises(RequestError, match="sequence 0 has no sampling parameters on this stage"):
+        Sampler().sample(logits, chunks)
 
 
 def test_logprobs_are_raw_log_softmax_with_sorted_top_entries():

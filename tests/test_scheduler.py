@@ -201,3 +201,25 @@ def test_a_sequence_finished_while_its_failed_microbatch_was_in_flight_is_freed(
     sched.abort(seq.seq_id)
     assert sched.microbatch_failed(batch, []) == ([], {batch.batch_id})
     assert sched.block_manager.num_free_blocks == 8 and not sched.has_unfinished and sched.num_suspects == 0
+
+
+def test_each_chunk_names_its_kind_and_keeps_its_contract():
+    """First (at 0, and again after a preemption), prefill continuation and decode, as proto/microbatch.py states them;
+    every chunk the scheduler builds passes the stages' check of its kind."""
+    from stagecoach.proto.microbatch import ChunkKind, check_chunk
+
+    sched = Scheduler(scheduler_config(32, block_size=4, max_num_batched_tokens=8))
+    seq = sched.add_request(list(range(3, 15)), params(max_tokens=3))
+    kinds = []
+    while (batch := sched.schedule()) is not None:
+        for i, chunk in enumerate(batch.seqs):
+            check_chunk(chunk, i)
+            kinds.append((chunk.kind, chunk.start_pos, chunk.num_tokens, len(chunk.token_ids)))
+        run_batch(sched, batch)
+    assert kinds == [
+        (ChunkKind.FIRST, 0, 8, 8),  # the prompt's first 8 tokens, its whole history so far
+        (ChunkKind.PREFILL, 8, 4, 4),  # the rest of the prompt: its own tokens
+        (ChunkKind.DECODE, 12, 1, 0),  # the sampled token, which the last stage kept itself
+        (ChunkKind.DECODE, 13, 1, 0),
+    ]
+    assert seq.is_finished

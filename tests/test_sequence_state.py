@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from defaults import scheduler_config
+from helpers import wire_microbatch
 
 from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.scheduler import Scheduler
 from stagecoach.errors import RequestError
-from stagecoach.proto import codec
-from stagecoach.proto.types import MicroBatch, SampleResult, SamplingParams, SeqChunk
+from stagecoach.proto.microbatch import MicroBatch, SeqChunk
+from stagecoach.proto.types import SampleResult, SamplingParams
 from stagecoach.stage.sequences import SequenceTable
 
 RANGES = ranges_from_counts([2, 1, 1], 4)
@@ -36,7 +37,7 @@ def decode_bytes(context: int, num_seqs: int = 8, hidden: int = 512) -> int:
     sched.process_results(prefill, [SampleResult(c.seq_id, 7) for c in prefill.seqs if c.do_sample])
     batch = sched.schedule()
     assert [c.start_pos for c in batch.seqs] == [context - 1] * num_seqs and all(not c.new_blocks for c in batch.seqs)
-    return codec.encode_microbatch(batch, torch.zeros(num_seqs, hidden)).ByteSize()
+    return wire_microbatch(batch, torch.zeros(num_seqs, hidden)).ByteSize()
 
 
 def test_a_decode_microbatch_does_not_grow_with_context():

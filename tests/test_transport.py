@@ -8,14 +8,15 @@ import grpc
 import pytest
 import torch
 from defaults import scheduler_config
-from helpers import make_hf_checkpoint
+from helpers import make_hf_checkpoint, send_one, wire_microbatch
 
 from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.proto import codec, generate
 from stagecoach.proto import stagecoach_pb2 as pb
-from stagecoach.proto.types import MicroBatch, SamplingParams, SeqChunk
+from stagecoach.proto.microbatch import MicroBatch, SeqChunk
+from stagecoach.proto.types import SamplingParams
 
 
 def test_generated_code_is_current(tmp_path):
@@ -28,7 +29,8 @@ def test_generated_code_is_current(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32])
 def test_tensor_round_trip_is_bit_exact(dtype):
     t = (torch.randn(7, 33) * 100).to(dtype)
-    msg = codec.tensor_to_proto(t)
+    msg, payload = codec.tensor_payload(t)
+    msg.data = payload.tobytes()
     assert len(msg.data) == t.numel() * t.element_size()  # bfloat16 as its 2-byte payload
     back = codec.tensor_from_proto(pb.Tensor.FromString(msg.SerializeToString()))
     assert back.dtype == dtype and torch.equal(back, t)
@@ -44,9 +46,7 @@ def test_microbatch_round_trip():
         token_ids=[5, 6, 7, 11],
         drop_seq_ids=[0],
     )
-    back, inputs = codec.decode_microbatch(
-        pb.MicroBatch.FromString(codec.encode_microbatch(batch, None).SerializeToString())
-    )
+    back, inputs = codec.decode_microbatch(pb.MicroBatch.FromString(wire_microbatch(batch).SerializeToString()))
     assert inputs.tolist() == batch.token_ids and back.drop_seq_ids == [0]
     assert (
         back.seqs[0].sampling.top_k == 4 and back.seqs[0].sampling.logprobs == 2 and back.seqs[0].token_ids == [5, 6, 7]
@@ -111,28 +111,23 @@ def test_bad_microbatch_gets_invalid_argument_and_stage_keeps_serving(wide_model
         stub = pipeline.stubs[1]
         good = MicroBatch(0, [SeqChunk(0, 0, 2, [0], False, SamplingParams())], [])
         cases = {
-            "hidden_states has shape [2, 7], expected [2, 512]": codec.encode_microbatch(good, torch.zeros(2, 7)),
-            "seqs[0].seq_id 42 is not a sequence this stage holds": codec.encode_microbatch(
+            "hidden_states has shape [2, 7], expected [2, 512]": wire_microbatch(good, torch.zeros(2, 7)),
+            "seqs[0].seq_id 42 is not a sequence this stage holds": wire_microbatch(
                 MicroBatch(0, [SeqChunk(42, 5, 1)], []), torch.zeros(1, 512)
             ),
-            "block 77 is outside the cache's 16 blocks": codec.encode_microbatch(
+            "block 77 is outside the cache's 16 blocks": wire_microbatch(
                 MicroBatch(0, [SeqChunk(0, 0, 2, [77], False, SamplingParams())], []), torch.zeros(2, 512)
             ),
         }
         for message, msg in cases.items():
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Forward(msg, timeout=10)
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert message in info.value.details()
-        bad_version = codec.encode_microbatch(good, torch.zeros(2, 512))
+            ack = send_one(stub, msg)
+            assert ack.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            assert message in ack.error
+        bad_version = wire_microbatch(good, torch.zeros(2, 512))
         bad_version.schema_version = 0
-        with pytest.raises(grpc.RpcError, match="schema_version 0"):
-            stub.Forward(bad_version, timeout=10)
-        bad_token = codec.encode_microbatch(
-            MicroBatch(0, [SeqChunk(0, 0, 1, [0], False, SamplingParams())], [10**6]), None
-        )
-        with pytest.raises(grpc.RpcError, match="token id 1000000 is outside the vocabulary"):
-            pipeline.stubs[0].Forward(bad_token, timeout=10)
+        assert "schema_version 0" in send_one(stub, bad_version).error
+        bad_token = wire_microbatch(MicroBatch(0, [SeqChunk(0, 0, 1, [0], False, SamplingParams())], [10**6]), None)
+        assert "token id 1000000 is outside the vocabulary" in send_one(pipeline.stubs[0], bad_token).error
         # Still serving, and nothing was queued by the refused calls.
         assert stub.Health(pb.HealthRequest(), timeout=10).serving
         assert generate_ids(pipeline, [[3, 4, 5]], 512, 2) == generate_ids(
