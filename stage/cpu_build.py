@@ -7,6 +7,8 @@ about half of a build's minute here.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -43,10 +45,15 @@ def build(log: logging.Logger, what: str, fallback: str) -> object | None:
 
     Where there is no compiler, no ninja or a read-only cache the stage still runs, on torch's operators.
     """
+    path = os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
 
         _drop_stale_lock(Path(_get_build_directory(NAME, verbose=False)) / "lock", log)
+        # One ninja for every process: the one installed beside this interpreter (pyproject's `ninja`). Two ninjas hash
+        # the build command differently, so processes that find another first on their PATH (a system ninja) and those
+        # that find this one would each rebuild the kernels, about 40 s each time, whenever they alternate.
+        os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), path))
         return load_inline(
             name=NAME,
             cpp_sources=source(),
@@ -63,3 +70,5 @@ def build(log: logging.Logger, what: str, fallback: str) -> object | None:
             fallback,
         )
         return None
+    finally:
+        os.environ["PATH"] = path

@@ -174,12 +174,14 @@ def ray_head(log_dir: Path, num_cpus: int = 3):
             time.sleep(1)
         yield address, env
     finally:
-        # `ray start --block` tears down what it started when signalled: only our own processes end.
-        os.killpg(head.pid, signal.SIGTERM)
+        # `ray start --block` tears down what it started when signalled: only our own processes end. Only it is
+        # signalled: it drains its node through the GCS first, so a GCS signalled with it would keep it waiting a minute.
+        head.terminate()
         try:
             head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)  # anything of its own that outlived it
 
 
 def wire_microbatch(batch, tensor: torch.Tensor | None = None):
