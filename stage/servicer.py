@@ -27,38 +27,30 @@ class StageServicer(pb_grpc.StageServicer):
         self.service = service
         self.info = info
 
-    def _accept(
-        self, request: pb.MicroBatch, received: int, data: memoryview | None = None
-    ) -> tuple[grpc.StatusCode, str] | None:
-        """Decodes, validates and queues one microbatch; the refusal's (code, message), or None."""
-        try:
-            if self.service.is_stale(
-                request.batch_id
-            ):  # before decoding it: cheap, and the common refusal after a recovery
-                raise StaleBatchError(f"microbatch {request.batch_id} is from before a recovery")
-            batch, inputs = codec.decode_microbatch(request, data=data)
-            self.service.admit(batch, inputs, request.timings, received)
-        except StagecoachError as e:
-            return grpc_status(e), f"stage {self.service.index}: {e}"
-        return None
-
     def Link(self, request_iterator, context: grpc.ServicerContext):
-        """One sender's microbatches, each answered in order; a refused one does not end the stream."""
+        """One sender's microbatches, each decoded, validated and queued, then answered in order; a refused one does not
+        end the stream."""
         assembler = LinkAssembler(self.service.max_message_bytes)
         for frame in request_iterator:
             done = assembler.add(frame)
             if done is None:
                 continue
             msg, data, error = done
-            batch_id = msg.batch_id if msg is not None else 0
-            if error is not None:
-                refused = (grpc_status(WireError(error)), f"stage {self.service.index}: {error}")
-            else:
-                refused = self._accept(msg, time.monotonic_ns(), data)
-            if refused is None:
-                yield pb.LinkAck(batch_id=batch_id)
-            else:
-                yield pb.LinkAck(batch_id=batch_id, code=refused[0].value[0], error=refused[1])
+            batch_id, received = (msg.batch_id if msg is not None else 0), time.monotonic_ns()
+            try:
+                if error is not None:
+                    raise WireError(error)
+                # before decoding it: cheap, and the common refusal after a recovery
+                if self.service.is_stale(batch_id):
+                    raise StaleBatchError(f"microbatch {batch_id} is from before a recovery")
+                batch, inputs = codec.decode_microbatch(msg, data=data)
+                self.service.admit(batch, inputs, msg.timings, received)
+            except StagecoachError as e:
+                yield pb.LinkAck(
+                    batch_id=batch_id, code=grpc_status(e).value[0], error=f"stage {self.service.index}: {e}"
+                )
+                continue
+            yield pb.LinkAck(batch_id=batch_id)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.StageInfo:
         info = pb.StageInfo()
