@@ -9,11 +9,12 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# torch is pinned first: 2.13.0 is the CPU wheel on local disk; an unpinned torch would pull a CUDA build. With torch and
-# ninja in, the stages' C++ kernels build (stage/cpu_build.py, about 40 s) on the other core while the rest installs.
+# torch is pinned first: 2.13.0 is the CPU wheel on local disk; an unpinned torch would pull a CUDA build. With torch,
+# ninja and numpy in, the stages' C++ kernels build (stage/cpu_build.py, about 40 s) on the other core while the rest
+# installs.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 ninja
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 ninja numpy
 	$(PY) stage/cpu_build.py & build=$$!; \
 		$(PY) -m pip install -q --disable-pip-version-check -e ".[test]" && wait $$build
 	touch $(STAMP)
