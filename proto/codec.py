@@ -8,7 +8,7 @@ import torch
 
 from stagecoach.errors import RequestError, WireError
 from stagecoach.proto import stagecoach_pb2 as pb
-from stagecoach.proto.microbatch import ChunkKind, MicroBatch, SeqChunk, check_chunk
+from stagecoach.proto.microbatch import ChunkKind, MicroBatch, SeqChunk
 from stagecoach.proto.types import SampleResult, SamplingParams
 
 SCHEMA_VERSION = pb.SCHEMA_VERSION_CURRENT
@@ -127,23 +127,20 @@ def decode_microbatch(msg: pb.MicroBatch, data: bytes | memoryview | None = None
             raise WireError(f"seqs[{i}].kind is missing: every chunk names its kind (first, prefill or decode)")
         if c.score_rows:
             raise WireError(f"seqs[{i}].score_rows: deliveries do not carry row scores yet; ask for sampled rows only")
-        # sampling: a sequence's first chunk's (check_chunk refuses it on any other, and its absence on a first)
-        chunk = SeqChunk(
-            c.seq_id,
-            c.start_pos,
-            c.num_tokens,
-            list(c.new_blocks),
-            c.do_sample,
-            _sampling_from_proto(c.sampling, f"seqs[{i}].sampling") if c.HasField("sampling") else None,
-            c.num_prompt_tokens,
-            list(c.token_ids),
-            ChunkKind(c.kind) if c.kind in _KINDS else c.kind,
+        # sampling: a first chunk's; what each kind may carry is checked by the stage that admits it (check_chunk)
+        seqs.append(
+            SeqChunk(
+                c.seq_id,
+                c.start_pos,
+                c.num_tokens,
+                list(c.new_blocks),
+                c.do_sample,
+                _sampling_from_proto(c.sampling, f"seqs[{i}].sampling") if c.HasField("sampling") else None,
+                c.num_prompt_tokens,
+                list(c.token_ids),
+                ChunkKind(c.kind) if c.kind in _KINDS else c.kind,
+            )
         )
-        try:
-            check_chunk(chunk, i)
-        except RequestError as e:
-            raise WireError(str(e)) from None
-        seqs.append(chunk)
     batch = MicroBatch(batch_id=msg.batch_id, seqs=seqs, token_ids=[], drop_seq_ids=list(msg.drop_seq_ids))
     return batch, tensor_from_proto(msg.tensor, data=data)
 

@@ -1,7 +1,8 @@
 """The microbatch contract: what a sequence's chunk can be, what the drop list means, and what each stage does with each.
 
-The scheduler builds chunks (`chunk_kind`), the codec checks each one it decodes (`check_chunk`), and a stage's
-sequence table and sampler act on `SeqChunk.kind`. Plain Python, no torch. What each stage does, per microbatch:
+The scheduler picks each chunk's kind (`ChunkKind.of`), the codec carries it, and every stage checks each chunk it
+admits against its kind (`check_chunk`, from its sequence table, in-process or over the wire) before its sequence table
+and sampler act on it. Plain Python, no torch. What each stage does, per microbatch:
 
 1. **Drops first.** `drop_seq_ids` (finished, aborted or preempted since the previous microbatch): every stage forgets
    them, its block table and (the last stage) its sampling state, before this microbatch's chunks.
