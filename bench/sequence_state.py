@@ -279,18 +279,18 @@ def _stage_process(plan: dict, conn) -> None:
     import torch
 
     torch.set_num_threads(1)  # as Ray does for a 1-CPU actor
-    from stagecoach.stage.worker import StagePlan, StageWorker
+    from stagecoach.proto.control import Wiring
+    from stagecoach.stage.worker import StageWorker
 
-    worker = StageWorker(StagePlan(**plan))
+    worker = StageWorker(plan)
     worker.load()
-    conn.send(worker.start(plan["num_blocks"]))
-    worker.connect(*conn.recv())
+    conn.send(worker.start(plan.num_blocks))
+    worker.connect(Wiring(*conn.recv()))
     conn.recv()  # stop
     worker.stop()
 
 
 def tiny_steps(workdir: Path, quick: bool) -> dict:
-    import dataclasses
     import multiprocessing as mp
 
     from stagecoach.cluster.backends import stage_plans
@@ -314,7 +314,7 @@ def tiny_steps(workdir: Path, quick: bool) -> dict:
         plans = stage_plans(config, ranges_from_counts([4 // num_stages] * num_stages, 4), link_token="")
         conns = [ctx.Pipe() for _ in plans]
         procs = [
-            ctx.Process(target=_stage_process, args=(dataclasses.asdict(p), child), daemon=True)
+            ctx.Process(target=_stage_process, args=(p, child), daemon=True)
             for p, (_, child) in zip(plans, conns, strict=False)
         ]
         for proc in procs:

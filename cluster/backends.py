@@ -55,15 +55,7 @@ def stage_testing(config: ClusterConfig, index: int) -> StageTesting | None:
 def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str) -> list[StagePlan]:
     """One plan per stage. Every StagePlan field that a config section has under the same name comes from it,
     so a stage's settings are written once, in cluster/config.py."""
-    per_stage = {
-        "index",
-        "model_dir",
-        "layer_start",
-        "layer_end",
-        "port",
-        "testing",
-        "link_token",
-    }
+    per_stage = {"index", "model_dir", "layer_start", "layer_end", "port", "testing", "link_token"}
     names = {f.name for f in dataclasses.fields(StagePlan)} - per_stage
     shared = {}
     for section in (config.model, config.pipeline, config.cache, config.transport):

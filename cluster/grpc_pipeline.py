@@ -43,16 +43,9 @@ class _CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """One stage's deliveries, each acknowledged once queued for the engine."""
         for request in request_iterator:
             submit_ns = self.submit_times.pop(request.batch_id, 0)
-            self.inbox.put(
-                Delivered(
-                    request.batch_id,
-                    decode_samples(request.samples),
-                    list(request.timings),
-                    request.error,
-                    request.error_stage if request.error else None,
-                    submit_ns,
-                )
-            )
+            error_stage = request.error_stage if request.error else None
+            samples, timings = decode_samples(request.samples), list(request.timings)
+            self.inbox.put(Delivered(request.batch_id, samples, timings, request.error, error_stage, submit_ns))
             yield pb.LinkAck(batch_id=request.batch_id)
 
 
@@ -94,14 +87,8 @@ class GrpcPipeline(Inbox):
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a stage that does not answer Health within this has failed
         self._submit_times: dict[int, int] = {}  # batch id → ns from its send to stage 0's acknowledgement
         # Each stage's Deliveries stream holds a server thread for its lifetime: room for a long pipeline.
-        self.server, self.address = start_server(
-            _CoordinatorServicer(self._inbox, self._submit_times),
-            host,
-            port,
-            max_message_bytes,
-            security,
-            max_workers=80,
-        )
+        servicer = _CoordinatorServicer(self._inbox, self._submit_times)
+        self.server, self.address = start_server(servicer, host, port, max_message_bytes, security, max_workers=80)
         self._channel_options = channel_options(max_message_bytes)
         self.num_blocks = 0
         self.block_size = 0

@@ -143,20 +143,8 @@ class LocalPipeline(Inbox):
 
 def _runner(index: int, model, num_blocks: int, block_size: int, compile_batch_sizes: list[int] | None) -> StageRunner:
     """A stage's runner over a fresh KV cache for its layers, its decode step compiled for compile_batch_sizes (None: eager)."""
-    c = model.config
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    runner = StageRunner(
-        model,
-        KVCache(
-            model.layer_end - model.layer_start,
-            num_blocks,
-            block_size,
-            c.num_key_value_heads,
-            c.head_dim,
-            dtype,
-            device,
-        ),
-    )
+    weight = next(model.parameters())
+    runner = StageRunner(model, KVCache.for_model(model, num_blocks, block_size, weight.dtype, weight.device))
     if compile_batch_sizes:
         runner.compile(compile_batch_sizes, progress=lambda line: log.warning("stage %d: %s", index, line))
     return runner

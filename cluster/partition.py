@@ -26,10 +26,7 @@ def ranges_from_counts(counts: list[int], num_layers: int) -> list[LayerRange]:
 
 
 def partition_layers(
-    num_layers: int,
-    num_stages: int,
-    last_stage_extra: float = 0.0,
-    layer_counts: list[int] | None = None,
+    num_layers: int, num_stages: int, last_stage_extra: float = 0.0, layer_counts: list[int] | None = None
 ) -> list[LayerRange]:
     """Contiguous layer ranges, one per stage.
 
@@ -55,9 +52,7 @@ def partition_layers(
     # stage's cost as low as it goes, then the most even split.
     speeds = [
         StageSpeed(
-            decode_layer_s=1.0,
-            prefill_layer_s=0.0,
-            decode_fixed_s=last_stage_extra if i == num_stages - 1 else 0.0,
+            decode_layer_s=1.0, prefill_layer_s=0.0, decode_fixed_s=last_stage_extra if i == num_stages - 1 else 0.0
         )
         for i in range(num_stages)
     ]

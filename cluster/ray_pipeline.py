@@ -6,7 +6,6 @@ each actor runs a StageWorker whose gRPC server talks to its neighbours directly
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from stagecoach.cluster.ray_cluster import (
 from stagecoach.errors import ConfigError, PipelineError, StagecoachError
 from stagecoach.proto.control import Loaded, Wiring
 from stagecoach.proto.types import LayerRange
+from stagecoach.stage.worker import StagePlan, StageWorker
 
 log = logging.getLogger(__name__)
 
@@ -38,46 +38,16 @@ SPARE_READY_S = 10.0  # for a one-bundle group on a spare node to be placed
 
 
 @ray.remote(max_concurrency=2)  # load_progress() answers while load() runs
-class StageActor:
-    """Hosts one StageWorker inside a Ray worker process; each method is the worker's (see proto.control.StageControl)."""
+class StageActor(StageWorker):
+    """A StageWorker in a Ray worker process (see proto.control.StageControl). The worker is built by load(), so that
+    what its construction refuses comes back as that call's error, not as the actor's death."""
 
-    def __init__(self, plan: dict) -> None:
-        from stagecoach.stage.worker import StagePlan
-
-        self.plan = StagePlan(**plan)
-        self.worker = None  # made in load(), so that its errors come back as that call's
+    def __init__(self, plan: StagePlan) -> None:
+        self.plan, self.server, self.service, self.loaded_bytes, self.weight_bytes = plan, None, None, 0, 0
 
     def load(self) -> Loaded:
-        from stagecoach.stage.worker import StageWorker
-
-        self.worker = StageWorker(self.plan, node_id=ray.get_runtime_context().get_node_id())
-        return self.worker.load()
-
-    def load_progress(self) -> tuple[int, int]:
-        worker = self.worker
-        return worker.load_progress() if worker is not None else (0, 0)
-
-    def start(self, num_blocks: int) -> str:
-        return self.worker.start(num_blocks)
-
-    def connect(self, wiring: Wiring) -> None:
-        self.worker.connect(wiring)
-
-    def fence(self, min_batch_id: int) -> None:
-        self.worker.fence(min_batch_id)
-
-    def check_layers(self, layers: LayerRange, min_blocks: int) -> None:
-        self.worker.check_layers(layers, min_blocks)
-
-    def set_layers(self, layers: LayerRange, min_batch_id: int) -> Loaded:
-        return self.worker.set_layers(layers, min_batch_id)
-
-    def resize(self, num_blocks: int, min_batch_id: int) -> None:
-        self.worker.resize(num_blocks, min_batch_id)
-
-    def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
+        super().__init__(self.plan, node_id=ray.get_runtime_context().get_node_id())
+        return super().load()
 
 
 class RayStage:
@@ -150,7 +120,7 @@ class RayPipeline(GrpcPipeline):
         self._cpus, self._gpus = p.cpus_per_stage, gpus
         self.moved: dict[int, object] = {}  # stage index → the one-bundle placement group it moved to (off a lost node)
         self.fenced: list = []  # actors replaced while unreachable: killed again until Ray has them gone
-        self._plans = [dataclasses.asdict(plan) for plan in stage_plans(config, ranges, security.token)]
+        self._plans = stage_plans(config, ranges, security.token)
         self.controls: list[RayStage] = []
         self.pg = None
         try:
@@ -213,7 +183,7 @@ class RayPipeline(GrpcPipeline):
             if lost and not reachable(nodes.get(lost)):
                 self.fenced.append(old)  # it may come back with the link: never wired in again, killed until gone
                 self._move(i, lost, nodes)
-            self._plans[i]["layer_start"], self._plans[i]["layer_end"] = layers[i]
+            self._plans[i].layer_start, self._plans[i].layer_end = layers[i]
             self.controls[i] = self._new_stage(i)
 
     def _move(self, index: int, lost: str, nodes: dict[str, dict]) -> None:

@@ -79,18 +79,7 @@ class Testbed:
             "ray_address": self.ray_address,
             "coordinator_address": self.bridge_address,
             "env": self.env,
-            "nodes": [
-                {
-                    "index": n.index,
-                    "namespace": n.namespace,
-                    "address": n.address,
-                    "spare": n.spare,
-                    "cut": n.cut,
-                    "limit": n.limit,
-                    "ray_alive": n.address in alive,
-                }
-                for n in self.nodes
-            ],
+            "nodes": [asdict(n) | {"ray_alive": n.address in alive} for n in self.nodes],
         }
 
     def node(self, index: int) -> Node:
@@ -245,16 +234,8 @@ def _make(net, nodes: int, spare: int, bandwidth: str | None, node_death_s: int)
         run_cmd("ip", "-n", name, "link", "set", "eth0", "up")
         run_cmd("ip", "-n", name, "link", "set", "lo", "up")
         # IPv4 only: no link-local IPv6 address appears that a wildcard listener would also cover.
-        run_cmd(
-            "ip",
-            "netns",
-            "exec",
-            name,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        )
+        ipv6 = ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        run_cmd("ip", "netns", "exec", name, "sysctl", "-qw", *ipv6)
         no_ipv6(link)
     for n in bed.nodes:
         _shape(n)

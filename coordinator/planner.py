@@ -233,19 +233,12 @@ class StageRates:
             return []
         out = []
         for i in range(len(self._records[0][2])):
-            sums = {
-                True: [0.0, 0.0, 0.0, 0.0],
-                False: [0.0, 0.0, 0.0, 0.0],
-            }  # layer seconds, layer units, fixed seconds, units
+            # per kind of work (decode or not): layer seconds, layer units, fixed seconds, units
+            sums = {True: [0.0] * 4, False: [0.0] * 4}
             for is_decode, units, per_stage in self._records:
                 layers, layer_s, fixed_s = per_stage[i]
-                acc = sums[is_decode]
-                acc[0], acc[1], acc[2], acc[3] = (
-                    acc[0] + layer_s,
-                    acc[1] + layers * units,
-                    acc[2] + fixed_s,
-                    acc[3] + units,
-                )
+                for j, v in enumerate((layer_s, layers * units, fixed_s, units)):
+                    sums[is_decode][j] += v
             d, p = sums[True], sums[False]
             out.append(
                 StageSpeed(
@@ -275,33 +268,15 @@ class StageRates:
         """
         key = (self._added // every if len(self) >= 32 else -1, tuple(current))
         if key != self._proposal[0]:
+            shown = {"layers": current, "proposed": current, "predicted_gain": 0.0, "layers_moved": 0}
             try:
                 plan = self.propose(current, memory)
             except PartitionError as e:  # the stages' memory holds no split (reported, not raised: serving goes on)
-                self._proposal = (
-                    key,
-                    {
-                        "layers": current,
-                        "proposed": current,
-                        "predicted_gain": 0.0,
-                        "layers_moved": 0,
-                        "window_microbatches": len(self),
-                        "refused": str(e),
-                    },
-                )
-                return self._proposal[1]
-            self._proposal = (
-                key,
-                None
-                if plan is None
-                else {
-                    "layers": current,
-                    "proposed": plan.counts,
-                    "predicted_gain": round(plan.gain, 4),
-                    "layers_moved": plan.layers_moved,
-                    "window_microbatches": len(self),
-                },
-            )
+                plan, shown["refused"] = None, str(e)
+            if plan is not None:
+                shown.update(proposed=plan.counts, predicted_gain=round(plan.gain, 4), layers_moved=plan.layers_moved)
+            shown["window_microbatches"] = len(self)
+            self._proposal = (key, shown if plan is not None or "refused" in shown else None)
         return self._proposal[1]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -50,52 +51,29 @@ class Metrics:
 
     def _requests(self, r: CollectorRegistry) -> None:
         """Requests and responses, tokens, and the latencies a client sees."""
-        self.requests = Counter(
-            "stagecoach_requests", "Finished HTTP generation requests by status code", ["status"], registry=r
+        counter, histogram = partial(Counter, registry=r), partial(Histogram, registry=r, buckets=LATENCY_BUCKETS)
+        self.requests = counter("stagecoach_requests", "Finished HTTP generation requests by status code", ["status"])
+        self.responses = counter(
+            "stagecoach_http_responses", "Every HTTP response, by status code and route", ["status", "route"]
         )
-        self.responses = Counter(
-            "stagecoach_http_responses",
-            "Every HTTP response, by status code and route",
-            ["status", "route"],
-            registry=r,
-        )
-        self.prompt_tokens = Counter("stagecoach_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("stagecoach_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram(
-            "stagecoach_time_to_first_token_seconds",
-            "Time from request to its first token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "stagecoach_inter_token_latency_seconds",
-            "Time between consecutive tokens of a sequence",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.prompt_tokens = counter("stagecoach_prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = counter("stagecoach_generation_tokens", "Tokens generated")
+        self.ttft = histogram("stagecoach_time_to_first_token_seconds", "Time from request to its first token")
+        self.itl = histogram("stagecoach_inter_token_latency_seconds", "Time between consecutive tokens of a sequence")
 
     def _stages(self, r: CollectorRegistry) -> None:
         """Each stage's times and whether it answers."""
-        self.stage_compute = Histogram(
-            "stagecoach_stage_compute_seconds",
-            "A stage's compute time per microbatch",
-            ["stage"],
-            buckets=FINE_BUCKETS,
-            registry=r,
+        histogram = partial(Histogram, registry=r, buckets=FINE_BUCKETS)
+        self.stage_compute = histogram(
+            "stagecoach_stage_compute_seconds", "A stage's compute time per microbatch", ["stage"]
         )
-        self.stage_queue = Histogram(
-            "stagecoach_stage_queue_seconds",
-            "Time a microbatch waited in a stage's queue",
-            ["stage"],
-            buckets=FINE_BUCKETS,
-            registry=r,
+        self.stage_queue = histogram(
+            "stagecoach_stage_queue_seconds", "Time a microbatch waited in a stage's queue", ["stage"]
         )
-        self.hop = Histogram(
+        self.hop = histogram(
             "stagecoach_hop_seconds",
             "Sending a microbatch onward, until the receiver acknowledged it, timed by the sender",
             ["sender"],
-            buckets=FINE_BUCKETS,
-            registry=r,
         )
         self.stage_up = Gauge("stagecoach_stage_up", "1 when the stage answers its health check", ["stage"], registry=r)
         self.health_poll_errors = Counter(
@@ -105,47 +83,36 @@ class Metrics:
         )
         self.last_health_poll = Gauge(
             "stagecoach_health_last_poll_timestamp_seconds",
-            "Unix time the last health-check round completed "
-            "(alert when it falls behind by several heartbeat intervals)",
+            "Unix time the last health-check round completed (alert when it falls behind by several heartbeat intervals)",
             registry=r,
         )
 
     def _faults(self, r: CollectorRegistry) -> None:
         """Recoveries, failed microbatches and requests, rebalances and engine restarts."""
-        self.recoveries = Counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure", registry=r)
-        self.recovery_seconds = Histogram(
-            "stagecoach_recovery_seconds",
-            "How long each recovery took",
-            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300),
-            registry=r,
+        counter, histogram = partial(Counter, registry=r), partial(Histogram, registry=r)
+        self.recoveries = counter("stagecoach_recoveries", "Pipeline recoveries after a stage failure")
+        self.recovery_seconds = histogram(
+            "stagecoach_recovery_seconds", "How long each recovery took", buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300)
         )
-        self.requests_failed = Counter(
+        self.requests_failed = counter(
             "stagecoach_requests_failed",
             "Sequences ended with an error while the pipeline kept serving, by reason",
             ["reason"],
-            registry=r,
         )
-        self.microbatch_failures = Counter(
-            "stagecoach_microbatch_failures",
-            "Microbatches a stage failed while staying up, by stage",
-            ["stage"],
-            registry=r,
+        self.microbatch_failures = counter(
+            "stagecoach_microbatch_failures", "Microbatches a stage failed while staying up, by stage", ["stage"]
         )
         self.requests_failed.labels("stage_error")  # shown at 0 before the first
-        self.rebalances = Counter(
-            "stagecoach_rebalances",
-            "Rebalances applied while serving, by trigger (auto or admin)",
-            ["trigger"],
-            registry=r,
+        self.rebalances = counter(
+            "stagecoach_rebalances", "Rebalances applied while serving, by trigger (auto or admin)", ["trigger"]
         )
-        self.rebalance_pause = Histogram(
+        self.rebalance_pause = histogram(
             "stagecoach_rebalance_pause_seconds",
             "How long each rebalance paused the pipeline (before the re-prefill)",
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
-            registry=r,
         )
-        self.engine_restarts = Counter(
-            "stagecoach_engine_restarts", "Engine loops started anew after an unexpected error", registry=r
+        self.engine_restarts = counter(
+            "stagecoach_engine_restarts", "Engine loops started anew after an unexpected error"
         )
 
     def observe_timing(self, kind: str, label: str, seconds: float) -> None:

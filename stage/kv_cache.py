@@ -36,6 +36,20 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
+    @classmethod
+    def for_model(cls, model, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> KVCache:
+        """A cache of num_blocks blocks for the layers a stage's model holds."""
+        c = model.config
+        return cls(
+            model.layer_end - model.layer_start,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype,
+            device,
+        )
+
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize

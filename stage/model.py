@@ -139,12 +139,7 @@ class AttentionMetadata:
     prefills: list[tuple[int, int, torch.Tensor, int]] = field(default_factory=list)
 
     @classmethod
-    def build(
-        cls,
-        seqs: list[tuple[int, int, list[int]]],
-        block_size: int,
-        device: torch.device,
-    ) -> AttentionMetadata:
+    def build(cls, seqs: list[tuple[int, int, list[int]]], block_size: int, device: torch.device) -> AttentionMetadata:
         """seqs: per sequence, in batch order, (first position, num_tokens, block table)."""
         positions: list[int] = []
         slots: list[int] = []
@@ -325,11 +320,7 @@ class StageModel(nn.Module):
                 module.pack()
 
     def forward(
-        self,
-        inputs: torch.Tensor,
-        meta: AttentionMetadata,
-        kv_cache: KVCache,
-        logits_rows: torch.Tensor | None = None,
+        self, inputs: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache, logits_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """inputs: token ids [num_tokens] (first stage) or hidden states [num_tokens, hidden].
 

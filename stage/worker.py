@@ -68,10 +68,6 @@ class StagePlan:
     tls_key: str | None
     tls_ca: str | None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.testing, dict):  # a plan that crossed Ray as a dict (dataclasses.asdict)
-            self.testing = StageTesting(**self.testing)
-
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MIB
@@ -185,15 +181,7 @@ class StageWorker:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         blocks = -(-p.max_batch_tokens // p.block_size)
-        probe = KVCache(
-            p.layer_end - p.layer_start,
-            blocks,
-            p.block_size,
-            self.config.num_key_value_heads,
-            self.config.head_dim,
-            self.dtype,
-            self.device,
-        )
+        probe = KVCache.for_model(self.model, blocks, p.block_size, self.dtype, self.device)
         meta = AttentionMetadata.build([(0, p.max_batch_tokens, list(range(blocks)))], p.block_size, self.device)
         with torch.inference_mode():
             if self.model.is_first:
@@ -223,17 +211,10 @@ class StageWorker:
 
     def _new_runner(self, num_blocks: int) -> StageRunner:
         """The KV cache of num_blocks blocks and a runner over it (its decode step compiled, where that is on)."""
-        p, c = self.plan, self.config
-        cache = KVCache(
-            p.layer_end - p.layer_start,
-            num_blocks,
-            p.block_size,
-            c.num_key_value_heads,
-            c.head_dim,
-            self.dtype,
-            self.device,
+        p = self.plan
+        runner = StageRunner(
+            self.model, KVCache.for_model(self.model, num_blocks, p.block_size, self.dtype, self.device)
         )
-        runner = StageRunner(self.model, cache)
         runner.testing = p.testing
         if compile_enabled(p.compile, self.device.type):
             sizes = compiled_batch_sizes(p.compile_batch_sizes, p.max_num_seqs)
