@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from defaults import scheduler_config
@@ -64,6 +66,13 @@ def test_compiled_decode_equals_eager_and_hf_and_never_recompiles(hf_checkpoint)
     assert [r.compiled.steps for r in runners] == before  # the five decode together to the end: all eager
 
 
+def complete(server, prompt: list[int], sampling: dict) -> str:
+    from test_recovery import NEW_TOKENS as TOKENS
+
+    body = {"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": True} | sampling
+    return http(server.port, "/v1/completions", body, key=None)[1]["choices"][0]["text"]
+
+
 def test_the_compile_switch():
     assert compile_enabled("auto", "cuda") and not compile_enabled("auto", "cpu")
     assert compile_enabled("on", "cpu") and not compile_enabled("off", "cuda")
@@ -73,8 +82,7 @@ def test_the_compile_switch():
 
 @pytest.mark.slow
 def test_compiled_stages_survive_a_stage_killed_mid_stream(ray_cluster, tmp_path_factory):
-    """Three Ray stages, each compiled at start (one batch size, 8): the replacement compiles again, nothing is lost."""
-    from test_recovery import NEW_TOKENS as TOKENS
+    """Three Ray stages, each compiled at start (one batch size, 4): the replacement compiles again, nothing is lost."""
     from test_recovery import PROMPTS as RECOVERY_PROMPTS
     from test_recovery import SAMPLING, config_file, run_with_kill
     from test_serve import Server
@@ -94,15 +102,9 @@ def test_compiled_stages_survive_a_stage_killed_mid_stream(ray_cluster, tmp_path
     try:
         server.wait_ready(timeout=300)
         assert "decode step compiled for batch sizes [4]" in server.log.read_text()
-        reference = [
-            http(
-                server.port,
-                "/v1/completions",
-                {"prompt": p, "max_tokens": TOKENS, "ignore_eos": True} | SAMPLING[i],
-                key=None,
-            )[1]["choices"][0]["text"]
-            for i, p in enumerate(prompts)
-        ]
+        # The fault-free reference, the four at once (test_recovery checks that one alone gives the same)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            reference = list(pool.map(lambda i: complete(server, prompts[i], SAMPLING[i]), range(len(prompts))))
         out, _ = run_with_kill(server, prompts, kill_stage=1, after_batches=30)
         for i, ref in enumerate(reference):
             text, events = out[i]

@@ -28,13 +28,15 @@ def test_real_dimension_layer_matches_hf():
 
     hf_config = Qwen2Config(**REAL, attn_implementation="eager")
     torch.manual_seed(0)
-    with torch.no_grad():
-        hf_layer = Qwen2DecoderLayer(hf_config, layer_idx=0).eval()
-        for name, p in hf_layer.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn(p.shape) if "layernorm" in name else torch.randn(p.shape) * 0.02)
     config = ModelConfig(**REAL)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no initialisation: every parameter is assigned below
+        hf_layer = Qwen2DecoderLayer(hf_config, layer_idx=0).eval()
         ours = DecoderLayer(config)
+    values = {
+        name: 1 + 0.1 * torch.randn(p.shape) if "layernorm" in name else torch.randn(p.shape).mul_(0.02)
+        for name, p in hf_layer.named_parameters()
+    }
+    hf_layer.load_state_dict(values, strict=True, assign=True)
     ours.load_state_dict(hf_layer.state_dict(), strict=True, assign=True)  # shares the tensors: no second copy
 
     num_tokens = 8

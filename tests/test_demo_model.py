@@ -28,9 +28,15 @@ def demo_dir():
     return demo_model.fetch_demo_model()
 
 
-def test_logits_match_transformers_gguf_loading(demo_dir):
+def test_logits_match_transformers_gguf_loading(demo_dir, monkeypatch):
+    import functools
+
+    import gguf as gguf_package
     from transformers import AutoModelForCausalLM
 
+    # transformers reads the file's metadata twice (for the config, then the weights), each parse ~20 s of Python over
+    # the 151,936-token vocabulary: the same reader serves both.
+    monkeypatch.setattr(gguf_package, "GGUFReader", functools.cache(gguf_package.GGUFReader))
     gguf = demo_model.gguf_file(demo_dir)
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     with torch.no_grad():
