@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q --disable-pip-version-check -e ".[test]" && wait $$build
 	touch $(STAMP)
 
-# ruff first (pyproject.toml's [tool.ruff]): a lint error or an unformatted file fails the run before any test.
+# ruff first (pyproject.toml's [tool.ruff]): a lint error or an unformatted file fails the run before any test. The suite
+# runs as two pytest processes at once (tests/run_lanes.py): the testbed and Ray job-API modules, which mostly wait, beside
+# the rest. PYTEST_ARGS go to both; given test paths, one pytest runs just those.
 test: install tools lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) tests/run_lanes.py $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
