@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # ruff first (pyproject.toml's [tool.ruff]): a lint error or an unformatted file fails the run before any test. The suite
-# runs as two pytest processes at once (tests/run_lanes.py): the modules that mostly wait (the testbed, Ray's job API, a
-# recovery deadline) beside the rest. PYTEST_ARGS go to both; given test paths, one pytest runs just those.
+# runs as two pytest processes at once (tests/run_lanes.py): the testbed and Ray job-API modules, which mostly wait, beside
+# the rest. PYTEST_ARGS go to both; given test paths, one pytest runs just those.
 test: install tools lint
 	$(PY) tests/run_lanes.py $(PYTEST_ARGS)
 

@@ -1,7 +1,7 @@
 """`make test`'s runner: the suite as two pytest processes at once, so that tests that mostly wait overlap the rest.
 
 The side lane holds the modules whose time is mostly waiting on clocks they do not control (the testbed's cuts and Ray's
-node deaths, Ray's job API, a recovery deadline running out): about 240 s of wall time, at about 60 % of one core. Each lane starts its own Ray clusters
+node deaths, Ray's job API): about 200 s of wall time at about 60 % of one core. Each lane starts its own Ray clusters
 on free ports (the testbed's in its own network namespaces), so they share nothing. The main lane's output streams as it
 runs; the side lane's is printed after it. Given test paths or node ids, one pytest runs exactly those.
 
@@ -14,12 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-SIDE_LANE = [
-    "tests/test_testbed.py",
-    "tests/test_submit.py",
-    "tests/test_ray_job.py",
-    "tests/test_recovery_deadline.py",
-]
+SIDE_LANE = ["tests/test_testbed.py", "tests/test_submit.py", "tests/test_ray_job.py"]
 NO_TESTS = 5  # pytest's exit code when nothing was collected
 
 
