@@ -1,8 +1,10 @@
 """`make test`'s runner: the suite as two pytest processes at once, so that tests that mostly wait overlap the rest.
 
 The side lane holds the modules whose time is mostly waiting on clocks they do not control (the testbed's cuts and Ray's
-node deaths, Ray's job API): about 200 s of wall time at about 60 % of one core. Each lane starts its own Ray clusters
-on free ports (the testbed's in its own network namespaces), so they share nothing. The main lane's output streams as it
+node deaths, Ray's job API): about 200 s of wall time at about 60 % of one core. They start Ray clusters of their own
+(`ray start` on free ports, the testbed's in its own network namespaces); a module on the session's
+`ray.cluster_utils.Cluster` stays in the main lane, which holds the one such cluster (two at once broke the Ray
+pipeline tests' placement). The main lane's output streams as it
 runs; the side lane's is printed after it. Given test paths or node ids, one pytest runs exactly those.
 
     python tests/run_lanes.py [pytest arguments ...]
