@@ -61,6 +61,8 @@ def stage_plans(config: ClusterConfig, ranges: list[LayerRange], link_token: str
     for section in (config.model, config.pipeline, config.cache, config.transport):
         shared |= {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
     assert set(shared) == names, f"StagePlan fields without a config setting: {sorted(names - set(shared))}"
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    shared["cpu_threads"] = shared["cpu_threads"] or (int(omp) if omp.isdigit() and int(omp) > 0 else None)
     port = config.transport.port
     return [
         StagePlan(

@@ -95,6 +95,12 @@ class PipelineSection:
         512, "token budget of one microbatch (longer prompts are chunked)", "--max-batch-tokens"
     )
     max_num_seqs: int = setting(64, "sequences in one microbatch at most")
+    cpu_threads: int | None = setting(
+        None,
+        "torch threads in each CPU stage; unset: the coordinator's OMP_NUM_THREADS where its environment sets one, else "
+        "every core of the stage's host (co-located stages share them; bench/stage_threads.py); GPU stages: Ray's",
+        "--cpu-threads",
+    )
     compile: str = setting(
         "auto",
         "compile each stage's decode step (torch.compile; CUDA graphs on GPUs) at load; auto: on for CUDA stages, off for CPU "
@@ -143,8 +149,9 @@ class PipelineSection:
         _choose("pipeline.device", self.device, DEVICES)
         if self.gpus_per_stage is not None and self.gpus_per_stage < 0:
             raise ConfigError(f"pipeline.gpus_per_stage must be >= 0, got {self.gpus_per_stage}")
-        if self.max_inflight is not None and self.max_inflight < 1:
-            raise ConfigError(f"pipeline.max_inflight must be at least 1, got {self.max_inflight}")
+        for name in ("max_inflight", "cpu_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"pipeline.{name} must be at least 1 (or unset), got {getattr(self, name)}")
         if self.heartbeat_interval_s <= 0 or self.heartbeat_timeout_s <= 0 or self.recovery_timeout_s <= 0:
             raise ConfigError(
                 "pipeline.heartbeat_interval_s, heartbeat_timeout_s and recovery_timeout_s must be positive"

@@ -181,16 +181,11 @@ class GrpcPipeline(Inbox):
         if dead:
             log.warning("restarting stage(s) %s", ", ".join(map(str, dead)))
             self._replace(dead, target)
-            capacity |= {
-                i: r.kv_blocks for i, r in zip(dead, self._each({i: lambda c: c.load() for i in dead}), strict=False)
-            }
+            loads = self._each({i: lambda c: c.load() for i in dead})
+            capacity |= {i: r.kv_blocks for i, r in zip(dead, loads, strict=False)}
         if moved:
-            log.warning(
-                "stage(s) %s: layers %s → %s",
-                ", ".join(map(str, moved)),
-                [self.stages[i].layers for i in moved],
-                [target[i] for i in moved],
-            )
+            was, now = [self.stages[i].layers for i in moved], [target[i] for i in moved]
+            log.warning("stage(s) %s: layers %s → %s", ", ".join(map(str, moved)), was, now)
             loads = self._each({i: lambda c, r=tuple(target[i]): c.set_layers(r, min_batch_id) for i in moved})
             capacity |= {i: r.kv_blocks for i, r in zip(moved, loads, strict=False)}
         unchanged = [i for i in range(n) if i not in capacity]

@@ -80,14 +80,9 @@ def errors_middleware(metrics: Metrics):
         except StagecoachError as e:
             response = _json_error(e)
         except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
-            body = {
-                "error": {
-                    "message": e.reason or "error",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": (e.reason or "error").lower().replace(" ", "_"),
-                }
-            }
+            reason = e.reason or "error"
+            code = reason.lower().replace(" ", "_")
+            body = {"error": {"message": reason, "type": "invalid_request_error", "param": None, "code": code}}
             response = web.json_response(body, status=e.status)
         except Exception as e:  # a bug of ours: the client still gets OpenAI's error body
             log.exception("unexpected error in %s %s", request.method, request.path)

@@ -77,25 +77,12 @@ def choice_item(
     if req.logprobs is not None and (delta is None or len(c.token_ids) > start):
         logprobs = (chat_logprobs if chat else completion_logprobs)(tokenizer, c, start, len(c.token_ids))
     if not chat:
-        return {
-            "index": c.index,
-            "text": c.text if delta is None else delta,
-            "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
-        }
-    if delta is None:
-        return {
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
-        }
-    return {
-        "index": c.index,
-        "delta": {"content": delta} if delta else {},
-        "logprobs": logprobs,
-        "finish_reason": c.finish_reason,
-    }
+        body = {"text": c.text if delta is None else delta}
+    elif delta is None:
+        body = {"message": {"role": "assistant", "content": c.text}}
+    else:
+        body = {"delta": {"content": delta} if delta else {}}
+    return {"index": c.index, **body, "logprobs": logprobs, "finish_reason": c.finish_reason}
 
 
 def full_response(tokenizer: Tokenizer, model: str, req: GenerationRequest, chat: bool, choices: list[Choice]) -> dict:

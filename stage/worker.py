@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,6 +58,7 @@ class StagePlan:
     memory_limit_mb: int | None  # overrides the device's budget (tests, shared machines)
     max_batch_tokens: int  # the largest microbatch: sizes activation profiling and the minimal cache
     max_num_seqs: int  # sequences in one microbatch at most: caps the compiled batch sizes
+    cpu_threads: int | None  # torch threads on a CPU stage; None: host_cores()
     compile: str  # auto | on | off: the decode step compiled at start (stage/compiled.py)
     compile_batch_sizes: list[int]
     host: str | None  # bind address; None: this node's address
@@ -87,6 +89,16 @@ def node_address() -> str:
     except ImportError:
         pass
     return socket.gethostbyname(socket.gethostname())
+
+
+def host_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota (a container's limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        return cores if quota == "max" else max(1, min(cores, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        return cores
 
 
 def _available_ram() -> int:
@@ -162,6 +174,8 @@ class StageWorker:
         """Checks the plan fits, loads the weights, and says how many KV blocks this stage can hold."""
         self.check_fits()
         p = self.plan
+        if self.device.type == "cpu":  # stages that share a host share its cores (a GPU stage keeps Ray's setting)
+            torch.set_num_threads(p.cpu_threads or host_cores())
         self.model = load_stage_model(
             p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config, progress=self._loaded
         )

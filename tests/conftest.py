@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, free_port, make_hf_checkpoint,
 
 # Parity needs the same kernels on both sides: one thread, so reductions run in one order.
 torch.set_num_threads(1)
+# The same for every stage the tests start (their plans take the coordinator's OMP_NUM_THREADS: pipeline.cpu_threads).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_addoption(parser):
