@@ -49,6 +49,10 @@ class Plan:
         slowest = max(self.stage_seconds)
         return max(self.current_seconds) / slowest - 1 if slowest > 0 else 0.0
 
+    def summary(self) -> dict:
+        """What /v1/stats shows of it (its `rebalance` object, with the current split)."""
+        return {"proposed": self.counts, "predicted_gain": round(self.gain, 4), "layers_moved": self.layers_moved}
+
     @property
     def layers_moved(self) -> int:
         """Layers that change stage: the boundaries' moves, added up."""
@@ -268,15 +272,14 @@ class StageRates:
         """
         key = (self._added // every if len(self) >= 32 else -1, tuple(current))
         if key != self._proposal[0]:
-            shown = {"layers": current, "proposed": current, "predicted_gain": 0.0, "layers_moved": 0}
+            seen = {"layers": current, "window_microbatches": len(self)}
             try:
                 plan = self.propose(current, memory)
             except PartitionError as e:  # the stages' memory holds no split (reported, not raised: serving goes on)
-                plan, shown["refused"] = None, str(e)
-            if plan is not None:
-                shown.update(proposed=plan.counts, predicted_gain=round(plan.gain, 4), layers_moved=plan.layers_moved)
-            shown["window_microbatches"] = len(self)
-            self._proposal = (key, shown if plan is not None or "refused" in shown else None)
+                shown = seen | {"proposed": current, "predicted_gain": 0.0, "layers_moved": 0, "refused": str(e)}
+            else:
+                shown = None if plan is None else seen | plan.summary()
+            self._proposal = (key, shown)
         return self._proposal[1]
 
 

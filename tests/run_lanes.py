@@ -4,14 +4,14 @@ The side lane holds the modules whose time is mostly waiting on clocks they do n
 node deaths, Ray's job API): about 200 s of wall time at about 60 % of one core. They start Ray clusters of their own
 (`ray start` on free ports, the testbed's in its own network namespaces); a module on the session's
 `ray.cluster_utils.Cluster` stays in the main lane, which holds the one such cluster (two at once broke the Ray
-pipeline tests' placement). The main lane's output streams as it
-runs; the side lane's is printed after it. Given test paths or node ids, one pytest runs exactly those.
+pipeline tests' placement). The main lane's output streams as it runs; the side lane's is printed after it. Given test paths or node ids, one pytest runs exactly those.
 
     python tests/run_lanes.py [pytest arguments ...]
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +30,7 @@ def combined(codes: list[int]) -> int:
 
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest"]
-    if any(a.startswith("tests") or "::" in a or a.endswith(".py") for a in args if not a.startswith("-")):
+    if any(os.path.exists(a.split("::")[0]) for a in args if not a.startswith("-")):  # test paths or node ids
         return subprocess.call([*pytest, *args])
     with tempfile.TemporaryFile("w+") as side_log:
         side = subprocess.Popen(

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 from defaults import scheduler_config
-from helpers import http, make_hf_checkpoint
+from helpers import make_hf_checkpoint
 from test_model_parity import ATOL, NEW_TOKENS, RecordingPipeline, check_against_hf
 
 from stagecoach.cluster.backends import LocalPipeline
@@ -66,13 +64,6 @@ def test_compiled_decode_equals_eager_and_hf_and_never_recompiles(hf_checkpoint)
     assert [r.compiled.steps for r in runners] == before  # the five decode together to the end: all eager
 
 
-def complete(server, prompt: list[int], sampling: dict) -> str:
-    from test_recovery import NEW_TOKENS as TOKENS
-
-    body = {"prompt": prompt, "max_tokens": TOKENS, "ignore_eos": True} | sampling
-    return http(server.port, "/v1/completions", body, key=None)[1]["choices"][0]["text"]
-
-
 def test_the_compile_switch():
     assert compile_enabled("auto", "cuda") and not compile_enabled("auto", "cpu")
     assert compile_enabled("on", "cpu") and not compile_enabled("off", "cuda")
@@ -84,7 +75,7 @@ def test_the_compile_switch():
 def test_compiled_stages_survive_a_stage_killed_mid_stream(ray_cluster, tmp_path_factory):
     """Three Ray stages, each compiled at start (one batch size, 4): the replacement compiles again, nothing is lost."""
     from test_recovery import PROMPTS as RECOVERY_PROMPTS
-    from test_recovery import SAMPLING, config_file, run_with_kill
+    from test_recovery import complete_at_once, config_file, run_with_kill
     from test_serve import Server
 
     tmp = tmp_path_factory.mktemp("compiled_recovery")
@@ -103,8 +94,7 @@ def test_compiled_stages_survive_a_stage_killed_mid_stream(ray_cluster, tmp_path
         server.wait_ready(timeout=300)
         assert "decode step compiled for batch sizes [4]" in server.log.read_text()
         # The fault-free reference, the four at once (test_recovery checks that one alone gives the same)
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            reference = list(pool.map(lambda i: complete(server, prompts[i], SAMPLING[i]), range(len(prompts))))
+        reference = complete_at_once(server.port, len(prompts))
         out, _ = run_with_kill(server, prompts, kill_stage=1, after_batches=30)
         for i, ref in enumerate(reference):
             text, events = out[i]

@@ -126,17 +126,23 @@ def server(model, ray_cluster, tmp_path_factory):
     s.stop()
 
 
+def complete(port: int, i: int) -> str:
+    """PROMPTS[i]'s text with SAMPLING[i], NEW_TOKENS tokens, in one request."""
+    body = {"prompt": PROMPTS[i], "max_tokens": NEW_TOKENS, "ignore_eos": True} | SAMPLING[i]
+    return http(port, "/v1/completions", body, key=None)[1]["choices"][0]["text"]
+
+
+def complete_at_once(port: int, count: int) -> list[str]:
+    """The first `count` prompts' texts, their requests sent together."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda i: complete(port, i), range(count)))
+
+
 @pytest.fixture(scope="module")
 def reference(server):
     """Fault-free outputs, the eight requests at once; a seeded one alone gives the same text as among the eight."""
-
-    def complete(i: int) -> str:
-        body = {"prompt": PROMPTS[i], "max_tokens": NEW_TOKENS, "ignore_eos": True} | SAMPLING[i]
-        return http(server.port, "/v1/completions", body, key=None)[1]["choices"][0]["text"]
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        texts = list(pool.map(complete, range(len(PROMPTS))))
-    assert complete(3) == texts[3]
+    texts = complete_at_once(server.port, len(PROMPTS))
+    assert complete(server.port, 3) == texts[3]
     return texts
 
 
