@@ -16,6 +16,8 @@ import os
 import secrets
 from pathlib import Path
 
+import torch
+
 from stagecoach.cluster.config import ClusterConfig
 from stagecoach.cluster.grpc_pipeline import GrpcPipeline
 from stagecoach.cluster.local_pipeline import LocalPipeline
@@ -26,6 +28,7 @@ from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.types import LayerRange
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import cpu_num_blocks
+from stagecoach.stage.loader import layer_weight_bytes, stage_weight_bytes
 from stagecoach.stage.testing_knobs import StageTesting
 from stagecoach.stage.worker import StagePlan, StageWorker
 
@@ -33,8 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
-    """The layer ranges of the config's split (or its balanced default: the last stage also pays for lm_head)."""
-    lm_head_cost = model.vocab_size * model.hidden_size / model.layer_num_params()
+    """The layer ranges of the config's split (or its balanced default: the last stage also pays for lm_head, in
+    layers' worth of the bytes it reads as loaded: a GGUF file's quantized layers and lm_head in their formats)."""
+    layers = layer_weight_bytes(model, 0, model.num_hidden_layers, torch.float32, config.model.path)
+    end = stage_weight_bytes(
+        model, model.num_hidden_layers - 1, model.num_hidden_layers, torch.float32, config.model.path
+    )
+    lm_head_cost = (end - layers[-1]) / (sum(layers) / len(layers))
     p = config.pipeline
     return partition_layers(model.num_hidden_layers, p.num_stages, last_stage_extra=lm_head_cost, layer_counts=p.layers)
 

@@ -263,6 +263,7 @@ class GrpcPipeline(Inbox):
                 i.memory_total_bytes,
                 kv_block_layer_bytes=i.kv_block_layer_bytes,
                 layer_weight_bytes=list(i.layer_weight_bytes),
+                weight_formats=dict(i.weight_formats),
             )
             for i in infos
         ]

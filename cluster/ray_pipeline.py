@@ -272,7 +272,14 @@ class RayPipeline(GrpcPipeline):
                     next_line = time.monotonic() + LOAD_LOG_EVERY_S
         results = [f.result() for f in loads]
         for i, r in enumerate(results):
-            log.warning("stage %d loaded %.2f GB of weights on %s", i, r.weight_bytes / 1e9, r.device)
+            formats = ", ".join(f"{fmt} {n / 1e9:.2f}" for fmt, n in sorted(r.formats.items()))
+            log.warning(
+                "stage %d loaded %.2f GB of weights on %s (GB by format: %s)",
+                i,
+                r.weight_bytes / 1e9,
+                r.device,
+                formats,
+            )
         return results
 
     def shutdown(self) -> None:

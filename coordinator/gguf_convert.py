@@ -9,6 +9,7 @@ decoder and the NFC normalizer that the GGUF metadata omits.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -16,87 +17,26 @@ from pathlib import Path
 import numpy as np
 
 from stagecoach.errors import CheckpointError
+from stagecoach.proto import gguf
 
 # Qwen2's pre-tokenizer split (llama.cpp's "qwen2" pre-tokenizer; the same as HF's tokenizer.json).
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _CONTROL, _USER_DEFINED, _UNUSED = 3, 4, 5
 
 
-def hf_name(gguf_name: str) -> str:
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise CheckpointError(f"GGUF tensor {gguf_name!r} has no Qwen2 counterpart")
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
-def hf_config(reader) -> dict:
-    arch = _field(reader, "general.architecture")
-    if arch != "qwen2":
-        raise CheckpointError(f"the GGUF file is a {arch!r} model; only qwen2 converts")
-    names = {t.name for t in reader.tensors}
-    eps = float(_field(reader, "qwen2.attention.layer_norm_rms_epsilon", 1e-6))
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_act": "silu",
-        "hidden_size": int(_field(reader, "qwen2.embedding_length")),
-        "intermediate_size": int(_field(reader, "qwen2.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, "qwen2.block_count")),
-        "num_attention_heads": int(_field(reader, "qwen2.attention.head_count")),
-        "num_key_value_heads": int(_field(reader, "qwen2.attention.head_count_kv")),
-        "max_position_embeddings": int(_field(reader, "qwen2.context_length", 32768)),
-        "rope_theta": float(_field(reader, "qwen2.rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(f"{eps:.6g}"),  # float32 1e-6 read back as 9.99999997e-07
-        "vocab_size": next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1].item(),
-        "tie_word_embeddings": "output.weight" not in names,
-        "use_sliding_window": False,
-        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id", 151643)),
-        "eos_token_id": int(_field(reader, "tokenizer.ggml.eos_token_id", 151645)),
-    }
-
-
-def build_tokenizer(reader):
+def build_tokenizer(g: gguf.GGUFFile):
     """A `tokenizers` Tokenizer equal to HF's Qwen2 tokenizer.json, from the GGUF vocabulary."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+    if g.get("tokenizer.ggml.model") != "gpt2":
         raise CheckpointError("the GGUF tokenizer is not byte-level BPE (tokenizer.ggml.model != gpt2)")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    types = _field(reader, "tokenizer.ggml.token_type")
-    merges = _field(reader, "tokenizer.ggml.merges")
+    tokens = g.get("tokenizer.ggml.tokens")
+    types = g.get("tokenizer.ggml.token_type")
+    merges = g.get("tokenizer.ggml.merges")
     num_regular = next((i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED, _UNUSED)), len(tokens))
     vocab = {tokens[i]: i for i in range(num_regular)}
     tok = Tokenizer(
@@ -131,11 +71,11 @@ def build_tokenizer(reader):
     return tok, [(i, tokens[i], types[i] != _USER_DEFINED) for i in range(num_regular, len(tokens))]
 
 
-def _write_tokenizer(reader, out: Path, config: dict) -> None:
-    tok, added = build_tokenizer(reader)
+def _write_tokenizer(g: gguf.GGUFFile, out: Path, config: dict) -> None:
+    tok, added = build_tokenizer(g)
     tok.save(str(out / "tokenizer.json"))
     id_to_text = {i: text for i, text, _ in added}
-    template = _field(reader, "tokenizer.chat_template")
+    template = g.get("tokenizer.chat_template")
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -154,7 +94,7 @@ def _write_tokenizer(reader, out: Path, config: dict) -> None:
                 "bos_token": None,
                 "eos_token": id_to_text.get(config["eos_token_id"], "<|im_end|>"),
                 "pad_token": id_to_text.get(
-                    int(_field(reader, "tokenizer.ggml.padding_token_id", config["bos_token_id"])), "<|endoftext|>"
+                    int(g.get("tokenizer.ggml.padding_token_id", config["bos_token_id"])), "<|endoftext|>"
                 ),
                 "unk_token": None,
                 "chat_template": template,
@@ -168,44 +108,40 @@ def _write_tokenizer(reader, out: Path, config: dict) -> None:
     )
 
 
-def _write_safetensors(reader, path: Path, dtype: str) -> None:
+def _write_safetensors(g: gguf.GGUFFile, path: Path, dtype: str) -> None:
     """Streams every tensor into one safetensors file: header first, then each dequantized tensor."""
     import torch
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     code = {"float32": "F32", "bfloat16": "BF16"}[dtype]
     entries, offset = [], 0
-    for t in sorted(reader.tensors, key=lambda t: hf_name(t.name)):
-        shape = [int(d) for d in reversed(t.shape.tolist())]  # GGUF lists dimensions innermost first
-        nbytes = int(np.prod(shape)) * torch_dtype.itemsize
-        entries.append((t, hf_name(t.name), shape, offset, offset + nbytes))
+    for name, t in sorted(g.tensors.items()):
+        if t.type not in gguf.TYPES:
+            raise CheckpointError(f"{g.path}: tensor {t.name} is {t.type_name}, which does not convert")
+        nbytes = int(np.prod(t.shape)) * torch_dtype.itemsize
+        entries.append((t, name, offset, offset + nbytes))
         offset += nbytes
-    header = {
-        name: {"dtype": code, "shape": shape, "data_offsets": [begin, end]} for _, name, shape, begin, end in entries
-    }
+    header = {name: {"dtype": code, "shape": list(t.shape), "data_offsets": [b, e]} for t, name, b, e in entries}
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    data = np.memmap(g.path, dtype=np.uint8, mode="r")
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for t, _name, shape, begin, end in entries:
-            # Row blocks of about 4M values keep the dequantization temporaries small.
-            rows = t.data.shape[0] if t.data.ndim > 1 else 1
-            step = max(1, (4 << 20) // max(1, int(np.prod(shape)) // rows))
+        for t, _name, begin, end in entries:
+            rows = t.shape[0] if len(t.shape) > 1 else 1
+            blocks = data[t.begin : t.end].reshape(rows, -1)  # [rows, bytes per row]
+            step = max(1, (4 << 20) // max(1, int(np.prod(t.shape)) // rows))  # about 4M values at a time
             written = 0
             for start in range(0, rows, step):
-                part = t.data[start : start + step] if t.data.ndim > 1 else t.data
-                values = np.ascontiguousarray(
-                    dequantize(part, t.tensor_type), dtype=np.float32
-                )  # [out, in] rows, as HF
-                if not values.flags.writeable:  # an unquantized tensor comes back as a view of the read-only file
-                    values = values.copy()
-                block = torch.from_numpy(values).to(torch_dtype)
-                data = block.view(-1).view(torch.uint8).numpy()
-                f.write(memoryview(data))
-                written += data.nbytes
+                values = dequantize(blocks[start : start + step], GGMLQuantizationType(t.type))
+                block = torch.from_numpy(np.array(values, dtype=np.float32)).to(torch_dtype)
+                out = block.view(-1).view(torch.uint8).numpy()
+                f.write(memoryview(out))
+                written += out.nbytes
             if written != end - begin:
                 raise CheckpointError(f"GGUF tensor {t.name} dequantized to {written} bytes, expected {end - begin}")
 
@@ -217,28 +153,44 @@ def convert_gguf(
 
     Written into a sibling temporary folder and renamed at the end: out_dir is either complete or absent.
     """
-    from gguf import GGUFReader
-
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        reader = GGUFReader(str(gguf_path))
-        config = hf_config(reader) | {"torch_dtype": dtype}
+        g = gguf.read_gguf(gguf_path)
+        config = gguf.hf_config(g) | {"torch_dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        gen = {
-            "bos_token_id": config["bos_token_id"],
-            "eos_token_id": [config["eos_token_id"], config["bos_token_id"]],
-            "pad_token_id": config["bos_token_id"],
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(gen | (generation_config or {}), indent=2))
-        _write_tokenizer(reader, tmp, config)
-        _write_safetensors(reader, tmp / "model.safetensors", dtype)
-        del reader
+        write_tokenizer_files(g, tmp, generation_config)
+        _write_safetensors(g, tmp / "model.safetensors", dtype)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_tokenizer_files(g: gguf.GGUFFile, out: Path, generation_config: dict | None = None) -> None:
+    """tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json from the metadata."""
+    config = gguf.hf_config(g)
+    gen = {
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": [config["eos_token_id"], config["bos_token_id"]],
+        "pad_token_id": config["bos_token_id"],
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen | (generation_config or {}), indent=2))
+    _write_tokenizer(g, out, config)
+
+
+def tokenizer_dir(path: Path, cache: Path) -> Path:
+    """A folder with the tokenizer files of a GGUF file's metadata, written once into `cache` (keyed by its header)."""
+    g = gguf.read_gguf(path)
+    out = cache / f"{path.stem}-{gguf.fingerprint(path)}"
+    if not (out / "tokenizer.json").is_file():
+        tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_tokenizer_files(g, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out

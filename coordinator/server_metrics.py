@@ -174,6 +174,7 @@ def _stage_row(s, state: str, t: dict, kv_blocks_used: int) -> dict:
         "pid": s.pid,
         "device": s.device,
         "weight_bytes": s.weight_bytes,
+        "weight_formats": s.weight_formats,
         "memory_used_bytes": s.memory_used_bytes,
         "memory_total_bytes": s.memory_total_bytes,
         "kv_blocks_total": s.num_kv_blocks,

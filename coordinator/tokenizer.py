@@ -6,7 +6,10 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from stagecoach.coordinator.demo_model import cache_root
+from stagecoach.coordinator.gguf_convert import tokenizer_dir
 from stagecoach.errors import CheckpointError, RequestError
+from stagecoach.proto import gguf
 
 
 def _token_text(value) -> str | None:
@@ -40,12 +43,15 @@ def _compile_template(source: str):
 
 
 class Tokenizer:
-    """A checkpoint folder's tokenizer.json, tokenizer_config.json and generation_config.json."""
+    """A checkpoint folder's tokenizer.json, tokenizer_config.json and generation_config.json (a GGUF file's, from its
+    metadata, where the folder has none)."""
 
     def __init__(self, model_dir: str | Path) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").is_file() and (found := gguf.find_gguf(model_dir)) is not None:
+            model_dir = tokenizer_dir(found, cache_root() / "gguf-tokenizers")  # from the file's metadata
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise CheckpointError(f"{path} not found: the checkpoint folder needs a tokenizer.json")

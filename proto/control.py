@@ -8,7 +8,7 @@ over the stage's gRPC link, the path the microbatches take.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from stagecoach.proto.types import LayerRange
@@ -21,6 +21,7 @@ class Loaded:
     weight_bytes: int
     kv_blocks: int
     device: str
+    formats: dict[str, int] = field(default_factory=dict)  # weight_bytes by format (float32, int8/32, …)
 
 
 @dataclass(slots=True, frozen=True)

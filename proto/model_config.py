@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagecoach.errors import ConfigError
+from stagecoach.proto import gguf
 
 
 @dataclass(slots=True)
@@ -80,9 +81,12 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        """From a checkpoint folder's config.json, or from a GGUF file's metadata (the file, or a folder holding one)."""
+        if (found := gguf.find_gguf(model_dir)) is not None:
+            return cls.from_hf_dict(gguf.hf_config(gguf.read_gguf(found)))
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{path} not found: --model must name a Hugging Face checkpoint folder")
+            raise ConfigError(f"{path} not found: --model must name a Hugging Face checkpoint folder or a GGUF file")
         return cls.from_hf_dict(json.loads(path.read_text()))
 
     def layer_num_params(self) -> int:

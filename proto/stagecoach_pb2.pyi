@@ -189,7 +189,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("index", "layer_start", "layer_end", "device", "weight_bytes", "memory_total_bytes", "memory_used_bytes", "num_kv_blocks", "block_size", "address", "pid", "schema_version", "checkpoint_fingerprint", "node_id", "dtype", "kv_block_layer_bytes", "layer_weight_bytes")
+    __slots__ = ("index", "layer_start", "layer_end", "device", "weight_bytes", "memory_total_bytes", "memory_used_bytes", "num_kv_blocks", "block_size", "address", "pid", "schema_version", "checkpoint_fingerprint", "node_id", "dtype", "kv_block_layer_bytes", "layer_weight_bytes", "weight_formats")
+    class WeightFormatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +214,7 @@ class StageInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYER_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMATS_FIELD_NUMBER: _ClassVar[int]
     index: int
     layer_start: int
     layer_end: int
@@ -224,7 +232,8 @@ class StageInfo(_message.Message):
     dtype: str
     kv_block_layer_bytes: int
     layer_weight_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ..., checkpoint_fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_block_layer_bytes: _Optional[int] = ..., layer_weight_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    weight_formats: _containers.ScalarMap[str, int]
+    def __init__(self, index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., schema_version: _Optional[_Union[SchemaVersion, str]] = ..., checkpoint_fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_block_layer_bytes: _Optional[int] = ..., layer_weight_bytes: _Optional[_Iterable[int]] = ..., weight_formats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

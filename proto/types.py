@@ -107,6 +107,7 @@ class StageSummary:
     errors: int = 0  # from its latest health check
     kv_block_layer_bytes: int = 0  # one KV block of one layer
     layer_weight_bytes: list[int] = field(default_factory=list)  # each of its decoder layers' weights, in order
+    weight_formats: dict[str, int] = field(default_factory=dict)  # weight_bytes by format (float32, int8/32, …)
 
     def as_json(self) -> dict:
         out = {"index": self.index, "layers": list(self.layers)}

@@ -1,6 +1,6 @@
 """Builds a stage's small C++/OpenMP kernels (stage/csrc/*.cpp) on first use (cached by torch), or says once why it could not.
 
-Both kernels (paged attention, the sampler's scan) are one extension: compiling one file parses torch's headers once,
+The kernels (paged attention, the sampler's scan, the quantized product) are one extension: compiling one file parses torch's headers once,
 about half of a build's minute here.
 """
 
@@ -15,13 +15,15 @@ from pathlib import Path
 CSRC = Path(__file__).parent / "csrc"  # the kernels' C++ sources, shipped as package data
 
 
-NAME = "stagecoach_kernels_v13"
-FUNCTIONS = ["paged_decode", "paged_prefill", "scan"]
+NAME = "stagecoach_kernels_v14"
+FUNCTIONS = ["paged_decode", "paged_prefill", "scan", "quant_linear"]
 
 
 def source() -> str:
     """The kernels' C++ source: what they share (csrc/prelude.h), then each one's."""
-    return "".join((CSRC / name).read_text() for name in ("prelude.h", "paged_attention.cpp", "sampler.cpp"))
+    return "".join(
+        (CSRC / name).read_text() for name in ("prelude.h", "paged_attention.cpp", "sampler.cpp", "quantized.cpp")
+    )
 
 
 STALE_LOCK_S = 600.0  # a build takes about a minute here: a lock this old was left by a builder that was killed

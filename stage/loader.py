@@ -1,15 +1,17 @@
-"""Loads one stage's weights from a Hugging Face safetensors checkpoint, reading only the tensors it owns.
+"""Loads one stage's weights from a Hugging Face safetensors checkpoint or a GGUF file, reading only the tensors it owns.
 
 The safetensors format is an 8-byte header length, a JSON header of `{name: {dtype, shape,
 data_offsets}}`, then raw little-endian data. Reading each owned tensor straight into its own
 buffer (no memory map) keeps resident memory near the stage's weight bytes, and shards that hold
-none of the stage's tensors are never opened.
+none of the stage's tensors are never opened. A GGUF file's tensors are read the same way, by the offsets in its header;
+its quantized ones stay quantized (stage/quantized.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +20,12 @@ from pathlib import Path
 import torch
 
 from stagecoach.errors import CheckpointError
+from stagecoach.proto import gguf
 from stagecoach.proto.model_config import ModelConfig
+from stagecoach.stage import quantized
 from stagecoach.stage.model import RotaryEmbedding, StageModel
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -130,22 +136,48 @@ def stage_tensor_specs(config: ModelConfig, layer_start: int, layer_end: int) ->
     return specs
 
 
-def stage_weight_bytes(config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype) -> int:
-    """Bytes of the stage's weights once loaded in dtype (a tied lm_head shared with embed_tokens counts once)."""
+def stage_weight_bytes(
+    config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype, model_dir: str | Path | None = None
+) -> int:
+    """Bytes of the stage's weights once loaded in dtype (a tied lm_head shared with embed_tokens counts once); a GGUF
+    file's quantized tensors count in their formats."""
+    return sum(n for _, n in _loaded_tensors(config, layer_start, layer_end, dtype, model_dir).values())
+
+
+def weight_formats(
+    config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype, model_dir: str | Path | None = None
+) -> dict[str, int]:
+    """The stage's weight bytes by the format they are held in (float32, int8/32, …)."""
+    out: dict[str, int] = {}
+    for fmt, nbytes in _loaded_tensors(config, layer_start, layer_end, dtype, model_dir).values():
+        out[fmt] = out.get(fmt, 0) + nbytes
+    return out
+
+
+def layer_weight_bytes(
+    config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype, model_dir: str | Path | None = None
+) -> list[int]:
+    """Bytes of each decoder layer's weights in [layer_start, layer_end), as loaded."""
+    return [stage_weight_bytes(config, n, n + 1, dtype, model_dir) for n in range(layer_start, layer_end)]
+
+
+def _loaded_tensors(config, layer_start, layer_end, dtype, model_dir) -> dict[str, tuple[str, int]]:
+    """Each tensor the stage holds: (format, bytes)."""
     specs = stage_tensor_specs(config, layer_start, layer_end)
     if config.tie_word_embeddings and "model.embed_tokens.weight" in specs:
         specs.pop("lm_head.weight", None)
-    return sum(_numel(shape) for shape in specs.values()) * dtype.itemsize
-
-
-def layer_weight_bytes(config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype) -> list[int]:
-    """Bytes of each decoder layer's weights in [layer_start, layer_end), in dtype."""
-    out = []
-    for n in range(layer_start, layer_end):
-        prefix = f"model.layers.{n}."
-        specs = stage_tensor_specs(config, n, n + 1)
-        out.append(sum(_numel(shape) for name, shape in specs.items() if name.startswith(prefix)) * dtype.itemsize)
-    return out
+    path = gguf.find_gguf(model_dir) if model_dir is not None else None
+    if path is None:
+        return {
+            name: (str(dtype).removeprefix("torch."), _numel(shape) * dtype.itemsize) for name, shape in specs.items()
+        }
+    tensors = gguf.read_gguf(path).tensors
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    return {
+        name: quantized.loaded_format(tensors[tied.get(name, name)].type_name, shape, dtype)
+        for name, shape in specs.items()
+        if tied.get(name, name) in tensors
+    }
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -170,10 +202,12 @@ def load_stage_weights(
     progress, if given, is called with the bytes of each tensor once it is loaded.
     """
     model_dir = Path(model_dir)
-    weight_map = checkpoint_weight_map(model_dir)
     specs = stage_tensor_specs(config, layer_start, layer_end)
     if only is not None:
         specs = {name: shape for name, shape in specs.items() if name in only}
+    if (path := gguf.find_gguf(model_dir)) is not None:
+        return _load_gguf(path, config, specs, dtype, device, progress)
+    weight_map = checkpoint_weight_map(model_dir)
     source = {name: name for name in specs}
     if "lm_head.weight" in specs and config.tie_word_embeddings and "lm_head.weight" not in weight_map:
         source["lm_head.weight"] = "model.embed_tokens.weight"
@@ -210,6 +244,52 @@ def load_stage_weights(
     return {name: loaded[src] for name, src in source.items()}
 
 
+def _load_gguf(
+    path: Path, config, specs, dtype, device, progress
+) -> dict[str, torch.Tensor | quantized.QuantizedWeight]:
+    """The stage's tensors from a GGUF file: F32/F16 and vectors in dtype, quantized matrices in their formats."""
+    g = gguf.read_gguf(path)
+    source = {name: name for name in specs}
+    if "lm_head.weight" in specs and "lm_head.weight" not in g.tensors and config.tie_word_embeddings:
+        source["lm_head.weight"] = "model.embed_tokens.weight"
+    missing = sorted(name for name in specs if source[name] not in g.tensors)
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) this stage needs: {', '.join(missing[:8])}")
+    for name in specs:
+        t = g.tensors[source[name]]
+        if t.shape != specs[name]:
+            raise CheckpointError(f"{path}: tensor {t.name} has shape {list(t.shape)}, expected {list(specs[name])}")
+        if t.type not in gguf.TYPES or (t.type_name not in ("F32", "F16") and len(t.shape) != 2):
+            raise CheckpointError(
+                f"{path}: tensor {t.name} is {t.type_name}; served types are {', '.join(n for n, _, _ in gguf.TYPES.values())}"
+            )
+    loaded: dict[str, object] = {}
+    summary: dict[tuple[str, str], list[int]] = {}
+    with open(path, "rb", buffering=0) as f:
+        for src in sorted(set(source.values()), key=lambda n: g.tensors[n].begin):
+            t = g.tensors[src]
+            raw = read_tensor(f, TensorInfo(torch.uint8, (t.end - t.begin,), t.begin, t.end))
+            if t.type_name in ("F32", "F16"):
+                value = raw.view(torch.float32 if t.type_name == "F32" else torch.float16).view(t.shape)
+                loaded[src] = value.to(device=device, dtype=dtype)
+            else:
+                loaded[src] = quantized.from_gguf(raw, t.type_name, t.shape, t.name).to(device)
+            fmt, nbytes = quantized.loaded_format(t.type_name, t.shape, dtype)
+            row = summary.setdefault((t.type_name, fmt), [0, 0, 0])
+            row[0], row[1], row[2] = row[0] + 1, row[1] + t.end - t.begin, row[2] + nbytes
+            if progress is not None:
+                progress(nbytes)
+    log.info(
+        "read %s: %s",
+        path.name,
+        "; ".join(
+            f"{kind} ×{n} ({file_bytes / 2**20:.1f} MiB) → {fmt} ({held / 2**20:.1f} MiB)"
+            for (kind, fmt), (n, file_bytes, held) in sorted(summary.items())
+        ),
+    )
+    return {name: loaded[src] for name, src in source.items()}
+
+
 def load_stage_model(
     model_dir: str | Path,
     layer_start: int,
@@ -224,7 +304,7 @@ def load_stage_model(
     with torch.device("meta"):
         model = StageModel(config, layer_start, layer_end)
     state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(quantized.install(model, state), strict=True, assign=True)
     # The rotary buffer is derived, not stored: build it for real on the target device.
     with torch.device(device):
         model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
@@ -258,7 +338,7 @@ def change_layers(
     owned = {name for name, p in new.named_parameters() if not p.is_meta}
     gained = set(stage_tensor_specs(config, layer_start, layer_end)) - owned
     state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress, only=gained)
-    new.load_state_dict(state, strict=False, assign=True)
+    new.load_state_dict(quantized.install(new, state), strict=False, assign=True)
     still_meta = [name for name, p in new.named_parameters() if p.is_meta]
     assert not still_meta, f"tensors neither kept nor loaded: {still_meta[:4]}"
     new.rotary_emb = model.rotary_emb
@@ -268,6 +348,8 @@ def change_layers(
 def checkpoint_fingerprint(model_dir: str | Path) -> str:
     """A short hash of config.json and the safetensors headers: equal checkpoints give equal fingerprints."""
     model_dir = Path(model_dir)
+    if (path := gguf.find_gguf(model_dir)) is not None:
+        return gguf.fingerprint(path)
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for shard in sorted(set(checkpoint_weight_map(model_dir).values())):
         with open(model_dir / shard, "rb") as f:

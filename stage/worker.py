@@ -27,6 +27,7 @@ from stagecoach.stage.loader import (
     layer_weight_bytes,
     load_stage_model,
     stage_weight_bytes,
+    weight_formats,
 )
 from stagecoach.stage.loop import StageLoop
 from stagecoach.stage.model import AttentionMetadata
@@ -131,7 +132,9 @@ class StageWorker:
         self.server = None
         self.servicer: StageServicer | None = None
         self.address = ""
-        self.weight_bytes = stage_weight_bytes(self.config, plan.layer_start, plan.layer_end, self.dtype)
+        self.weight_bytes = stage_weight_bytes(
+            self.config, plan.layer_start, plan.layer_end, self.dtype, plan.model_dir
+        )
         self.loaded_bytes = 0  # grows while load() reads the weights
         self.fingerprint = checkpoint_fingerprint(plan.model_dir)
 
@@ -159,7 +162,7 @@ class StageWorker:
         by default for the plan's layers, else for [layer_start, layer_end) (a rebalance's check)."""
         p, c = self.plan, self.config
         start, end = (p.layer_start, p.layer_end) if layer_start is None else (layer_start, layer_end)
-        weights = stage_weight_bytes(c, start, end, self.dtype)
+        weights = stage_weight_bytes(c, start, end, self.dtype, p.model_dir)
         blocks = max(min_blocks, -(-p.max_batch_tokens // p.block_size))
         kv = blocks * KVCache.bytes_per_block(end - start, p.block_size, c.num_key_value_heads, c.head_dim, self.dtype)
         budget = self.memory_budget()
@@ -179,7 +182,11 @@ class StageWorker:
         self.model = load_stage_model(
             p.model_dir, p.layer_start, p.layer_end, self.dtype, self.device, self.config, progress=self._loaded
         )
-        return Loaded(self.weight_bytes, self.kv_capacity(), str(self.device))
+        return Loaded(self.weight_bytes, self.kv_capacity(), str(self.device), self.weight_formats())
+
+    def weight_formats(self) -> dict[str, int]:
+        p = self.plan
+        return weight_formats(self.config, p.layer_start, p.layer_end, self.dtype, p.model_dir)
 
     def _loaded(self, nbytes: int) -> None:
         self.loaded_bytes += nbytes
@@ -258,8 +265,8 @@ class StageWorker:
         self.model = change_layers(self.model, layer_start, layer_end, p.model_dir, self.dtype, self.device)
         p.layer_start, p.layer_end = layer_start, layer_end
         self.servicer.info.layer_start, self.servicer.info.layer_end = layer_start, layer_end
-        self.weight_bytes = stage_weight_bytes(self.config, layer_start, layer_end, self.dtype)
-        return Loaded(self.weight_bytes, self.kv_capacity(), str(self.device))
+        self.weight_bytes = stage_weight_bytes(self.config, layer_start, layer_end, self.dtype, p.model_dir)
+        return Loaded(self.weight_bytes, self.kv_capacity(), str(self.device), self.weight_formats())
 
     def resize(self, num_blocks: int, min_batch_id: int) -> None:
         """A KV cache of num_blocks blocks for the layers it holds (after `set_layers`, or when the pipeline's block count fell)."""
@@ -291,6 +298,7 @@ class StageWorker:
             layer_end=self.plan.layer_end,
             device=str(self.device),
             weight_bytes=self.weight_bytes,
+            weight_formats=self.weight_formats(),
             memory_total_bytes=mem_total,
             memory_used_bytes=mem_used,
             num_kv_blocks=num_blocks,
@@ -304,7 +312,9 @@ class StageWorker:
             kv_block_layer_bytes=KVCache.bytes_per_block(
                 1, self.plan.block_size, self.config.num_key_value_heads, self.config.head_dim, self.dtype
             ),
-            layer_weight_bytes=layer_weight_bytes(self.config, self.plan.layer_start, self.plan.layer_end, self.dtype),
+            layer_weight_bytes=layer_weight_bytes(
+                self.config, self.plan.layer_start, self.plan.layer_end, self.dtype, self.plan.model_dir
+            ),
         )
 
     def stop(self) -> None:

@@ -1,4 +1,5 @@
-"""The demo model: hash-pinned parts from PyPI, GGUF → HF conversion, and real text through the Ray pipeline."""
+"""The demo model: hash-pinned parts from PyPI, served as its GGUF file (quantized) and converted to float (the
+reference), and real text through the Ray pipeline."""
 
 from __future__ import annotations
 
@@ -25,10 +26,18 @@ PROMPT_16 = [9707, 11, 1879, 0, 3555, 374, 279, 6722, 315, 9625, 30, 21806, 304,
 @pytest.fixture(scope="module")
 def demo_dir():
     """Downloads (about 470 MiB from the package registry) and converts once; later runs reuse the cache."""
+    return demo_model.fetch_demo_model(dequantize=True)
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(demo_dir):
+    """The folder `make demo` serves: the GGUF file itself, its tokenizer files and Qwen's sampling defaults."""
     return demo_model.fetch_demo_model()
 
 
-def test_logits_match_transformers_gguf_loading(demo_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def transformers_logits():
+    """transformers' own GGUF loading (its dequantization) of the demo file: the logits of PROMPT_16."""
     import functools
 
     import gguf as gguf_package
@@ -36,12 +45,17 @@ def test_logits_match_transformers_gguf_loading(demo_dir, monkeypatch):
 
     # transformers reads the file's metadata twice (for the config, then the weights), each parse ~20 s of Python over
     # the 151,936-token vocabulary: the same reader serves both.
-    monkeypatch.setattr(gguf_package, "GGUFReader", functools.cache(gguf_package.GGUFReader))
-    gguf = demo_model.gguf_file(demo_dir)
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_package, "GGUFReader", functools.cache(gguf_package.GGUFReader))
+        gguf = demo_model.gguf_file()
+        reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = reference(torch.tensor([PROMPT_16])).logits[0]
-    del reference
+        return reference(torch.tensor([PROMPT_16])).logits[0]
+
+
+@pytest.mark.parametrize("served", ["gguf", "float32"])
+def test_logits_match_transformers_gguf_loading(served, demo_dir, gguf_dir, transformers_logits):
+    ref = transformers_logits
 
     class Recording(LocalPipeline):
         def submit(self, batch):
@@ -49,28 +63,31 @@ def test_logits_match_transformers_gguf_loading(demo_dir, monkeypatch):
                 chunk.score_rows = True  # every row's logits, not only the sampled ones
             super().submit(batch)
 
-    pipe = Recording.load(demo_dir, ranges_from_counts([12, 12], 24), num_blocks=8, block_size=16)
+    model = gguf_dir if served == "gguf" else demo_dir  # quantized products, or the float32 conversion's
+    pipe = Recording.load(model, ranges_from_counts([12, 12], 24), num_blocks=8, block_size=16)
     engine = Engine(pipe, scheduler_config(8, block_size=16))
     engine.generate([PROMPT_16], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])
     ours = pipe.last_logits
     err = (ours - ref).abs().max().item()
-    print(f"demo model vs transformers GGUF loading: max abs logit difference {err:.3g} over 16 positions")
+    print(f"demo model ({served}) vs transformers GGUF loading: max abs logit difference {err:.3g} over 16 positions")
     # oneDNN's prepacked products sum in another order than transformers' (MKL): 1.5e-3 on an AVX2-only CPU, at the one
     # position whose activations are large ("!" after "Hello, world"; logits up to 21.6), 5e-5 at the others.
     assert err <= 2.5e-3
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-def test_ray_two_stages_answer_paris_like_transformers(demo_dir, ray_cluster):
+def test_ray_two_stages_answer_paris_like_transformers(demo_dir, gguf_dir, ray_cluster):
+    """The GGUF file on its own (`--model file.gguf`: config, tokenizer and template from its metadata), quantized."""
     from transformers import AutoModelForCausalLM
 
     from stagecoach.cluster.config import CacheSection, ClusterConfig, ModelSection, PipelineSection, TransportSection
     from stagecoach.cluster.ray_pipeline import RayPipeline
 
-    tokenizer = Tokenizer(demo_dir)
+    tokenizer = Tokenizer(demo_model.gguf_file())
     prompt = tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
+    assert prompt == Tokenizer(demo_dir).encode_chat([{"role": "user", "content": QUESTION}])
     config = ClusterConfig(
-        model=ModelSection(path=str(demo_dir)),
+        model=ModelSection(path=str(demo_model.gguf_file())),
         pipeline=PipelineSection(num_stages=2, gpus_per_stage=0, placement="pack", device="cpu"),
         cache=CacheSection(max_tokens=1024),
         transport=TransportSection(host="127.0.0.1"),
@@ -93,8 +110,8 @@ def test_ray_two_stages_answer_paris_like_transformers(demo_dir, ray_cluster):
     assert seq.output_token_ids == hf_greedy(reference, prompt, 24)[0]
 
 
-def test_tokenizer_equals_qwen_and_normalizes(demo_dir):
-    tok = Tokenizer(demo_dir)
+def test_tokenizer_equals_qwen_and_normalizes(gguf_dir):
+    tok = Tokenizer(gguf_dir)
     assert tok.encode("Hello, world!") == [9707, 11, 1879, 0]
     assert tok.encode("e\u0301") == tok.encode("\u00e9")  # NFC: a decomposed é tokenizes as the composed one
     require_shared(QWEN_DIR / "tokenizer.json")
