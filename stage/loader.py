@@ -336,12 +336,13 @@ def change_layers(
     if new.is_last and model.is_last:
         new.model.norm, new.lm_head = model.model.norm, model.lm_head
     owned = {name for name, p in new.named_parameters() if not p.is_meta}
+    owned |= {f"{name}.weight" for name, m in new.named_modules() if getattr(m, "qweight", None) is not None}
     gained = set(stage_tensor_specs(config, layer_start, layer_end)) - owned
     state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress, only=gained)
     new.load_state_dict(quantized.install(new, state), strict=False, assign=True)
-    still_meta = [name for name, p in new.named_parameters() if p.is_meta]
-    assert not still_meta, f"tensors neither kept nor loaded: {still_meta[:4]}"
     new.rotary_emb = model.rotary_emb
+    still_meta = [name for name, p in [*new.named_parameters(), *new.named_buffers()] if p.is_meta]
+    assert not still_meta, f"tensors neither kept nor loaded: {still_meta[:4]}"
     return new.eval().requires_grad_(False)
 
 

@@ -190,26 +190,22 @@ class QuantizedLinear(nn.Module):
         return cls(in_features, out_features, bias, weight.group, weight.int4, weight.offsets is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = cpu_kernel() if x.device.type == "cpu" else None
-        if kernel is None:
-            weight = dequantize(self.qweight, self.scales, self.offsets, self.int4).to(x.dtype)
-            return F.linear(x, weight, self.bias)
-        rows = x.reshape(-1, self.in_features).float()
-        bias = None if self.bias is None else self.bias.float()
-        if torch.compiler.is_compiling():  # one opaque operator, as packed_linear
-            out = torch.ops.stagecoach.quant_linear(
-                rows, self.qweight, self.scales, self.offsets, bias, self.group, self.int4
-            )
-        else:
-            out = quant_product(kernel, rows, self.qweight, self.scales, self.offsets, bias, self.group, self.int4)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        args = (rows, self.qweight, self.scales, self.offsets, self.bias, self.group, self.int4)
+        # In a compiled step one opaque operator, as packed_linear.
+        out = torch.ops.stagecoach.quant_linear(*args) if torch.compiler.is_compiling() else quant_product(*args)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
-def quant_product(kernel, x, qweight, scales, offsets, bias, group: int, int4: bool) -> torch.Tensor:
+def quant_product(x, qweight, scales, offsets, bias, group: int, int4: bool) -> torch.Tensor:
+    """x [rows, in] times the format's matrix (+ bias): the C++ product on CPU, else the dequantized matrix's."""
+    kernel = cpu_kernel() if x.device.type == "cpu" else None
+    if kernel is None:
+        return F.linear(x, dequantize(qweight, scales, offsets, int4).to(x.dtype), bias)
     none = torch.empty(0)
-    return kernel.quant_linear(
-        x, qweight, scales, none if offsets is None else offsets, none if bias is None else bias, group, int4
-    )
+    offsets = none if offsets is None else offsets
+    bias = none if bias is None else bias.float()
+    return kernel.quant_linear(x.float(), qweight, scales, offsets, bias, group, int4).to(x.dtype)
 
 
 @torch.library.custom_op("stagecoach::quant_linear", mutates_args=())
@@ -223,7 +219,7 @@ def quant_linear(
     int4: bool,
 ) -> torch.Tensor:
     """QuantizedLinear's product in a compiled step."""
-    return quant_product(cpu_kernel(), x, qweight, scales, offsets, bias, group, int4)
+    return quant_product(x, qweight, scales, offsets, bias, group, int4)
 
 
 @quant_linear.register_fake

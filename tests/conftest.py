@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, free_port, make_hf_checkpoint, require_shared  # noqa: F401  (re-exported)
+from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, free_port, make_gguf_checkpoint, make_hf_checkpoint, require_shared  # noqa: F401
 
 # Parity needs the same kernels on both sides: one thread, so reductions run in one order.
 torch.set_num_threads(1)
@@ -40,13 +40,15 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
-    """Factory: (key, **config) → (folder, HF model); each distinct key is built once per session."""
+    """Factory: (key, **config) → (folder, HF model); each distinct key is built once per session. A key starting with
+    "gguf" gives a GGUF file in every served type (helpers.make_gguf_checkpoint) and HF on its dequantized values."""
     cache: dict[str, tuple[Path, torch.nn.Module]] = {}
 
     def get(key: str, **kwargs):
         if key not in cache:
             path = tmp_path_factory.mktemp(key)
-            cache[key] = (path, make_hf_checkpoint(path, **kwargs))
+            make = make_gguf_checkpoint if key.startswith("gguf") else lambda p, **kw: (p, make_hf_checkpoint(p, **kw))
+            cache[key] = make(path, **kwargs)
         return cache[key]
 
     return get

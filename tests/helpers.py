@@ -63,6 +63,50 @@ def make_hf_checkpoint(path: Path, seed: int = 0, max_shard_size=None, std: floa
     return model
 
 
+# Every served GGUF type on some tensor of a tiny model (K-types need rows of 256: hidden 256, intermediate 512).
+GGUF_TYPES = {
+    "token_embd.weight": "Q5_0",
+    "output.weight": "Q8_0",
+    "attn_q.weight": "Q4_0",
+    "attn_k.weight": "Q5_K",
+    "attn_v.weight": "Q8_0",
+    "attn_output.weight": "F16",
+    "ffn_gate.weight": "Q4_K",
+    "ffn_up.weight": "Q5_0",
+    "ffn_down.weight": "Q6_K",
+    "blk.1.ffn_down.weight": "Q4_K",
+    "blk.2.attn_q.weight": "F32",
+}
+
+
+def make_gguf_checkpoint(path: Path, num_hidden_layers: int = 4, seed: int = 0, types=None, **config_kwargs):
+    """A folder holding a random tiny Qwen2 GGUF file in every served type (tests/gguf_files.py writes the blocks by
+    hand) and its tokenizer files; returns (the file, transformers' model on the same values dequantized)."""
+    from gguf_files import hf_reference, write_qwen2_gguf
+
+    special = write_tokenizer_files(path)
+    config = (
+        dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=400,
+            max_position_embeddings=256,
+            rope_theta=1e6,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            bos_token_id=special["<|endoftext|>"],
+            eos_token_id=special["<|im_end|>"],
+        )
+        | config_kwargs
+    )
+    gguf_path = path / "tiny.gguf"
+    state = write_qwen2_gguf(gguf_path, config, types or GGUF_TYPES, seed=seed, tokenizer_dir=path)
+    return gguf_path, hf_reference(config, state)
+
+
 def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     """HF with its own KV cache: greedy ids and the logits of every prompt position and decode step."""
     with torch.no_grad():

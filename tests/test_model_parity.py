@@ -81,6 +81,8 @@ CONFIGS = {
     "gqa2_tied": dict(
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, seed=3
     ),
+    # A GGUF file, tensors in every served type, held quantized (hidden 256: K-types need rows of 256).
+    "gguf_mixed": dict(num_hidden_layers=5),
 }
 PROMPT = [5, 77, 123, 9, 301, 42, 42, 7, 250, 11, 3, 199, 64]
 
@@ -96,7 +98,7 @@ def test_single_prompt_matches_hf(hf_checkpoint, key, split):
     check_against_hf(hf_model, seqs, logits, [PROMPT])
 
 
-@pytest.mark.parametrize("key", ["gqa2_untied", "gqa5_untied", "gqa1_tied"])
+@pytest.mark.parametrize("key", ["gqa2_untied", "gqa5_untied", "gqa1_tied", "gguf_mixed"])
 def test_batch_of_four_prompts_decoded_together(hf_checkpoint, key):
     cfg = CONFIGS[key]
     model_dir, hf_model = hf_checkpoint(key, **cfg)

@@ -120,6 +120,7 @@ STAGE = {
     "pid": int,
     "device": str,
     "weight_bytes": int,
+    "weight_formats": dict,  # weight_bytes by format: float32 here
     "memory_used_bytes": int,
     "memory_total_bytes": int,
     "kv_blocks_total": int,
@@ -158,7 +159,7 @@ def test_stats_schema_and_compute_totals_agree_with_the_stages(loaded_server):
     assert [s["index"] for s in stats["stages"]] == [0, 1, 2]
     for s in stats["stages"]:
         check_schema(s, STAGE, f"stages[{s['index']}]")
-        assert s["state"] == "ready"
+        assert s["state"] == "ready" and s["weight_formats"] == {"float32": s["weight_bytes"]}
         with grpc.insecure_channel(s["address"]) as ch:
             own = pb_grpc.StageStub(ch).Health(
                 pb.HealthRequest(), timeout=10, metadata=(("x-stagecoach-token", LINK_TOKEN),)

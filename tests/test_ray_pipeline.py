@@ -98,9 +98,14 @@ def model(hf_checkpoint):
     return hf_checkpoint("ray_gqa2", **MODEL)
 
 
-@pytest.mark.parametrize("counts", [[5], [3, 2], [3, 1, 1], [2, 1, 1, 1]], ids=["1", "2", "3-uneven", "4"])
-def test_greedy_equals_local_and_hf(ray_cluster, model, counts):
-    model_dir, hf_model = model
+@pytest.mark.parametrize(
+    "source, counts",
+    [("hf", [5]), ("hf", [3, 2]), ("hf", [3, 1, 1]), ("hf", [2, 1, 1, 1]), ("gguf", [3, 1, 1])],
+    ids=["1", "2", "3-uneven", "4", "gguf-file-3-uneven"],
+)
+def test_greedy_equals_local_and_hf(ray_cluster, model, hf_checkpoint, source, counts):
+    # "gguf": `--model tiny.gguf`, a file in every served type, its tensors held quantized by the stages.
+    model_dir, hf_model = model if source == "hf" else hf_checkpoint("gguf_mixed", num_hidden_layers=5)
     prompts = [PROMPT, [9, 8, 7]]
     pipeline = ray_pipeline(make_config(model_dir, counts))
     try:

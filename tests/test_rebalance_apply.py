@@ -28,6 +28,7 @@ from stagecoach.proto.types import SamplingParams
 from stagecoach.stage.kv_cache import KVCache
 from stagecoach.stage.loader import change_layers, layer_weight_bytes, load_stage_model
 from stagecoach.stage.model import AttentionMetadata
+from stagecoach.stage.quantized import QuantizedLinear
 
 KEY = "admin-key"
 PROMPTS = [[(7 * i + j) % 500 + 3 for j in range(5 + 2 * i)] for i in range(8)]
@@ -58,14 +59,26 @@ def reference(model) -> list[list[int]]:
     return [s.output_token_ids for s in seqs]
 
 
-def test_a_stage_reads_only_the_layers_it_gains_and_computes_as_if_loaded_whole(model):
+@pytest.mark.parametrize("source", ["safetensors", "gguf"])
+def test_a_stage_reads_only_the_layers_it_gains_and_computes_as_if_loaded_whole(model, hf_checkpoint, source):
+    if source == "gguf":  # quantized layers: a gained one arrives in its packed form, with its packed byte count
+        model, _ = hf_checkpoint("gguf_mixed8", num_hidden_layers=8)
     config = ModelConfig.from_pretrained(model)
     stage = load_stage_model(model, 2, 4)
     kept = stage.model.layers["3"]
     loaded = []
     grown = change_layers(stage, 2, 6, model, torch.float32, "cpu", progress=loaded.append)
     # it gained layers 4 and 5
-    assert sum(loaded) == sum(layer_weight_bytes(config, 4, 6, torch.float32)) and grown.model.layers["3"] is kept
+    assert (
+        sum(loaded) == sum(layer_weight_bytes(config, 4, 6, torch.float32, model)) and grown.model.layers["3"] is kept
+    )
+    held = {n: t.numel() * t.element_size() for n, t in [*grown.named_parameters(), *grown.named_buffers()]}
+    assert (
+        sum(n for name, n in held.items() if ".layers.4." in name)
+        == layer_weight_bytes(config, 4, 5, torch.float32, model)[0]
+    )
+    if source == "gguf":
+        assert isinstance(grown.model.layers["4"].mlp.up_proj, QuantizedLinear)
     fresh = load_stage_model(model, 2, 6)
     x = torch.randn(5, config.hidden_size)
     outs = []
