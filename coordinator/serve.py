@@ -18,6 +18,7 @@ from stagecoach.coordinator.server_state import ServerState
 from stagecoach.coordinator.supervisor import EngineSupervisor
 from stagecoach.coordinator.tokenizer import Tokenizer
 from stagecoach.errors import ConfigError
+from stagecoach.proto import gguf
 from stagecoach.proto.model_config import ModelConfig
 
 log = logging.getLogger("stagecoach.serve")
@@ -46,6 +47,8 @@ def server_state(config: ClusterConfig, tokenizer: Tokenizer, model: ModelConfig
 
 async def serve(config: ClusterConfig) -> int:
     tokenizer, model = Tokenizer(Path(config.model.path)), ModelConfig.from_pretrained(config.model.path)
+    if (found := gguf.find_gguf(config.model.path)) is not None:
+        gguf.check_served(found)  # every stage's part, before listening
     state = server_state(config, tokenizer, model)
     runner = build_runner(state)
     await runner.setup()

@@ -136,6 +136,17 @@ def find_gguf(model: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+def check_served(path: str | Path, names: list[str] | None = None) -> None:
+    """Refuses a file holding a tensor (of `names`, or any) of a type no stage serves: F32 and F16 anywhere, the
+    quantized types as matrices only. The coordinator checks the whole file before it listens; a stage its own part."""
+    g = read_gguf(path)
+    for name in g.tensors if names is None else names:
+        t = g.tensors[name]
+        if t.type not in TYPES or (t.type_name not in ("F32", "F16") and len(t.shape) != 2):
+            served = ", ".join(n for n, _, _ in TYPES.values())
+            raise CheckpointError(f"{path}: tensor {t.name} is {t.type_name}; served types are {served}")
+
+
 def read_gguf(path: str | Path) -> GGUFFile:
     """The file's header (cached per path, size and modification time)."""
     path = Path(path)

@@ -157,8 +157,13 @@ def weight_formats(
 def layer_weight_bytes(
     config: ModelConfig, layer_start: int, layer_end: int, dtype: torch.dtype, model_dir: str | Path | None = None
 ) -> list[int]:
-    """Bytes of each decoder layer's weights in [layer_start, layer_end), as loaded."""
-    return [stage_weight_bytes(config, n, n + 1, dtype, model_dir) for n in range(layer_start, layer_end)]
+    """Bytes of each decoder layer's weights in [layer_start, layer_end), as loaded (without the embedding or lm_head
+    that the first and last layers' stages also hold)."""
+    tensors = _loaded_tensors(config, layer_start, layer_end, dtype, model_dir)
+    return [
+        sum(nbytes for name, (_, nbytes) in tensors.items() if name.startswith(f"model.layers.{n}."))
+        for n in range(layer_start, layer_end)
+    ]
 
 
 def _loaded_tensors(config, layer_start, layer_end, dtype, model_dir) -> dict[str, tuple[str, int]]:
@@ -259,10 +264,7 @@ def _load_gguf(
         t = g.tensors[source[name]]
         if t.shape != specs[name]:
             raise CheckpointError(f"{path}: tensor {t.name} has shape {list(t.shape)}, expected {list(specs[name])}")
-        if t.type not in gguf.TYPES or (t.type_name not in ("F32", "F16") and len(t.shape) != 2):
-            raise CheckpointError(
-                f"{path}: tensor {t.name} is {t.type_name}; served types are {', '.join(n for n, _, _ in gguf.TYPES.values())}"
-            )
+    gguf.check_served(path, [source[name] for name in specs])
     loaded: dict[str, object] = {}
     summary: dict[tuple[str, str], list[int]] = {}
     with open(path, "rb", buffering=0) as f:

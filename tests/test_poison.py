@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import yaml
 from defaults import scheduler_config
-from helpers import hf_greedy, http, make_hf_checkpoint
+from helpers import hf_greedy, http, make_gguf_checkpoint, make_hf_checkpoint
 
 from stagecoach.cluster.backends import LocalPipeline
 from stagecoach.cluster.partition import ranges_from_counts
@@ -29,12 +29,20 @@ def greedy(n: int) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, request):
+    """A float checkpoint, or (parametrized "gguf") a GGUF one held quantized: (folder, HF model on its values)."""
     path = tmp_path_factory.mktemp("poison") / "model"
+    if getattr(request, "param", "safetensors") == "gguf":
+        return path, make_gguf_checkpoint(path, num_hidden_layers=3, vocab_size=512)[1]
     return path, make_hf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=256)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2], ids=["first stage", "middle stage", "last stage"])
+@pytest.mark.parametrize(
+    "checkpoint, stage",
+    [("safetensors", 0), ("safetensors", 1), ("safetensors", 2), ("gguf", 1)],
+    ids=["first stage", "middle stage", "last stage", "gguf, middle stage"],
+    indirect=["checkpoint"],
+)
 def test_in_process_the_poisoned_sequence_ends_and_the_others_match_the_reference(checkpoint, stage):
     path, hf = checkpoint
     pipeline = LocalPipeline.load(path, ranges_from_counts([1, 1, 1], 3), num_blocks=64, block_size=8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from defaults import scheduler_config
-from helpers import make_hf_checkpoint
+from helpers import make_gguf_checkpoint, make_hf_checkpoint
 
 from stagecoach.cluster.backends import LocalPipeline, ThreadPipeline
 from stagecoach.cluster.config import ClusterConfig
@@ -45,10 +45,12 @@ WAVE_2 = [
 CACHED_IN_WAVE_2 = [32, 8, 32, 24, 0]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=["safetensors", "gguf"])
+def model(tmp_path_factory, request):
+    """A float checkpoint, and a GGUF one held quantized (every served type, helpers.make_gguf_checkpoint)."""
     path = tmp_path_factory.mktemp("prefix") / "model"
-    make_hf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=256)
+    make = make_gguf_checkpoint if request.param == "gguf" else make_hf_checkpoint
+    make(path, num_hidden_layers=3, max_position_embeddings=256, vocab_size=512)
     return path
 
 

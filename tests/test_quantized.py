@@ -16,7 +16,7 @@ from gguf_files import random_blocks, reference_dequantize
 
 from stagecoach.errors import CheckpointError
 from stagecoach.proto.model_config import ModelConfig
-from stagecoach.stage.loader import load_stage_model, stage_weight_bytes, weight_formats
+from stagecoach.stage.loader import layer_weight_bytes, load_stage_model, stage_weight_bytes, weight_formats
 from stagecoach.stage.quantized import QuantizedLinear, cpu_kernel, dequantize, from_gguf, install
 
 QUANTIZED = ["Q8_0", "Q5_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
@@ -62,6 +62,12 @@ def test_byte_counts_are_the_bytes_the_stage_holds(hf_checkpoint):
         assert held == stage_weight_bytes(config, start, end, torch.float32, path)
         formats = weight_formats(config, start, end, torch.float32, path)
         assert sum(formats.values()) == held and {"int4/32+offset", "int8/32", "int8/16", "float32"} <= set(formats)
+        # each layer's own bytes: the first and last layers without the embedding, norm and lm_head their stages hold
+        tensors = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if ".layers." in name]
+        assert layer_weight_bytes(config, start, end, torch.float32, path) == [
+            sum(t.numel() * t.element_size() for name, t in tensors if f".layers.{n}." in name)
+            for n in range(start, end)
+        ]
     # the float count of the same model: what the memory check would have asked for before
     assert stage_weight_bytes(config, 0, 5, torch.float32, path) < 0.45 * stage_weight_bytes(
         config, 0, 5, torch.float32
@@ -102,3 +108,8 @@ def test_a_type_that_is_not_served_is_refused_naming_the_tensor_and_the_type(hf_
     proc = subprocess.run([*cmd, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "stagecoach: error:" in proc.stderr and "blk.3.attn_output.weight is BF16" in proc.stderr
+    # serve refuses before it listens
+    serve = [*cmd[:3], "serve", "--model", str(tmp_path), "--backend", "local", "--port", "0"]
+    proc = subprocess.run(serve, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "blk.3.attn_output.weight is BF16" in proc.stderr, proc.stderr[-2000:]
+    assert "listening" not in proc.stderr

@@ -12,7 +12,7 @@ from http.client import HTTPConnection
 
 import pytest
 import yaml
-from helpers import http, make_hf_checkpoint
+from helpers import http, make_gguf_checkpoint, make_hf_checkpoint
 from test_serve import Server
 
 pytestmark = pytest.mark.slow
@@ -110,10 +110,15 @@ def config_file(tmp, model, **pipeline) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", params=["safetensors"])
+def model(tmp_path_factory, request):
+    """A float checkpoint; or, where a test asks for "gguf", a GGUF file held quantized (every served type,
+    helpers.make_gguf_checkpoint): the server and reference on the other model are then stopped first."""
     path = tmp_path_factory.mktemp("recovery") / "model"
-    make_hf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=1024)
+    if request.param == "gguf":
+        make_gguf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=1024, vocab_size=512)
+    else:
+        make_hf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=1024)
     return path
 
 
@@ -179,17 +184,6 @@ def run_with_kill(server, prompts, kill_stage: int, after_batches: int) -> tuple
     return out, engine["recovery_seconds"][-1]
 
 
-@pytest.mark.parametrize("kill_stage", [1, 2], ids=["middle stage", "last stage"])
-def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage):
-    out, took = run_with_kill(server, PROMPTS, kill_stage, after_batches=30)
-    print(f"recovery after killing stage {kill_stage}: {took:.2f} s")
-    for i, ref in enumerate(reference):
-        text, events = out[i]
-        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
-        assert text == ref, f"request {i} differs after the recovery"
-    assert http(server.port, "/health", key=None)[0] == 200
-
-
 def test_stage_killed_during_a_long_prefill(server):
     prompt = [(7 * j) % 390 + 3 for j in range(400)]  # 25 chunks of 16 tokens
     ref = http(
@@ -250,3 +244,20 @@ def test_a_prefix_cached_before_a_stage_was_replaced_gives_the_same_output(serve
     assert http(server.port, "/v1/stats", key=None)[1]["engine"]["prefix_cache"]["cached_blocks"] == 0
     assert complete() == (first, 0)  # computed again on the new stage
     assert complete() == (first, 40)  # and cached again
+
+
+# Last in the module: its gguf case replaces the module's server with one on a GGUF model.
+@pytest.mark.parametrize(
+    "model, kill_stage",
+    [("safetensors", 1), ("safetensors", 2), ("gguf", 1)],
+    ids=["middle stage", "last stage", "gguf, middle stage"],
+    indirect=["model"],
+)
+def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage):
+    out, took = run_with_kill(server, PROMPTS, kill_stage, after_batches=30)
+    print(f"recovery after killing stage {kill_stage}: {took:.2f} s")
+    for i, ref in enumerate(reference):
+        text, events = out[i]
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
+        assert text == ref, f"request {i} differs after the recovery"
+    assert http(server.port, "/health", key=None)[0] == 200
