@@ -55,27 +55,32 @@ static inline void group_vectors(const uint8_t* q, float scale, float offset, __
   }
 }
 
-// R rows of x (row stride ldx) times one weight row: R dot products of length K. A accumulators per row keep the
-// FMAs' latency chains short.
+// R rows of x (row stride ldx) times one weight row: R dot products of length K. Each row keeps U · V sums (one row:
+// four), indexed by constants so that they stay in registers, which keeps the FMAs' latency chains short.
 template <int G, bool I4, int R>
 static inline void dot_rows(const float* x, int64_t ldx, const uint8_t* qrow, const float* sc, const float* off,
                             int64_t K, float* sums) {
   constexpr int64_t QB = I4 ? G / 2 : G;
-  constexpr int A = R == 1 ? 4 : 2;
-  __m512 acc[R][A], w[G / 16];
+  constexpr int V = G / 16;              // vectors per group
+  constexpr int U = R == 1 ? 4 / V : 1;  // groups per step
+  __m512 acc[R][U * V], w[V];
   for (int r = 0; r < R; ++r)
-    for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
-  int64_t step = 0;
-  for (int64_t g = 0; g < K / G; ++g) {
+    for (int a = 0; a < U * V; ++a) acc[r][a] = _mm512_setzero_ps();
+  const int64_t NG = K / G;
+  auto step = [&](int64_t g, int u) {
     if ((g * QB) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(qrow + g * QB + PREFETCH), _MM_HINT_T0);
     group_vectors<G, I4>(qrow + g * QB, sc[g], off ? off[g] : 0.f, w);
-    for (int k = 0; k < G / 16; ++k, ++step)
+    for (int k = 0; k < V; ++k)
       for (int r = 0; r < R; ++r)
-        acc[r][step % A] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(x + r * ldx + g * G + 16 * k), acc[r][step % A]);
-  }
+        acc[r][u * V + k] = _mm512_fmadd_ps(w[k], _mm512_loadu_ps(x + r * ldx + g * G + 16 * k), acc[r][u * V + k]);
+  };
+  int64_t g = 0;
+  for (; g + U <= NG; g += U)
+    for (int u = 0; u < U; ++u) step(g + u, u);
+  for (; g < NG; ++g) step(g, 0);
   for (int r = 0; r < R; ++r) {
     __m512 t = acc[r][0];
-    for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[r][a]);
+    for (int a = 1; a < U * V; ++a) t = _mm512_add_ps(t, acc[r][a]);
     sums[r] = _mm512_reduce_add_ps(t);
   }
 }
