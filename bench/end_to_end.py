@@ -71,9 +71,15 @@ def stream_one(port: int, prompt: list[int], out: dict) -> None:
     conn.close()
 
 
-def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode: str = "auto") -> dict:
+def run_stagecoach(
+    model: str, concurrency: list[int], rounds: int, compile_mode: str = "auto", stages_out: list | None = None
+) -> dict:
+    """tokens/s, TTFT and ITL per concurrency; stages_out, if given, gets each stage's weight bytes by format and its
+    process's resident memory (VmRSS) at the end."""
     import socket
     from urllib.request import urlopen
+
+    from stagecoach.proto.model_config import ModelConfig
 
     with socket.socket() as s:  # a free port on 127.0.0.1
         s.bind(("127.0.0.1", 0))
@@ -113,7 +119,7 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
                     break
             except OSError:
                 time.sleep(0.5)
-        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        vocab = ModelConfig.from_pretrained(model).vocab_size
         stream_one(port, prompts(1, vocab, seed=99)[0], {})  # warm-up
         results = {}
         for c in concurrency:
@@ -146,6 +152,12 @@ def run_stagecoach(model: str, concurrency: list[int], rounds: int, compile_mode
                 f"ITL p50 {results[c]['itl_ms']['p50']:.1f} ms p99 {results[c]['itl_ms']['p99']:.1f} ms",
                 flush=True,
             )
+        if stages_out is not None:
+            stats = json.loads(urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=10).read())
+            for s in stats["stages"]:
+                status = Path(f"/proc/{s['pid']}/status").read_text()
+                rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+                stages_out.append({"weight_formats": s["weight_formats"], "rss_bytes": rss})
         return results
     finally:
         server.terminate()
@@ -189,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--model", default=None, help="the demo checkpoint (default: stagecoach fetch-demo-model)")
+    parser.add_argument(
+        "--model", default=None, help="the demo checkpoint (default: stagecoach fetch-demo-model --dequantize)"
+    )
     parser.add_argument(
         "--compile", default="auto", choices=("auto", "on", "off"), help="pipeline.compile of the stages"
     )
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = (
         args.model
         or subprocess.run(
-            [str(BIN / "stagecoach"), "fetch-demo-model"], capture_output=True, text=True, check=True
+            [str(BIN / "stagecoach"), "fetch-demo-model", "--dequantize"], capture_output=True, text=True, check=True
         ).stdout.strip()
     )
     (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)

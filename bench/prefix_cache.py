@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from stagecoach.proto.model_config import ModelConfig
 
     torch.set_num_threads(2)
-    model_dir = fetch_demo_model()  # cached after the first time (make demo)
+    model_dir = fetch_demo_model(dequantize=True)  # cached after the first time (make demo)
     vocab = ModelConfig.from_pretrained(model_dir).vocab_size
     rng = random.Random(0)
     started = time.monotonic()

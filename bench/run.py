@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run, each figure a ratio against its baseline measured in the same run.
 
-Writes bench/results/{transport,pipeline,sequence_state,attention,sampler,end_to_end,summary}.json and bench/results/bench.png,
+Writes bench/results/{transport,pipeline,sequence_state,attention,sampler,end_to_end,quantized,summary}.json and bench/results/bench.png,
 and prints a table of figures with their goals and pass/miss.
 
     python bench/run.py [--quick]
@@ -354,6 +354,56 @@ def run_end_to_end(quick: bool) -> tuple[dict, list[dict]]:
     return result, figs
 
 
+def run_quantized(quick: bool, skip_e2e: bool) -> tuple[dict, list[dict]]:
+    import quantized
+
+    print("quantized: the grouped product, Qwen1.5-32B layers, the demo's GGUF against float32", flush=True)
+    args = ["--json-out", str(RESULTS / "quantized.json"), "--rounds", "1" if quick else "2"]
+    r = quantized.main(args + (["--quick"] if quick else []) + (["--skip-e2e"] if skip_e2e else []))
+    figs = []
+    for table in ("demo_products", "qwen32b_products"):
+        rows = [row for row in r.get(table, []) if row["rows"] == 1]
+        if rows:
+            worst = max(rows, key=lambda row: row["over_floor"])
+            figs.append(
+                figure(
+                    f"quantized product, {table.split('_')[0]} shapes, 1 row: time / packed-bytes floor (worst: "
+                    f"{worst['shape']} {worst['format'].split(' ')[0]})",
+                    worst["over_floor"],
+                    "<= 1.5",
+                    worst["over_floor"] <= 1.5,
+                )
+            )
+    if "qwen32b_layers" in r:
+        layers = r["qwen32b_layers"]
+        ratio = round(layers["layer_bytes"]["q4_k_m"] / layers["layer_bytes"]["bfloat16"], 3)
+        figs.append(figure("Qwen1.5-32B layer, q4_k_m: bytes / bfloat16", ratio, "(reference)", None))
+        for batch, row in layers["decode_ms"].items():
+            figs.append(
+                figure(f"Qwen1.5-32B layers, decode of {batch}: float32 / q4_k_m", row["speedup"], "(reference)", None)
+            )
+    if "end_to_end" in r:
+        e2e = r["end_to_end"]
+        for c, goal in (("1", 2.5), ("16", 1.0)):
+            figs.append(
+                figure(
+                    f"demo e2e c={c}: tokens/s, GGUF quantized / float32",
+                    e2e["speedup"][c],
+                    f">= {goal}" + (" (beyond: >= 3.5)" if c == "1" else ""),
+                    e2e["speedup"][c] >= goal,
+                )
+            )
+        figs.append(
+            figure(
+                "demo: weight bytes, quantized / float32",
+                e2e["weight_bytes_ratio"],
+                "<= 0.3",
+                e2e["weight_bytes_ratio"] <= 0.3,
+            )
+        )
+    return r, figs
+
+
 def run_gpu() -> list[dict]:
     """bench/gpu.py where there is a CUDA device (the correctness of the CUDA path first); else the figure is not run."""
     import torch
@@ -485,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_e2e:
         e2e, more = run_end_to_end(args.quick)
         figs += more
+    figs += run_quantized(args.quick, args.skip_e2e)[1]
     figs += run_gpu()
     summary = {"machine": machine(), "seconds": round(time.monotonic() - start, 1), "figures": figs}
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from stagecoach.coordinator.demo_model import fetch_demo_model
 
-    model = str(fetch_demo_model())
+    model = str(fetch_demo_model(dequantize=True))
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     try:

@@ -150,7 +150,7 @@ def fetch_demo_model(
     model_dir.mkdir(parents=True, exist_ok=True)
     link = model_dir / gguf_path.name
     link.unlink(missing_ok=True)
-    link.symlink_to(gguf_path.resolve())
+    link.symlink_to(os.path.relpath(gguf_path.resolve(), model_dir.resolve()))  # relative: the pair can move together
     tmp = model_dir / ".tokenizer.partial"
     tmp.mkdir(exist_ok=True)
     write_tokenizer_files(gguf.read_gguf(gguf_path), tmp, GENERATION_DEFAULTS)
