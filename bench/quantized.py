@@ -9,7 +9,8 @@ end to end, quantized (its GGUF file as it is) against float32 (the same file de
 2. Two Qwen1.5-32B decoder layers (real shapes, random values) as q4_k_m holds its heavier half of the layers (Q4_K,
    with Q6_K for v and ffn_down): bytes per layer against bfloat16, and a decode step of 1 and 16 sequences against
    float32.
-3. The demo through `stagecoach serve` (configs/demo.yaml: 2 CPU stages), quantized and float32 in interleaved
+3. The error int8 activations would add (llama.cpp's way, simulated; no kernel): the demo's logits over a prompt.
+4. The demo through `stagecoach serve` (configs/demo.yaml: 2 CPU stages), quantized and float32 in interleaved
    rounds, 1 and 16 concurrent streams (bench/end_to_end.py's driver), with each stage's resident memory.
 
     python bench/quantized.py [--rounds 2] [--quick] [--json-out FILE]
@@ -178,6 +179,44 @@ def qwen32b_layers(rounds: int) -> dict:
     return out
 
 
+def int8_activations(prompt_len: int = 64) -> dict:
+    """The error int8 activations would bring (what llama.cpp does: each product's input rounded to int8 per block of
+    32 with the block's absmax / 127, Q8_0's rule), simulated on the demo's quantized model: logits over a prompt
+    against the float32 conversion's, beside the error of the quantized weights alone. No kernel: the error only."""
+    from stagecoach.coordinator.demo_model import fetch_demo_model
+    from stagecoach.stage.kv_cache import KVCache
+    from stagecoach.stage.loader import load_stage_model
+    from stagecoach.stage.model import AttentionMetadata
+    from stagecoach.stage.quantized import QuantizedLinear
+
+    def q8(module, args):
+        x = args[0]
+        blocks = x.reshape(*x.shape[:-1], -1, 32)
+        scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+        return ((blocks / scale).round().clamp(-127, 127) * scale).reshape(x.shape), *args[1:]
+
+    ids = torch.randint(0, 150_000, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    meta = AttentionMetadata.build([(0, prompt_len, list(range(-(-prompt_len // 16))))], 16, "cpu")
+    logits = {}
+    for name in ("float32", "quantized", "quantized, int8 activations"):
+        model = load_stage_model(fetch_demo_model(dequantize=name == "float32"), 0, 24).eval()
+        if name.endswith("activations"):
+            for m in model.modules():
+                if isinstance(m, QuantizedLinear):
+                    m.register_forward_pre_hook(q8)
+        with torch.inference_mode():
+            cache = KVCache.for_model(model, -(-prompt_len // 16), 16, torch.float32, torch.device("cpu"))
+            logits[name] = model(ids, meta, cache)
+    ref = logits["float32"]
+    out = {}
+    for name in ("quantized", "quantized, int8 activations"):
+        err = (logits[name] - ref).abs().max().item()
+        same = (logits[name].argmax(-1) == ref.argmax(-1)).float().mean().item()
+        out[name] = {"max_abs_logit_diff": round(err, 5), "top1_agreement": round(same, 4)}
+        print(f"  {name}: logits within {err:.2e} of float32's (bound 2.5e-3); top-1 equal at {same:.1%} of positions")
+    return out
+
+
 def end_to_end(rounds: int) -> dict:
     import end_to_end as e2e
 
@@ -221,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.quick:
         result["qwen32b_products"] = product_table(QWEN32B_SHAPES, [1, 4, 16, 64], bandwidth, 3)
         result["qwen32b_layers"] = qwen32b_layers(3)
+    result["int8_activations"] = int8_activations()
     if not args.skip_e2e:
         result["end_to_end"] = end_to_end(1 if args.quick else args.rounds)
     if args.json_out:

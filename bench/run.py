@@ -382,6 +382,16 @@ def run_quantized(quick: bool, skip_e2e: bool) -> tuple[dict, list[dict]]:
             figs.append(
                 figure(f"Qwen1.5-32B layers, decode of {batch}: float32 / q4_k_m", row["speedup"], "(reference)", None)
             )
+    if "int8_activations" in r:
+        err = r["int8_activations"]["quantized, int8 activations"]
+        figs.append(
+            figure(
+                "demo logits with int8 activations (simulated), max |diff| against float32's",
+                err["max_abs_logit_diff"],
+                f"(report; bound 2.5e-3; top-1 equal {err['top1_agreement']:.1%})",
+                None,
+            )
+        )
     if "end_to_end" in r:
         e2e = r["end_to_end"]
         for c, goal in (("1", 2.5), ("16", 1.0)):
