@@ -1,0 +1,104 @@
+"""GPTQ and AWQ checkpoints' packed tensors → the grouped formats of stage/quantized.py (w = scale · q + offset).
+
+GPTQ (AutoGPTQ / GPTQModel): `qweight` int32 [in / (32 / bits), out], packed along the input dimension (value j of a
+word at bits bits·j); `qzeros` int32 [groups, out / (32 / bits)], packed along the output dimension the same way;
+`scales` float16 [groups, out]; `g_idx` int32 [in], each input's group. The weight is scale · (q − z'), where z' is the
+stored zero + 1 for `checkpoint_format: gptq` (v1) and the stored zero for `gptq_v2`. With act-order (`desc_act`),
+g_idx is not in order: the inputs are permuted at load so that each group's are contiguous, and the layer permutes
+its input the same way (the returned `perm`).
+
+AWQ (AutoAWQ "gemm"): `qweight` int32 [in, out / 8] packed along the output dimension in AWQ's order (nibble i holds
+column (0, 2, 4, 6, 1, 3, 5, 7)[i] of its eight); `qzeros` int32 [groups, out / 8] packed the same way; `scales`
+float16 [groups, out]; scale · (q − z), 4 bits.
+
+Every group size (32, 64, 128, per-channel) becomes groups of 32, each repeating its group's scale and offset: the
+values are the same, the kernels' one int4 group size serves them all. 4-bit values stay int4 (0 … 15, offset
+−scale · z'); 8-bit values are held as int8 q − 128 with offset −scale · (z' − 128).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stagecoach.errors import CheckpointError
+from stagecoach.stage.quantized import QuantizedWeight, _pack4
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds this column of its eight
+
+
+def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words → their 32 / bits values (0 … 2^bits − 1) each, value j at bits bits·j, laid along `dim`."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., per]
+    values = values.movedim(-1, dim + 1 if dim >= 0 else dim)  # the values of a word follow it along dim
+    shape = list(words.shape)
+    shape[dim] *= per
+    return values.reshape(shape)
+
+
+def _grouped(q_nk: torch.Tensor, scale_ng: torch.Tensor, zero_ng: torch.Tensor, bits: int, source: str):
+    """q [out, in] (0 … 2^bits − 1), scale and effective zero [out, groups] → the format, groups of 32."""
+    out_features, in_features = q_nk.shape
+    group = in_features // scale_ng.shape[1]
+    if group % 32 or in_features % 32:
+        raise CheckpointError(f"{source}: group size {group} over {in_features} inputs; served: multiples of 32")
+    scale = scale_ng.float().repeat_interleave(group // 32, dim=1).contiguous()
+    zero = zero_ng.float().repeat_interleave(group // 32, dim=1)
+    if bits == 4:
+        q = _pack4(q_nk.reshape(out_features, -1, 32).to(torch.int32)).reshape(out_features, -1)
+        return QuantizedWeight(q.contiguous(), scale, (-scale * zero).contiguous(), 32, True, source)
+    q = (q_nk - 128).to(torch.int8).contiguous()
+    return QuantizedWeight(q, scale, (-scale * (zero - 128)).contiguous(), 32, False, source)
+
+
+def from_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    v2_zeros: bool,
+    source: str,
+) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """A GPTQ linear's tensors → (its format, the input permutation the layer applies first, or None)."""
+    if bits not in (4, 8):
+        raise CheckpointError(f"{source}: GPTQ with {bits} bits; served: 4 and 8")
+    q = unpack(qweight, bits, 0)  # [in, out]
+    zeros = unpack(qzeros, bits, 1)  # [groups, out]
+    in_features, groups = q.shape[0], scales.shape[0]
+    if zeros.shape != scales.shape or in_features % groups:
+        raise CheckpointError(f"{source}: qzeros {list(qzeros.shape)} and scales {list(scales.shape)} do not match")
+    group = in_features // groups
+    in_order = torch.arange(in_features) // group
+    perm = None
+    if g_idx is not None and not torch.equal(g_idx.long(), in_order):
+        if not torch.equal(torch.bincount(g_idx.long(), minlength=groups), torch.full((groups,), group)):
+            raise CheckpointError(f"{source}: g_idx does not give each of the {groups} groups {group} inputs")
+        perm = torch.argsort(g_idx.long(), stable=True)  # act-order: each group's inputs together
+        q = q[perm]
+    return _grouped(q.t(), scales.t(), zeros.t() + (0 if v2_zeros else 1), bits, source), perm
+
+
+def zeros_are_v2(qzeros: torch.Tensor, bits: int, sym: bool) -> bool:
+    """A symmetric checkpoint labelled v1 whose stored zeros all sit at the midpoint (8 for 4 bits) rather than one
+    below it: its zeros are v2's (q − z), whatever its label says."""
+    return sym and bool((unpack(qzeros, bits, 1) == 1 << (bits - 1)).all())
+
+
+def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, source: str) -> QuantizedWeight:
+    """An AWQ ("gemm") linear's tensors → its format."""
+    order = torch.tensor(AWQ_ORDER)
+    inverse = torch.argsort(order)  # column c of eight is nibble inverse[c]
+
+    def columns(words: torch.Tensor) -> torch.Tensor:  # [rows, out / 8] → [rows, out], columns in order
+        v = unpack(words, 4, 1).view(words.shape[0], -1, 8)
+        return v[..., inverse].reshape(words.shape[0], -1)
+
+    q, zeros = columns(qweight), columns(qzeros)  # [in, out], [groups, out]
+    if zeros.shape != scales.shape or q.shape[1] != scales.shape[1] or q.shape[0] % scales.shape[0]:
+        raise CheckpointError(
+            f"{source}: AWQ qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)} and scales "
+            f"{list(scales.shape)} do not match"
+        )
+    return _grouped(q.t(), scales.t(), zeros.t(), 4, source)

@@ -1,0 +1,88 @@
+"""GPTQ and AWQ packed tensors → the grouped formats: bit layouts pinned by hand-checked words, and every variant
+(4/8 bits, groups 32/128/per-channel, act-order, v1/v2 zeros, AWQ) against a plain-torch reading of the layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stagecoach.stage.gptq_awq import from_awq, from_gptq, unpack, zeros_are_v2
+from stagecoach.stage.quantized import dequantize, quant_product
+
+WORD = 0x76543210  # values 0 … 7, value j at bits 4j
+HIGH = -0x01234568  # 0xFEDCBA98 as int32: values 8 … 15
+
+
+def test_hand_checked_words():
+    assert unpack(torch.tensor([[WORD]], dtype=torch.int32), 4, 0).flatten().tolist() == list(range(8))
+    assert unpack(torch.tensor([[WORD, HIGH]], dtype=torch.int32), 4, 1).tolist() == [list(range(16))]
+    assert unpack(torch.tensor([[0x04030201]], dtype=torch.int32), 8, 0).flatten().tolist() == [1, 2, 3, 4]
+    # AWQ: nibble i holds column (0, 2, 4, 6, 1, 3, 5, 7)[i]; 32 inputs of 8 outputs, every word WORD, zeros 0
+    awq = from_awq(
+        torch.full((32, 1), WORD, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, 8), "t"
+    )
+    w = dequantize(awq.q, awq.scales, awq.offsets, awq.int4)  # [out, in]
+    assert w[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The test's own packing: value j of each run of 32 / bits along dim at bits bits·j of an int32."""
+    per = 32 // bits
+    v = values.movedim(dim, -1).reshape(*values.movedim(dim, -1).shape[:-1], -1, per).to(torch.int64)
+    words = (v << (torch.arange(per) * bits)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(-1, dim)
+
+
+def gptq_case(bits, group, act_order, seed, k=256, n=64):
+    g = torch.Generator().manual_seed(seed)
+    group = k if group == -1 else group
+    q = torch.randint(0, 2**bits, (k, n), generator=g)
+    z = torch.randint(0, 2**bits - 1, (k // group, n), generator=g)
+    scales = (torch.rand(k // group, n, generator=g) * 0.01 + 1e-3).half()
+    g_idx = torch.arange(k) // group
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    return q, z, scales, g_idx.int()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 128, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("v2", [False, True])
+def test_gptq_equals_the_layouts_reading(bits, group, act_order, v2):
+    q, z, scales, g_idx = gptq_case(bits, group, act_order, seed=bits + group + 7 * act_order + 3 * v2)
+    # reference: w[n, k] = scale[g_idx[k], n] · (q[k, n] − z'[g_idx[k], n]), z' = z + 1 for v1
+    zeff = z + (0 if v2 else 1)
+    ref = (scales.float()[g_idx.long()] * (q - zeff[g_idx.long()]).float()).t()  # [out, in]
+    weight, perm = from_gptq(pack(q, bits, 0), pack(z, bits, 1), scales, g_idx, bits, v2, "t")
+    assert (perm is not None) == (act_order and group != -1)  # one group over every input: no order to restore
+    ours = dequantize(weight.q, weight.scales, weight.offsets, weight.int4)
+    order = perm if perm is not None else torch.arange(q.shape[0])
+    torch.testing.assert_close(ours, ref[:, order], rtol=0, atol=1e-6)
+    x = torch.randn(3, q.shape[0])
+    got = quant_product(x[:, order], weight.q, weight.scales, weight.offsets, None, weight.group, weight.int4)
+    torch.testing.assert_close(got, x @ ref.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_awq_equals_the_layouts_reading():
+    g = torch.Generator().manual_seed(5)
+    k, n, group = 256, 64, 128
+    q = torch.randint(0, 16, (k, n), generator=g)
+    z = torch.randint(0, 16, (k // group, n), generator=g)
+    scales = (torch.rand(k // group, n, generator=g) * 0.01 + 1e-3).half()
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+
+    def awq_pack(values):  # nibble i of each word ← column order[i] of its eight
+        v = values.view(values.shape[0], -1, 8)[..., order]
+        return pack(v.reshape(values.shape[0], -1), 4, 1)
+
+    ref = (scales.float().repeat_interleave(group, 0) * (q - z.repeat_interleave(group, 0)).float()).t()
+    weight = from_awq(awq_pack(q), awq_pack(z), scales, "t")
+    torch.testing.assert_close(dequantize(weight.q, weight.scales, weight.offsets, weight.int4), ref, rtol=0, atol=1e-6)
+
+
+def test_symmetric_zeros_at_the_midpoint_are_v2():
+    assert zeros_are_v2(pack(torch.full((2, 8), 8), 4, 1), 4, sym=True)
+    assert not zeros_are_v2(pack(torch.full((2, 8), 7), 4, 1), 4, sym=True)
+    assert not zeros_are_v2(pack(torch.full((2, 8), 8), 4, 1), 4, sym=False)
