@@ -18,10 +18,16 @@ values are the same, the kernels' one int4 group size serves them all. 4-bit val
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import torch
 
 from stagecoach.errors import CheckpointError
 from stagecoach.stage.quantized import QuantizedWeight, _pack4
+
+log = logging.getLogger(__name__)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds this column of its eight
 
@@ -102,3 +108,82 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
             f"{list(scales.shape)} do not match"
         )
     return _grouped(q.t(), scales.t(), zeros.t(), 4, source)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+PACKED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the decoder layers' linears
+
+
+class PackedConfig:
+    """A checkpoint's `quantization_config` (config.json), as served: GPTQ 4/8 bits or AWQ gemm 4 bits."""
+
+    __slots__ = ("method", "bits", "group", "desc_act", "sym", "v2", "told")
+
+    def __init__(self, quantization_config: dict, source: str) -> None:
+        q = quantization_config
+        self.method = q.get("quant_method")
+        self.bits, self.group = (
+            int(q.get("bits", q.get("w_bit", 0))),
+            int(q.get("group_size", q.get("q_group_size", 0))),
+        )
+        self.desc_act, self.sym = bool(q.get("desc_act", False)), bool(q.get("sym", True))
+        self.v2 = q.get("checkpoint_format", "gptq") == "gptq_v2"
+        self.told = False
+        if self.method == "gptq" and self.bits not in (4, 8):
+            raise CheckpointError(f"{source}: GPTQ with {self.bits} bits; served: 4 and 8")
+        if self.method == "awq" and (self.bits != 4 or str(q.get("version", "gemm")).lower() != "gemm"):
+            raise CheckpointError(f"{source}: AWQ {q.get('version')} with {self.bits} bits; served: gemm, 4 bits")
+        if self.method not in ("gptq", "awq"):
+            raise CheckpointError(f"{source}: quantization {self.method!r}; served: gptq, awq (and GGUF files)")
+
+    def suffixes(self) -> tuple[str, ...]:
+        """The tensors that stand for a linear's `weight` in the checkpoint."""
+        return ("qweight", "qzeros", "scales", "g_idx") if self.method == "gptq" else ("qweight", "qzeros", "scales")
+
+    def loaded(self, shape: tuple[int, int]) -> tuple[str, int]:
+        """What a linear of shape [out, in] becomes once loaded, and its bytes."""
+        out_features, in_features = shape
+        name, per_weight = ("int4/32+offset", 0.75) if self.bits == 4 else ("int8/32+offset", 1.25)
+        return name, int(out_features * in_features * per_weight) + (8 * in_features if self.desc_act else 0)
+
+    def weight(self, tensors: dict[str, torch.Tensor], source: str) -> QuantizedWeight:
+        """A linear's format from its checkpoint tensors (by suffix)."""
+        if self.method == "awq":
+            return from_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], source)
+        v2 = self.v2 or zeros_are_v2(tensors["qzeros"], self.bits, self.sym)
+        if v2 and not self.v2 and not self.told:
+            self.told = True
+            log.warning(
+                "%s: labelled gptq (v1), but its symmetric zeros sit at the midpoint: read as v2 (q - z)", source
+            )
+        weight, perm = from_gptq(
+            tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"), self.bits, v2, source
+        )
+        weight.perm = perm
+        return weight
+
+
+def is_packed(name: str) -> bool:
+    """Whether a stage tensor's HF name is a decoder linear's weight (packed in GPTQ and AWQ checkpoints)."""
+    return name.startswith("model.layers.") and name.endswith(tuple(f"{p}.weight" for p in PACKED))
+
+
+def packed_weights(model_dir, packed, specs, raw, device) -> dict[str, QuantizedWeight]:
+    """The GPTQ or AWQ linears of `specs` in their formats, from their checkpoint tensors in `raw`."""
+    out = {}
+    for name, shape in specs.items():
+        prefix = name.removesuffix("weight")
+        weight = packed.weight({suffix: raw[prefix + suffix] for suffix in packed.suffixes()}, prefix + "qweight")
+        if weight.shape != shape:
+            raise CheckpointError(
+                f"checkpoint {model_dir}: {prefix}qweight holds {list(weight.shape)}, expected {list(shape)}"
+            )
+        out[name] = weight.to(device)
+    return out
+
+
+def packed_config(model_dir: Path) -> PackedConfig | None:
+    """A GPTQ or AWQ checkpoint's quantization settings (config.json's quantization_config); None for float ones."""
+    path = Path(model_dir) / "config.json"
+    q = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    return PackedConfig(q, str(path)) if q else None

@@ -22,7 +22,7 @@ import torch
 from stagecoach.errors import CheckpointError
 from stagecoach.proto import gguf
 from stagecoach.proto.model_config import ModelConfig
-from stagecoach.stage import quantized
+from stagecoach.stage import gptq_awq, quantized
 from stagecoach.stage.model import RotaryEmbedding, StageModel
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,12 @@ def _loaded_tensors(config, layer_start, layer_end, dtype, model_dir) -> dict[st
         specs.pop("lm_head.weight", None)
     path = gguf.find_gguf(model_dir) if model_dir is not None else None
     if path is None:
+        packed = gptq_awq.packed_config(model_dir) if model_dir is not None else None
         return {
-            name: (str(dtype).removeprefix("torch."), _numel(shape) * dtype.itemsize) for name, shape in specs.items()
+            name: packed.loaded(shape)
+            if packed is not None and gptq_awq.is_packed(name)
+            else (str(dtype).removeprefix("torch."), _numel(shape) * dtype.itemsize)
+            for name, shape in specs.items()
         }
     tensors = gguf.read_gguf(path).tensors
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
@@ -213,18 +217,35 @@ def load_stage_weights(
     if (path := gguf.find_gguf(model_dir)) is not None:
         return _load_gguf(path, config, specs, dtype, device, progress)
     weight_map = checkpoint_weight_map(model_dir)
+    packed = gptq_awq.packed_config(model_dir)
     source = {name: name for name in specs}
     if "lm_head.weight" in specs and config.tie_word_embeddings and "lm_head.weight" not in weight_map:
         source["lm_head.weight"] = "model.embed_tokens.weight"
-    missing = sorted(name for name in specs if source[name] not in weight_map)
+    for name in [name for name in specs if packed is not None and gptq_awq.is_packed(name)]:
+        del source[name]
+        source |= {
+            name.removesuffix("weight") + suffix: name.removesuffix("weight") + suffix for suffix in packed.suffixes()
+        }
+    missing = sorted(name for name in source if source[name] not in weight_map)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s) this stage needs: {shown}")
 
+    loaded, raw = _read_shards(model_dir, weight_map, source, specs, dtype, device, progress)
+    out = {name: loaded[src] for name, src in source.items() if src not in raw}
+    return out | gptq_awq.packed_weights(
+        model_dir, packed, {n: s for n, s in specs.items() if n not in out}, raw, device
+    )
+
+
+def _read_shards(model_dir, weight_map, source, specs, dtype, device, progress):
+    """The checkpoint's tensors named in `source`, shard by shard: those the stage holds as they are (checked against
+    specs, in dtype, on device), and packed ones (GPTQ, AWQ) as stored."""
     by_shard: dict[str, list[str]] = {}
     for src in sorted(set(source.values())):
         by_shard.setdefault(weight_map[src], []).append(src)
     loaded: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}  # a GPTQ or AWQ linear's packed tensors, as stored
     problems: list[str] = []
     for shard, names in by_shard.items():
         path = model_dir / shard
@@ -237,6 +258,11 @@ def load_stage_weights(
                 if info is None:
                     problems.append(f"{src} is listed for {shard} but not in it")
                     continue
+                if src not in specs and src != "model.embed_tokens.weight":
+                    raw[src] = read_tensor(f, info)  # packed: checked as a whole below
+                    if progress is not None:
+                        progress(raw[src].numel() * raw[src].element_size())
+                    continue
                 want = specs[src] if src in specs else specs["lm_head.weight"]
                 if info.shape != want:
                     problems.append(f"{src} has shape {list(info.shape)}, expected {list(want)}")
@@ -246,7 +272,7 @@ def load_stage_weights(
                     progress(loaded[src].numel() * loaded[src].element_size())
     if problems:
         raise CheckpointError(f"checkpoint {model_dir}: " + "; ".join(problems))
-    return {name: loaded[src] for name, src in source.items()}
+    return loaded, raw
 
 
 def _load_gguf(

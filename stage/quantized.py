@@ -43,10 +43,11 @@ class QuantizedWeight:
     """One quantized matrix [out, in]: q (int8 [out, in], or uint8 [out, in / 2] for int4), scales and offsets
     [out, in / group] (offsets None where the format has none)."""
 
-    __slots__ = ("q", "scales", "offsets", "group", "int4", "source")
+    __slots__ = ("q", "scales", "offsets", "group", "int4", "source", "perm")
 
-    def __init__(self, q, scales, offsets, group: int, int4: bool, source: str) -> None:
+    def __init__(self, q, scales, offsets, group: int, int4: bool, source: str, perm=None) -> None:
         self.q, self.scales, self.offsets, self.group, self.int4, self.source = q, scales, offsets, group, int4, source
+        self.perm = perm  # int64 [in]: the order the product reads its input in (GPTQ's act-order), or None
 
     @property
     def format(self) -> str:
@@ -59,11 +60,13 @@ class QuantizedWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Its tensors by the names a QuantizedLinear or QuantizedEmbedding holds them under."""
         out = {"qweight": self.q, "scales": self.scales}
-        return out | ({"offsets": self.offsets} if self.offsets is not None else {})
+        out |= {"offsets": self.offsets} if self.offsets is not None else {}
+        return out | ({"perm": self.perm} if self.perm is not None else {})
 
     def to(self, device) -> QuantizedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedWeight(move(self.q), move(self.scales), move(self.offsets), self.group, self.int4, self.source)
+        moved = (move(self.q), move(self.scales), move(self.offsets))
+        return QuantizedWeight(*moved, self.group, self.int4, self.source, move(self.perm))
 
 
 # Each GGUF type's format and its bytes per weight (the table above).
@@ -176,9 +179,12 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | No
 class QuantizedLinear(nn.Module):
     """A Linear whose weight stays in its quantized format; the product is stage/csrc/quantized.cpp's on CPU."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group: int, int4: bool, offsets: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group: int, int4: bool, offsets: bool, perm: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group, self.int4 = in_features, out_features, group, int4
+        self.perm = nn.Buffer(torch.empty(in_features, dtype=torch.int64)) if perm else None
         self.qweight = nn.Buffer(torch.empty(out_features, in_features // (2 if int4 else 1), dtype=torch.uint8))
         self.scales = nn.Buffer(torch.empty(out_features, in_features // group))
         self.offsets = nn.Buffer(torch.empty(out_features, in_features // group)) if offsets else None
@@ -187,10 +193,20 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def like(cls, weight: QuantizedWeight, bias: bool) -> QuantizedLinear:
         out_features, in_features = weight.shape
-        return cls(in_features, out_features, bias, weight.group, weight.int4, weight.offsets is not None)
+        return cls(
+            in_features,
+            out_features,
+            bias,
+            weight.group,
+            weight.int4,
+            weight.offsets is not None,
+            weight.perm is not None,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            rows = rows[:, self.perm]  # GPTQ's act-order: the inputs in the order the groups were made in
         args = (rows, self.qweight, self.scales, self.offsets, self.bias, self.group, self.int4)
         # In a compiled step one opaque operator, as packed_linear.
         out = torch.ops.stagecoach.quant_linear(*args) if torch.compiler.is_compiling() else quant_product(*args)

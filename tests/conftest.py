@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GOLDEN_DIR, QWEN_DIR, SHARED, free_port, make_gguf_checkpoint, make_hf_checkpoint, require_shared  # noqa: F401
+from helpers import (  # noqa: F401
+    GOLDEN_DIR,
+    QWEN_DIR,
+    SHARED,
+    free_port,
+    make_gguf_checkpoint,
+    make_hf_checkpoint,
+    make_packed_checkpoint,
+    require_shared,
+)
 
 # Parity needs the same kernels on both sides: one thread, so reductions run in one order.
 torch.set_num_threads(1)
@@ -41,12 +50,16 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: (key, **config) → (folder, HF model); each distinct key is built once per session. A key starting with
-    "gguf" gives a GGUF file in every served type (helpers.make_gguf_checkpoint) and HF on its dequantized values."""
+    "gguf" gives a GGUF file in every served type (helpers.make_gguf_checkpoint) and HF on its dequantized values;
+    "gptq…" and "awq…" a packed checkpoint (helpers.make_packed_checkpoint, its `packing` argument)."""
     cache: dict[str, tuple[Path, torch.nn.Module]] = {}
 
     def get(key: str, **kwargs):
         if key not in cache:
             path = tmp_path_factory.mktemp(key)
+            if key.startswith(("gptq", "awq")):  # a GPTQ or AWQ checkpoint, HF on its dequantized values
+                cache[key] = path, make_packed_checkpoint(path, key.split("_")[0], **kwargs)
+                return cache[key]
             make = make_gguf_checkpoint if key.startswith("gguf") else lambda p, **kw: (p, make_hf_checkpoint(p, **kw))
             cache[key] = make(path, **kwargs)
         return cache[key]

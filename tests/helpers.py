@@ -79,6 +79,16 @@ GGUF_TYPES = {
 }
 
 
+def make_packed_checkpoint(path: Path, method: str, seed: int = 0, packing: dict | None = None, **config_kwargs):
+    """A tiny GPTQ or AWQ checkpoint (tests/packed_files.py): every decoder linear packed with `packing`'s bits, group,
+    act_order, v2, sym; returns transformers' model on the same values dequantized."""
+    from packed_files import make_packed
+
+    config = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, vocab_size=512) | config_kwargs
+    hf = make_hf_checkpoint(path, seed=seed, **config)
+    return make_packed(path, hf, method, seed=seed, **(packing or {}))
+
+
 def make_gguf_checkpoint(path: Path, num_hidden_layers: int = 4, seed: int = 0, types=None, **config_kwargs):
     """A folder holding a random tiny Qwen2 GGUF file in every served type (tests/gguf_files.py writes the blocks by
     hand) and its tokenizer files; returns (the file, transformers' model on the same values dequantized)."""

@@ -86,3 +86,39 @@ def test_symmetric_zeros_at_the_midpoint_are_v2():
     assert zeros_are_v2(pack(torch.full((2, 8), 8), 4, 1), 4, sym=True)
     assert not zeros_are_v2(pack(torch.full((2, 8), 7), 4, 1), 4, sym=True)
     assert not zeros_are_v2(pack(torch.full((2, 8), 8), 4, 1), 4, sym=False)
+
+
+def test_a_packed_checkpoint_is_held_packed_with_its_byte_count(hf_checkpoint):
+    from test_model_parity import CONFIGS
+
+    from stagecoach.proto.model_config import ModelConfig
+    from stagecoach.stage.loader import layer_weight_bytes, load_stage_model, stage_weight_bytes, weight_formats
+
+    key = "gptq_4bit_g128_actorder"
+    path, _ = hf_checkpoint(key, **CONFIGS[key])
+    config = ModelConfig.from_pretrained(path)
+    model = load_stage_model(path, 1, 3)
+    held = {n: t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    held.pop("rotary_emb.inv_freq")  # derived, not a weight
+    assert sum(held.values()) == stage_weight_bytes(config, 1, 3, torch.float32, path)
+    assert layer_weight_bytes(config, 1, 3, torch.float32, path) == [
+        sum(b for n, b in held.items() if f".layers.{i}." in n) for i in (1, 2)
+    ]
+    assert set(weight_formats(config, 1, 3, torch.float32, path)) == {"int4/32+offset", "float32"}
+    assert model.model.layers["1"].self_attn.q_proj.perm is not None  # act-order
+
+
+@pytest.mark.parametrize(
+    "quantization_config, message",
+    [
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "GPTQ with 3 bits; served: 4 and 8"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ gemv with 4 bits; served: gemm, 4 bits"),
+        ({"quant_method": "exl2", "bits": 4}, "quantization 'exl2'; served: gptq, awq"),
+    ],
+)
+def test_what_is_not_served_is_refused(quantization_config, message):
+    from stagecoach.errors import CheckpointError
+    from stagecoach.stage.gptq_awq import PackedConfig
+
+    with pytest.raises(CheckpointError, match=message):
+        PackedConfig(quantization_config, "config.json")

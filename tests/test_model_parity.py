@@ -83,6 +83,12 @@ CONFIGS = {
     ),
     # A GGUF file, tensors in every served type, held quantized (hidden 256: K-types need rows of 256).
     "gguf_mixed": dict(num_hidden_layers=5),
+    # GPTQ and AWQ checkpoints, every decoder linear packed (tests/packed_files.py; hidden 256: groups of 128 fit).
+    "gptq_4bit_g128_actorder": dict(num_hidden_layers=5, packing=dict(bits=4, group=128, act_order=True)),
+    "gptq_8bit_g32_sym_v2": dict(num_hidden_layers=5, packing=dict(bits=8, group=32, sym=True, v2=True)),
+    # symmetric zeros at the midpoint under v1's label: read as v2
+    "gptq_4bit_channel_midpoint": dict(num_hidden_layers=5, packing=dict(group=-1, sym=True, v2=True, label_v2=False)),
+    "awq_4bit_g64": dict(num_hidden_layers=5, packing=dict(group=64)),
 }
 PROMPT = [5, 77, 123, 9, 301, 42, 42, 7, 250, 11, 3, 199, 64]
 
