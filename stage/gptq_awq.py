@@ -129,6 +129,8 @@ class PackedConfig:
         self.desc_act, self.sym = bool(q.get("desc_act", False)), bool(q.get("sym", True))
         self.v2 = q.get("checkpoint_format", "gptq") == "gptq_v2"
         self.told = False
+        if self.method == "gptq" and q.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
+            raise CheckpointError(f"{source}: GPTQ in the {q['checkpoint_format']} layout; served: gptq, gptq_v2")
         if self.method == "gptq" and self.bits not in (4, 8):
             raise CheckpointError(f"{source}: GPTQ with {self.bits} bits; served: 4 and 8")
         if self.method == "awq" and (self.bits != 4 or str(q.get("version", "gemm")).lower() != "gemm"):

@@ -114,6 +114,7 @@ def test_a_packed_checkpoint_is_held_packed_with_its_byte_count(hf_checkpoint):
         ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "GPTQ with 3 bits; served: 4 and 8"),
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ gemv with 4 bits; served: gemm, 4 bits"),
         ({"quant_method": "exl2", "bits": 4}, "quantization 'exl2'; served: gptq, awq"),
+        ({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}, "GPTQ in the marlin layout"),
     ],
 )
 def test_what_is_not_served_is_refused(quantization_config, message):
