@@ -170,8 +170,9 @@ def is_packed(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith(tuple(f"{p}.weight" for p in PACKED))
 
 
-def packed_weights(model_dir, packed, specs, raw, device) -> dict[str, QuantizedWeight]:
-    """The GPTQ or AWQ linears of `specs` in their formats, from their checkpoint tensors in `raw`."""
+def packed_weights(model_dir, packed, specs, raw, device, progress=None) -> dict[str, QuantizedWeight]:
+    """The GPTQ or AWQ linears of `specs` in their formats, from their checkpoint tensors in `raw`; progress, if given,
+    gets each one's bytes as held."""
     out = {}
     for name, shape in specs.items():
         prefix = name.removesuffix("weight")
@@ -181,6 +182,8 @@ def packed_weights(model_dir, packed, specs, raw, device) -> dict[str, Quantized
                 f"checkpoint {model_dir}: {prefix}qweight holds {list(weight.shape)}, expected {list(shape)}"
             )
         out[name] = weight.to(device)
+        if progress is not None:
+            progress(sum(t.numel() * t.element_size() for t in out[name].tensors().values()))
     return out
 
 

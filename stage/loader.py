@@ -234,7 +234,7 @@ def load_stage_weights(
     loaded, raw = _read_shards(model_dir, weight_map, source, specs, dtype, device, progress)
     out = {name: loaded[src] for name, src in source.items() if src not in raw}
     return out | gptq_awq.packed_weights(
-        model_dir, packed, {n: s for n, s in specs.items() if n not in out}, raw, device
+        model_dir, packed, {n: s for n, s in specs.items() if n not in out}, raw, device, progress
     )
 
 
@@ -259,9 +259,7 @@ def _read_shards(model_dir, weight_map, source, specs, dtype, device, progress):
                     problems.append(f"{src} is listed for {shard} but not in it")
                     continue
                 if src not in specs and src != "model.embed_tokens.weight":
-                    raw[src] = read_tensor(f, info)  # packed: checked as a whole below
-                    if progress is not None:
-                        progress(raw[src].numel() * raw[src].element_size())
+                    raw[src] = read_tensor(f, info)  # packed: checked (and counted) as a whole, once in its format
                     continue
                 want = specs[src] if src in specs else specs["lm_head.weight"]
                 if info.shape != want:

@@ -59,10 +59,12 @@ def reference(model) -> list[list[int]]:
     return [s.output_token_ids for s in seqs]
 
 
-@pytest.mark.parametrize("source", ["safetensors", "gguf"])
+@pytest.mark.parametrize("source", ["safetensors", "gguf", "gptq"])
 def test_a_stage_reads_only_the_layers_it_gains_and_computes_as_if_loaded_whole(model, hf_checkpoint, source):
     if source == "gguf":  # quantized layers: a gained one arrives in its packed form, with its packed byte count
         model, _ = hf_checkpoint("gguf_mixed8", num_hidden_layers=8)
+    if source == "gptq":  # the same from a GPTQ checkpoint (act-order: the layers' input permutations move too)
+        model, _ = hf_checkpoint("gptq_8layers", num_hidden_layers=8, packing=dict(act_order=True))
     config = ModelConfig.from_pretrained(model)
     stage = load_stage_model(model, 2, 4)
     kept = stage.model.layers["3"]
@@ -77,7 +79,7 @@ def test_a_stage_reads_only_the_layers_it_gains_and_computes_as_if_loaded_whole(
         sum(n for name, n in held.items() if ".layers.4." in name)
         == layer_weight_bytes(config, 4, 5, torch.float32, model)[0]
     )
-    if source == "gguf":
+    if source != "safetensors":
         assert isinstance(grown.model.layers["4"].mlp.up_proj, QuantizedLinear)
     fresh = load_stage_model(model, 2, 6)
     x = torch.randn(5, config.hidden_size)
