@@ -12,7 +12,7 @@ from http.client import HTTPConnection
 
 import pytest
 import yaml
-from helpers import http, make_gguf_checkpoint, make_hf_checkpoint
+from helpers import http, make_gguf_checkpoint, make_hf_checkpoint, make_packed_checkpoint
 from test_serve import Server
 
 pytestmark = pytest.mark.slow
@@ -112,11 +112,14 @@ def config_file(tmp, model, **pipeline) -> str:
 
 @pytest.fixture(scope="module", params=["safetensors"])
 def model(tmp_path_factory, request):
-    """A float checkpoint; or, where a test asks for "gguf", a GGUF file held quantized (every served type,
-    helpers.make_gguf_checkpoint): the server and reference on the other model are then stopped first."""
+    """A float checkpoint; or, where a test asks for "gguf" or "gptq", a GGUF file (every served type,
+    helpers.make_gguf_checkpoint) or a GPTQ checkpoint (act-order) held quantized: the server and reference on the
+    other model are then stopped first."""
     path = tmp_path_factory.mktemp("recovery") / "model"
     if request.param == "gguf":
         make_gguf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=1024, vocab_size=512)
+    elif request.param == "gptq":
+        make_packed_checkpoint(path, "gptq", num_hidden_layers=3, packing=dict(act_order=True))
     else:
         make_hf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=1024)
     return path
@@ -249,8 +252,8 @@ def test_a_prefix_cached_before_a_stage_was_replaced_gives_the_same_output(serve
 # Last in the module: its gguf case replaces the module's server with one on a GGUF model.
 @pytest.mark.parametrize(
     "model, kill_stage",
-    [("safetensors", 1), ("safetensors", 2), ("gguf", 1)],
-    ids=["middle stage", "last stage", "gguf, middle stage"],
+    [("safetensors", 1), ("safetensors", 2), ("gguf", 1), ("gptq", 1)],
+    ids=["middle stage", "last stage", "gguf, middle stage", "gptq, middle stage"],
     indirect=["model"],
 )
 def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage):
