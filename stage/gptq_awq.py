@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from stagecoach.errors import CheckpointError
-from stagecoach.stage.quantized import QuantizedWeight, _pack4
+from stagecoach.stage.quantized import QuantizedWeight, pack4
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _grouped(q_nk: torch.Tensor, scale_ng: torch.Tensor, zero_ng: torch.Tensor, 
     scale = scale_ng.float().repeat_interleave(group // 32, dim=1).contiguous()
     zero = zero_ng.float().repeat_interleave(group // 32, dim=1)
     if bits == 4:
-        q = _pack4(q_nk.reshape(out_features, -1, 32).to(torch.int32)).reshape(out_features, -1)
+        q = pack4(q_nk.reshape(out_features, -1, 32).to(torch.int32)).reshape(out_features, -1)
         return QuantizedWeight(q.contiguous(), scale, (-scale * zero).contiguous(), 32, True, source)
     q = (q_nk - 128).to(torch.int8).contiguous()
     return QuantizedWeight(q, scale, (-scale * (zero - 128)).contiguous(), 32, False, source)
@@ -66,8 +66,8 @@ def from_gptq(
     bits: int,
     v2_zeros: bool,
     source: str,
-) -> tuple[QuantizedWeight, torch.Tensor | None]:
-    """A GPTQ linear's tensors → (its format, the input permutation the layer applies first, or None)."""
+) -> QuantizedWeight:
+    """A GPTQ linear's tensors → its format, with act-order's input permutation (`perm`) where g_idx is out of order."""
     if bits not in (4, 8):
         raise CheckpointError(f"{source}: GPTQ with {bits} bits; served: 4 and 8")
     q = unpack(qweight, bits, 0)  # [in, out]
@@ -83,7 +83,9 @@ def from_gptq(
             raise CheckpointError(f"{source}: g_idx does not give each of the {groups} groups {group} inputs")
         perm = torch.argsort(g_idx.long(), stable=True)  # act-order: each group's inputs together
         q = q[perm]
-    return _grouped(q.t(), scales.t(), zeros.t() + (0 if v2_zeros else 1), bits, source), perm
+    weight = _grouped(q.t(), scales.t(), zeros.t() + (0 if v2_zeros else 1), bits, source)
+    weight.perm = perm
+    return weight
 
 
 def zeros_are_v2(qzeros: torch.Tensor, bits: int, sym: bool) -> bool:
@@ -117,15 +119,12 @@ PACKED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 class PackedConfig:
     """A checkpoint's `quantization_config` (config.json), as served: GPTQ 4/8 bits or AWQ gemm 4 bits."""
 
-    __slots__ = ("method", "bits", "group", "desc_act", "sym", "v2", "told")
+    __slots__ = ("method", "bits", "desc_act", "sym", "v2", "told")
 
     def __init__(self, quantization_config: dict, source: str) -> None:
         q = quantization_config
         self.method = q.get("quant_method")
-        self.bits, self.group = (
-            int(q.get("bits", q.get("w_bit", 0))),
-            int(q.get("group_size", q.get("q_group_size", 0))),
-        )
+        self.bits = int(q.get("bits", q.get("w_bit", 0)))  # the group size comes from the tensors' shapes
         self.desc_act, self.sym = bool(q.get("desc_act", False)), bool(q.get("sym", True))
         self.v2 = q.get("checkpoint_format", "gptq") == "gptq_v2"
         self.told = False
@@ -158,11 +157,9 @@ class PackedConfig:
             log.warning(
                 "%s: labelled gptq (v1), but its symmetric zeros sit at the midpoint: read as v2 (q - z)", source
             )
-        weight, perm = from_gptq(
+        return from_gptq(
             tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"), self.bits, v2, source
         )
-        weight.perm = perm
-        return weight
 
 
 def is_packed(name: str) -> bool:

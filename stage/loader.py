@@ -221,24 +221,24 @@ def load_stage_weights(
     source = {name: name for name in specs}
     if "lm_head.weight" in specs and config.tie_word_embeddings and "lm_head.weight" not in weight_map:
         source["lm_head.weight"] = "model.embed_tokens.weight"
+    packed_sources = set()  # a GPTQ or AWQ linear's tensors, read as stored
     for name in [name for name in specs if packed is not None and gptq_awq.is_packed(name)]:
         del source[name]
-        source |= {
-            name.removesuffix("weight") + suffix: name.removesuffix("weight") + suffix for suffix in packed.suffixes()
-        }
+        packed_sources |= {name.removesuffix("weight") + suffix for suffix in packed.suffixes()}
+    source |= {src: src for src in packed_sources}
     missing = sorted(name for name in source if source[name] not in weight_map)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s) this stage needs: {shown}")
 
-    loaded, raw = _read_shards(model_dir, weight_map, source, specs, dtype, device, progress)
+    loaded, raw = _read_shards(model_dir, weight_map, source, specs, packed_sources, dtype, device, progress)
     out = {name: loaded[src] for name, src in source.items() if src not in raw}
     return out | gptq_awq.packed_weights(
         model_dir, packed, {n: s for n, s in specs.items() if n not in out}, raw, device, progress
     )
 
 
-def _read_shards(model_dir, weight_map, source, specs, dtype, device, progress):
+def _read_shards(model_dir, weight_map, source, specs, packed_sources, dtype, device, progress):
     """The checkpoint's tensors named in `source`, shard by shard: those the stage holds as they are (checked against
     specs, in dtype, on device), and packed ones (GPTQ, AWQ) as stored."""
     by_shard: dict[str, list[str]] = {}
@@ -258,7 +258,7 @@ def _read_shards(model_dir, weight_map, source, specs, dtype, device, progress):
                 if info is None:
                     problems.append(f"{src} is listed for {shard} but not in it")
                     continue
-                if src not in specs and src != "model.embed_tokens.weight":
+                if src in packed_sources:
                     raw[src] = read_tensor(f, info)  # packed: checked (and counted) as a whole, once in its format
                     continue
                 want = specs[src] if src in specs else specs["lm_head.weight"]

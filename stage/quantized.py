@@ -105,7 +105,7 @@ def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.float(), low.float()
 
 
-def _pack4(values: torch.Tensor) -> torch.Tensor:
+def pack4(values: torch.Tensor) -> torch.Tensor:
     """[..., 32] values 0..15 → [..., 16] bytes, value j in the low and value j + 16 in the high nibble."""
     return (values[..., :16] | (values[..., 16:] << 4)).to(torch.uint8)
 
@@ -131,7 +131,7 @@ def from_gguf(raw: torch.Tensor, type_name: str, shape: tuple[int, int], source:
         scale, low = _k_scales(b)
         qs = b[..., 16:144].reshape(rows, -1, 4, 32).to(torch.int32)  # 4 runs of 32 bytes: two sub-blocks each
         q = torch.stack([qs & 15, qs >> 4], 3).reshape(rows, -1, 32)  # [rows, sub-blocks, 32]
-        return QuantizedWeight(flat(_pack4(q)), flat(_f16(b, 0) * scale), flat(-_f16(b, 2) * low), 32, True, type_name)
+        return QuantizedWeight(flat(pack4(q)), flat(_f16(b, 0) * scale), flat(-_f16(b, 2) * low), 32, True, type_name)
     if type_name == "Q5_K":
         scale, low = _k_scales(b)
         qh = b[..., 16:48].to(torch.int32).unsqueeze(2)  # [rows, blocks, 1, 32]: bit 2j and 2j + 1 for run j

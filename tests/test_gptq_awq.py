@@ -55,7 +55,8 @@ def test_gptq_equals_the_layouts_reading(bits, group, act_order, v2):
     # reference: w[n, k] = scale[g_idx[k], n] · (q[k, n] − z'[g_idx[k], n]), z' = z + 1 for v1
     zeff = z + (0 if v2 else 1)
     ref = (scales.float()[g_idx.long()] * (q - zeff[g_idx.long()]).float()).t()  # [out, in]
-    weight, perm = from_gptq(pack(q, bits, 0), pack(z, bits, 1), scales, g_idx, bits, v2, "t")
+    weight = from_gptq(pack(q, bits, 0), pack(z, bits, 1), scales, g_idx, bits, v2, "t")
+    perm = weight.perm
     assert (perm is not None) == (act_order and group != -1)  # one group over every input: no order to restore
     ours = dequantize(weight.q, weight.scales, weight.offsets, weight.int4)
     order = perm if perm is not None else torch.arange(q.shape[0])

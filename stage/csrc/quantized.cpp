@@ -108,7 +108,7 @@ static inline void dot_8x2(const float* x, int64_t ldx, const uint8_t* const q[2
     sums[2 * r + 1] = _mm512_reduce_add_ps(acc[r][1]);
   }
 }
-#define HAVE_8X2 1
+#define HAVE_AVX512_PATH 1  // dot_8x2 and the vector dequantization below
 #elif defined(__AVX2__)
 #include <immintrin.h>
 constexpr int64_t RT = 4;  // rows of x per pass over the weights
@@ -202,7 +202,7 @@ static void row_block(const float* xp, const uint8_t* q, const float* sc, const 
   }
 }
 
-#ifdef HAVE_8X2
+#ifdef HAVE_AVX512_PATH
 // Rows m .. m + 7 of x times weight rows [begin, end), two weight rows at a time.
 template <int G, bool I4>
 static void row_block_8x2(const float* xp, const uint8_t* q, const float* sc, const float* off, int64_t m,
@@ -232,7 +232,7 @@ static void few_rows(const at::Tensor& x, const uint8_t* q, const float* sc, con
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     int64_t m = 0;
-#ifdef HAVE_8X2
+#ifdef HAVE_AVX512_PATH
     for (; m + 8 <= M; m += 8) row_block_8x2<G, I4>(xp, q, sc, off, m, begin, end, N, K, op);
 #endif
     for (; m + RT <= M; m += RT) row_block<G, I4, RT>(xp, q, sc, off, m, begin, end, N, K, op);
@@ -253,7 +253,7 @@ static void dequantize_rows(const uint8_t* q, const float* sc, const float* off,
         const uint8_t* qg = q + n * QB + g * GB;
         const float s = sc[n * NG + g], o = off ? off[n * NG + g] : 0.f;
         float* out = dst + (n - n0) * K + g * G;
-#ifdef HAVE_8X2
+#ifdef HAVE_AVX512_PATH
         __m512 w[G / 16];
         group_vectors<G, I4>(qg, s, o, w);
         for (int k = 0; k < G / 16; ++k) _mm512_storeu_ps(out + 16 * k, w[k]);
