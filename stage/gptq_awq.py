@@ -141,11 +141,13 @@ class PackedConfig:
         """The tensors that stand for a linear's `weight` in the checkpoint."""
         return ("qweight", "qzeros", "scales", "g_idx") if self.method == "gptq" else ("qweight", "qzeros", "scales")
 
-    def loaded(self, shape: tuple[int, int]) -> tuple[str, int]:
-        """What a linear of shape [out, in] becomes once loaded, and its bytes."""
+    def loaded(self, name: str, shape: tuple[int, int]) -> tuple[str, int]:
+        """What the linear `name` of shape [out, in] becomes once loaded, and its bytes. With act-order a layer holds
+        one input order per input its linears read (share_input_orders): charged to q_proj, o_proj and gate_proj."""
         out_features, in_features = shape
-        name, per_weight = ("int4/32+offset", 0.75) if self.bits == 4 else ("int8/32+offset", 1.25)
-        return name, int(out_features * in_features * per_weight) + (8 * in_features if self.desc_act else 0)
+        fmt, per_weight = ("int4/32+offset", 0.75) if self.bits == 4 else ("int8/32+offset", 1.25)
+        order = self.desc_act and name.endswith(ORDER_HOLDERS)
+        return fmt, int(out_features * in_features * per_weight) + (8 * in_features if order else 0)
 
     def weight(self, tensors: dict[str, torch.Tensor], source: str) -> QuantizedWeight:
         """A linear's format from its checkpoint tensors (by suffix)."""
@@ -162,6 +164,43 @@ class PackedConfig:
         )
 
 
+ORDER_HOLDERS = ("q_proj.weight", "o_proj.weight", "gate_proj.weight")
+
+
+def share_input_orders(model) -> None:
+    """Act-order's input permutations, once per input rather than once per linear, on a loaded stage model's layers:
+    q, k and v read one input, so their common order moves to the attention (`input_perm`); gate and up likewise to the
+    MLP; and down_proj's order is folded into gate's and up's output rows (down's input is their elementwise product),
+    so it costs nothing at run time. GPTQ gives linears that read one input one order (they share a Hessian); where
+    they do not, each keeps its own. Layers already done are left as they are."""
+    for layer in model.model.layers.values():
+        attn, mlp = layer.self_attn, layer.mlp
+        _fold_into_rows(mlp.down_proj, (mlp.gate_proj, mlp.up_proj))
+        _share(attn, (attn.q_proj, attn.k_proj, attn.v_proj))
+        _share(mlp, (mlp.gate_proj, mlp.up_proj))
+
+
+def _share(owner, linears) -> None:
+    perms = [getattr(linear, "perm", None) for linear in linears]
+    if perms[0] is None or any(p is None or not torch.equal(p, perms[0]) for p in perms[1:]):
+        return
+    owner.input_perm = perms[0]
+    for linear in linears:
+        linear.perm = None
+
+
+def _fold_into_rows(consumer, producers) -> None:
+    """consumer reads its input in the order perm; each producer's output rows reordered by perm give it that order."""
+    perm = getattr(consumer, "perm", None)
+    if perm is None or any(getattr(p, "qweight", None) is None or p.bias is not None for p in producers):
+        return
+    for p in producers:
+        p.qweight, p.scales = p.qweight[perm], p.scales[perm]
+        if p.offsets is not None:
+            p.offsets = p.offsets[perm]
+    consumer.perm = None
+
+
 def is_packed(name: str) -> bool:
     """Whether a stage tensor's HF name is a decoder linear's weight (packed in GPTQ and AWQ checkpoints)."""
     return name.startswith("model.layers.") and name.endswith(tuple(f"{p}.weight" for p in PACKED))
@@ -169,7 +208,7 @@ def is_packed(name: str) -> bool:
 
 def packed_weights(model_dir, packed, specs, raw, device, progress=None) -> dict[str, QuantizedWeight]:
     """The GPTQ or AWQ linears of `specs` in their formats, from their checkpoint tensors in `raw`; progress, if given,
-    gets each one's bytes as held."""
+    gets each one's bytes as held (its share of the layer's input orders, see share_input_orders)."""
     out = {}
     for name, shape in specs.items():
         prefix = name.removesuffix("weight")
@@ -180,7 +219,7 @@ def packed_weights(model_dir, packed, specs, raw, device, progress=None) -> dict
             )
         out[name] = weight.to(device)
         if progress is not None:
-            progress(sum(t.numel() * t.element_size() for t in out[name].tensors().values()))
+            progress(packed.loaded(name, shape)[1])
     return out
 
 

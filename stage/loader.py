@@ -175,7 +175,7 @@ def _loaded_tensors(config, layer_start, layer_end, dtype, model_dir) -> dict[st
     if path is None:
         packed = gptq_awq.packed_config(model_dir) if model_dir is not None else None
         return {
-            name: packed.loaded(shape)
+            name: packed.loaded(name, shape)
             if packed is not None and gptq_awq.is_packed(name)
             else (str(dtype).removeprefix("torch."), _numel(shape) * dtype.itemsize)
             for name, shape in specs.items()
@@ -331,6 +331,7 @@ def load_stage_model(
         model = StageModel(config, layer_start, layer_end)
     state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress)
     model.load_state_dict(quantized.install(model, state), strict=True, assign=True)
+    gptq_awq.share_input_orders(model)
     # The rotary buffer is derived, not stored: build it for real on the target device.
     with torch.device(device):
         model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
@@ -366,6 +367,7 @@ def change_layers(
     gained = set(stage_tensor_specs(config, layer_start, layer_end)) - owned
     state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress, only=gained)
     new.load_state_dict(quantized.install(new, state), strict=False, assign=True)
+    gptq_awq.share_input_orders(new)
     new.rotary_emb = model.rotary_emb
     still_meta = [name for name, p in [*new.named_parameters(), *new.named_buffers()] if p.is_meta]
     assert not still_meta, f"tensors neither kept nor loaded: {still_meta[:4]}"

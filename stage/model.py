@@ -115,8 +115,12 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # GPTQ's act-order: the order gate_proj and up_proj both read their input in, applied once (stage/gptq_awq.py).
+        self.register_buffer("input_perm", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x[..., self.input_perm]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -213,6 +217,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.register_buffer("input_perm", None)  # act-order: the order q, k and v all read their input in
 
     def forward(
         self,
@@ -223,6 +228,8 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
+        if self.input_perm is not None:
+            hidden_states = hidden_states[:, self.input_perm]
         q = self.q_proj(hidden_states).view(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
         k = self.k_proj(hidden_states).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
         v = self.v_proj(hidden_states).view(num_tokens, self.num_kv_heads, self.head_dim)

@@ -29,8 +29,9 @@ def awq_pack(values: torch.Tensor) -> torch.Tensor:
     return pack(v.reshape(values.shape[0], -1), 4, 1)
 
 
-def packed_linear(method, bits, group, act_order, v2, sym, out_features, in_features, g):
-    """(the checkpoint's tensors by suffix, the float weight [out, in] they stand for)."""
+def packed_linear(method, bits, group, order, v2, sym, out_features, in_features, g):
+    """(the checkpoint's tensors by suffix, the float weight [out, in] they stand for); order: act-order's shuffle of
+    the inputs' groups, or None."""
     group = in_features if group == -1 else group
     groups = in_features // group
     q = torch.randint(0, 2**bits, (in_features, out_features), generator=g)
@@ -43,8 +44,8 @@ def packed_linear(method, bits, group, act_order, v2, sym, out_features, in_feat
         w = scales.float().repeat_interleave(group, 0) * (q - z.repeat_interleave(group, 0)).float()
         return {"qweight": awq_pack(q), "qzeros": awq_pack(z), "scales": scales}, w.t().contiguous()
     g_idx = torch.arange(in_features) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(in_features, generator=g)]
+    if order is not None:
+        g_idx = g_idx[order]
     zeff = z + (0 if v2 else 1)
     w = scales.float()[g_idx] * (q - zeff[g_idx]).float()
     tensors = {"qweight": pack(q, bits, 0), "qzeros": pack(z, bits, 1), "scales": scales, "g_idx": g_idx.int()}
@@ -52,17 +53,35 @@ def packed_linear(method, bits, group, act_order, v2, sym, out_features, in_feat
 
 
 def make_packed(
-    path: Path, hf_model, method="gptq", bits=4, group=128, act_order=False, v2=False, sym=False, seed=0, label_v2=None
+    path: Path,
+    hf_model,
+    method="gptq",
+    bits=4,
+    group=128,
+    act_order=False,
+    v2=False,
+    sym=False,
+    seed=0,
+    label_v2=None,
+    shared_orders=True,
 ):
     """Rewrites the saved checkpoint in `path` (HF's model.safetensors) with every decoder linear packed; sets those
-    weights of `hf_model` to the values they stand for. label_v2=False writes v2 zeros under v1's label."""
+    weights of `hf_model` to the values they stand for. label_v2=False writes v2 zeros under v1's label. With
+    act_order, linears that read one input get one order, as GPTQ gives them (shared_orders=False: each its own)."""
     state = load_file(path / "model.safetensors")
     params = dict(hf_model.named_parameters())
     g = torch.Generator().manual_seed(seed)
+    orders: dict[tuple[str, str], torch.Tensor] = {}
     for name in sorted(state):
         if ".layers." in name and name.endswith(tuple(f"{p}.weight" for p in LINEARS)):
             out_features, in_features = state.pop(name).shape
-            tensors, w = packed_linear(method, bits, group, act_order, v2, sym, out_features, in_features, g)
+            order = None
+            if act_order:
+                layer, _, proj = name.removesuffix(".weight").rpartition(".")
+                same_input = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+                key = (layer, same_input.get(proj, proj) if shared_orders else proj)
+                order = orders.setdefault(key, torch.randperm(in_features, generator=g))
+            tensors, w = packed_linear(method, bits, group, order, v2, sym, out_features, in_features, g)
             state |= {name.removesuffix("weight") + suffix: t.contiguous() for suffix, t in tensors.items()}
             with torch.no_grad():
                 params[name].copy_(w)

@@ -106,7 +106,20 @@ def test_a_packed_checkpoint_is_held_packed_with_its_byte_count(hf_checkpoint):
         sum(b for n, b in held.items() if f".layers.{i}." in n) for i in (1, 2)
     ]
     assert set(weight_formats(config, 1, 3, torch.float32, path)) == {"int4/32+offset", "float32"}
-    assert model.model.layers["1"].self_attn.q_proj.perm is not None  # act-order
+    # act-order: one order per input (q, k, v share one; gate and up another; down's is folded into their rows)
+    attn, mlp = model.model.layers["1"].self_attn, model.model.layers["1"].mlp
+    assert attn.input_perm is not None and mlp.input_perm is not None and attn.o_proj.perm is not None
+    assert all(linear.perm is None for linear in (attn.q_proj, attn.k_proj, attn.v_proj, *mlp.children()))
+
+
+def test_act_order_with_an_order_per_linear_matches_hf(hf_checkpoint):
+    """Linears that read one input but were given different orders each keep their own, and still match HF."""
+    from test_model_parity import PROMPT, check_against_hf, run_ours
+
+    packing = dict(bits=4, group=32, act_order=True, shared_orders=False)
+    path, hf_model = hf_checkpoint("gptq_4bit_g32_actorder_unshared", num_hidden_layers=2, packing=packing)
+    seqs, logits = run_ours(path, [2], [PROMPT])
+    check_against_hf(hf_model, seqs, logits, [PROMPT])
 
 
 @pytest.mark.parametrize(
