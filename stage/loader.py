@@ -22,7 +22,7 @@ import torch
 from stagecoach.errors import CheckpointError
 from stagecoach.proto import gguf
 from stagecoach.proto.model_config import ModelConfig
-from stagecoach.stage import gptq_awq, quantized
+from stagecoach.stage import gptq_awq, quantized, quantized_device
 from stagecoach.stage.model import RotaryEmbedding, StageModel
 
 log = logging.getLogger(__name__)
@@ -331,11 +331,18 @@ def load_stage_model(
         model = StageModel(config, layer_start, layer_end)
     state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress)
     model.load_state_dict(quantized.install(model, state), strict=True, assign=True)
-    gptq_awq.share_input_orders(model)
+    _prepare(model, dtype, device)
     # The rotary buffer is derived, not stored: build it for real on the target device.
     with torch.device(device):
         model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
     return model.eval().requires_grad_(False)
+
+
+def _prepare(model: StageModel, dtype: torch.dtype, device) -> None:
+    """After loading: act-order's orders once per input; on a GPU, torch's quantized operators where they check out."""
+    gptq_awq.share_input_orders(model)
+    if torch.device(device).type == "cuda" and (used := quantized_device.prepare(model, dtype)):
+        log.info("quantized products on %s: %s", device, "; ".join(f"{k}: {v}" for k, v in sorted(used.items())))
 
 
 def change_layers(
@@ -367,7 +374,7 @@ def change_layers(
     gained = set(stage_tensor_specs(config, layer_start, layer_end)) - owned
     state = load_stage_weights(model_dir, config, layer_start, layer_end, dtype, device, progress, only=gained)
     new.load_state_dict(quantized.install(new, state), strict=False, assign=True)
-    gptq_awq.share_input_orders(new)
+    _prepare(new, dtype, device)
     new.rotary_emb = model.rotary_emb
     still_meta = [name for name, p in [*new.named_parameters(), *new.named_buffers()] if p.is_meta]
     assert not still_meta, f"tensors neither kept nor loaded: {still_meta[:4]}"
