@@ -6,9 +6,11 @@ end to end, quantized (its GGUF file as it is) against float32 (the same file de
    the floor is the packed bytes (weights, scales, offsets) over the copy bandwidth measured in the same run (bytes
    read + written per second by a copy of 1 GiB); float32 is oneDNN's prepacked product on the same shapes, cycled
    the same way.
+   At Qwen1.5-32B's shapes also Qwen's GPTQ-Int4 and AWQ (groups of 128, loaded from random packed tensors as a
+   checkpoint's are: int4 groups of 32, each repeating its group's scale and offset) at 1 and 16 rows.
 2. Two Qwen1.5-32B decoder layers (real shapes, random values) as q4_k_m holds its heavier half of the layers (Q4_K,
-   with Q6_K for v and ffn_down): bytes per layer against bfloat16, and a decode step of 1 and 16 sequences against
-   float32.
+   with Q6_K for v and ffn_down), and as GPTQ-Int4 and AWQ load: bytes per layer against bfloat16, and a decode step
+   of 1 and 16 sequences against float32 and against q4_k_m.
 3. The error int8 activations would add (llama.cpp's way, simulated; no kernel): the demo's logits over a prompt.
 4. The demo through `stagecoach serve` (configs/demo.yaml: 2 CPU stages), quantized and float32 in interleaved
    rounds, 1 and 16 concurrent streams (bench/end_to_end.py's driver), with each stage's resident memory.
@@ -36,6 +38,8 @@ DEMO_SHAPES = {"896→896": (896, 896), "896→4864": (4864, 896), "4864→896":
 QWEN32B_SHAPES = {"5120→5120": (5120, 5120), "5120→27392": (27392, 5120), "27392→5120": (5120, 27392)}
 FORMATS = {"int8/32 (Q8_0, Q5_0)": (32, False, False), "int4/32+offset (Q4_K)": (32, True, True)}
 FORMATS |= {"int8/16 (Q6_K)": (16, False, False)}
+# Qwen's GPTQ-Int4 and AWQ releases (groups of 128), loaded from packed tensors as a checkpoint's are: int4/32+offset
+PACKED = {"GPTQ-Int4 g128": "gptq", "AWQ g128": "awq"}
 
 
 def random_weight(out_features: int, in_features: int, group: int, int4: bool, offsets: bool) -> QuantizedWeight:
@@ -46,6 +50,22 @@ def random_weight(out_features: int, in_features: int, group: int, int4: bool, o
         q = torch.randint(-32, 32, (out_features, in_features), dtype=torch.int8)
     scales = torch.rand(out_features, groups) * 1e-3
     return QuantizedWeight(q, scales, torch.randn(out_features, groups) * 1e-3 if offsets else None, group, int4, "")
+
+
+def packed_weight(out_features: int, in_features: int, method: str, group: int = 128) -> QuantizedWeight:
+    """Random GPTQ (4 bits, symmetric, no act-order, as Qwen's) or AWQ tensors of a linear, in the format they load as."""
+    from stagecoach.stage.gptq_awq import from_awq, from_gptq
+
+    def words(*shape):
+        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32)
+
+    groups = in_features // group
+    scales = (torch.rand(groups, out_features) * 1e-3).half()
+    if method == "awq":
+        return from_awq(words(in_features, out_features // 8), words(groups, out_features // 8), scales, "awq")
+    zeros = torch.full((groups, out_features // 8), 0x77777777, dtype=torch.int32)  # v1's symmetric 7 (= 8 − 1)
+    g_idx = (torch.arange(in_features) // group).int()
+    return from_gptq(words(in_features // 8, out_features), zeros, scales, g_idx, 4, False, "gptq")
 
 
 def quantized_layer(weight: QuantizedWeight) -> QuantizedLinear:
@@ -86,16 +106,17 @@ def product_table(shapes: dict, rows_list: list[int], bandwidth: float, repeats:
         floats = [Linear(k, n, bias=False).requires_grad_(False) for _ in range(max(2, WORKING_SET // (n * k * 4)))]
         for f in floats:
             f.pack()
-        for fmt, (group, int4, offsets) in FORMATS.items():
-            if int4 and group != 32 or (shapes is QWEN32B_SHAPES and fmt.startswith("int8/32")):
-                continue  # q4_k_m files of Qwen1.5-32B hold Q4_K and Q6_K only
-            first = random_weight(n, k, group, int4, offsets)
+        formats = {fmt: lambda f=f, n=n, k=k: random_weight(n, k, *f) for fmt, f in FORMATS.items()}
+        if shapes is QWEN32B_SHAPES:  # q4_k_m files of Qwen1.5-32B hold Q4_K and Q6_K only; and Qwen's GPTQ / AWQ
+            formats = {f: make for f, make in formats.items() if not f.startswith("int8/32")}
+            formats |= {fmt: lambda m=m, n=n, k=k: packed_weight(n, k, m) for fmt, m in PACKED.items()}
+        for fmt, make in formats.items():
+            first = make()
             nbytes = sum(t.numel() * t.element_size() for t in first.tensors().values())
             layers = [quantized_layer(first)] + [
-                quantized_layer(random_weight(n, k, group, int4, offsets))
-                for _ in range(max(1, WORKING_SET // nbytes) - 1)
+                quantized_layer(make()) for _ in range(max(1, WORKING_SET // nbytes) - 1)
             ]
-            for rows in rows_list:
+            for rows in rows_list if fmt not in PACKED else [1, 16]:
                 x = torch.randn(rows, k)
                 t = cycle_time(layers, x, repeats)
                 tf = cycle_time(floats, x, repeats)
@@ -121,7 +142,8 @@ def product_table(shapes: dict, rows_list: list[int], bandwidth: float, repeats:
 
 
 def qwen32b_layers(rounds: int) -> dict:
-    """Two Qwen1.5-32B decoder layers: q4_k_m's formats against float32, decode steps of 1 and 16 sequences."""
+    """Two Qwen1.5-32B decoder layers: q4_k_m's formats, GPTQ-Int4's and AWQ's against float32, decode steps of 1 and
+    16 sequences."""
     from stagecoach.proto.model_config import ModelConfig
     from stagecoach.stage.kv_cache import KVCache
     from stagecoach.stage.model import AttentionMetadata, StageModel
@@ -130,7 +152,7 @@ def qwen32b_layers(rounds: int) -> dict:
     real = json.loads((Path(__file__).resolve().parents[2] / "shared/data/qwen1.5-32b-chat/config.json").read_text())
     config = ModelConfig.from_hf_dict(real | {"num_hidden_layers": 3})
     models = {}
-    for kind in ("float32", "q4_k_m"):
+    for kind in ("float32", "q4_k_m", *PACKED):
         with torch.device("meta"):
             model = StageModel(config, 0, 2)  # two decoder layers; their embedding is left out (not what is measured)
         model.model.embed_tokens = None
@@ -140,6 +162,8 @@ def qwen32b_layers(rounds: int) -> dict:
             if kind == "q4_k_m" and p.dim() == 2:
                 q6 = name.endswith(("v_proj.weight", "down_proj.weight"))
                 state[name] = random_weight(*p.shape, 16 if q6 else 32, not q6, not q6)
+            elif kind in PACKED and p.dim() == 2:
+                state[name] = packed_weight(*p.shape, PACKED[kind])
             else:
                 state[name] = torch.randn(p.shape) * 0.01
         model.load_state_dict(install(model, state), assign=True)
@@ -151,7 +175,10 @@ def qwen32b_layers(rounds: int) -> dict:
         for kind, m in models.items()
     }
     bf16 = config.layer_num_params() * 2
-    out = {"layer_bytes": {"bfloat16": bf16, "q4_k_m": layer_bytes["q4_k_m"]}, "decode_ms": {}}
+    out = {
+        "layer_bytes": {"bfloat16": bf16} | {k: v for k, v in layer_bytes.items() if k != "float32"},
+        "decode_ms": {},
+    }
     for batch in (1, 16):
         times = {kind: [] for kind in models}
         for _ in range(rounds):
@@ -166,16 +193,21 @@ def qwen32b_layers(rounds: int) -> dict:
                     t0 = time.perf_counter()
                     model.decoder_layers(x, meta, cache)
                     times[kind].append(time.perf_counter() - t0)
-        f, q = (statistics.median(times[k]) for k in ("float32", "q4_k_m"))
-        out["decode_ms"][batch] = {
-            "float32": round(f * 1e3, 2),
-            "q4_k_m": round(q * 1e3, 2),
-            "speedup": round(f / q, 2),
-        }
+        ms = {kind: statistics.median(t) * 1e3 for kind, t in times.items()}
+        row = out["decode_ms"][batch] = {kind: round(t, 2) for kind, t in ms.items()}
+        row["speedup"] = round(ms["float32"] / ms["q4_k_m"], 2)  # q4_k_m against float32
+        row |= {f"{k} speedup": round(ms["float32"] / ms[k], 2) for k in PACKED}
+        row |= {f"{k} / q4_k_m": round(ms[k] / ms["q4_k_m"], 2) for k in PACKED}
         print(
-            f"  Qwen1.5-32B layer, decode of {batch:2d}: float32 {f * 1e3:.1f} ms, q4_k_m {q * 1e3:.1f} ms ({f / q:.2f}x)"
+            f"  Qwen1.5-32B layer, decode of {batch:2d}: "
+            + ", ".join(
+                f"{k} {t:.1f} ms" + (f" ({ms['float32'] / t:.2f}x)" if k != "float32" else "") for k, t in ms.items()
+            )
         )
-    print(f"  bytes per layer: bfloat16 {bf16 / 2**20:.0f} MiB, q4_k_m {layer_bytes['q4_k_m'] / 2**20:.0f} MiB")
+    print(
+        f"  bytes per layer: bfloat16 {bf16 / 2**20:.0f} MiB, "
+        + ", ".join(f"{k} {b / 2**20:.0f} MiB" for k, b in layer_bytes.items() if k != "float32")
+    )
     return out
 
 

@@ -382,6 +382,16 @@ def run_quantized(quick: bool, skip_e2e: bool) -> tuple[dict, list[dict]]:
             figs.append(
                 figure(f"Qwen1.5-32B layers, decode of {batch}: float32 / q4_k_m", row["speedup"], "(reference)", None)
             )
+            for kind in quantized.PACKED:
+                figs.append(
+                    figure(
+                        f"Qwen1.5-32B layers, decode of {batch}: float32 / {kind} (its time / q4_k_m's: "
+                        f"{row[f'{kind} / q4_k_m']})",
+                        row[f"{kind} speedup"],
+                        "(reference)",
+                        None,
+                    )
+                )
     if "int8_activations" in r:
         err = r["int8_activations"]["quantized, int8 activations"]
         figs.append(

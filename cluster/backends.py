@@ -36,15 +36,21 @@ log = logging.getLogger(__name__)
 
 
 def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
-    """The layer ranges of the config's split (or its balanced default: the last stage also pays for lm_head, in
-    layers' worth of the bytes it reads as loaded: a GGUF file's quantized layers and lm_head in their formats)."""
-    layers = layer_weight_bytes(model, 0, model.num_hidden_layers, torch.float32, config.model.path)
-    end = stage_weight_bytes(
-        model, model.num_hidden_layers - 1, model.num_hidden_layers, torch.float32, config.model.path
-    )
+    """The layer ranges of the config's split, or its balanced default (balanced_split)."""
+    return balanced_split(model, config.model.path, config.pipeline.num_stages, config.pipeline.layers)
+
+
+def balanced_split(
+    model: ModelConfig, path, num_stages: int, layer_counts: list[int] | None = None
+) -> list[LayerRange]:
+    """`layer_counts`, or num_stages ranges of balanced bytes where the last stage also pays for lm_head, in layers'
+    worth of the bytes it reads as loaded (a GGUF file's or GPTQ/AWQ checkpoint's layers and lm_head in their formats)."""
+    layers = layer_weight_bytes(model, 0, model.num_hidden_layers, torch.float32, path)
+    end = stage_weight_bytes(model, model.num_hidden_layers - 1, model.num_hidden_layers, torch.float32, path)
     lm_head_cost = (end - layers[-1]) / (sum(layers) / len(layers))
-    p = config.pipeline
-    return partition_layers(model.num_hidden_layers, p.num_stages, last_stage_extra=lm_head_cost, layer_counts=p.layers)
+    return partition_layers(
+        model.num_hidden_layers, num_stages, last_stage_extra=lm_head_cost, layer_counts=layer_counts
+    )
 
 
 def stage_testing(config: ClusterConfig, index: int) -> StageTesting | None:

@@ -100,12 +100,24 @@ def model(hf_checkpoint):
 
 @pytest.mark.parametrize(
     "source, counts",
-    [("hf", [5]), ("hf", [3, 2]), ("hf", [3, 1, 1]), ("hf", [2, 1, 1, 1]), ("gguf", [3, 1, 1])],
-    ids=["1", "2", "3-uneven", "4", "gguf-file-3-uneven"],
+    [
+        ("hf", [5]),
+        ("hf", [3, 2]),
+        ("hf", [3, 1, 1]),
+        ("hf", [2, 1, 1, 1]),
+        ("gguf", [3, 1, 1]),
+        ("gptq", [5]),
+        ("gptq", [3, 1, 1]),
+    ],
+    ids=["1", "2", "3-uneven", "4", "gguf-file-3-uneven", "gptq-1", "gptq-3-uneven"],
 )
 def test_greedy_equals_local_and_hf(ray_cluster, model, hf_checkpoint, source, counts):
-    # "gguf": `--model tiny.gguf`, a file in every served type, its tensors held quantized by the stages.
-    model_dir, hf_model = model if source == "hf" else hf_checkpoint("gguf_mixed", num_hidden_layers=5)
+    # "gguf": `--model tiny.gguf`, a file in every served type, its tensors held quantized by the stages;
+    # "gptq": a GPTQ checkpoint (4 bits, groups of 128, act-order), every decoder linear packed.
+    from test_model_parity import CONFIGS
+
+    key = {"hf": None, "gguf": "gguf_mixed", "gptq": "gptq_4bit_g128_actorder"}[source]
+    model_dir, hf_model = model if key is None else hf_checkpoint(key, **CONFIGS[key])
     prompts = [PROMPT, [9, 8, 7]]
     pipeline = ray_pipeline(make_config(model_dir, counts))
     try:
