@@ -52,19 +52,21 @@ def random_weight(out_features: int, in_features: int, group: int, int4: bool, o
     return QuantizedWeight(q, scales, torch.randn(out_features, groups) * 1e-3 if offsets else None, group, int4, "")
 
 
-def packed_weight(out_features: int, in_features: int, method: str, group: int = 128) -> QuantizedWeight:
+def packed_weight(
+    out_features: int, in_features: int, method: str, group: int = 128, device: str = "cpu"
+) -> QuantizedWeight:
     """Random GPTQ (4 bits, symmetric, no act-order, as Qwen's) or AWQ tensors of a linear, in the format they load as."""
     from stagecoach.stage.gptq_awq import from_awq, from_gptq
 
     def words(*shape):
-        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32)
+        return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, device=device)
 
     groups = in_features // group
-    scales = (torch.rand(groups, out_features) * 1e-3).half()
+    scales = (torch.rand(groups, out_features, device=device) * 1e-3).half()
     if method == "awq":
         return from_awq(words(in_features, out_features // 8), words(groups, out_features // 8), scales, "awq")
-    zeros = torch.full((groups, out_features // 8), 0x77777777, dtype=torch.int32)  # v1's symmetric 7 (= 8 − 1)
-    g_idx = (torch.arange(in_features) // group).int()
+    zeros = torch.full((groups, out_features // 8), 0x77777777, dtype=torch.int32, device=device)  # v1's symmetric 7
+    g_idx = (torch.arange(in_features, device=device) // group).int()
     return from_gptq(words(in_features // 8, out_features), zeros, scales, g_idx, 4, False, "gptq")
 
 

@@ -2,14 +2,14 @@
 computed from the real config and Qwen's quantization_config (no weights are downloaded).
 
 Each count is the loader's own (stage.loader.stage_weight_bytes over a folder holding the real config.json and the
-checkpoint's quantization_config), split as `--stages N` splits (cluster.backends.balanced_split: lm_head's cost in
-layers' worth of its bytes):
+checkpoint's quantization_config), split as `--stages N --dtype D` splits (cluster.backends.balanced_split: lm_head's
+cost in layers' worth of its bytes in that dtype):
 
-- CPU: every decoder linear in int4 groups of 32 with a float32 scale and offset (0.75 bytes a weight), the embedding,
-  lm_head, norms and biases in float32 (a CPU stage computes in float32);
-- CUDA as counted: the same linears, the rest in bfloat16 (what the memory check and the split charge);
-- CUDA held: after the self-check, torch's int4 tiles at the checkpoint's group of 128 with a bfloat16 scale and zero
-  per group (0.53 bytes a weight); a layer type that fails its check stays at the counted size.
+- CPU: every decoder linear in int4 groups of 128 with a float32 scale and offset (0.5625 bytes a weight), the
+  embedding, lm_head, norms and biases in float32 (a CPU stage computes in float32);
+- CUDA (bfloat16), as counted: the same linears, the rest in bfloat16 (what the memory check charges);
+- CUDA held: after the self-check, torch's int4 tiles with a bfloat16 scale and zero per group of 128 (0.53 bytes a
+  weight); a layer type that fails its check stays at the counted size.
 
 The files: 4-bit values, float16 scales and 4-bit zeros per group of 128 (and GPTQ's int32 g_idx), the embedding and
 lm_head in float16. The KV cache comes on top (4 KiB per token per layer in bfloat16, 8 KiB in float32).
@@ -40,6 +40,11 @@ CHECKPOINTS = {
 }
 GROUP = 128
 CUDA_INT4_PER_WEIGHT = 0.5 + 4 / GROUP  # torch's int4 tiles and a bfloat16 scale and zero per group
+COUNTED_INT4_PER_WEIGHT = 0.5 + 8 / GROUP  # as the loader holds them: a float32 scale and offset per group
+
+
+def rounded(values) -> list[float]:
+    return [round(v / 2**30, 2) for v in values]
 
 
 def file_bytes(config: ModelConfig, quantization: dict | None) -> int:
@@ -73,26 +78,25 @@ def main(argv: list[str] | None = None) -> dict:
             )
             row = {"file_gib": round(file_bytes(config, quantization) / gib, 1)}
             for stages in (2, 3, 4):
-                ranges = balanced_split(config, folder, stages)
-                per = {"layers": [end - start for start, end in ranges]}
-                for where, dtype in (("cpu", torch.float32), ("cuda_counted", torch.bfloat16)):
+                per = row[f"{stages}_stages"] = {}
+                for where, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
                     if quantization is None and where == "cpu":
                         continue
-                    per[where] = [stage_weight_bytes(config, start, end, dtype, folder) for start, end in ranges]
-                if quantization is not None:
-                    saved = 0.75 - CUDA_INT4_PER_WEIGHT
-                    per["cuda_held"] = [
-                        int(b - saved * packed_weights(config, *r))
-                        for b, r in zip(per["cuda_counted"], ranges, strict=True)
-                    ]
-                row[f"{stages}_stages"] = {
-                    k: v if k == "layers" else [round(b / gib, 2) for b in v] for k, v in per.items()
-                }
+                    ranges = balanced_split(config, folder, stages, dtype=dtype)
+                    counted = [stage_weight_bytes(config, start, end, dtype, folder) for start, end in ranges]
+                    per[where] = {"layers": [end - start for start, end in ranges], "gib": rounded(counted)}
+                    if quantization is not None and where == "cuda":
+                        saved = COUNTED_INT4_PER_WEIGHT - CUDA_INT4_PER_WEIGHT
+                        held = [b - saved * packed_weights(config, *r) for b, r in zip(counted, ranges, strict=True)]
+                        per[where]["held_gib"] = rounded(held)
         out[name] = row
         for stages in (2, 3, 4):
-            per = row[f"{stages}_stages"]
-            cells = "  ".join(f"{k} max {max(v):5.2f} GiB" for k, v in per.items() if k != "layers")
-            print(f"{name:9s} file {row['file_gib']:4.1f} GiB, {stages} stages {per['layers']}: {cells}")
+            for where, per in row[f"{stages}_stages"].items():
+                held = f", held {max(per['held_gib']):5.2f} GiB" if "held_gib" in per else ""
+                print(
+                    f"{name:9s} file {row['file_gib']:4.1f} GiB, {where:4s} {stages} stages {per['layers']}: "
+                    f"largest {max(per['gib']):5.2f} GiB as counted{held}"
+                )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -28,7 +28,7 @@ from stagecoach.proto.security import LinkSecurity
 from stagecoach.proto.types import LayerRange
 from stagecoach.stage.compiled import compile_enabled, compiled_batch_sizes
 from stagecoach.stage.kv_cache import cpu_num_blocks
-from stagecoach.stage.loader import layer_weight_bytes, stage_weight_bytes
+from stagecoach.stage.loader import DTYPES, layer_weight_bytes, stage_weight_bytes
 from stagecoach.stage.testing_knobs import StageTesting
 from stagecoach.stage.worker import StagePlan, StageWorker
 
@@ -37,16 +37,18 @@ log = logging.getLogger(__name__)
 
 def plan_layers(config: ClusterConfig, model: ModelConfig) -> list[LayerRange]:
     """The layer ranges of the config's split, or its balanced default (balanced_split)."""
-    return balanced_split(model, config.model.path, config.pipeline.num_stages, config.pipeline.layers)
+    p = config.pipeline
+    return balanced_split(model, config.model.path, p.num_stages, p.layers, DTYPES[config.model.dtype])
 
 
 def balanced_split(
-    model: ModelConfig, path, num_stages: int, layer_counts: list[int] | None = None
+    model: ModelConfig, path, num_stages: int, layer_counts: list[int] | None = None, dtype=torch.float32
 ) -> list[LayerRange]:
     """`layer_counts`, or num_stages ranges of balanced bytes where the last stage also pays for lm_head, in layers'
-    worth of the bytes it reads as loaded (a GGUF file's or GPTQ/AWQ checkpoint's layers and lm_head in their formats)."""
-    layers = layer_weight_bytes(model, 0, model.num_hidden_layers, torch.float32, path)
-    end = stage_weight_bytes(model, model.num_hidden_layers - 1, model.num_hidden_layers, torch.float32, path)
+    worth of the bytes it reads as loaded in dtype (a GGUF file's or GPTQ/AWQ checkpoint's layers in their formats,
+    lm_head in its format or dtype)."""
+    layers = layer_weight_bytes(model, 0, model.num_hidden_layers, dtype, path)
+    end = stage_weight_bytes(model, model.num_hidden_layers - 1, model.num_hidden_layers, dtype, path)
     lm_head_cost = (end - layers[-1]) / (sum(layers) / len(layers))
     return partition_layers(
         model.num_hidden_layers, num_stages, last_stage_extra=lm_head_cost, layer_counts=layer_counts

@@ -11,9 +11,10 @@ AWQ (AutoAWQ "gemm"): `qweight` int32 [in, out / 8] packed along the output dime
 column (0, 2, 4, 6, 1, 3, 5, 7)[i] of its eight); `qzeros` int32 [groups, out / 8] packed the same way; `scales`
 float16 [groups, out]; scale · (q − z), 4 bits.
 
-Every group size (32, 64, 128, per-channel) becomes groups of 32, each repeating its group's scale and offset: the
-values are the same, the kernels' one int4 group size serves them all. 4-bit values stay int4 (0 … 15, offset
-−scale · z'); 8-bit values are held as int8 q − 128 with offset −scale · (z' − 128).
+Groups of 128 (and 256, and per-channel over a multiple of 128 inputs) are held in groups of 128 at 4 bits, the
+others in groups of 32, each repeating its group's scale and offset: the values are the same, and the kernel
+multiplies both. 4-bit values stay int4 (0 … 15, offset −scale · z'); 8-bit values are held as int8 q − 128 with
+offset −scale · (z' − 128), in groups of 32.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds this colum
 def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """int32 words → their 32 / bits values (0 … 2^bits − 1) each, value j at bits bits·j, laid along `dim`."""
     per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
     values = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., per]
     values = values.movedim(-1, dim + 1 if dim >= 0 else dim)  # the values of a word follow it along dim
     shape = list(words.shape)
@@ -43,19 +44,25 @@ def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return values.reshape(shape)
 
 
+def held_group(group: int, bits: int) -> int:
+    """The group a checkpoint's group (its size in inputs) is held in: 128 at 4 bits where it is a multiple of 128."""
+    return 128 if bits == 4 and group % 128 == 0 else 32
+
+
 def _grouped(q_nk: torch.Tensor, scale_ng: torch.Tensor, zero_ng: torch.Tensor, bits: int, source: str):
-    """q [out, in] (0 … 2^bits − 1), scale and effective zero [out, groups] → the format, groups of 32."""
+    """q [out, in] (0 … 2^bits − 1), scale and effective zero [out, groups] → the format (held_group's groups)."""
     out_features, in_features = q_nk.shape
     group = in_features // scale_ng.shape[1]
     if group % 32 or in_features % 32:
         raise CheckpointError(f"{source}: group size {group} over {in_features} inputs; served: multiples of 32")
-    scale = scale_ng.float().repeat_interleave(group // 32, dim=1).contiguous()
-    zero = zero_ng.float().repeat_interleave(group // 32, dim=1)
+    held = held_group(group, bits)
+    scale = scale_ng.float().repeat_interleave(group // held, dim=1).contiguous()
+    zero = zero_ng.float().repeat_interleave(group // held, dim=1)
     if bits == 4:
         q = pack4(q_nk.reshape(out_features, -1, 32).to(torch.int32)).reshape(out_features, -1)
-        return QuantizedWeight(q.contiguous(), scale, (-scale * zero).contiguous(), 32, True, source)
+        return QuantizedWeight(q.contiguous(), scale, (-scale * zero).contiguous(), held, True, source)
     q = (q_nk - 128).to(torch.int8).contiguous()
-    return QuantizedWeight(q, scale, (-scale * (zero - 128)).contiguous(), 32, False, source)
+    return QuantizedWeight(q, scale, (-scale * (zero - 128)).contiguous(), held, False, source)
 
 
 def from_gptq(
@@ -76,10 +83,10 @@ def from_gptq(
     if zeros.shape != scales.shape or in_features % groups:
         raise CheckpointError(f"{source}: qzeros {list(qzeros.shape)} and scales {list(scales.shape)} do not match")
     group = in_features // groups
-    in_order = torch.arange(in_features) // group
+    in_order = torch.arange(in_features, device=q.device) // group
     perm = None
     if g_idx is not None and not torch.equal(g_idx.long(), in_order):
-        if not torch.equal(torch.bincount(g_idx.long(), minlength=groups), torch.full((groups,), group)):
+        if not torch.equal(torch.bincount(g_idx.long(), minlength=groups).cpu(), torch.full((groups,), group)):
             raise CheckpointError(f"{source}: g_idx does not give each of the {groups} groups {group} inputs")
         perm = torch.argsort(g_idx.long(), stable=True)  # act-order: each group's inputs together
         q = q[perm]
@@ -96,8 +103,7 @@ def zeros_are_v2(qzeros: torch.Tensor, bits: int, sym: bool) -> bool:
 
 def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, source: str) -> QuantizedWeight:
     """An AWQ ("gemm") linear's tensors → its format."""
-    order = torch.tensor(AWQ_ORDER)
-    inverse = torch.argsort(order)  # column c of eight is nibble inverse[c]
+    inverse = torch.argsort(torch.tensor(AWQ_ORDER, device=qweight.device))  # column c of eight is nibble inverse[c]
 
     def columns(words: torch.Tensor) -> torch.Tensor:  # [rows, out / 8] → [rows, out], columns in order
         v = unpack(words, 4, 1).view(words.shape[0], -1, 8)
@@ -119,12 +125,13 @@ PACKED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 class PackedConfig:
     """A checkpoint's `quantization_config` (config.json), as served: GPTQ 4/8 bits or AWQ gemm 4 bits."""
 
-    __slots__ = ("method", "bits", "desc_act", "sym", "v2", "told")
+    __slots__ = ("method", "bits", "group", "desc_act", "sym", "v2", "told")
 
     def __init__(self, quantization_config: dict, source: str) -> None:
         q = quantization_config
         self.method = q.get("quant_method")
-        self.bits = int(q.get("bits", q.get("w_bit", 0)))  # the group size comes from the tensors' shapes
+        self.bits = int(q.get("bits", q.get("w_bit", 0)))
+        self.group = int(q.get("group_size", q.get("q_group_size", -1)))  # -1: one group over all inputs
         self.desc_act, self.sym = bool(q.get("desc_act", False)), bool(q.get("sym", True))
         self.v2 = q.get("checkpoint_format", "gptq") == "gptq_v2"
         self.told = False
@@ -145,12 +152,21 @@ class PackedConfig:
         """What the linear `name` of shape [out, in] becomes once loaded, and its bytes. With act-order a layer holds
         one input order per input its linears read (share_input_orders): charged to q_proj, o_proj and gate_proj."""
         out_features, in_features = shape
-        fmt, per_weight = ("int4/32+offset", 0.75) if self.bits == 4 else ("int8/32+offset", 1.25)
+        held = held_group(in_features if self.group == -1 else self.group, self.bits)
+        numel = out_features * in_features
+        nbytes = numel * self.bits // 8 + 8 * numel // held  # values; a float32 scale and offset per group
         order = self.desc_act and name.endswith(ORDER_HOLDERS)
-        return fmt, int(out_features * in_features * per_weight) + (8 * in_features if order else 0)
+        return f"int{self.bits}/{held}+offset", nbytes + (8 * in_features if order else 0)
 
     def weight(self, tensors: dict[str, torch.Tensor], source: str) -> QuantizedWeight:
         """A linear's format from its checkpoint tensors (by suffix)."""
+        qweight, groups = tensors["qweight"], tensors["scales"].shape[0]
+        in_features = qweight.shape[0] * (32 // self.bits if self.method == "gptq" else 1)
+        if groups != (1 if self.group == -1 else in_features // self.group):
+            raise CheckpointError(
+                f"{source}: scales {list(tensors['scales'].shape)} give {groups} groups over {in_features} inputs, "
+                f"but config.json's quantization_config says group_size {self.group}"
+            )
         if self.method == "awq":
             return from_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], source)
         v2 = self.v2 or zeros_are_v2(tensors["qzeros"], self.bits, self.sym)

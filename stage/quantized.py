@@ -13,7 +13,8 @@ which holds each GGUF type's values exactly:
 | Q5_K | int8 (0 … 31)           | 32    | d·scale      | −dmin·min   | 1.25             |
 | Q6_K | int8 (−32 … 31)         | 16    | d·scale      | —           | 1.25             |
 
-int4 packs a group of 32 in 16 bytes, byte j holding q[j] (low nibble) and q[j + 16] (high nibble): Q4_0's own order.
+int4 packs each block of 32 in 16 bytes, byte j holding q[j] (low nibble) and q[j + 16] (high nibble): Q4_0's own
+order. A group is one block, or four (groups of 128: GPTQ's and AWQ's, stage/gptq_awq.py).
 Scales and offsets are float32 (a K-type's d·scale has more bits than a float16 holds).
 """
 
@@ -165,8 +166,8 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | No
     """The float32 values [rows, in] of a format's rows (an embedding's looked-up rows, or a whole matrix off CPU)."""
     rows, groups = scales.shape
     if int4:
-        b = q.view(rows, groups, 16).to(torch.int32)
-        values = torch.cat([b & 15, b >> 4], -1).float()
+        b = q.view(rows, groups, -1, 16).to(torch.int32)  # [rows, groups, blocks of 32 per group, 16 bytes]
+        values = torch.cat([b & 15, b >> 4], -1).view(rows, groups, -1).float()
     else:
         values = q.view(rows, groups, -1).float()
     values = values * scales.unsqueeze(-1)

@@ -66,6 +66,29 @@ def test_gptq_equals_the_layouts_reading(bits, group, act_order, v2):
     torch.testing.assert_close(got, x @ ref.t(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("group, held", [(128, 128), (-1, 128), (64, 32)])
+def test_groups_of_128_are_held_as_such_and_multiply_on_every_code_path(group, held):
+    q, z, scales, g_idx = gptq_case(4, group, False, seed=11, k=512, n=96)
+    ref = (scales.float()[g_idx.long()] * (q - z[g_idx.long()] - 1).float()).t()  # [out, in], v1 zeros
+    weight = from_gptq(pack(q, 4, 0), pack(z, 4, 1), scales, g_idx, 4, False, "t")
+    assert weight.group == held and weight.scales.shape == (96, 512 // held)
+    for rows in (1, 2, 3, 4, 7, 8, 13, 23, 24, 70):  # every row tiling and the dequantize-then-multiply path
+        x = torch.randn(rows, 512)
+        got = quant_product(x, weight.q, weight.scales, weight.offsets, None, weight.group, weight.int4)
+        torch.testing.assert_close(got, x @ ref.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_scales_that_contradict_the_configs_group_size_are_refused():
+    from stagecoach.errors import CheckpointError
+    from stagecoach.stage.gptq_awq import PackedConfig
+
+    q, z, scales, g_idx = gptq_case(4, 32, False, seed=2)
+    tensors = {"qweight": pack(q, 4, 0), "qzeros": pack(z, 4, 1), "scales": scales, "g_idx": g_idx}
+    packed = PackedConfig({"quant_method": "gptq", "bits": 4, "group_size": 128}, "config.json")
+    with pytest.raises(CheckpointError, match=r"scales \[8, 64\] give 8 groups over 256 inputs, but .* group_size 128"):
+        packed.weight(tensors, "model.layers.0.mlp.up_proj.qweight")
+
+
 def test_awq_equals_the_layouts_reading():
     g = torch.Generator().manual_seed(5)
     k, n, group = 256, 64, 128
@@ -105,7 +128,7 @@ def test_a_packed_checkpoint_is_held_packed_with_its_byte_count(hf_checkpoint):
     assert layer_weight_bytes(config, 1, 3, torch.float32, path) == [
         sum(b for n, b in held.items() if f".layers.{i}." in n) for i in (1, 2)
     ]
-    assert set(weight_formats(config, 1, 3, torch.float32, path)) == {"int4/32+offset", "float32"}
+    assert set(weight_formats(config, 1, 3, torch.float32, path)) == {"int4/128+offset", "float32"}
     # act-order: one order per input (q, k, v share one; gate and up another; down's is folded into their rows)
     attn, mlp = model.model.layers["1"].self_attn, model.model.layers["1"].mlp
     assert attn.input_perm is not None and mlp.input_perm is not None and attn.o_proj.perm is not None
