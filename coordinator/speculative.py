@@ -1,0 +1,80 @@
+"""Draft tokens for speculative decoding, proposed without a model: prompt lookup (n-gram).
+
+For each decoding sequence the proposer looks for the longest recent suffix of its tokens (between `min_match` and
+`max_match` long) that occurred earlier in its prompt + output, and proposes the up to `num_tokens` tokens that
+followed that earlier occurrence (its latest one). An answer that repeats its input (code edits, quoting, summaries
+with names) is proposed well; anything else proposes nothing and decodes as it would without speculation.
+
+Cost: each sequence keeps an index from every n-gram it holds (n in min_match..max_match) to where that n-gram last
+ended. A new token adds max_match − min_match + 1 entries and a proposal looks up as many suffixes, so both are
+O(1) per token, never a scan of the context. Plain Python, no torch.
+
+`Proposer` is the interface the engine asks; a draft model (say Qwen1.5-0.5B, which shares the 32B's tokenizer)
+would be another implementation, running ahead of the pipeline on the coordinator's side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+Tokens = Callable[[int, int], list[int]]  # tokens(start, end): positions [start, end) of a sequence's prompt + output
+
+
+class Proposer(Protocol):
+    """Proposes draft tokens for a sequence from its tokens so far."""
+
+    def propose(self, seq_id: int, tokens: Tokens, length: int, max_tokens: int) -> list[int]: ...
+
+    def forget(self, seq_id: int) -> None: ...
+
+
+class NgramIndex:
+    """One sequence's n-gram index: each n-gram (n in [min_match, max_match]) → the position right after its latest
+    occurrence that has a token after it (so a lookup never finds the suffix it is looking up)."""
+
+    __slots__ = ("min_match", "max_match", "ends", "length")
+
+    def __init__(self, min_match: int, max_match: int) -> None:
+        self.min_match, self.max_match = min_match, max_match
+        self.ends: dict[tuple[int, ...], int] = {}
+        self.length = 0  # tokens seen: every n-gram ending (exclusive) at a position below length is in `ends`
+
+    def extend(self, tokens: Tokens, length: int) -> None:
+        """Indexes the n-grams the tokens since the last call complete (reading only those and max_match before)."""
+        first = max(self.length, 1)
+        if first < length:
+            base = max(first - self.max_match, 0)
+            window = tokens(base, length)
+            for end in range(first, length):  # the n-grams ending at `end` (exclusive) are followed by tokens[end]
+                for n in range(self.min_match, min(self.max_match, end) + 1):
+                    self.ends[tuple(window[end - n - base : end - base])] = end
+        self.length = max(self.length, length)
+
+    def propose(self, tokens: Tokens, length: int, num_tokens: int) -> list[int]:
+        """The tokens that followed the latest earlier occurrence of the longest suffix found (at most num_tokens of
+        them; none without a match)."""
+        self.extend(tokens, length)
+        suffix = tokens(max(length - self.max_match, 0), length)
+        for n in range(min(self.max_match, length - 1), self.min_match - 1, -1):
+            end = self.ends.get(tuple(suffix[len(suffix) - n :]))
+            if end is not None:
+                return tokens(end, min(end + num_tokens, length))
+        return []
+
+
+class NgramProposer:
+    """Prompt lookup over every sequence's own tokens (the module's docstring)."""
+
+    def __init__(self, num_tokens: int, min_match: int, max_match: int) -> None:
+        self.num_tokens, self.min_match, self.max_match = num_tokens, min_match, max_match
+        self._index: dict[int, NgramIndex] = {}
+
+    def propose(self, seq_id: int, tokens: Tokens, length: int, max_tokens: int) -> list[int]:
+        index = self._index.get(seq_id)
+        if index is None:
+            index = self._index[seq_id] = NgramIndex(self.min_match, self.max_match)
+        return index.propose(tokens, length, min(self.num_tokens, max_tokens)) if max_tokens > 0 else []
+
+    def forget(self, seq_id: int) -> None:
+        self._index.pop(seq_id, None)
