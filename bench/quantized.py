@@ -15,7 +15,7 @@ end to end, quantized (its GGUF file as it is) against float32 (the same file de
 4. The demo through `stagecoach serve` (configs/demo.yaml: 2 CPU stages), quantized and float32 in interleaved
    rounds, 1 and 16 concurrent streams (bench/end_to_end.py's driver), with each stage's resident memory.
 
-    python bench/quantized.py [--rounds 2] [--quick] [--json-out FILE]
+    python bench/quantized.py [--rounds 2] [--quick] [--qwen-only] [--skip-e2e] [--json-out FILE]
 """
 
 from __future__ import annotations
@@ -284,18 +284,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved end-to-end rounds of each model")
     parser.add_argument("--quick", action="store_true", help="demo shapes only, fewer repeats, one e2e round")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--qwen-only", action="store_true", help="the Qwen1.5-32B products and layers alone")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one stage's share of this 2-core machine; the e2e stages choose their own
     bandwidth = copy_bandwidth()
     print(f"quantized: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written)", flush=True)
     result = {"copy_bandwidth_gbs": round(bandwidth / 1e9, 2), "threads": 1}
-    result["demo_products"] = product_table(DEMO_SHAPES, [1, 4, 16, 64], bandwidth, 3 if args.quick else 10)
+    if not args.qwen_only:
+        result["demo_products"] = product_table(DEMO_SHAPES, [1, 4, 16, 64], bandwidth, 3 if args.quick else 10)
     if not args.quick:
         result["qwen32b_products"] = product_table(QWEN32B_SHAPES, [1, 4, 16, 64], bandwidth, 3)
         result["qwen32b_layers"] = qwen32b_layers(3)
-    result["int8_activations"] = int8_activations()
-    if not args.skip_e2e:
+    if not args.qwen_only:
+        result["int8_activations"] = int8_activations()
+    if not args.skip_e2e and not args.qwen_only:
         result["end_to_end"] = end_to_end(1 if args.quick else args.rounds)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")

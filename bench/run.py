@@ -362,7 +362,7 @@ def run_quantized(quick: bool, skip_e2e: bool) -> tuple[dict, list[dict]]:
     r = quantized.main(args + (["--quick"] if quick else []) + (["--skip-e2e"] if skip_e2e else []))
     figs = []
     for table in ("demo_products", "qwen32b_products"):
-        rows = [row for row in r.get(table, []) if row["rows"] == 1]
+        rows = [row for row in r.get(table, []) if row["rows"] == 1 and row["format"] not in quantized.PACKED]
         if rows:
             worst = max(rows, key=lambda row: row["over_floor"])
             figs.append(
@@ -372,6 +372,20 @@ def run_quantized(quick: bool, skip_e2e: bool) -> tuple[dict, list[dict]]:
                     worst["over_floor"],
                     "<= 1.5",
                     worst["over_floor"] <= 1.5,
+                )
+            )
+    packed = [row for row in r.get("qwen32b_products", []) if row["format"] in quantized.PACKED]
+    for rows in (1, 16):
+        if worst := max(
+            (row for row in packed if row["rows"] == rows), key=lambda row: row["over_floor"], default=None
+        ):
+            figs.append(
+                figure(
+                    f"GPTQ-Int4 / AWQ product, Qwen1.5-32B shapes, {rows} row(s): time / packed-bytes floor (worst: "
+                    f"{worst['shape']} {worst['format']})",
+                    worst["over_floor"],
+                    "(report)",
+                    None,
                 )
             )
     if "qwen32b_layers" in r:
