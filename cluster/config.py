@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stagecoach.cluster import config_mapping
+from stagecoach.cluster.config_mapping import choose as _choose
+from stagecoach.cluster.config_mapping import setting
+from stagecoach.cluster.config_speculative import SpeculativeSection
 from stagecoach.errors import ConfigError
 
 PLACEMENTS = ("auto", "strict_spread", "spread", "pack")
@@ -25,26 +28,6 @@ BACKENDS = ("ray", "thread", "local")
 COMPILE_MODES = ("auto", "on", "off")
 REBALANCE_MODES = ("off", "suggest", "auto")
 SERVE_ONLY = "serve"  # a setting whose flag only `stagecoach serve` takes
-
-
-def setting(
-    default,
-    help: str,
-    flag: str | None = None,
-    choices: tuple | None = None,
-    group: str | None = None,
-    command: str | None = None,
-):
-    """A field with its default and, when `flag` is given, its command-line flag (choices, a mutually exclusive group)."""
-    meta = {"help": help, "flag": flag, "choices": choices, "group": group, "command": command}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _choose(where: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{where} {value!r}: use one of {', '.join(choices)}")
 
 
 @dataclass(slots=True)
@@ -318,6 +301,7 @@ class ClusterConfig:
     cache: CacheSection = field(default_factory=CacheSection)
     transport: TransportSection = field(default_factory=TransportSection)
     server: ServerSection = field(default_factory=ServerSection)
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
     testing: TestingSection = field(default_factory=TestingSection)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from dataclasses import field
 from pathlib import Path
 
 import yaml
@@ -15,6 +16,26 @@ from stagecoach.errors import ConfigError
 
 
 # -- YAML → dataclasses -----------------------------------------------------------------------
+def setting(
+    default,
+    help: str,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    group: str | None = None,
+    command: str | None = None,
+):
+    """A field with its default and, when `flag` is given, its command-line flag (choices, a mutually exclusive group)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "group": group, "command": command}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def choose(where: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where} {value!r}: use one of {', '.join(choices)}")
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:

@@ -76,7 +76,7 @@ def _header(stats: dict, history: deque) -> Table:
         f"in flight {eng.get('inflight', 0)}/{eng.get('max_inflight', 0)}",
         f"out tok/s {sparkline(history)}",
     )
-    header.add_row(_prefix_cache(eng.get("prefix_cache")), "", "", "")
+    header.add_row(_prefix_cache(eng.get("prefix_cache")), _speculative(eng.get("speculative")), "", "")
     return header
 
 
@@ -127,6 +127,15 @@ def _prefix_cache(cache: dict | None) -> str:
     if not cache or not cache.get("enabled"):
         return "prefix cache off"
     return f"prefix hits {100 * cache['hit_rate']:.0f} % ({cache['cached_blocks']} blocks)"
+
+
+def _speculative(spec: dict | None) -> str:
+    """Speculative decoding: drafts accepted and tokens per verify pass, or off."""
+    if not spec or spec.get("method", "off") == "off":
+        return "speculation off"
+    return (
+        f"{spec['method']}: accepted {100 * spec['acceptance_rate']:.0f} %, {spec['tokens_per_pass']:.2f} tokens/pass"
+    )
 
 
 def _rebalance_line(proposal: dict | None, eng: dict) -> Text:

@@ -108,6 +108,18 @@ class BlockManager:
             seq.block_table.append(block)
         self._held += needed
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """seq keeps only the blocks covering positions [0, num_tokens) (a verify pass's rejected drafts): the rest, which
+        hold no committed content, go back to the free list."""
+        keep = self.blocks_for(num_tokens)
+        for block in reversed(seq.block_table[keep:]):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+                self._free.move_to_end(block, last=False)  # no content worth keeping: reused first
+        self._held -= max(len(seq.block_table) - keep, 0)
+        del seq.block_table[keep:]
+
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Positions [0, num_tokens) of seq are written on every stage (their microbatch came back): its full blocks
         among them become reusable, unless a block with the same content already is."""

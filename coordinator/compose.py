@@ -8,6 +8,7 @@ from stagecoach.cluster.config import ClusterConfig
 from stagecoach.coordinator.engine import Engine, Pipeline
 from stagecoach.coordinator.rebalancer import RebalancePolicy
 from stagecoach.coordinator.scheduler import SchedulerConfig
+from stagecoach.coordinator.speculative import Speculation
 from stagecoach.proto.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -49,4 +50,5 @@ def build_engine(
         recovery_timeout_s=p.recovery_timeout_s,
         crash_token_id=config.testing.engine_crash_token_id,
         rebalance=RebalancePolicy(p.rebalance, p.rebalance_min_gain, p.rebalance_cooldown_s),
+        speculation=Speculation(config.speculative) if config.speculative.method != "off" else None,
     )

@@ -24,6 +24,7 @@ from stagecoach.coordinator.planner import StageRates
 from stagecoach.coordinator.rebalancer import RebalancePolicy, Rebalancer
 from stagecoach.coordinator.scheduler import Scheduler, SchedulerConfig
 from stagecoach.coordinator.sequence import Listener, Sequence, TokenUpdate
+from stagecoach.coordinator.speculative import Speculation
 from stagecoach.coordinator.stage_health import RESULT_TIMEOUT_S, StageHealth
 from stagecoach.coordinator.timings import TimingStats
 from stagecoach.errors import PipelineError, StagecoachError, StageComputeError
@@ -48,9 +49,10 @@ class Engine:
         recovery_timeout_s: float | None = None,
         crash_token_id: int | None = None,
         rebalance: RebalancePolicy | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         self.pipeline = pipeline
-        self.scheduler = Scheduler(scheduler_config)
+        self.scheduler = Scheduler(scheduler_config, speculation)
         self.stop_token_ids = list(stop_token_ids or [])
         self.max_inflight = max_inflight
         self.recovery_timeout_s = recovery_timeout_s  # requests waiting longer than this for a recovery end with 503
@@ -142,6 +144,8 @@ class Engine:
                 "requests_failed": dict(self.failed_requests),
             }
             self._last_stats["rebalance"] = self.rebalancer.stats()
+            spec = self.scheduler.speculation
+            self._last_stats["speculative"] = spec.stats() if spec is not None else Speculation.stats_off()
             if with_timings:
                 self._last_stats |= {
                     "timings": self.timings.rows(),

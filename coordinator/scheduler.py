@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from stagecoach.coordinator.block_manager import BlockManager
 from stagecoach.coordinator.request_checks import RequestLimits, check_request
+from stagecoach.coordinator.scheduler_recovery import Recovery
 from stagecoach.coordinator.sequence import Sequence, SequenceStatus
+from stagecoach.coordinator.speculative import Speculation
 from stagecoach.errors import ConfigError
 from stagecoach.proto.microbatch import ChunkKind, MicroBatch, SeqChunk
 from stagecoach.proto.types import SampleResult, SamplingParams
-
-MAX_RETRIES = 1  # a sequence in a failed microbatch is retried once, alone; failing again ends it
 
 
 @dataclass(slots=True)
@@ -50,9 +50,10 @@ class SchedulerConfig:
                 raise ConfigError(f"scheduler: {name} must be at least 1, got {getattr(self, name)}")
 
 
-class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+class Scheduler(Recovery):
+    def __init__(self, config: SchedulerConfig, speculation: Speculation | None = None) -> None:
         self.config = config
+        self.speculation = speculation  # verify passes of draft tokens (coordinator/speculative.py); None: off
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
         self.prefix_cache_queries = 0  # prompt tokens of first admissions
         self.prefix_cache_hits = 0  # of them, found in the prefix cache (not prefilled)
@@ -116,9 +117,11 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
             if n == 0:
                 continue
-            if not self._make_room(seq, seq.num_scheduled_tokens + n, scheduled):
+            drafts = self._drafts(seq, budget) if n == 1 else []
+            if not self._make_room(seq, seq.num_scheduled_tokens + n + len(drafts), scheduled):
                 continue
-            chunks.append(self._chunk(seq, n))
+            chunks.append(self._chunk(seq, n, drafts))
+            n += len(drafts)
             scheduled.add(seq.seq_id)
             budget -= n
 
@@ -177,11 +180,21 @@ class Scheduler:
         return MicroBatch(
             batch_id=self._take_batch_id(),
             seqs=chunks,
-            token_ids=[
-                t for c in chunks for t in self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + c.num_tokens)
-            ],
+            token_ids=[t for c in chunks for t in self._chunk_tokens(c)],
             drop_seq_ids=dropped,
         )
+
+    def _chunk_tokens(self, c: SeqChunk) -> list[int]:
+        """Stage 0's input for a chunk: its positions' tokens (a verify chunk: the newest token, then its drafts)."""
+        if c.kind is ChunkKind.VERIFY:
+            return self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + 1) + c.token_ids
+        return self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + c.num_tokens)
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens to verify with seq's next token (a decode step), or [] to decode it plainly."""
+        if self.speculation is None or seq.num_history_sent != seq.num_tokens or seq.num_blocks_sent == 0:
+            return []
+        return self.speculation.drafts(seq, budget, len(self.running), self.config.max_model_len)
 
     def _take_batch_id(self) -> int:
         self._next_batch_id += 1
@@ -201,73 +214,6 @@ class Scheduler:
     def next_batch_id(self) -> int:
         """The id the next microbatch will get (microbatch ids only grow)."""
         return self._next_batch_id
-
-    def recompute_all(self) -> int:
-        """After a stage lost its KV cache: every running sequence goes back to waiting, to be re-prefilled
-        from prompt + tokens so far. Microbatches in flight are forgotten. Returns how many sequences."""
-        seqs = list(self.running)
-        for seq in seqs:
-            seq.num_scheduled_tokens = seq.num_computed_tokens  # nothing is in flight any more
-            seq.is_awaiting_sample = False
-            self._requeue(seq)
-        for seq in self._pending_free:
-            seq.num_scheduled_tokens = seq.num_computed_tokens
-            self._release(seq)
-        self._pending_free.clear()
-        self.block_manager.drop_cache()  # a replaced stage, or one with new layers, holds none of that K/V
-        return len(seqs)
-
-    def resize_blocks(self, num_blocks: int) -> None:
-        """The stages' new KV block count (after a rebalance or a recovery), once recompute_all has freed every block."""
-        assert self.block_manager.num_free_blocks == self.block_manager.num_blocks, "resize_blocks with blocks in use"
-        self.config.num_blocks = num_blocks
-        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.prefix_caching)
-
-    def microbatch_failed(self, batch: MicroBatch, inflight: list[MicroBatch]) -> tuple[list[Sequence], set[int]]:
-        """A stage failed `batch` and stayed up. Returns the sequences that have now failed more than MAX_RETRIES
-        times (ended, finish_reason "error") and the ids of the microbatches whose results are void.
-
-        The stages before the failing one applied the microbatch and those after it never saw it, so its
-        sequences start again from position 0, recomputed from prompt + tokens so far, as after a preemption;
-        so do the sequences of every microbatch in `inflight` that shares one with them (transitively: those
-        may be refused downstream, or have applied state that is now void). Each sequence of `batch` itself
-        counts a failure and runs alone (see schedule) until its next token comes back.
-        """
-        void, seq_ids = {batch.batch_id}, {c.seq_id for c in batch.seqs}
-        grew = True
-        while grew:
-            grew = False
-            for other in inflight:
-                if other.batch_id not in void and any(c.seq_id in seq_ids for c in other.seqs):
-                    void.add(other.batch_id)
-                    seq_ids.update(c.seq_id for c in other.seqs)
-                    grew = True
-        for seq_id in sorted(seq_ids):
-            seq = self.sequences.get(seq_id)
-            if seq is None:
-                continue
-            seq.num_scheduled_tokens = seq.num_computed_tokens  # nothing of it is in flight any more
-            seq.is_awaiting_sample = False
-            if seq in self._pending_free:  # finished while in flight
-                self._pending_free.remove(seq)
-                self._release(seq)
-            elif seq.status is SequenceStatus.RUNNING:
-                self._requeue(seq)
-                self._drops.append(
-                    seq_id
-                )  # the stages forget its partial state (its first chunk would replace it anyway)
-        ended = []
-        for chunk in batch.seqs:
-            seq = self.sequences.get(chunk.seq_id)
-            if seq is None or seq.is_finished:
-                continue
-            seq.num_failures += 1
-            if seq.num_failures > MAX_RETRIES:
-                self._finish(seq, "error")
-                ended.append(seq)
-            else:
-                self._suspects.add(seq.seq_id)
-        return ended, void
 
     def stats(self) -> dict:
         """The scheduler's part of /v1/stats' `engine` object (docs/stats.md)."""
@@ -311,8 +257,10 @@ class Scheduler:
         index = next((i for i, w in enumerate(self.waiting) if w.seq_id > seq.seq_id), len(self.waiting))
         self.waiting.insert(index, seq)
 
-    def _chunk(self, seq: Sequence, n: int) -> SeqChunk:
-        """What the stages lack of seq for its next n tokens: new blocks, and the tokens the last stage's history lacks."""
+    def _chunk(self, seq: Sequence, n: int, drafts: list[int] | None = None) -> SeqChunk:
+        """What the stages lack of seq for its next n tokens: new blocks, and the tokens the last stage's history lacks.
+        With drafts, a verify chunk: the newest token and the drafts after it (the last stage's history gains only
+        what it accepts)."""
         start = seq.num_scheduled_tokens
         end = start + n
         do_sample = end == seq.num_tokens
@@ -322,34 +270,48 @@ class Scheduler:
         chunk = SeqChunk(
             seq_id=seq.seq_id,
             start_pos=start,
-            num_tokens=n,
+            num_tokens=n + len(drafts or ()),
             new_blocks=seq.block_table[seq.num_blocks_sent :],
             do_sample=do_sample,
             sampling=seq.sampling if first else None,
             num_prompt_tokens=seq.num_prompt_tokens if first else 0,
-            token_ids=history,
-            kind=ChunkKind.of(first, n, len(history)),
+            token_ids=list(drafts) if drafts else history,
+            kind=ChunkKind.VERIFY if drafts else ChunkKind.of(first, n, len(history)),
         )
         seq.num_blocks_sent = len(seq.block_table)
         seq.num_history_sent = max(seq.num_history_sent, end)
-        seq.num_scheduled_tokens = end
+        seq.num_scheduled_tokens = start + chunk.num_tokens
         seq.is_awaiting_sample = do_sample
         return chunk
 
     # -- results --------------------------------------------------------------------------
     def process_results(self, batch: MicroBatch, samples: list[SampleResult]) -> list[Sequence]:
-        """Applies a returned microbatch; returns the sequences that received a token."""
+        """Applies a returned microbatch; returns the sequences that received a token (a verify chunk's sequence: the
+        drafts the last stage accepted and one more, each a sample, in order)."""
+        emitted = {}
+        for sample in samples:
+            emitted[sample.seq_id] = emitted.get(sample.seq_id, 0) + 1
         for chunk in batch.seqs:
             seq = self.sequences[chunk.seq_id]
-            seq.num_computed_tokens += chunk.num_tokens
+            if chunk.kind is ChunkKind.VERIFY:  # positions after the accepted drafts are void: their blocks go back
+                seq.num_computed_tokens += emitted.get(seq.seq_id, chunk.num_tokens)
+                seq.num_scheduled_tokens = seq.num_computed_tokens
+                self.block_manager.shrink(seq, seq.num_computed_tokens)
+                seq.num_blocks_sent = min(seq.num_blocks_sent, len(seq.block_table))
+                if self.speculation is not None and seq.seq_id in emitted:
+                    num_out = len(seq.output_token_ids) + emitted[seq.seq_id]
+                    self.speculation.record(seq.seq_id, chunk.num_tokens - 1, emitted[seq.seq_id], num_out)
+            else:
+                seq.num_computed_tokens += chunk.num_tokens
+                if not seq.is_finished:
+                    self.block_manager.commit(seq, seq.num_computed_tokens)
             if chunk.do_sample:
                 seq.is_awaiting_sample = False
-            if not seq.is_finished:
-                self.block_manager.commit(seq, seq.num_computed_tokens)
+        verified = {c.seq_id for c in batch.seqs if c.kind is ChunkKind.VERIFY}
         updated = []
         for sample in samples:
-            seq = self.sequences[sample.seq_id]
-            if seq.is_finished:  # aborted while its token was in flight
+            seq = self.sequences.get(sample.seq_id)
+            if seq is None or seq.is_finished:  # aborted while its token was in flight, or stopped by an earlier one
                 continue
             if seq.num_failures:  # its microbatches go through again: no longer under suspicion
                 seq.num_failures = 0
@@ -358,7 +320,10 @@ class Scheduler:
             seq.num_history_sent = seq.num_tokens  # the last stage appended the token to its history itself
             seq.output_logprobs.append(sample.logprob)
             seq.output_top_logprobs.append(sample.top_logprobs)
-            updated.append(seq)
+            if seq.seq_id in verified:  # its accepted drafts' blocks, as their tokens arrive (before it may finish)
+                self.block_manager.commit(seq, min(seq.num_computed_tokens, seq.num_tokens))
+            if not updated or updated[-1] is not seq:
+                updated.append(seq)
             params = seq.sampling
             if not params.ignore_eos and sample.token_id in params.stop_token_ids:
                 self._finish(seq, "stop")
@@ -388,3 +353,5 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         del self.sequences[seq.seq_id]
+        if self.speculation is not None:
+            self.speculation.forget(seq.seq_id)

@@ -126,8 +126,8 @@ class Metrics:
 
 
 class _EngineCollector:
-    """Read from the engine at each scrape: the prefix cache's counters, and the rebalancing planner's proposal (the
-    predicted gain and each stage's layers now and proposed)."""
+    """Read from the engine at each scrape: the prefix cache's counters, the rebalancing planner's proposal (the
+    predicted gain and each stage's layers now and proposed), and speculative decoding's counts."""
 
     def __init__(self, engine_stats: Callable[[], dict]) -> None:
         self.engine_stats = engine_stats
@@ -162,6 +162,23 @@ class _EngineCollector:
             for i, n in enumerate(proposal.get(split) or []):
                 layers.add_metric([str(i), "current" if split == "layers" else "proposed"], n)
         yield from (gain, layers)
+        spec = stats.get("speculative") or {}
+        counters = (
+            ("verify_passes", "Speculative decoding: verify passes (a sequence's newest token and its drafts)"),
+            ("draft_tokens", "Speculative decoding: draft tokens proposed and verified"),
+            ("accepted_tokens", "Speculative decoding: of them, drafts accepted (each one token fewer passes)"),
+        )
+        for key, doc in counters:
+            family = CounterMetricFamily(f"stagecoach_speculative_{key}", doc)
+            family.add_metric([], spec.get(key, 0))
+            yield family
+        for key, doc in (
+            ("acceptance_rate", "Speculative decoding: accepted / proposed draft tokens since the start"),
+            ("tokens_per_pass", "Speculative decoding: tokens a verify pass emitted on average (1 + accepted drafts)"),
+        ):
+            family = GaugeMetricFamily(f"stagecoach_speculative_{key}", doc)
+            family.add_metric([], float(spec.get(key, 0.0)))
+            yield family
 
 
 def _stage_row(s, state: str, t: dict, kv_blocks_used: int) -> dict:

@@ -78,3 +78,68 @@ class NgramProposer:
 
     def forget(self, seq_id: int) -> None:
         self._index.pop(seq_id, None)
+
+
+class Speculation:
+    """When the scheduler verifies drafts and how it did: the proposer, the policy, the counts.
+
+    Policy (the config's `speculative:` section): a sequence speculates while at most `max_running` sequences run (under load the
+    extra rows of a verify pass cost more than its accepted tokens save) and while its recent acceptance (the share of
+    its drafts accepted, a moving average over its last verify passes) is at least `min_acceptance`; a sequence below
+    it decodes plainly for `backoff_steps` steps, then tries again.
+    """
+
+    def __init__(self, config) -> None:  # cluster.config_speculative.SpeculativeSection (or the same fields)
+        self.config = config
+        self.proposer: Proposer = NgramProposer(config.num_tokens, config.min_match, config.max_match)
+        self._acceptance: dict[int, float] = {}  # seq_id → moving average of its drafts' acceptance
+        self._resume_at: dict[int, int] = {}  # seq_id → the output length at which it speculates again
+        self.passes = self.proposed = self.accepted = self.emitted = 0
+
+    def drafts(self, seq, budget: int, num_running: int, max_model_len: int) -> list[int]:
+        """Draft tokens for seq's next step (a decode step), or [] to decode plainly. At most budget - 1, and never
+        more than its remaining max_tokens or max_model_len leave room for (the pass emits up to one more)."""
+        c = self.config
+        if num_running > c.max_running or len(seq.output_token_ids) < self._resume_at.get(seq.seq_id, 0):
+            return []
+        room = min(
+            budget - 1,
+            seq.sampling.max_tokens - len(seq.output_token_ids) - 1,
+            max_model_len - seq.num_tokens - 1,
+        )
+        return self.proposer.propose(seq.seq_id, seq.tokens, seq.num_tokens, room) if room > 0 else []
+
+    def record(self, seq_id: int, num_drafts: int, num_emitted: int, output_len: int) -> None:
+        """A verify pass came back: num_emitted tokens (the accepted drafts and one more)."""
+        accepted = num_emitted - 1
+        self.passes += 1
+        self.proposed += num_drafts
+        self.accepted += accepted
+        self.emitted += num_emitted
+        rate = 0.5 * self._acceptance.get(seq_id, 1.0) + 0.5 * accepted / num_drafts
+        self._acceptance[seq_id] = rate
+        if rate < self.config.min_acceptance:
+            self._resume_at[seq_id] = output_len + self.config.backoff_steps
+            self._acceptance[seq_id] = self.config.min_acceptance  # on resuming, one bad pass backs off again
+
+    def forget(self, seq_id: int) -> None:
+        self.proposer.forget(seq_id)
+        self._acceptance.pop(seq_id, None)
+        self._resume_at.pop(seq_id, None)
+
+    def stats(self) -> dict:
+        """/v1/stats' `engine.speculative` object (docs/stats.md)."""
+        return {
+            "method": self.config.method,
+            "verify_passes": self.passes,
+            "draft_tokens": self.proposed,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": round(self.accepted / self.proposed, 4) if self.proposed else 0.0,
+            "tokens_per_pass": round(self.emitted / self.passes, 3) if self.passes else 0.0,
+        }
+
+    @staticmethod
+    def stats_off() -> dict:
+        """The same object where speculation is off."""
+        counts = dict.fromkeys(("verify_passes", "draft_tokens", "accepted_tokens"), 0)
+        return {"method": "off"} | counts | {"acceptance_rate": 0.0, "tokens_per_pass": 0.0}

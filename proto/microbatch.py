@@ -12,7 +12,11 @@ and sampler act on it. Plain Python, no torch. What each stage does, per microba
      length; its `token_ids` are the whole history so far, which the last stage keeps (for penalties).
    - `PREFILL` continues the sequence exactly where each stage's copy ends; its `token_ids` are its own tokens.
    - `DECODE` is one token, the one the last stage sampled and kept itself: no `token_ids`.
-   - `VERIFY` (reserved: speculative decoding) proposed tokens whose every row the last stage checks. Refused today.
+   - `VERIFY` (speculative decoding): the sequence's newest token (sampled and kept by the last stage, as a `DECODE`
+     brings it) and after it the draft tokens in `token_ids`. The last stage samples every row with the draw it would
+     have used one token at a time and returns the drafts it accepts and one more token (coordinator/speculative.py).
+     The sequence's next chunk starts after the accepted ones: on every stage the positions after it are void (their
+     K/V is overwritten later) and its block table keeps only the blocks that cover it.
    Every stage writes the chunk's K/V into its blocks; stage 0 embeds its token ids; the last stage samples the
    next token of each chunk with `do_sample`.
 3. **Scored rows** (`score_rows`, reserved for prompt log-probabilities): the last stage computes every row's logits,
@@ -37,7 +41,7 @@ class ChunkKind(IntEnum):
     FIRST = 1
     PREFILL = 2
     DECODE = 3
-    VERIFY = 4  # reserved
+    VERIFY = 4
 
     @classmethod
     def of(cls, first: bool, num_tokens: int, num_history: int) -> ChunkKind:
@@ -48,7 +52,7 @@ class ChunkKind(IntEnum):
         return cls.DECODE if num_tokens == 1 and num_history == 0 else cls.PREFILL
 
 
-SERVED_KINDS = frozenset({ChunkKind.FIRST, ChunkKind.PREFILL, ChunkKind.DECODE})
+SERVED_KINDS = frozenset({ChunkKind.FIRST, ChunkKind.PREFILL, ChunkKind.DECODE, ChunkKind.VERIFY})
 
 
 @dataclass(slots=True)
@@ -99,7 +103,9 @@ def check_chunk(chunk: SeqChunk, i: int) -> None:
     kind = chunk.kind
     if kind not in SERVED_KINDS:
         name = kind.name if isinstance(kind, ChunkKind) else kind
-        raise RequestError(f"seqs[{i}].kind {name} is not served by this stage (it serves FIRST, PREFILL and DECODE)")
+        raise RequestError(
+            f"seqs[{i}].kind {name} is not served by this stage (it serves FIRST, PREFILL, DECODE and VERIFY)"
+        )
     if kind is ChunkKind.FIRST:
         if chunk.sampling is None:
             raise RequestError(
@@ -111,9 +117,14 @@ def check_chunk(chunk: SeqChunk, i: int) -> None:
             raise RequestError(f"seqs[{i}].kind {kind.name} at start_pos 0: a sequence starts with a FIRST chunk")
         if chunk.sampling is not None or chunk.num_prompt_tokens:
             raise RequestError(f"seqs[{i}].sampling: only a FIRST chunk brings sampling parameters and a prompt length")
-        most = 0 if kind is ChunkKind.DECODE else chunk.num_tokens
+        most = {ChunkKind.DECODE: 0, ChunkKind.VERIFY: chunk.num_tokens - 1}.get(kind, chunk.num_tokens)
         if kind is ChunkKind.DECODE and chunk.num_tokens != 1:
             raise RequestError(f"seqs[{i}].num_tokens {chunk.num_tokens}: a DECODE chunk is one token")
+        if kind is ChunkKind.VERIFY and (len(chunk.token_ids) != most or most < 1 or not chunk.do_sample):
+            raise RequestError(
+                f"seqs[{i}].token_ids: a VERIFY chunk of {chunk.num_tokens} tokens brings its {most} drafts "
+                f"(got {len(chunk.token_ids)}) and samples"
+            )
     if len(chunk.token_ids) > most:
         raise RequestError(
             f"seqs[{i}].token_ids has {len(chunk.token_ids)} tokens for a {kind.name} chunk of {chunk.num_tokens} "

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from stagecoach.errors import RequestError
-from stagecoach.proto.microbatch import SeqChunk
+from stagecoach.proto.microbatch import ChunkKind, SeqChunk
 from stagecoach.proto.types import SampleResult, SamplingParams
 from stagecoach.stage import sampler_kernel
+from stagecoach.stage.logits_processors import apply_penalties, draw, from_candidates, whole_rows
 
 MAX_CANDIDATES = 256  # top-k below this (one more candidate for the tie check), and top-p's candidates
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) over the seed space
@@ -87,70 +87,6 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _column(
-    values: list[float], dtype: torch.dtype = torch.float32, device: torch.device | None = None
-) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)[:, None]
-
-
-def penalised_values(
-    logits: torch.Tensor, rows: list[int], seen: list[_Seen], params: list[SamplingParams]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seen tokens of each of `rows` and their logits after the penalties: ids [P, L] (-1: padding), values [P, L].
-
-    HF's repetition penalty (over the whole history), then OpenAI's presence and frequency penalties (over
-    generated tokens), each as the same float32 operations as HF's and OpenAI's, per row at once.
-    """
-    device = logits.device
-    views = [s.views() for s in seen]
-    ids = pad_sequence([i for i, _ in views], batch_first=True, padding_value=-1).to(device)  # [P, L]
-    counts = pad_sequence([c for _, c in views], batch_first=True).to(device)
-    flat = torch.tensor(rows, device=device)[:, None] * logits.shape[1] + ids.clamp(min=0)
-    raw = torch.take(logits.contiguous(), flat).float()
-    rep = _column([p.repetition_penalty for p in params], device=device)
-    values = torch.where(raw < 0, raw * rep, raw / rep)
-    frequency = _column([p.frequency_penalty for p in params], device=device)
-    presence = _column([p.presence_penalty for p in params], device=device)
-    return ids, values - (frequency * counts + presence * (counts > 0).float())
-
-
-def apply_penalties(x: torch.Tensor, rows: list[int], seen: list[_Seen], params: list[SamplingParams]) -> None:
-    """Writes the penalised values of `rows`' seen tokens into x [R, V], in place, all rows at once."""
-    ids, values = penalised_values(x, rows, seen, params)
-    valid = ids >= 0  # padding is -1
-    x[torch.tensor(rows, device=x.device)[:, None].expand_as(ids)[valid], ids[valid]] = values[valid]
-
-
-def whole_rows(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """HF's warpers on [R, V] (penalties already applied), each row with its own temperature, top-k and top-p.
-
-    Greedy rows come back as they are (their argmax is the token).
-    """
-    vocab, device = x.shape[1], x.device
-    sampled = torch.tensor([not p.is_greedy for p in params], device=device)[:, None]
-    x = torch.where(sampled, x / _column([p.temperature if not p.is_greedy else 1.0 for p in params], device=device), x)
-    ks = [p.top_k if not p.is_greedy and 0 < p.top_k < vocab else 0 for p in params]
-    if any(ks):
-        values = torch.topk(x, max(ks)).values  # HF: everything below the k-th largest goes
-        k = torch.tensor(ks, device=device)[:, None]
-        kth = values.gather(1, (k - 1).clamp(min=0)).masked_fill(k == 0, -float("inf"))
-        x = x.masked_fill(x < kth, -float("inf"))
-    ps = [p.top_p if not p.is_greedy else 1.0 for p in params]
-    if any(p < 1.0 for p in ps):
-        rows = [r for r, p in enumerate(ps) if p < 1.0]
-        sub = x[rows]
-        # HF: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, keep at least the largest.
-        sorted_logits, sorted_indices = torch.sort(sub, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_remove = cumulative <= _column(
-            [1 - ps[r] for r in rows], device=device
-        )  # 1 - top_p in double, then float32, as HF
-        sorted_remove[..., -1:] = False
-        remove = sorted_remove.scatter(-1, sorted_indices, sorted_remove)
-        x[rows] = sub.masked_fill(remove, -float("inf"))
-    return x
-
-
 def process_logits(
     logits: torch.Tensor, params: SamplingParams, history: list[int], num_prompt_tokens: int
 ) -> torch.Tensor:
@@ -161,53 +97,6 @@ def process_logits(
         seen.extend(history)
         apply_penalties(x, [0], [seen], [params])
     return whole_rows(x, [params])[0]
-
-
-def draw(values: torch.Tensor, ids: torch.Tensor | None, uniform: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF per row over the surviving tokens (-inf: removed) in token-id order: the token ids [R].
-
-    values [R, W] processed logits; ids [R, W] their token ids (None: the column is the id); uniform [R] float64.
-    The running sum is sequential along the row, so a row's draw does not depend on how wide the batch is padded.
-    """
-    uniform = uniform.to(values.device)
-    if ids is not None:
-        order = ids.argsort(dim=1)
-        values, ids = values.gather(1, order), ids.gather(1, order)
-    weights = (values.double() - values.max(dim=1, keepdim=True).values.double()).exp_()  # [R, W]; 0 where removed
-    cdf = weights.cumsum(dim=1)
-    pick = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)
-    # rounding never picks past it
-    last = weights.shape[1] - 1 - (weights.flip(1) > 0).int().argmax(dim=1, keepdim=True)
-    pick = torch.minimum(pick, last)
-    return (ids.gather(1, pick) if ids is not None else pick).squeeze(1)
-
-
-def from_candidates(
-    values: torch.Tensor, ids: torch.Tensor, params: list[SamplingParams], masses: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, top-k and top-p on each row's largest penalised logits [C, W] (descending): (processed, decided [C]).
-
-    A row is undecided where its k-th value ties the next (HF keeps every tied token) or, for top-p without
-    top-k, where the candidates hold less than top_p of the row's mass (masses: the kernel's, at the row's temperature).
-    """
-    width = values.shape[1]
-    v = values / _column([p.temperature for p in params])  # HF: scores / temperature
-    ks = torch.tensor([p.top_k if 0 < p.top_k < width else width for p in params])
-    top_k = torch.tensor([0 < p.top_k < width for p in params])
-    kth = v.gather(1, (ks - 1)[:, None]).squeeze(1)
-    after = v.gather(1, ks.clamp(max=width - 1)[:, None]).squeeze(1)
-    decided = ~(top_k & (after == kth))
-    v = v.masked_fill(torch.arange(width)[None, :] >= ks[:, None], -float("inf"))
-    weights = (v.double() - v[:, :1].double()).exp_()  # exp(v - max): the candidates are in descending order
-    running = weights.cumsum(dim=1)
-    total = torch.where(top_k, running.gather(1, (ks - 1)[:, None]).squeeze(1), masses)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
-    decided &= top_k | (running[:, -1] > top_p * total * (1 + 1e-6))
-    # HF's rule in descending order: a token's ascending cumulative probability is 1 - (the mass above it) / total.
-    above = running - weights
-    remove = (1 - above / total[:, None]) <= _column([1 - p.top_p for p in params], torch.float64)
-    remove[:, 0] = False
-    return v.masked_fill(remove & (top_p < 1)[:, None], -float("inf")), decided
 
 
 class Sampler:
@@ -229,8 +118,8 @@ class Sampler:
             self._seen.pop(chunk.seq_id, None)
             if has_penalties(params):
                 self._seen_of(chunk.seq_id, chunk.num_prompt_tokens).extend(chunk.token_ids)
-        elif chunk.token_ids and chunk.seq_id in self._seen:
-            self._seen[chunk.seq_id].extend(chunk.token_ids)
+        elif chunk.token_ids and chunk.seq_id in self._seen and chunk.kind is not ChunkKind.VERIFY:
+            self._seen[chunk.seq_id].extend(chunk.token_ids)  # (a verify chunk's drafts join only once accepted)
 
     def _seen_of(self, seq_id: int, num_prompt: int = 0) -> _Seen:
         seen = self._seen.get(seq_id)
@@ -252,42 +141,73 @@ class Sampler:
         return len(self._params)
 
     def sample(self, logits: torch.Tensor, chunks: list[SeqChunk]) -> list[SampleResult]:
-        """logits: [len(chunks), vocab], one row per sampling chunk, in order."""
-        assert logits.shape[0] == len(chunks)
+        """logits: one row per sampling chunk, in order; a VERIFY chunk has one per position, its newest token's and
+        each draft's. Each row is drawn as decoding one token at a time would draw it: the draw of the position it
+        predicts, penalties over the history with the drafts before it. A VERIFY chunk's drafts are accepted while
+        they equal those draws; its results are the accepted drafts and the draw after them, in order."""
+        rows = [(c, i) for c in chunks for i in range(c.num_tokens if c.kind is ChunkKind.VERIFY else 1)]
+        assert logits.shape[0] == len(rows)
         params = [self._params.get(c.seq_id) or c.sampling for c in chunks]
         if None in params:  # never a silent greedy draw
             seq_id = chunks[params.index(None)].seq_id
             raise RequestError(
                 f"sequence {seq_id} has no sampling parameters on this stage: its first chunk brings them"
             )
+        by_seq = {c.seq_id: p for c, p in zip(chunks, params, strict=True)}
+        row_params = [by_seq[c.seq_id] for c, _ in rows]
+        seen = [self._row_seen(c, i) if has_penalties(p) else None for (c, i), p in zip(rows, row_params, strict=True)]
         step = _Step(
             logits=logits.contiguous(),
-            params=params,
+            params=row_params,
+            # the position each row's token takes: a verify chunk's row i predicts start_pos + i + 1
             uniform=torch.tensor(
-                [draw_uniform(p.seed or 0, c.start_pos + c.num_tokens) for c, p in zip(chunks, params, strict=False)],
+                [
+                    draw_uniform(
+                        p.seed or 0, c.start_pos + (i + 1 if i or c.kind is ChunkKind.VERIFY else c.num_tokens)
+                    )
+                    for (c, i), p in zip(rows, row_params, strict=True)
+                ],
                 dtype=torch.float64,
-            ),  # the new token's position
-            seen=[self._seen_of(c.seq_id) if has_penalties(p) else None for c, p in zip(chunks, params, strict=False)],
-            logprob_rows=[r for r, p in enumerate(params) if p.logprobs is not None],
+            ),  # fmt: skip
+            seen=seen,
+            logprob_rows=[r for r, p in enumerate(row_params) if p.logprobs is not None],
         )
         out = _scan(step)
-        tokens, lse, (top_values, top_ids) = (
-            out if out is not None else _whole_rows(step, list(range(len(chunks))), True)
-        )
+        tokens, lse, (top_values, top_ids) = out if out is not None else _whole_rows(step, list(range(len(rows))), True)
         token_list = tokens.tolist()
-        for s, token in zip(step.seen, token_list, strict=False):
-            if s is not None:
-                s.extend([token])
-        results = [SampleResult(seq_id=c.seq_id, token_id=t) for c, t in zip(chunks, token_list, strict=False)]
-        if step.logprob_rows:
-            rows = torch.tensor(step.logprob_rows, device=tokens.device)
-            chosen = (step.logits[rows, tokens[rows]].float() - lse[rows]).tolist()
-            top_logprobs, top_ids = (top_values[rows] - lse[rows, None]).tolist(), top_ids[rows].tolist()
-            for i, r in enumerate(step.logprob_rows):
-                results[r].logprob = chosen[i]
-                if n := params[r].logprobs:
-                    results[r].top_logprobs = list(zip(top_ids[i][:n], top_logprobs[i][:n], strict=False))
+        emitted, r = [], 0  # the rows whose tokens are returned
+        for c in chunks:
+            n = c.num_tokens if c.kind is ChunkKind.VERIFY else 1
+            accepted = 0
+            while accepted < n - 1 and token_list[r + accepted] == c.token_ids[accepted]:
+                accepted += 1
+            emitted.extend(range(r, r + accepted + 1))
+            if (s := self._seen.get(c.seq_id)) is not None:
+                s.extend(token_list[r : r + accepted + 1])
+            r += n
+        results = [SampleResult(seq_id=rows[r][0].seq_id, token_id=token_list[r]) for r in emitted]
+        wanted = [(k, r) for k, r in enumerate(emitted) if row_params[r].logprobs is not None]
+        if wanted:
+            at = torch.tensor([r for _, r in wanted], device=tokens.device)
+            chosen = (step.logits[at, tokens[at]].float() - lse[at]).tolist()
+            top_logprobs, top_ids = (top_values[at] - lse[at, None]).tolist(), top_ids[at].tolist()
+            for i, (k, r) in enumerate(wanted):
+                results[k].logprob = chosen[i]
+                if n := row_params[r].logprobs:
+                    results[k].top_logprobs = list(zip(top_ids[i][:n], top_logprobs[i][:n], strict=False))
         return results
+
+    def _row_seen(self, chunk: SeqChunk, i: int) -> _Seen:
+        """The seen tokens a row's penalties read: the sequence's, and for a verify chunk's row i its first i drafts."""
+        seen = self._seen_of(chunk.seq_id)
+        if i == 0:
+            return seen
+        fork = _Seen(seen.num_prompt)
+        fork.slot, fork.length = dict(seen.slot), seen.length
+        fork._ids, fork._counts = seen._ids.copy(), seen._counts.copy()
+        fork.ids, fork.counts = torch.from_numpy(fork._ids), torch.from_numpy(fork._counts)
+        fork.extend(chunk.token_ids[:i])
+        return fork
 
 
 @dataclass(slots=True)

@@ -3,7 +3,8 @@
 A microbatch's chunk says only what it adds (the idea of vLLM V1's scheduler output: a new
 request's data once, then what changed; the kinds of chunk: proto/microbatch.py): a first chunk starts a
 sequence with its blocks, at 0 or after a cached prefix whose blocks it lists first; a later chunk
-must continue exactly where the stage's copy ends and may append blocks. Every chunk
+must continue exactly where the stage's copy ends and may append blocks, except after a VERIFY chunk, when it may
+start after any of that chunk's positions (the drafts after it were rejected: the table keeps the blocks covering it). Every chunk
 of a microbatch is checked before any is applied, with the field and index of the first fault;
 the checks are C loops over the microbatch (min, max, set), so they cost per new token and block, not per token of context.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stagecoach.errors import KVCacheError, RequestError
-from stagecoach.proto.microbatch import MicroBatch, check_chunk
+from stagecoach.proto.microbatch import ChunkKind, MicroBatch, check_chunk
 
 
 @dataclass(slots=True)
 class _Sequence:
-    block_table: list[int]  # appended to, never rewritten: a compute thread may still read an older microbatch's prefix
+    block_table: list[int]  # appended to, never rewritten (a rollback replaces it): a compute thread may still read it
     num_tokens: int  # positions whose K/V this stage has been asked to write
+    verify_start: int = -1  # its last chunk was a VERIFY from this position: the next may start after any of its rows
 
 
 class SequenceTable:
@@ -56,8 +58,11 @@ class SequenceTable:
                 seq = self._seqs[chunk.seq_id] = _Sequence(list(chunk.new_blocks), 0)
             else:
                 seq = self._seqs[chunk.seq_id]
+                if chunk.start_pos < seq.num_tokens:  # after a verify pass: its rejected drafts' positions are void
+                    seq.block_table = seq.block_table[: -(-chunk.start_pos // self.block_size)]
                 seq.block_table.extend(chunk.new_blocks)
             seq.num_tokens = chunk.start_pos + chunk.num_tokens
+            seq.verify_start = chunk.start_pos if chunk.kind is ChunkKind.VERIFY else -1
             tables.append(seq.block_table)
         return tables
 
@@ -108,6 +113,8 @@ class SequenceTable:
                         f"its sampling parameters"
                     )
                 held, len_table = seq.num_tokens, len(seq.block_table)
+                if 0 <= seq.verify_start < c.start_pos < held:  # the drafts after start_pos were rejected
+                    held, len_table = c.start_pos, -(-c.start_pos // self.block_size)
             if c.start_pos != held:
                 raise RequestError(
                     f"seqs[{i}].start_pos {c.start_pos}: this stage holds {held} tokens of sequence {c.seq_id}"

@@ -238,3 +238,36 @@ def test_stage_over_its_memory_budget_is_refused_before_loading(ray_cluster, mod
     with pytest.raises(ConfigError, match=r"stage 0 .* needs .* MiB of weights .* memory budget on cpu is 0.0 MiB"):
         ray_pipeline(config)
     assert alive_stage_actors() == [] and live_placement_groups() == []
+
+
+def test_speculation_over_ray_with_microbatches_in_flight(ray_cluster, model):
+    """Verify chunks over gRPC between Ray stages, three microbatches in flight: the tokens one-at-a-time decoding
+    gives, greedy and seeded sampling with every option (drafts from foresight of those tokens, some wrong)."""
+    from test_speculative_identity import EVERY_OPTION, Foresight
+
+    from stagecoach.cluster.config_speculative import SpeculativeSection
+    from stagecoach.coordinator.speculative import Speculation
+
+    model_dir, _ = model
+    prompts = [[5, 6, 7, 8, 9, 10] * 4, [100, 101, 102, 100, 101], PROMPT, [30, 31, 32, 30, 31, 32, 30]] * 2
+    options = [dict(temperature=0.0)] * 4 + [EVERY_OPTION] * 4
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, **o) for o in options]
+    local = LocalPipeline.load(model_dir, ranges_from_counts([3, 1, 1], 5), num_blocks=128, block_size=8)
+    expected = [
+        s.output_token_ids for s in Engine(local, scheduler_config(128, block_size=8)).generate(prompts, params)
+    ]
+    pipeline = ray_pipeline(make_config(model_dir, [3, 1, 1], max_inflight=3))
+    try:
+        speculation = Speculation(SpeculativeSection(method="ngram", min_acceptance=0.0, max_running=64))
+        speculation.proposer = Foresight(prompts, expected)
+        engine = Engine(
+            pipeline,
+            scheduler_config(pipeline.num_blocks, block_size=pipeline.block_size),
+            max_inflight=3,
+            speculation=speculation,
+        )
+        seqs = engine.generate(prompts, params)
+    finally:
+        pipeline.shutdown()
+    assert [s.output_token_ids for s in seqs] == expected
+    assert speculation.accepted > 0 and engine.peak_inflight > 1, speculation.stats()

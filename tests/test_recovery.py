@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
+from pathlib import Path
 
 import pytest
 import yaml
@@ -89,9 +90,12 @@ class StreamSet:
 
 def config_file(tmp, model, **pipeline) -> str:
     path = tmp / f"cluster-{len(list(tmp.glob('cluster-*')))}.yaml"
+    # the "speculative" model: the float checkpoint served with drafts verified in every pass it can
+    speculative = {"method": "ngram", "min_acceptance": 0.0, "max_running": 64}
     path.write_text(
         yaml.safe_dump(
-            {
+            ({"speculative": speculative} if Path(model).name == "model-speculative" else {})
+            | {
                 "model": {"path": str(model)},
                 # A few milliseconds per stage stretch generation out, so that a kill lands mid-stream.
                 "pipeline": {
@@ -113,9 +117,10 @@ def config_file(tmp, model, **pipeline) -> str:
 @pytest.fixture(scope="module", params=["safetensors"])
 def model(tmp_path_factory, request):
     """A float checkpoint; or, where a test asks for "gguf" or "gptq", a GGUF file (every served type,
-    helpers.make_gguf_checkpoint) or a GPTQ checkpoint (act-order) held quantized: the server and reference on the
-    other model are then stopped first."""
-    path = tmp_path_factory.mktemp("recovery") / "model"
+    helpers.make_gguf_checkpoint) or a GPTQ checkpoint (act-order) held quantized; "speculative": the float
+    checkpoint served with speculative decoding on. The server and reference on the other model are then stopped
+    first."""
+    path = tmp_path_factory.mktemp("recovery") / ("model-speculative" if request.param == "speculative" else "model")
     if request.param == "gguf":
         make_gguf_checkpoint(path, num_hidden_layers=3, max_position_embeddings=1024, vocab_size=512)
     elif request.param == "gptq":
@@ -252,8 +257,8 @@ def test_a_prefix_cached_before_a_stage_was_replaced_gives_the_same_output(serve
 # Last in the module: its gguf case replaces the module's server with one on a GGUF model.
 @pytest.mark.parametrize(
     "model, kill_stage",
-    [("safetensors", 1), ("safetensors", 2), ("gguf", 1), ("gptq", 1)],
-    ids=["middle stage", "last stage", "gguf, middle stage", "gptq, middle stage"],
+    [("safetensors", 1), ("safetensors", 2), ("gguf", 1), ("gptq", 1), ("speculative", 2)],
+    ids=["middle stage", "last stage", "gguf, middle stage", "gptq, middle stage", "speculative, last stage"],
     indirect=["model"],
 )
 def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage):
@@ -264,3 +269,5 @@ def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
         assert text == ref, f"request {i} differs after the recovery"
     assert http(server.port, "/health", key=None)[0] == 200
+    speculative = http(server.port, "/v1/stats", key=None)[1]["engine"]["speculative"]
+    assert speculative["method"] == "off" or speculative["accepted_tokens"] > 0, speculative

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stagecoach.coordinator.speculative import NgramIndex, NgramProposer
 
 
@@ -43,3 +45,134 @@ def test_the_index_reads_only_new_tokens_and_a_window_before_them():
     tokens.append(50)
     assert index.propose(tokens_of, len(tokens), 5) == [51, 52, 53, 54, 55]
     assert max(reads) <= 4 + 2 + 5  # a step reads the new token, max_match before it, the suffix and the proposal
+
+
+# -- the scheduler and block manager with verify passes (plain Python: no torch, Ray or gRPC) -------------------------
+def spec_scheduler(num_blocks=16, block_size=4, num_tokens=4, **kw):
+    from defaults import scheduler_config
+
+    from stagecoach.cluster.config_speculative import SpeculativeSection
+    from stagecoach.coordinator.scheduler import Scheduler
+    from stagecoach.coordinator.speculative import Speculation
+
+    section = SpeculativeSection(**({"method": "ngram", "num_tokens": num_tokens, "min_acceptance": 0.0} | kw))
+    return Scheduler(scheduler_config(num_blocks, block_size=block_size), Speculation(section))
+
+
+def greedy(max_tokens=32, **kw):
+    from stagecoach.proto.types import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def answer(sched, batch, tokens_by_seq):
+    """Plays the last stage: each sampling chunk's sequence gets the given tokens back, in order."""
+    from stagecoach.proto.types import SampleResult
+
+    samples = [SampleResult(c.seq_id, t) for c in batch.seqs if c.do_sample for t in tokens_by_seq[c.seq_id]]
+    return sched.process_results(batch, samples)
+
+
+PROMPT = [1, 2, 3, 4, 5, 6, 7, 1, 2]  # "1 2" occurred before: drafts 3 4 5 6 (and on)
+
+
+def test_a_decode_step_with_drafts_is_one_verify_chunk_counted_whole():
+    from stagecoach.proto.microbatch import ChunkKind
+
+    sched = spec_scheduler()
+    seq = sched.add_request(PROMPT, greedy())
+    answer(sched, sched.schedule(), {seq.seq_id: [3]})  # prefill; "1 2 3" occurred at 0
+    batch = sched.schedule()
+    (chunk,) = batch.seqs
+    assert chunk.kind is ChunkKind.VERIFY and (chunk.start_pos, chunk.num_tokens) == (9, 5)
+    assert chunk.token_ids == [4, 5, 6, 7] and batch.token_ids == [3, 4, 5, 6, 7] and chunk.do_sample
+    assert len(seq.block_table) == 4 and chunk.new_blocks == seq.block_table[3:]  # positions 9..13 need 4 blocks
+    assert seq.num_scheduled_tokens == 14
+
+
+def test_rejected_drafts_give_their_blocks_back_and_the_next_chunk_starts_after_the_accepted():
+    sched = spec_scheduler()
+    seq = sched.add_request(PROMPT, greedy())
+    answer(sched, sched.schedule(), {seq.seq_id: [3]})
+    free_before = sched.block_manager.num_free_blocks
+    batch = sched.schedule()  # verify 3 | 4 5 6 7 at 9..13
+    assert sched.block_manager.num_free_blocks == free_before - 1
+    answer(sched, batch, {seq.seq_id: [4, 9]})  # 4 accepted, 5 rejected: 9 drawn instead
+    assert seq.output_token_ids == [3, 4, 9] and seq.num_computed_tokens == 11 == seq.num_scheduled_tokens
+    assert len(seq.block_table) == 3 and sched.block_manager.num_free_blocks == free_before  # [12, 16) went back
+    nxt = sched.schedule().seqs[0]
+    assert nxt.start_pos == 11 and nxt.new_blocks == seq.block_table[3:]
+    assert sched.speculation.stats() | {"method": "ngram"} == {
+        "method": "ngram",
+        "verify_passes": 1,
+        "draft_tokens": 4,
+        "accepted_tokens": 1,
+        "acceptance_rate": 0.25,
+        "tokens_per_pass": 2.0,
+    }
+
+
+def test_a_block_holding_a_rejected_draft_is_never_published_to_the_prefix_cache():
+    sched = spec_scheduler(block_size=4)
+    seq = sched.add_request([1, 2, 3, 4, 5, 6, 1, 2, 3], greedy())
+    answer(sched, sched.schedule(), {seq.seq_id: [4]})  # positions 0..8 written; 9 tokens known
+    batch = sched.schedule()  # verify 4 | 5 6 1 2 at 9..13: block [12, 16) would fill with drafts
+    assert batch.seqs[0].token_ids == [5, 6, 1, 2]
+    answer(sched, batch, {seq.seq_id: [5, 6, 8]})  # 5 6 accepted, 1 rejected
+    cached = sched.block_manager.num_cached_blocks
+    assert seq.num_computed_tokens == 12 and cached == 3  # [0, 12): 4 5 6 at 9..11 complete block 2
+    answer(sched, sched.schedule(), {seq.seq_id: [0]})  # 8 at 12 (a plain decode or another verify)
+    assert all(k for k in seq.block_keys) and len(seq.block_keys) == 3  # block 3 holds 8 at 12, not the draft 1
+
+
+def test_a_stop_token_or_max_tokens_inside_an_accepted_run_ends_where_one_at_a_time_would():
+    sched = spec_scheduler()
+    stop = sched.add_request(PROMPT, greedy(stop_token_ids=[5]))
+    short = sched.add_request(PROMPT, greedy(max_tokens=3))
+    answer(sched, sched.schedule(), {stop.seq_id: [3], short.seq_id: [3]})
+    batch = sched.schedule()
+    drafts = {c.seq_id: c.token_ids for c in batch.seqs}
+    assert drafts[stop.seq_id] == [4, 5, 6, 7] and drafts[short.seq_id] == [4]  # room for max_tokens only
+    answer(sched, batch, {stop.seq_id: [4, 5, 6, 7, 1], short.seq_id: [4, 5]})
+    assert stop.output_token_ids == [3, 4, 5] and stop.finish_reason == "stop"
+    assert short.output_token_ids == [3, 4, 5] and short.finish_reason == "length"
+    assert not sched.has_unfinished and sched.block_manager.num_free_blocks == 16
+
+
+def test_no_drafts_under_load_and_none_after_poor_acceptance_until_the_backoff_ends():
+    sched = spec_scheduler(max_running=1, backoff_steps=2, min_acceptance=0.5)
+    a = sched.add_request(PROMPT, greedy())
+    b = sched.add_request(PROMPT, greedy())
+    answer(sched, sched.schedule(), {a.seq_id: [3], b.seq_id: [3]})
+    assert all(c.num_tokens == 1 for c in sched.schedule().seqs)  # two running > max_running 1: plain decode
+    sched = spec_scheduler(backoff_steps=2, min_acceptance=0.5)
+    a = sched.add_request(PROMPT, greedy())
+    answer(sched, sched.schedule(), {a.seq_id: [3]})
+    answer(sched, sched.schedule(), {a.seq_id: [8]})  # a verify pass, nothing accepted: acceptance 0.5 → 0.25
+    kinds = []
+    for token in (9, 10, 11):
+        batch = sched.schedule()
+        kinds.append(batch.seqs[0].num_tokens)
+        answer(sched, batch, {a.seq_id: [token]})
+    assert kinds[:2] == [1, 1]  # two plain steps
+
+
+def test_a_stage_rolls_a_sequence_back_after_a_verify_chunk_and_refuses_anything_else():
+    from stagecoach.errors import RequestError
+    from stagecoach.proto.microbatch import ChunkKind, MicroBatch, SeqChunk
+    from stagecoach.stage.sequences import SequenceTable
+
+    table = SequenceTable(num_blocks=16, block_size=4, max_positions=64)
+    first = SeqChunk(0, 0, 9, new_blocks=[0, 1, 2], do_sample=True, sampling=greedy(), num_prompt_tokens=9)
+    table.admit(MicroBatch(0, [first], []))
+    verify = SeqChunk(0, 9, 5, new_blocks=[3], do_sample=True, token_ids=[4, 5, 6, 7], kind=ChunkKind.VERIFY)
+    (held,) = table.admit(MicroBatch(1, [verify], []))
+    assert held == [0, 1, 2, 3]
+    with pytest.raises(RequestError, match=r"seqs\[0\]\.start_pos 9: this stage holds 14 tokens"):
+        table.admit(MicroBatch(2, [SeqChunk(0, 9, 1, do_sample=True)], []))  # at least the newest token stands
+    (after,) = table.admit(MicroBatch(3, [SeqChunk(0, 11, 1, do_sample=True)], []))  # one draft accepted
+    assert after == [0, 1, 2] and held == [0, 1, 2, 3]  # a new table: an older microbatch may still read the old
+    with pytest.raises(RequestError, match=r"start_pos 11: this stage holds 12 tokens"):
+        table.admit(MicroBatch(4, [SeqChunk(0, 11, 1, do_sample=True)], []))  # only right after a VERIFY chunk
+    with pytest.raises(RequestError, match=r"a VERIFY chunk of 3 tokens brings its 2 drafts \(got 1\)"):
+        table.admit(MicroBatch(5, [SeqChunk(0, 12, 3, [3], True, token_ids=[1], kind=ChunkKind.VERIFY)], []))

@@ -1,0 +1,219 @@
+"""Speculative decoding (n-gram drafts) against one token per pass, on the demo model through `stagecoach serve`.
+
+Two servers run side by side on the demo's config (2 stages, the thread backend: each stage behind its own gRPC
+server in the server's process), one with `--speculative-method ngram`, one without, and take turns: each round
+sends the same requests to one, then to the other (interleaved rounds; medians reported).
+
+1. One request whose answer repeats much of its input: "add type hints to this function" over a ~300-token Python
+   function (chat template, greedy, 256 tokens): tokens/s with speculation / without (goal >= 1.8, beyond >= 2.5),
+   the acceptance rate and tokens per verify pass (the server's /v1/stats), and whether the texts are identical.
+2. 16 concurrent mixed requests (the same edit, other questions, shorter and longer answers): tokens/s ratio
+   (goal >= 0.95).
+
+The float32 conversion (the bars above) and the GGUF file as it is (reported, no bar).
+
+    python bench/speculative.py [--rounds 3] [--quick] [--json-out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from http.client import HTTPConnection
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+FUNCTION = '''def merge_intervals(intervals, min_gap=0, label=None):
+    """Merge overlapping intervals; intervals closer than min_gap are merged too."""
+    if not intervals:
+        return []
+    ordered = sorted(intervals, key=lambda pair: (pair[0], pair[1]))
+    merged = [list(ordered[0])]
+    for start, end in ordered[1:]:
+        last = merged[-1]
+        if start <= last[1] + min_gap:
+            last[1] = max(last[1], end)
+        else:
+            merged.append([start, end])
+    result = []
+    for start, end in merged:
+        if label is not None:
+            result.append((label, start, end))
+        else:
+            result.append((start, end))
+    return result
+
+
+def total_covered(intervals, min_gap=0):
+    """The total length covered by the intervals once merged."""
+    covered = 0
+    for start, end in merge_intervals(intervals, min_gap):
+        covered += end - start
+    return covered
+
+
+def find_gaps(intervals, lower, upper):
+    """The parts of [lower, upper) that no interval covers."""
+    gaps = []
+    cursor = lower
+    for start, end in merge_intervals(intervals):
+        if start > cursor:
+            gaps.append((cursor, min(start, upper)))
+        cursor = max(cursor, end)
+        if cursor >= upper:
+            break
+    if cursor < upper:
+        gaps.append((cursor, upper))
+    return gaps
+'''
+EDIT = f"Add type hints to every function below. Reply with the whole code only.\n\n```python\n{FUNCTION}```"
+OTHERS = [
+    "Explain in a few sentences what a hash map is.",
+    "Write a haiku about compilers.",
+    "List five uses of the Python itertools module, one line each.",
+    "What is the difference between a process and a thread?",
+]
+
+
+def chat(port: int, content: str, max_tokens: int, out: dict) -> None:
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    conn = HTTPConnection("127.0.0.1", port, timeout=900)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = json.loads(conn.getresponse().read())
+    conn.close()
+    out["text"] = resp["choices"][0]["message"]["content"]
+    out["tokens"] = resp["usage"]["completion_tokens"]
+
+
+def start_server(model: str, speculate: bool, log_name: str) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(REPO / "bench" / "results" / log_name, "w")
+    args = [str(BIN / "stagecoach"), "serve", "--config", str(REPO / "configs" / "demo.yaml"), "--model", model]
+    args += ["--backend", "thread", "--host", "127.0.0.1", "--port", str(port), "--no-prefix-caching"]
+    args += ["--speculative-method", "ngram" if speculate else "off", "--compile", "off"]
+    server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    return server, port
+
+
+def wait_ready(server: subprocess.Popen, port: int) -> None:
+    from urllib.request import urlopen
+
+    deadline = time.monotonic() + 300
+    while True:
+        assert server.poll() is None and time.monotonic() < deadline, "a server did not come up (bench/results/)"
+        try:
+            if urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+
+
+def stats(port: int) -> dict:
+    from urllib.request import urlopen
+
+    return json.loads(urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=10).read())["engine"]["speculative"]
+
+
+def one_round(port: int, requests: list[tuple[str, int]]) -> tuple[float, list[dict]]:
+    outs = [{} for _ in requests]
+    threads = [threading.Thread(target=chat, args=(port, c, n, o)) for (c, n), o in zip(requests, outs, strict=True)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, outs
+
+
+def compare(model: str, rounds: int, single_tokens: int, mixed_tokens: int) -> dict:
+    """Both servers up; interleaved rounds of the single request, then of the 16 mixed ones."""
+    servers = {name: start_server(model, name == "ngram", f"speculative_{name}.log") for name in ("off", "ngram")}
+    try:
+        for server, port in servers.values():
+            wait_ready(server, port)
+        single = [(EDIT, single_tokens)]
+        mixed = [(EDIT if i % 4 == 0 else OTHERS[i % len(OTHERS)], mixed_tokens // (1 + i % 2)) for i in range(16)]
+        for _, port in servers.values():
+            one_round(port, [(OTHERS[0], 8)])  # warm-up
+        out = {}
+        for label, requests in (("1 request", single), ("16 mixed", mixed)):
+            walls = {name: [] for name in servers}
+            texts = {}
+            before = stats(servers["ngram"][1])
+            for _ in range(rounds):
+                for name, (_, port) in servers.items():
+                    wall, outs = one_round(port, requests)
+                    walls[name].append(sum(o["tokens"] for o in outs) / wall)
+                    texts[name] = [o["text"] for o in outs]
+            after = stats(servers["ngram"][1])
+            passes = after["verify_passes"] - before["verify_passes"]
+            drafts = after["draft_tokens"] - before["draft_tokens"]
+            accepted = after["accepted_tokens"] - before["accepted_tokens"]
+            tps = {name: statistics.median(v) for name, v in walls.items()}
+            out[label] = {
+                "tokens_per_s": {name: [round(x, 2) for x in v] for name, v in walls.items()},
+                "speedup": round(tps["ngram"] / tps["off"], 3),
+                "acceptance_rate": round(accepted / drafts, 3) if drafts else 0.0,
+                "tokens_per_pass": round((passes + accepted) / passes, 3) if passes else 0.0,
+                "texts_identical": texts["ngram"] == texts["off"],
+            }
+            r = out[label]
+            print(
+                f"  {label}: {tps['ngram']:.2f} tok/s with speculation, {tps['off']:.2f} without: {r['speedup']:.2f}x; "
+                f"acceptance {r['acceptance_rate']:.2f}, {r['tokens_per_pass']:.2f} tokens a pass; texts identical: "
+                f"{r['texts_identical']}",
+                flush=True,
+            )
+        return out
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+        for server, _ in servers.values():
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 round, shorter answers, float32 only")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args(argv)
+    from stagecoach.coordinator.demo_model import fetch_demo_model
+
+    (REPO / "bench" / "results").mkdir(exist_ok=True)
+    models = {"float32": str(fetch_demo_model(dequantize=True))}
+    if not args.quick:
+        models["q4_k_m (GGUF)"] = str(fetch_demo_model())
+    result = {}
+    for name, path in models.items():
+        print(f"speculative decoding, demo {name}:", flush=True)
+        rounds = 1 if args.quick else args.rounds
+        result[name] = compare(path, rounds, 96 if args.quick else 256, 48 if args.quick else 128)
+    f = result["float32"]
+    result["goal_1_request_1_8x"] = f["1 request"]["speedup"] >= 1.8
+    result["goal_16_mixed_0_95x"] = f["16 mixed"]["speedup"] >= 0.95
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
