@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run, each figure a ratio against its baseline measured in the same run.
 
-Writes bench/results/{transport,pipeline,sequence_state,attention,sampler,end_to_end,quantized,summary}.json and bench/results/bench.png,
+Writes bench/results/{transport,pipeline,sequence_state,attention,sampler,end_to_end,quantized,speculative,summary}.json and bench/results/bench.png,
 and prints a table of figures with their goals and pass/miss.
 
     python bench/run.py [--quick]
@@ -536,6 +536,27 @@ def plot(transport_rows, pipeline, e2e, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def run_speculative(quick: bool) -> tuple[dict, list[dict]]:
+    import speculative
+
+    print("speculative decoding: n-gram drafts on and off, the demo through serve", flush=True)
+    r = speculative.main(["--json-out", str(RESULTS / "speculative.json")] + (["--quick"] if quick else []))
+    figs = []
+    for model, goals in (("float32", {"1 request": 1.8, "16 mixed": 0.95}), ("q4_k_m (GGUF)", {})):
+        for label, row in r.get(model, {}).items():
+            goal = goals.get(label)
+            figs.append(
+                figure(
+                    f"speculative, demo {model}, {label}: tokens/s on / off (acceptance {row['acceptance_rate']:.2f}, "
+                    f"{row['tokens_per_pass']:.2f} tokens a pass, texts identical: {row['texts_identical']})",
+                    row["speedup"],
+                    f">= {goal}" + (" (beyond: >= 2.5)" if label == "1 request" else "") if goal else "(report)",
+                    row["speedup"] >= goal if goal else None,
+                )
+            )
+    return r, figs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
@@ -570,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         e2e, more = run_end_to_end(args.quick)
         figs += more
     figs += run_quantized(args.quick, args.skip_e2e)[1]
+    if not args.skip_e2e:
+        figs += run_speculative(args.quick)[1]
     figs += run_gpu()
     summary = {"machine": machine(), "seconds": round(time.monotonic() - start, 1), "figures": figs}
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

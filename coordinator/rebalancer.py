@@ -93,7 +93,10 @@ class Rebalancer:
 
     # -- on the loop's thread -----------------------------------------------------------------
     def run_call(self, layers: list[int] | None, future: Future) -> None:
-        """The admin call: applies `layers` or the proposal. A failure while applying raises PipelineError on (a recovery)."""
+        """The admin call: applies `layers` or the proposal. A failure while applying raises PipelineError on (a recovery).
+        The rebalance stops counting as under way before its caller hears back, so that the caller's next request
+        never finds it still busy."""
+        outcome, error = None, None
         try:
             gain = None
             if layers is None:
@@ -105,14 +108,17 @@ class Rebalancer:
                         param="layers",
                     )
                 layers, gain = proposal["proposed"], proposal["predicted_gain"]
-            future.set_result(self.apply(layers, "admin", gain))
-        except PipelineError as e:
-            future.set_exception(e)
-            raise
-        except StagecoachError as e:
-            future.set_exception(e)
+            outcome = self.apply(layers, "admin", gain)
+        except StagecoachError as e:  # PipelineError among them
+            error = e
         finally:
             self.busy = False
+        if error is None:
+            future.set_result(outcome)
+            return
+        future.set_exception(error)
+        if isinstance(error, PipelineError):
+            raise error
 
     def maybe_auto(self) -> None:
         """auto: applies the proposal when its predicted gain reaches min_gain and the cooldown has passed."""
