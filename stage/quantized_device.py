@@ -67,7 +67,28 @@ def _ops() -> dict[str, Int4Ops]:
     }
 
 
-class Int4PackedLinear(nn.Module):
+class _DeviceLinear(nn.Module):
+    """A Linear whose `product` (rows [M, in] → [M, out]) is one of torch's weight-only operators."""
+
+    in_features: int
+    out_features: int
+    perm: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            rows = rows[:, self.perm]
+        out = self.product(rows).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int4PackedLinear(_DeviceLinear):
     """A Linear held in torch's int4 tile layout: qweight (the packed tiles), scales_and_zeros [in / group, out, 2]."""
 
     def __init__(self, source: QuantizedLinear, qweight, scales_and_zeros, group: int, ops: Int4Ops) -> None:
@@ -80,17 +101,8 @@ class Int4PackedLinear(nn.Module):
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         return self.ops.product(rows.to(self.scales_and_zeros.dtype), self.qweight, self.group, self.scales_and_zeros)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            rows = rows[:, self.perm]
-        out = self.product(rows).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
 
-
-class Int8ChannelLinear(nn.Module):
+class Int8ChannelLinear(_DeviceLinear):
     """A per-channel int8 Linear through `_weight_int8pack_mm`: x · (scale · q + offset)ᵀ = int8 product + Σx · offset."""
 
     def __init__(self, source: QuantizedLinear, dtype: torch.dtype) -> None:
@@ -107,15 +119,6 @@ class Int8ChannelLinear(nn.Module):
         if self.offset is not None:
             out = out + rows.to(self.scale.dtype).sum(-1, keepdim=True) * self.offset
         return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            rows = rows[:, self.perm]
-        out = self.product(rows).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
 
 
 def _repeats(linear: QuantizedLinear, group: int) -> bool:
