@@ -176,3 +176,31 @@ def test_a_stage_rolls_a_sequence_back_after_a_verify_chunk_and_refuses_anything
         table.admit(MicroBatch(4, [SeqChunk(0, 11, 1, do_sample=True)], []))  # only right after a VERIFY chunk
     with pytest.raises(RequestError, match=r"a VERIFY chunk of 3 tokens brings its 2 drafts \(got 1\)"):
         table.admit(MicroBatch(5, [SeqChunk(0, 12, 3, [3], True, token_ids=[1], kind=ChunkKind.VERIFY)], []))
+
+
+def test_an_abort_while_a_verify_pass_is_in_flight_frees_everything_when_it_returns():
+    sched = spec_scheduler()
+    seq = sched.add_request(PROMPT, greedy())
+    answer(sched, sched.schedule(), {seq.seq_id: [3]})
+    batch = sched.schedule()  # a verify pass in flight
+    sched.abort(seq.seq_id)
+    assert sched.block_manager.num_free_blocks < 16  # its blocks are still being written
+    answer(sched, batch, {seq.seq_id: [4, 5, 6]})  # the stage did not know: its samples are dropped
+    assert seq.output_token_ids == [3] and seq.finish_reason == "abort"
+    assert sched.block_manager.num_free_blocks == 16 and not sched.has_unfinished
+
+
+def test_a_preempted_sequence_is_recomputed_from_its_accepted_tokens_only():
+    sched = spec_scheduler(num_blocks=6, block_size=4)
+    a = sched.add_request(PROMPT, greedy(max_tokens=8))
+    answer(sched, sched.schedule(), {a.seq_id: [3]})
+    answer(sched, sched.schedule(), {a.seq_id: [4, 9]})  # 4 accepted, 5 rejected
+    answer(sched, sched.schedule(), {a.seq_id: [10]})
+    free = sched.block_manager.num_free_blocks
+    sched._preempt(a)  # as when blocks run out
+    assert sched.block_manager.num_free_blocks == free + 3  # [0, 12): nothing of the rejected drafts' block is held
+    batch = sched.schedule()
+    first = batch.seqs[0]
+    # the prefix cache gives back its three full blocks, all accepted tokens: 1 2 3 4 5 6 7 1 | 2 3 4 9 | ...
+    assert first.is_first and first.start_pos == 12 and a.seq_id in batch.drop_seq_ids
+    assert first.token_ids == PROMPT + [3, 4, 9, 10]  # the history: accepted tokens only
