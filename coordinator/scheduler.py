@@ -11,7 +11,7 @@ own until its next token comes back, and one that fails again ends (`microbatch_
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from stagecoach.coordinator.block_manager import BlockManager
@@ -288,9 +288,7 @@ class Scheduler(Recovery):
     def process_results(self, batch: MicroBatch, samples: list[SampleResult]) -> list[Sequence]:
         """Applies a returned microbatch; returns the sequences that received a token (a verify chunk's sequence: the
         drafts the last stage accepted and one more, each a sample, in order)."""
-        emitted = {}
-        for sample in samples:
-            emitted[sample.seq_id] = emitted.get(sample.seq_id, 0) + 1
+        emitted = Counter(sample.seq_id for sample in samples)
         for chunk in batch.seqs:
             seq = self.sequences[chunk.seq_id]
             if chunk.kind is ChunkKind.VERIFY:  # positions after the accepted drafts are void: their blocks go back

@@ -83,6 +83,11 @@ class SeqChunk:
     def is_first(self) -> bool:
         return self.kind is ChunkKind.FIRST
 
+    @property
+    def sampled_rows(self) -> int:
+        """The rows a sampling chunk's last stage draws, its last ones: every position of a VERIFY chunk, else one."""
+        return self.num_tokens if self.kind is ChunkKind.VERIFY else 1
+
 
 @dataclass(slots=True)
 class MicroBatch:

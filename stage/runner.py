@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from stagecoach.errors import RequestError
-from stagecoach.proto.microbatch import ChunkKind, MicroBatch
+from stagecoach.proto.microbatch import MicroBatch
 from stagecoach.proto.types import SampleResult
 from stagecoach.stage import paged_attention, sampler_kernel
 from stagecoach.stage.compiled import CompiledDecode
@@ -168,7 +168,7 @@ class StageRunner:
                 scored.extend(range(end, end + c.num_tokens))
             end += c.num_tokens
             if c.do_sample:  # the last row; a verify chunk's every row (its newest token's and each draft's)
-                row_ends.extend(range(end - (c.num_tokens if c.kind is ChunkKind.VERIFY else 1), end))
+                row_ends.extend(range(end - c.sampled_rows, end))
         layers_ns = 0
         if out is None and scored:  # every row's logits (scored chunks' rows are returned, the sampled rows drawn)
             out, layers_ns = self._forward(x, meta)

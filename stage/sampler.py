@@ -78,6 +78,15 @@ class _Seen:
                 counts[s] += 1
         self.length += len(tokens)
 
+    def fork(self, more: list[int]) -> _Seen:
+        """A copy with `more` tokens added (a verify row's drafts before it); this one is left as it is."""
+        fork = _Seen(self.num_prompt)
+        fork.slot, fork.length = dict(self.slot), self.length
+        fork._ids, fork._counts = self._ids.copy(), self._counts.copy()
+        fork.ids, fork.counts = torch.from_numpy(fork._ids), torch.from_numpy(fork._counts)
+        fork.extend(more)
+        return fork
+
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.slot)
         return self.ids[:n], self.counts[:n]
@@ -145,7 +154,7 @@ class Sampler:
         each draft's. Each row is drawn as decoding one token at a time would draw it: the draw of the position it
         predicts, penalties over the history with the drafts before it. A VERIFY chunk's drafts are accepted while
         they equal those draws; its results are the accepted drafts and the draw after them, in order."""
-        rows = [(c, i) for c in chunks for i in range(c.num_tokens if c.kind is ChunkKind.VERIFY else 1)]
+        rows = [(c, i) for c in chunks for i in range(c.sampled_rows)]
         assert logits.shape[0] == len(rows)
         params = [self._params.get(c.seq_id) or c.sampling for c in chunks]
         if None in params:  # never a silent greedy draw
@@ -159,16 +168,14 @@ class Sampler:
         step = _Step(
             logits=logits.contiguous(),
             params=row_params,
-            # the position each row's token takes: a verify chunk's row i predicts start_pos + i + 1
+            # the position each row's token takes: the one after the row's own
             uniform=torch.tensor(
                 [
-                    draw_uniform(
-                        p.seed or 0, c.start_pos + (i + 1 if i or c.kind is ChunkKind.VERIFY else c.num_tokens)
-                    )
+                    draw_uniform(p.seed or 0, c.start_pos + c.num_tokens - c.sampled_rows + i + 1)
                     for (c, i), p in zip(rows, row_params, strict=True)
                 ],
                 dtype=torch.float64,
-            ),  # fmt: skip
+            ),
             seen=seen,
             logprob_rows=[r for r, p in enumerate(row_params) if p.logprobs is not None],
         )
@@ -177,7 +184,7 @@ class Sampler:
         token_list = tokens.tolist()
         emitted, r = [], 0  # the rows whose tokens are returned
         for c in chunks:
-            n = c.num_tokens if c.kind is ChunkKind.VERIFY else 1
+            n = c.sampled_rows
             accepted = 0
             while accepted < n - 1 and token_list[r + accepted] == c.token_ids[accepted]:
                 accepted += 1
@@ -200,14 +207,7 @@ class Sampler:
     def _row_seen(self, chunk: SeqChunk, i: int) -> _Seen:
         """The seen tokens a row's penalties read: the sequence's, and for a verify chunk's row i its first i drafts."""
         seen = self._seen_of(chunk.seq_id)
-        if i == 0:
-            return seen
-        fork = _Seen(seen.num_prompt)
-        fork.slot, fork.length = dict(seen.slot), seen.length
-        fork._ids, fork._counts = seen._ids.copy(), seen._counts.copy()
-        fork.ids, fork.counts = torch.from_numpy(fork._ids), torch.from_numpy(fork._counts)
-        fork.extend(chunk.token_ids[:i])
-        return fork
+        return seen.fork(chunk.token_ids[:i]) if i else seen
 
 
 @dataclass(slots=True)
