@@ -36,6 +36,12 @@ class SpeculativeSection:
         "than they save)",
         "--speculative-max-running",
     )
+    cost_model: bool = setting(
+        True,
+        "verify a sequence's drafts only where they are expected to raise the microbatch's tokens per second, by each "
+        "pass's measured time per row count and the sequence's acceptance (false: whenever the limits above allow)",
+        "--speculative-cost-model",
+    )
 
     def __post_init__(self) -> None:
         choose("speculative.method", self.method, SPECULATIVE_METHODS)

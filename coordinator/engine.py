@@ -270,6 +270,8 @@ class Engine:
             return []
         self.timings.add(done)
         self.rates.add(batch, done.timings, self.layer_counts)
+        if self.scheduler.speculation is not None:
+            self.scheduler.speculation.observe(batch, done.timings)
         return self.scheduler.process_results(batch, done.samples)
 
     @property

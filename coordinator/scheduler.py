@@ -18,7 +18,7 @@ from stagecoach.coordinator.block_manager import BlockManager
 from stagecoach.coordinator.request_checks import RequestLimits, check_request
 from stagecoach.coordinator.scheduler_recovery import Recovery
 from stagecoach.coordinator.sequence import Sequence, SequenceStatus
-from stagecoach.coordinator.speculative import Speculation
+from stagecoach.coordinator.speculative import PassPlan, Speculation
 from stagecoach.errors import ConfigError
 from stagecoach.proto.microbatch import ChunkKind, MicroBatch, SeqChunk
 from stagecoach.proto.types import SampleResult, SamplingParams
@@ -108,6 +108,7 @@ class Scheduler(Recovery):
         max_seqs = min(max_seqs or self.config.max_num_seqs, self.config.max_num_seqs)
         chunks: list[SeqChunk] = []
         scheduled: set[int] = set()
+        plan = self._plan(budget, max_seqs)
 
         for seq in list(self.running):
             if budget == 0 or len(chunks) >= max_seqs:
@@ -117,7 +118,7 @@ class Scheduler(Recovery):
             n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
             if n == 0:
                 continue
-            drafts = self._drafts(seq, budget) if n == 1 else []
+            drafts = self._drafts(seq, budget, plan) if n == 1 else []
             if not self._make_room(seq, seq.num_scheduled_tokens + n + len(drafts), scheduled):
                 continue
             chunks.append(self._chunk(seq, n, drafts))
@@ -190,11 +191,24 @@ class Scheduler(Recovery):
             return self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + 1) + c.token_ids
         return self.sequences[c.seq_id].tokens(c.start_pos, c.start_pos + c.num_tokens)
 
-    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+    def _drafts(self, seq: Sequence, budget: int, plan: PassPlan | None) -> list[int]:
         """Draft tokens to verify with seq's next token (a decode step), or [] to decode it plainly."""
         if self.speculation is None or seq.num_history_sent != seq.num_tokens or seq.num_blocks_sent == 0:
             return []
-        return self.speculation.drafts(seq, budget, len(self.running), self.config.max_model_len)
+        return self.speculation.drafts(seq, budget, len(self.running), self.config.max_model_len, plan)
+
+    def _plan(self, budget: int, max_seqs: int) -> PassPlan | None:
+        """The speculation cost model's view of the next microbatch: the rows its running sequences will take without
+        drafts (the first max_seqs of them that have work, within the budget)."""
+        if self.speculation is None:
+            return None
+        ready = [
+            s.num_tokens - s.num_scheduled_tokens
+            for s in self.running
+            if s.status is SequenceStatus.RUNNING and not s.is_awaiting_sample and not s.num_failures
+        ]
+        rows = [n for n in ready if n > 0][:max_seqs]
+        return self.speculation.plan(min(sum(rows), budget), len(rows), plain=all(n == 1 for n in rows))
 
     def _take_batch_id(self) -> int:
         self._next_batch_id += 1

@@ -167,6 +167,7 @@ class _EngineCollector:
             ("verify_passes", "Speculative decoding: verify passes (a sequence's newest token and its drafts)"),
             ("draft_tokens", "Speculative decoding: draft tokens proposed and verified"),
             ("accepted_tokens", "Speculative decoding: of them, drafts accepted (each one token fewer passes)"),
+            ("declined_by_cost", "Speculative decoding: sequences whose drafts the cost model expected not to pay"),
         )
         for key, doc in counters:
             family = CounterMetricFamily(f"stagecoach_speculative_{key}", doc)

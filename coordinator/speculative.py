@@ -15,10 +15,16 @@ would be another implementation, running ahead of the pipeline on the coordinato
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 Tokens = Callable[[int, int], list[int]]  # tokens(start, end): positions [start, end) of a sequence's prompt + output
+COST_SMOOTHING = 0.2  # weight of a pass's time in its row count's moving average
+EXPLORE_EVERY = (
+    32  # after this many declines in a row the cost model lets one sequence's drafts through (figures stay current)
+)
 
 
 class Proposer(Protocol):
@@ -80,25 +86,81 @@ class NgramProposer:
         self._index.pop(seq_id, None)
 
 
+class PassCost:
+    """Each pass's compute time (its stages' compute added up) by its rows: a moving average per row count, plain decode
+    passes (one row per sequence; they may run compiled) apart from passes holding longer chunks (verify or prefill,
+    run eagerly). A row count's first pass is dropped (warm-up): a row count counts from its second."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[bool, dict[int, list]] = {True: {}, False: {}}  # plain → rows → [seconds, passes]
+        self._known: dict[bool, list[int]] = {True: [], False: []}  # row counts with a trusted figure, sorted
+
+    def observe(self, rows: int, plain: bool, seconds: float) -> None:
+        entry = self._seconds[plain].setdefault(rows, [seconds, 0])
+        entry[1] += 1
+        if entry[1] == 2:
+            entry[0] = seconds
+            bisect.insort(self._known[plain], rows)
+        elif entry[1] > 2:
+            entry[0] += COST_SMOOTHING * (seconds - entry[0])
+
+    def estimate(self, rows: float, plain: bool) -> float | None:
+        """Seconds a pass of `rows` rows takes: measured, or linear between the nearest measured row counts on either
+        side; None where it has no figure on one side (unknown: the caller tries it, and it is measured)."""
+        known, seconds = self._known[plain], self._seconds[plain]
+        i = bisect.bisect_left(known, rows)
+        if i < len(known) and known[i] == rows:
+            return seconds[rows][0]
+        if i == 0 or i == len(known):
+            return None
+        lo, hi = known[i - 1], known[i]
+        w = (rows - lo) / (hi - lo)
+        return seconds[lo][0] * (1 - w) + seconds[hi][0] * w
+
+
+@dataclass(slots=True)
+class PassPlan:
+    """The microbatch being scheduled, as the cost model sees it."""
+
+    rows: float  # rows it holds (the decode rows expected, then each verify chunk's drafts as they are added)
+    tokens: float  # tokens it is expected to emit
+    plain: bool  # one-token decode chunks only so far (a plain pass, which may run compiled)
+
+
 class Speculation:
     """When the scheduler verifies drafts and how it did: the proposer, the policy, the counts.
 
-    Policy (the config's `speculative:` section): a sequence speculates while at most `max_running` sequences run (under load the
-    extra rows of a verify pass cost more than its accepted tokens save) and while its recent acceptance (the share of
-    its drafts accepted, a moving average over its last verify passes) is at least `min_acceptance`; a sequence below
-    it decodes plainly for `backoff_steps` steps, then tries again.
+    Policy (the config's `speculative:` section), per sequence and per pass:
+    - a sequence speculates while at most `max_running` sequences run, and while its recent acceptance (the share of
+      its drafts accepted, a moving average over its last verify passes) is at least `min_acceptance`; a sequence
+      below it decodes plainly for `backoff_steps` steps, then tries again;
+    - with `cost_model` on, a sequence's drafts join a microbatch only where they are expected to raise its tokens per
+      second: the pass's time comes from `PassCost` (each returned pass's compute time by its rows), the tokens from
+      the sequence's acceptance (drafts × acceptance). Of its drafts it verifies the count (maybe none) that gives the
+      microbatch the most tokens per second; a row count not measured yet is tried, and after EXPLORE_EVERY declines in
+      a row one sequence is let through so the figures stay current. A verify pass costs about one decode step where
+      the products read weights (float32 at one request) and far more where they are compute-bound (many rows, or
+      quantized weights on a CPU), and this is where the policy tells the two apart.
     """
 
     def __init__(self, config) -> None:  # cluster.config_speculative.SpeculativeSection (or the same fields)
         self.config = config
         self.proposer: Proposer = NgramProposer(config.num_tokens, config.min_match, config.max_match)
+        self.cost = PassCost()
         self._acceptance: dict[int, float] = {}  # seq_id → moving average of its drafts' acceptance
         self._resume_at: dict[int, int] = {}  # seq_id → the output length at which it speculates again
         self.passes = self.proposed = self.accepted = self.emitted = 0
+        self.declined = self._declined_in_a_row = 0  # sequences whose drafts the cost model declined: all, and lately
 
-    def drafts(self, seq, budget: int, num_running: int, max_model_len: int) -> list[int]:
+    @staticmethod
+    def plan(rows: int, tokens: int, plain: bool) -> PassPlan:
+        """The cost model's view of a microbatch about to be scheduled: its rows and tokens without drafts."""
+        return PassPlan(rows=max(rows, 1), tokens=max(tokens, 1), plain=plain)
+
+    def drafts(self, seq, budget: int, num_running: int, max_model_len: int, plan: PassPlan | None = None) -> list[int]:
         """Draft tokens for seq's next step (a decode step), or [] to decode plainly. At most budget - 1, and never
-        more than its remaining max_tokens or max_model_len leave room for (the pass emits up to one more)."""
+        more than its remaining max_tokens or max_model_len leave room for (the pass emits up to one more); with a
+        plan (and cost_model on), as many as pay for their rows."""
         c = self.config
         if num_running > c.max_running or len(seq.output_token_ids) < self._resume_at.get(seq.seq_id, 0):
             return []
@@ -107,7 +169,39 @@ class Speculation:
             seq.sampling.max_tokens - len(seq.output_token_ids) - 1,
             max_model_len - seq.num_tokens - 1,
         )
-        return self.proposer.propose(seq.seq_id, seq.tokens, seq.num_tokens, room) if room > 0 else []
+        drafts = self.proposer.propose(seq.seq_id, seq.tokens, seq.num_tokens, room) if room > 0 else []
+        if not drafts or plan is None or not c.cost_model:
+            return drafts
+        return drafts[: self._worth(plan, seq.seq_id, len(drafts))]
+
+    def _worth(self, plan: PassPlan, seq_id: int, num_drafts: int) -> int:
+        """How many of a sequence's drafts to verify in the planned microbatch (the class's docstring); updates plan."""
+        rate = self._acceptance.get(seq_id, self.accepted / self.proposed if self.proposed else 1.0)
+        base = self.cost.estimate(plan.rows, plan.plain)
+        best, best_speed = 0, plan.tokens / base if base else 0.0
+        for d in range(1, num_drafts + 1):
+            seconds = self.cost.estimate(plan.rows + d, False)
+            if base is None or seconds is None:  # not measured yet: try it
+                best = num_drafts
+                break
+            if (speed := (plan.tokens + rate * d) / seconds) > best_speed:
+                best, best_speed = d, speed
+        if best == 0:
+            self._declined_in_a_row += 1
+            if self._declined_in_a_row < EXPLORE_EVERY:
+                self.declined += 1
+                return 0
+            best = num_drafts
+        self._declined_in_a_row = 0
+        plan.rows, plan.tokens, plan.plain = plan.rows + best, plan.tokens + rate * best, False
+        return best
+
+    def observe(self, batch, timings) -> None:
+        """A microbatch came back (proto.microbatch.MicroBatch, its stages' timing records): the cost model learns its
+        compute time, the stages' added up, at its row count."""
+        compute_ns = sum(t.compute_end_ns - t.compute_start_ns for t in timings)
+        if compute_ns > 0:
+            self.cost.observe(len(batch.token_ids), all(c.num_tokens == 1 for c in batch.seqs), compute_ns / 1e9)
 
     def record(self, seq_id: int, num_drafts: int, num_emitted: int, output_len: int) -> None:
         """A verify pass came back: num_emitted tokens (the accepted drafts and one more)."""
@@ -136,10 +230,11 @@ class Speculation:
             "accepted_tokens": self.accepted,
             "acceptance_rate": round(self.accepted / self.proposed, 4) if self.proposed else 0.0,
             "tokens_per_pass": round(self.emitted / self.passes, 3) if self.passes else 0.0,
+            "declined_by_cost": self.declined,
         }
 
     @staticmethod
     def stats_off() -> dict:
         """The same object where speculation is off."""
         counts = dict.fromkeys(("verify_passes", "draft_tokens", "accepted_tokens"), 0)
-        return {"method": "off"} | counts | {"acceptance_rate": 0.0, "tokens_per_pass": 0.0}
+        return {"method": "off"} | counts | {"acceptance_rate": 0.0, "tokens_per_pass": 0.0, "declined_by_cost": 0}

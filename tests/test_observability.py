@@ -114,6 +114,7 @@ SCHEMA = {
             "accepted_tokens": int,
             "acceptance_rate": float,
             "tokens_per_pass": float,
+            "declined_by_cost": int,
         },
     },
     "rebalance": (dict, type(None)),

@@ -258,7 +258,9 @@ def test_speculation_over_ray_with_microbatches_in_flight(ray_cluster, model):
     ]
     pipeline = ray_pipeline(make_config(model_dir, [3, 1, 1], max_inflight=3))
     try:
-        speculation = Speculation(SpeculativeSection(method="ngram", min_acceptance=0.0, max_running=64))
+        speculation = Speculation(
+            SpeculativeSection(method="ngram", min_acceptance=0.0, max_running=64, cost_model=False)
+        )
         speculation.proposer = Foresight(prompts, expected)
         engine = Engine(
             pipeline,

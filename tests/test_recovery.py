@@ -91,7 +91,7 @@ class StreamSet:
 def config_file(tmp, model, **pipeline) -> str:
     path = tmp / f"cluster-{len(list(tmp.glob('cluster-*')))}.yaml"
     # the "speculative" model: the float checkpoint served with drafts verified in every pass it can
-    speculative = {"method": "ngram", "min_acceptance": 0.0, "max_running": 64}
+    speculative = {"method": "ngram", "min_acceptance": 0.0, "max_running": 64, "cost_model": False}
     path.write_text(
         yaml.safe_dump(
             ({"speculative": speculative} if Path(model).name == "model-speculative" else {})
@@ -271,3 +271,36 @@ def test_streams_survive_a_stage_killed_mid_stream(server, reference, kill_stage
     assert http(server.port, "/health", key=None)[0] == 200
     speculative = http(server.port, "/v1/stats", key=None)[1]["engine"]["speculative"]
     assert speculative["method"] == "off" or speculative["accepted_tokens"] > 0, speculative
+
+
+@pytest.mark.parametrize("model", ["speculative"], indirect=True)
+def test_a_stop_string_inside_an_accepted_run_cuts_where_one_token_at_a_time_would(server):
+    """A verify pass's tokens reach the stream as one update; a stop string completed by any of them but the last ends
+    the text there, as one token at a time would (the later tokens are neither shown nor counted)."""
+    # this model's answer is whole characters ("333z#U3z#wz3333…"): a token's text is its piece, nothing held back
+    body = {"prompt": [100, 101, 102, 103] * 6, "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    out = {}
+    stream_text(server.port, body | {"logprobs": 0}, [0], 0, out)
+    text, events = out[0]
+    updates = [json.loads(e)["choices"][0]["logprobs"]["tokens"] for e in events if e != "[DONE]"]
+    assert "".join("".join(u) for u in updates) == text and "\ufffd" not in text
+    # the first token that ends a new stretch of text and has another token after it in its update (a verify pass's)
+    offset, seen, cut = 0, 0, None
+    for pieces in updates:
+        for j, piece in enumerate(pieces):
+            offset, seen = offset + len(piece), seen + 1
+            if cut is None and piece and j < len(pieces) - 1:
+                cut = next(s for s in range(offset - 1, -1, -1) if text.find(text[s:offset]) == s)
+                stop, num_tokens = text[cut:offset], seen
+    assert cut is not None, f"no update of several tokens (no draft accepted): {updates}"
+    for stream in (False, True):
+        if stream:
+            got = {}
+            stream_text(server.port, body | {"stop": [stop]}, [0], 0, got)
+            events = [json.loads(e) for e in got[0][1] if e != "[DONE]"]
+            got_text, reason = got[0][0], events[-1]["choices"][0]["finish_reason"]
+        else:
+            response = http(server.port, "/v1/completions", body | {"stop": [stop]}, key=None)[1]
+            got_text, reason = response["choices"][0]["text"], response["choices"][0]["finish_reason"]
+            assert response["usage"]["completion_tokens"] == num_tokens
+        assert (got_text, reason) == (text[:cut], "stop"), (stop, stream)

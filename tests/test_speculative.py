@@ -109,6 +109,7 @@ def test_rejected_drafts_give_their_blocks_back_and_the_next_chunk_starts_after_
         "accepted_tokens": 1,
         "acceptance_rate": 0.25,
         "tokens_per_pass": 2.0,
+        "declined_by_cost": 0,
     }
 
 
@@ -204,3 +205,87 @@ def test_a_preempted_sequence_is_recomputed_from_its_accepted_tokens_only():
     # the prefix cache gives back its three full blocks, all accepted tokens: 1 2 3 4 5 6 7 1 | 2 3 4 9 | ...
     assert first.is_first and first.start_pos == 12 and a.seq_id in batch.drop_seq_ids
     assert first.token_ids == PROMPT + [3, 4, 9, 10]  # the history: accepted tokens only
+
+
+# -- the cost model: a pass's measured time by its rows decides whether drafts pay ------------------------------------
+def test_pass_cost_is_measured_per_row_count_and_interpolated_between():
+    from stagecoach.coordinator.speculative import PassCost
+
+    cost = PassCost()
+    cost.observe(4, True, 9.0)  # a row count's first pass is warm-up: dropped
+    assert cost.estimate(4, True) is None
+    cost.observe(4, True, 1.0)
+    cost.observe(8, True, 2.0)
+    cost.observe(8, True, 2.0)
+    assert cost.estimate(4, True) == 1.0 and cost.estimate(6, True) == 1.5
+    assert cost.estimate(9, True) is None and cost.estimate(2, True) is None  # not measured on one side: unknown
+    assert cost.estimate(6, False) is None  # plain decode passes and the others are apart
+    cost.observe(4, True, 2.0)
+    assert cost.estimate(4, True) == 1.2  # a moving average
+
+
+def measured(sched, fixed_s: float, per_row_s: float, plain: tuple[float, float] | None = None) -> None:
+    """Teaches the scheduler's cost model a pass time of fixed + rows × per-row (plain decode passes: `plain`'s)."""
+    for rows in range(1, 65):
+        for is_plain, (fixed, per_row) in ((False, (fixed_s, per_row_s)), (True, plain or (fixed_s, per_row_s))):
+            for _ in range(2):
+                sched.speculation.cost.observe(rows, is_plain, fixed + rows * per_row)
+
+
+def decoding(num_seqs: int, cost_model: bool = True, **kw):
+    """A scheduler whose sequences (PROMPT each) have had one verify pass that accepted none of its 4 drafts (acceptance
+    0.5 each) and have drafts again."""
+    from stagecoach.proto.microbatch import ChunkKind
+
+    sched = spec_scheduler(num_blocks=64, cost_model=cost_model, **kw)
+    seqs = [sched.add_request(PROMPT, greedy()) for _ in range(num_seqs)]
+    answer(sched, sched.schedule(), {s.seq_id: [3] for s in seqs})
+    batch = sched.schedule()
+    assert all(c.kind is ChunkKind.VERIFY for c in batch.seqs)
+    answer(sched, batch, {s.seq_id: [5] for s in seqs})  # draft 4 rejected; "5" occurred before: drafts 6 7 1 2
+    return sched, seqs
+
+
+def test_the_cost_model_verifies_where_a_pass_pays_for_its_rows_and_not_under_load():
+    from stagecoach.proto.microbatch import ChunkKind
+
+    # Reading weights dominates (fixed 2 ms, 1 ms a row): one sequence at acceptance 0.5 gets 3 tokens in 7 ms instead
+    # of 1 in 3 ms, and verifies; eight of them get 10 tokens in 14 ms instead of 8 in 10 ms, and decode plainly.
+    for num_seqs, verifies in ((1, True), (8, False)):
+        sched, seqs = decoding(num_seqs)
+        measured(sched, 0.002, 0.001)
+        batch = sched.schedule()
+        assert len(batch.seqs) == num_seqs
+        assert all((c.kind is ChunkKind.VERIFY) == verifies for c in batch.seqs), (num_seqs, batch.seqs)
+        assert sched.speculation.stats()["declined_by_cost"] == (0 if verifies else num_seqs)
+        if verifies:
+            assert batch.seqs[0].token_ids == [6, 7, 1, 2]
+    # Without the cost model, the same eight verify.
+    sched, _ = decoding(8, cost_model=False)
+    measured(sched, 0.002, 0.001)
+    assert all(c.kind is ChunkKind.VERIFY for c in sched.schedule().seqs)
+
+
+def test_a_compiled_plain_decode_step_faster_than_eager_rows_is_not_given_up():
+    from stagecoach.proto.microbatch import ChunkKind
+
+    # The verify pass that pays against an eager decode step (the test above: 3 tokens in 7 ms, not 1 in 3 ms) does
+    # not against a plain step compiled 5x faster (1 token in 0.6 ms).
+    sched, _ = decoding(1)
+    measured(sched, 0.002, 0.001, plain=(0.0004, 0.0002))
+    assert sched.schedule().seqs[0].kind is ChunkKind.DECODE
+    assert sched.speculation.stats()["declined_by_cost"] == 1
+
+
+def test_one_of_every_32_declines_is_let_through_so_the_figures_stay_current():
+    from stagecoach.coordinator.speculative import EXPLORE_EVERY
+    from stagecoach.proto.microbatch import ChunkKind
+
+    sched, seqs = decoding(8)
+    measured(sched, 0.002, 0.001)
+    cycle, verified = [6, 7, 1, 2, 3, 4, 5], 0
+    for step in range(5):
+        batch = sched.schedule()
+        verified += sum(c.kind is ChunkKind.VERIFY for c in batch.seqs)
+        answer(sched, batch, {s.seq_id: [cycle[step % 7]] for s in seqs})
+    assert EXPLORE_EVERY == 32 and verified == 1 and sched.speculation.stats()["declined_by_cost"] == 39

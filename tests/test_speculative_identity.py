@@ -14,7 +14,9 @@ from stagecoach.cluster.config_speculative import SpeculativeSection
 from stagecoach.cluster.partition import ranges_from_counts
 from stagecoach.coordinator.engine import Engine
 from stagecoach.coordinator.speculative import Speculation
+from stagecoach.proto.microbatch import ChunkKind
 from stagecoach.proto.types import SamplingParams
+from stagecoach.stage.testing_knobs import StageTesting
 
 MODEL = dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, seed=5)
 # Prompts whose continuations repeat: a random tiny model falls into loops that its own earlier tokens predict.
@@ -55,14 +57,20 @@ class Foresight:
         pass
 
 
-def generate(model_dir, params, speculate: bool, prompts=PROMPTS, prefix_caching=False, foresight=None):
-    """The sequences and speculation's stats; foresight: the outputs the Foresight proposer proposes from."""
+def make_engine(model_dir, speculate: bool, prompts=PROMPTS, prefix_caching=False, foresight=None) -> Engine:
+    """2 in-process stages; speculation forced on (every pass it can), or off. foresight: the outputs the Foresight
+    proposer proposes from."""
     pipe = LocalPipeline.load(model_dir, ranges_from_counts([2, 2], 4), num_blocks=96, block_size=8)
-    section = SpeculativeSection(method="ngram", num_tokens=4, min_acceptance=0.0, max_running=64)
+    section = SpeculativeSection(method="ngram", num_tokens=4, min_acceptance=0.0, max_running=64, cost_model=False)
     speculation = Speculation(section) if speculate else None
     if foresight is not None:
         speculation.proposer = Foresight(prompts, foresight)
-    engine = Engine(pipe, scheduler_config(96, block_size=8, prefix_caching=prefix_caching), speculation=speculation)
+    return Engine(pipe, scheduler_config(96, block_size=8, prefix_caching=prefix_caching), speculation=speculation)
+
+
+def generate(model_dir, params, speculate: bool, prompts=PROMPTS, prefix_caching=False, foresight=None):
+    """The sequences and speculation's stats."""
+    engine = make_engine(model_dir, speculate, prompts, prefix_caching, foresight)
     seqs = engine.generate(prompts, params)
     return seqs, engine.stats()["speculative"]
 
@@ -133,3 +141,55 @@ def test_prefix_caching_on(model):
     spec, stats = generate(model_dir, params, speculate=True, prompts=prompts, prefix_caching=True)
     assert stats["accepted_tokens"] > 0
     assert_same(hf_model, base, spec, prompts=prompts)
+
+
+def decode_until_accepted(engine: Engine, params) -> list:
+    """Starts PROMPTS and decodes until drafts have been accepted; the sequences."""
+    seqs = engine.add_requests(list(zip(PROMPTS, params, strict=True)))
+    for _ in range(40):
+        if engine.scheduler.speculation.accepted:
+            break
+        engine.step(1.0)
+    assert engine.scheduler.speculation.accepted
+    return seqs
+
+
+def in_flight(engine: Engine) -> set[int]:
+    """Submits the next microbatch (one in flight at a time) and checks it holds a verify chunk; its sequences' ids."""
+    engine.fill()
+    ((batch, _),) = engine.inflight.values()
+    assert any(c.kind is ChunkKind.VERIFY for c in batch.seqs)
+    return {c.seq_id for c in batch.seqs}
+
+
+def test_a_poisoned_request_fails_alone_with_drafts_in_flight(model):
+    model_dir, hf_model = model
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True) for _ in PROMPTS]
+    base, _ = generate(model_dir, params, speculate=False)
+    engine = make_engine(model_dir, speculate=True)
+    # raises on a first chunk of 90 tokens: longer than any innocent sequence re-prefilled (prompt + 40 tokens at most)
+    engine.pipeline.runners[1].testing = StageTesting(poison_prefill_tokens=90)
+    seqs = decode_until_accepted(engine, params)
+    poisoned = engine.add_request([(3 * j) % 500 + 3 for j in range(90)], params[0])
+    assert poisoned.seq_id in in_flight(engine)  # its first chunk beside the verify chunks
+    engine.run()
+    assert poisoned.finish_reason == "error"
+    assert_same(hf_model, base, seqs)
+    stats = engine.stats()
+    assert stats["requests_failed"] == {"stage_error": 1} and stats["microbatch_failures"] >= 2
+    assert stats["kv_blocks_used"] == 0 and stats["isolating"] == 0
+
+
+def test_a_rebalance_with_drafts_in_flight_keeps_every_token(model):
+    model_dir, hf_model = model
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, **EVERY_OPTION) for _ in PROMPTS]
+    base, _ = generate(model_dir, params, speculate=False)
+    engine = make_engine(model_dir, speculate=True, foresight=[b.output_token_ids for b in base])
+    seqs = decode_until_accepted(engine, params)
+    in_flight(engine)
+    engine.reconfigure(ranges_from_counts([1, 3], 4))  # voids the verify pass in flight; every sequence re-prefilled
+    passes = engine.scheduler.speculation.passes
+    engine.run()
+    assert [tuple(s.layers) for s in engine.pipeline.stages] == [(0, 1), (1, 4)]
+    assert engine.scheduler.speculation.passes > passes
+    assert_same(hf_model, base, seqs, greedy=False)
