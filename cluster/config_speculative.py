@@ -38,8 +38,9 @@ class SpeculativeSection:
     )
     cost_model: bool = setting(
         True,
-        "verify a sequence's drafts only where they are expected to raise the microbatch's tokens per second, by each "
-        "pass's measured time per row count and the sequence's acceptance (false: whenever the limits above allow)",
+        "verify a sequence's drafts only where they are expected to raise the microbatch's tokens per second and slow "
+        "the sequences beside them by at most 5 %, by each pass's measured time per row count and the sequence's "
+        "acceptance (false: whenever the limits above allow)",
         "--speculative-cost-model",
     )
 

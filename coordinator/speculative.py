@@ -22,9 +22,8 @@ from typing import Protocol
 
 Tokens = Callable[[int, int], list[int]]  # tokens(start, end): positions [start, end) of a sequence's prompt + output
 COST_SMOOTHING = 0.2  # weight of a pass's time in its row count's moving average
-EXPLORE_EVERY = (
-    32  # after this many declines in a row the cost model lets one sequence's drafts through (figures stay current)
-)
+NEIGHBOUR_SLOWDOWN = 0.05  # drafts may make a pass at most this much slower for the sequences beside them
+EXPLORE_EVERY = 32  # after this many declines in a row, one sequence's drafts go through (the figures stay current)
 
 
 class Proposer(Protocol):
@@ -125,6 +124,8 @@ class PassPlan:
     rows: float  # rows it holds (the decode rows expected, then each verify chunk's drafts as they are added)
     tokens: float  # tokens it is expected to emit
     plain: bool  # one-token decode chunks only so far (a plain pass, which may run compiled)
+    seqs: int = 1  # sequences it holds without drafts
+    plain_seconds: float | None = None  # its time without drafts (estimated at the first sequence with drafts)
 
 
 class Speculation:
@@ -137,8 +138,10 @@ class Speculation:
     - with `cost_model` on, a sequence's drafts join a microbatch only where they are expected to raise its tokens per
       second: the pass's time comes from `PassCost` (each returned pass's compute time by its rows), the tokens from
       the sequence's acceptance (drafts × acceptance). Of its drafts it verifies the count (maybe none) that gives the
-      microbatch the most tokens per second; a row count not measured yet is tried, and after EXPLORE_EVERY declines in
-      a row one sequence is let through so the figures stay current. A verify pass costs about one decode step where
+      microbatch the most tokens per second, and never so many that the pass gets more than NEIGHBOUR_SLOWDOWN slower
+      than without drafts while other sequences share it (they get no more tokens from it, and the one with no drafts
+      sets when a batch of requests ends); a row count not measured yet is tried, and after EXPLORE_EVERY declines in a
+      row one sequence is let through so the figures stay current. A verify pass costs about one decode step where
       the products read weights (float32 at one request) and far more where they are compute-bound (many rows, or
       quantized weights on a CPU), and this is where the policy tells the two apart.
     """
@@ -155,7 +158,7 @@ class Speculation:
     @staticmethod
     def plan(rows: int, tokens: int, plain: bool) -> PassPlan:
         """The cost model's view of a microbatch about to be scheduled: its rows and tokens without drafts."""
-        return PassPlan(rows=max(rows, 1), tokens=max(tokens, 1), plain=plain)
+        return PassPlan(rows=max(rows, 1), tokens=max(tokens, 1), plain=plain, seqs=max(tokens, 1))
 
     def drafts(self, seq, budget: int, num_running: int, max_model_len: int, plan: PassPlan | None = None) -> list[int]:
         """Draft tokens for seq's next step (a decode step), or [] to decode plainly. At most budget - 1, and never
@@ -178,11 +181,17 @@ class Speculation:
         """How many of a sequence's drafts to verify in the planned microbatch (the class's docstring); updates plan."""
         rate = self._acceptance.get(seq_id, self.accepted / self.proposed if self.proposed else 1.0)
         base = self.cost.estimate(plan.rows, plan.plain)
+        if plan.plain_seconds is None:
+            plan.plain_seconds = base
+        # with other sequences beside it, the pass may grow by at most NEIGHBOUR_SLOWDOWN over its time without drafts
+        limit = plan.plain_seconds * (1 + NEIGHBOUR_SLOWDOWN) if plan.seqs > 1 and plan.plain_seconds else None
         best, best_speed = 0, plan.tokens / base if base else 0.0
         for d in range(1, num_drafts + 1):
             seconds = self.cost.estimate(plan.rows + d, False)
             if base is None or seconds is None:  # not measured yet: try it
                 best = num_drafts
+                break
+            if limit is not None and seconds > limit:
                 break
             if (speed := (plan.tokens + rate * d) / seconds) > best_speed:
                 best, best_speed = d, speed

@@ -266,6 +266,18 @@ def test_the_cost_model_verifies_where_a_pass_pays_for_its_rows_and_not_under_lo
     assert all(c.kind is ChunkKind.VERIFY for c in sched.schedule().seqs)
 
 
+def test_drafts_beside_other_sequences_slow_their_pass_by_at_most_five_percent():
+    from stagecoach.proto.microbatch import ChunkKind
+
+    # Reading weights dominates (20 ms, 0.1 ms a row): eight sequences' plain pass takes 20.8 ms. Drafts go in while
+    # the pass stays within 5 % of that (21.84 ms): 4 + 4 + 2 drafts (21.8 ms), then none.
+    sched, _ = decoding(8)
+    measured(sched, 0.020, 0.0001)
+    batch = sched.schedule()
+    assert [len(c.token_ids) if c.kind is ChunkKind.VERIFY else 0 for c in batch.seqs] == [4, 4, 2, 0, 0, 0, 0, 0]
+    assert sched.speculation.stats()["declined_by_cost"] == 5
+
+
 def test_a_compiled_plain_decode_step_faster_than_eager_rows_is_not_given_up():
     from stagecoach.proto.microbatch import ChunkKind
 
