@@ -199,16 +199,18 @@ class Scheduler(Recovery):
 
     def _plan(self, budget: int, max_seqs: int) -> PassPlan | None:
         """The speculation cost model's view of the next microbatch: the rows its running sequences will take without
-        drafts (the first max_seqs of them that have work, within the budget)."""
-        if self.speculation is None:
+        drafts (the first max_seqs of them that have work, within the budget), and the tokens each expects from it."""
+        if self.speculation is None or not self.speculation.config.cost_model:
             return None
         ready = [
-            s.num_tokens - s.num_scheduled_tokens
+            (s, s.num_tokens - s.num_scheduled_tokens)
             for s in self.running
             if s.status is SequenceStatus.RUNNING and not s.is_awaiting_sample and not s.num_failures
         ]
-        rows = [n for n in ready if n > 0][:max_seqs]
-        return self.speculation.plan(min(sum(rows), budget), len(rows), plain=all(n == 1 for n in rows))
+        ready = [(s, n) for s, n in ready if n > 0][:max_seqs]
+        gains = [self.speculation.gain(s.seq_id, len(self._drafts(s, budget, None)) if n == 1 else 0) for s, n in ready]
+        rows, plain = min(sum(n for _, n in ready), budget), all(n == 1 for _, n in ready)
+        return self.speculation.plan(rows, len(ready), plain, min(gains, default=1.0))
 
     def _take_batch_id(self) -> int:
         self._next_batch_id += 1

@@ -22,7 +22,7 @@ from typing import Protocol
 
 Tokens = Callable[[int, int], list[int]]  # tokens(start, end): positions [start, end) of a sequence's prompt + output
 COST_SMOOTHING = 0.2  # weight of a pass's time in its row count's moving average
-NEIGHBOUR_SLOWDOWN = 0.05  # drafts may make a pass at most this much slower for the sequences beside them
+NEIGHBOUR_SLOWDOWN = 0.05  # drafts may cost the sequences beside them at most this share of their tokens per second
 EXPLORE_EVERY = 32  # after this many declines in a row, one sequence's drafts go through (the figures stay current)
 
 
@@ -125,6 +125,7 @@ class PassPlan:
     tokens: float  # tokens it is expected to emit
     plain: bool  # one-token decode chunks only so far (a plain pass, which may run compiled)
     seqs: int = 1  # sequences it holds without drafts
+    min_gain: float = 1.0  # of its sequences, the fewest tokens one expects from the pass (1: one without drafts)
     plain_seconds: float | None = None  # its time without drafts (estimated at the first sequence with drafts)
 
 
@@ -138,10 +139,11 @@ class Speculation:
     - with `cost_model` on, a sequence's drafts join a microbatch only where they are expected to raise its tokens per
       second: the pass's time comes from `PassCost` (each returned pass's compute time by its rows), the tokens from
       the sequence's acceptance (drafts × acceptance). Of its drafts it verifies the count (maybe none) that gives the
-      microbatch the most tokens per second, and never so many that the pass gets more than NEIGHBOUR_SLOWDOWN slower
-      than without drafts while other sequences share it (they get no more tokens from it, and the one with no drafts
-      sets when a batch of requests ends); a row count not measured yet is tried, and after EXPLORE_EVERY declines in a
-      row one sequence is let through so the figures stay current. A verify pass costs about one decode step where
+      microbatch the most tokens per second, and never so many that a sequence sharing the pass loses more than
+      NEIGHBOUR_SLOWDOWN of its tokens per second (one without drafts gets nothing from the extra rows: the pass may
+      grow by 5 % at most; in a batch of requests it is the one that sets when the batch ends); a row count not
+      measured yet is tried, and after EXPLORE_EVERY declines in a row one sequence is let through so the figures stay
+      current. A verify pass costs about one decode step where
       the products read weights (float32 at one request) and far more where they are compute-bound (many rows, or
       quantized weights on a CPU), and this is where the policy tells the two apart.
     """
@@ -156,9 +158,14 @@ class Speculation:
         self.declined = self._declined_in_a_row = 0  # sequences whose drafts the cost model declined: all, and lately
 
     @staticmethod
-    def plan(rows: int, tokens: int, plain: bool) -> PassPlan:
-        """The cost model's view of a microbatch about to be scheduled: its rows and tokens without drafts."""
-        return PassPlan(rows=max(rows, 1), tokens=max(tokens, 1), plain=plain, seqs=max(tokens, 1))
+    def plan(rows: int, tokens: int, plain: bool, min_gain: float) -> PassPlan:
+        """The cost model's view of a microbatch about to be scheduled: its rows and tokens without drafts, and the
+        fewest tokens one of its sequences expects from it (`gain`)."""
+        return PassPlan(max(rows, 1), max(tokens, 1), plain, seqs=max(tokens, 1), min_gain=min_gain)
+
+    def gain(self, seq_id: int, num_drafts: int) -> float:
+        """Tokens a sequence expects from a pass verifying num_drafts drafts (1 without)."""
+        return 1 + num_drafts * self._acceptance.get(seq_id, self.accepted / self.proposed if self.proposed else 1.0)
 
     def drafts(self, seq, budget: int, num_running: int, max_model_len: int, plan: PassPlan | None = None) -> list[int]:
         """Draft tokens for seq's next step (a decode step), or [] to decode plainly. At most budget - 1, and never
@@ -179,12 +186,15 @@ class Speculation:
 
     def _worth(self, plan: PassPlan, seq_id: int, num_drafts: int) -> int:
         """How many of a sequence's drafts to verify in the planned microbatch (the class's docstring); updates plan."""
-        rate = self._acceptance.get(seq_id, self.accepted / self.proposed if self.proposed else 1.0)
+        rate = self.gain(seq_id, 1) - 1
         base = self.cost.estimate(plan.rows, plan.plain)
         if plan.plain_seconds is None:
             plan.plain_seconds = base
-        # with other sequences beside it, the pass may grow by at most NEIGHBOUR_SLOWDOWN over its time without drafts
-        limit = plan.plain_seconds * (1 + NEIGHBOUR_SLOWDOWN) if plan.seqs > 1 and plan.plain_seconds else None
+        # beside other sequences, no sequence's tokens per second may drop by more than NEIGHBOUR_SLOWDOWN: the pass
+        # may grow to min_gain times its time without drafts, and that much more (one without drafts: 5 % at most)
+        limit = None
+        if plan.seqs > 1 and plan.plain_seconds:
+            limit = plan.plain_seconds * plan.min_gain * (1 + NEIGHBOUR_SLOWDOWN)
         best, best_speed = 0, plan.tokens / base if base else 0.0
         for d in range(1, num_drafts + 1):
             seconds = self.cost.estimate(plan.rows + d, False)
