@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def source() -> str:
     )
 
 
+_LOADING = threading.Lock()  # one build or import at a time in a process: stages load on threads of their own
 STALE_LOCK_S = 600.0  # a build takes about a minute here: a lock this old was left by a builder that was killed
 
 
@@ -47,6 +49,11 @@ def build(log: logging.Logger, what: str, fallback: str) -> object | None:
 
     Where there is no compiler, no ninja or a read-only cache the stage still runs, on torch's operators.
     """
+    with _LOADING:  # two threads importing the extension at once: one may get it before its functions are added
+        return _build(log, what, fallback)
+
+
+def _build(log: logging.Logger, what: str, fallback: str) -> object | None:
     path = os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import _get_build_directory, load_inline
