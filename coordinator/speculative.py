@@ -23,7 +23,7 @@ from typing import Protocol
 Tokens = Callable[[int, int], list[int]]  # tokens(start, end): positions [start, end) of a sequence's prompt + output
 COST_SMOOTHING = 0.2  # weight of a pass's time in its row count's moving average
 NEIGHBOUR_SLOWDOWN = 0.05  # drafts may cost the sequences beside them at most this share of their tokens per second
-EXPLORE_EVERY = 32  # after this many declines in a row, one sequence's drafts go through (the figures stay current)
+EXPLORE_EVERY = 32  # of this many sequences declined in a row, the last one's drafts go through (figures stay current)
 
 
 class Proposer(Protocol):
@@ -142,10 +142,10 @@ class Speculation:
       microbatch the most tokens per second, and never so many that a sequence sharing the pass loses more than
       NEIGHBOUR_SLOWDOWN of its tokens per second (one without drafts gets nothing from the extra rows: the pass may
       grow by 5 % at most; in a batch of requests it is the one that sets when the batch ends); a row count not
-      measured yet is tried, and after EXPLORE_EVERY declines in a row one sequence is let through so the figures stay
-      current. A verify pass costs about one decode step where
-      the products read weights (float32 at one request) and far more where they are compute-bound (many rows, or
-      quantized weights on a CPU), and this is where the policy tells the two apart.
+      measured yet is tried, and of EXPLORE_EVERY sequences it would decline in a row the last is let through, so the
+      figures stay current. A verify pass costs about one decode step where the products read weights (float32 at one
+      request) and far more where they are compute-bound (many rows, or quantized weights on a CPU): this is where the
+      policy tells the two apart.
     """
 
     def __init__(self, config) -> None:  # cluster.config_speculative.SpeculativeSection (or the same fields)
