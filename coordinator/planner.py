@@ -213,7 +213,7 @@ class StageRates:
         by_stage = {t.stage_index: t for t in timings}
         if len(by_stage) != len(layer_counts) or any(t.layers_ns <= 0 for t in by_stage.values()):
             return
-        is_decode = all(c.num_tokens == 1 for c in batch.seqs)
+        is_decode = batch.is_decode_only
         per_stage = [
             (
                 n,

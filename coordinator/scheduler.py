@@ -113,9 +113,7 @@ class Scheduler(Recovery):
         for seq in list(self.running):
             if budget == 0 or len(chunks) >= max_seqs:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.is_awaiting_sample or seq.num_failures:
-                continue
-            n = min(seq.num_tokens - seq.num_scheduled_tokens, budget)
+            n = min(self._unscheduled(seq), budget)
             if n == 0:
                 continue
             drafts = self._drafts(seq, budget, plan) if n == 1 else []
@@ -197,20 +195,21 @@ class Scheduler(Recovery):
             return []
         return self.speculation.drafts(seq, budget, len(self.running), self.config.max_model_len, plan)
 
+    def _unscheduled(self, seq: Sequence) -> int:
+        """Tokens of a running sequence not scheduled yet (0: nothing it can run now)."""
+        if seq.status is not SequenceStatus.RUNNING or seq.is_awaiting_sample or seq.num_failures:
+            return 0
+        return seq.num_tokens - seq.num_scheduled_tokens
+
     def _plan(self, budget: int, max_seqs: int) -> PassPlan | None:
         """The speculation cost model's view of the next microbatch: the rows its running sequences will take without
-        drafts (the first max_seqs of them that have work, within the budget), and the tokens each expects from it."""
+        drafts (the first max_seqs of them that have work, within the budget), and the drafts proposed for them."""
         if self.speculation is None or not self.speculation.config.cost_model:
             return None
-        ready = [
-            (s, s.num_tokens - s.num_scheduled_tokens)
-            for s in self.running
-            if s.status is SequenceStatus.RUNNING and not s.is_awaiting_sample and not s.num_failures
-        ]
-        ready = [(s, n) for s, n in ready if n > 0][:max_seqs]
-        gains = [self.speculation.gain(s.seq_id, len(self._drafts(s, budget, None)) if n == 1 else 0) for s, n in ready]
+        ready = [(s, n) for s in self.running if (n := self._unscheduled(s)) > 0][:max_seqs]
+        proposals = {s.seq_id: d for s, n in ready if n == 1 and (d := self._drafts(s, budget, None))}
         rows, plain = min(sum(n for _, n in ready), budget), all(n == 1 for _, n in ready)
-        return self.speculation.plan(rows, len(ready), plain, min(gains, default=1.0))
+        return self.speculation.plan(rows, len(ready), plain, proposals)
 
     def _take_batch_id(self) -> int:
         self._next_batch_id += 1

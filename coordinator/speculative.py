@@ -121,12 +121,13 @@ class PassCost:
 class PassPlan:
     """The microbatch being scheduled, as the cost model sees it."""
 
-    rows: float  # rows it holds (the decode rows expected, then each verify chunk's drafts as they are added)
+    rows: float  # rows it holds (the rows without drafts, then each verify chunk's drafts as they are added)
     tokens: float  # tokens it is expected to emit
     plain: bool  # one-token decode chunks only so far (a plain pass, which may run compiled)
-    seqs: int = 1  # sequences it holds without drafts
-    min_gain: float = 1.0  # of its sequences, the fewest tokens one expects from the pass (1: one without drafts)
-    plain_seconds: float | None = None  # its time without drafts (estimated at the first sequence with drafts)
+    seqs: int  # sequences it holds
+    proposals: dict[int, list[int]]  # seq_id → the drafts proposed for it this step (made once, here)
+    min_gain: float  # of its sequences, the fewest tokens one expects from the pass (1: one without drafts)
+    plain_seconds: float | None  # its time without drafts (None: not measured)
 
 
 class Speculation:
@@ -157,20 +158,22 @@ class Speculation:
         self.passes = self.proposed = self.accepted = self.emitted = 0
         self.declined = self._declined_in_a_row = 0  # sequences whose drafts the cost model declined: all, and lately
 
-    @staticmethod
-    def plan(rows: int, tokens: int, plain: bool, min_gain: float) -> PassPlan:
-        """The cost model's view of a microbatch about to be scheduled: its rows and tokens without drafts, and the
-        fewest tokens one of its sequences expects from it (`gain`)."""
-        return PassPlan(max(rows, 1), max(tokens, 1), plain, seqs=max(tokens, 1), min_gain=min_gain)
+    def plan(self, rows: int, seqs: int, plain: bool, proposals: dict[int, list[int]]) -> PassPlan:
+        """The cost model's view of a microbatch about to be scheduled: its rows and sequences without drafts, and the
+        drafts proposed for those that have some."""
+        rows, seqs = max(rows, 1), max(seqs, 1)
+        gains = [1 + len(d) * self._rate(seq_id) for seq_id, d in proposals.items()] + [1.0] * (seqs - len(proposals))
+        plain_seconds = self.cost.estimate(rows, plain)
+        return PassPlan(rows, seqs, plain, seqs, proposals, min(gains), plain_seconds)
 
-    def gain(self, seq_id: int, num_drafts: int) -> float:
-        """Tokens a sequence expects from a pass verifying num_drafts drafts (1 without)."""
-        return 1 + num_drafts * self._acceptance.get(seq_id, self.accepted / self.proposed if self.proposed else 1.0)
+    def _rate(self, seq_id: int) -> float:
+        """The share of a sequence's drafts expected to be accepted: its recent acceptance, else everyone's so far."""
+        return self._acceptance.get(seq_id, self.accepted / self.proposed if self.proposed else 1.0)
 
     def drafts(self, seq, budget: int, num_running: int, max_model_len: int, plan: PassPlan | None = None) -> list[int]:
         """Draft tokens for seq's next step (a decode step), or [] to decode plainly. At most budget - 1, and never
         more than its remaining max_tokens or max_model_len leave room for (the pass emits up to one more); with a
-        plan (and cost_model on), as many as pay for their rows."""
+        plan (cost_model on), of the drafts proposed when it was made, as many as pay for their rows."""
         c = self.config
         if num_running > c.max_running or len(seq.output_token_ids) < self._resume_at.get(seq.seq_id, 0):
             return []
@@ -179,17 +182,17 @@ class Speculation:
             seq.sampling.max_tokens - len(seq.output_token_ids) - 1,
             max_model_len - seq.num_tokens - 1,
         )
-        drafts = self.proposer.propose(seq.seq_id, seq.tokens, seq.num_tokens, room) if room > 0 else []
-        if not drafts or plan is None or not c.cost_model:
-            return drafts
-        return drafts[: self._worth(plan, seq.seq_id, len(drafts))]
+        if room <= 0:
+            return []
+        if plan is None:
+            return self.proposer.propose(seq.seq_id, seq.tokens, seq.num_tokens, room)
+        drafts = plan.proposals.get(seq.seq_id, [])[:room]
+        return drafts[: self._worth(plan, seq.seq_id, len(drafts))] if drafts else []
 
     def _worth(self, plan: PassPlan, seq_id: int, num_drafts: int) -> int:
         """How many of a sequence's drafts to verify in the planned microbatch (the class's docstring); updates plan."""
-        rate = self.gain(seq_id, 1) - 1
+        rate = self._rate(seq_id)
         base = self.cost.estimate(plan.rows, plan.plain)
-        if plan.plain_seconds is None:
-            plan.plain_seconds = base
         # beside other sequences, no sequence's tokens per second may drop by more than NEIGHBOUR_SLOWDOWN: the pass
         # may grow to min_gain times its time without drafts, and that much more (one without drafts: 5 % at most)
         limit = None
@@ -220,7 +223,7 @@ class Speculation:
         compute time, the stages' added up, at its row count."""
         compute_ns = sum(t.compute_end_ns - t.compute_start_ns for t in timings)
         if compute_ns > 0:
-            self.cost.observe(len(batch.token_ids), all(c.num_tokens == 1 for c in batch.seqs), compute_ns / 1e9)
+            self.cost.observe(len(batch.token_ids), batch.is_decode_only, compute_ns / 1e9)
 
     def record(self, seq_id: int, num_drafts: int, num_emitted: int, output_len: int) -> None:
         """A verify pass came back: num_emitted tokens (the accepted drafts and one more)."""

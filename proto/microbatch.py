@@ -101,6 +101,11 @@ class MicroBatch:
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.seqs)
 
+    @property
+    def is_decode_only(self) -> bool:
+        """Every chunk one token (plain decode steps): the microbatch a compiled decode step can run."""
+        return bool(self.seqs) and all(c.num_tokens == 1 for c in self.seqs)
+
 
 def check_chunk(chunk: SeqChunk, i: int) -> None:
     """Raises RequestError naming the field of seqs[i] that its kind forbids; what the stage holds is checked by the

@@ -118,7 +118,7 @@ class StageRunner:
 
     def _compiled_rows(self, batch: MicroBatch) -> int | None:
         """The compiled batch size this microbatch runs at: None unless it is all decode tokens and a graph fits it."""
-        if self.compiled is None or not batch.seqs or any(c.num_tokens != 1 for c in batch.seqs):
+        if self.compiled is None or not batch.is_decode_only:
             return None
         return self.compiled.bucket(len(batch.seqs))
 
